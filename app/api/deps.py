@@ -1,0 +1,77 @@
+"""Request dependencies: the database session (one transaction per request), the caller, settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.domain.auth import Principal, authenticate
+from app.domain.messages import ENQUEUE_AFTER_COMMIT
+from app.errors import Forbidden
+from app.providers.base import Provider
+from app.settings import Settings
+from app.worker.queue import enqueue_deliveries
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A session whose transaction commits when the endpoint returns, before the response is sent.
+
+    Messages the request accepted are enqueued only after that commit, so a job never points at a
+    row that was rolled back.
+    """
+    async with request.app.state.session_factory() as session, session.begin():
+        yield session
+    to_enqueue = session.info.pop(ENQUEUE_AFTER_COMMIT, [])
+    if to_enqueue:
+        await enqueue_deliveries(request.app.state.queue, to_enqueue)
+
+
+# scope="function": commit before the response goes out, so a 2xx means the data is stored.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The settings the app was built with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+_bearer = HTTPBearer(auto_error=False, description="Your API key, as `Bearer <key>`.")
+
+
+async def get_principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The client behind the request's API key."""
+    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
+    return await authenticate(session, header)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin(principal: PrincipalDep) -> Principal:
+    """The caller, who must hold an admin key."""
+    if not principal.is_admin:
+        raise Forbidden("admin_key_required", "this endpoint needs an admin API key")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+def get_providers(request: Request) -> dict[str, Provider]:
+    """Provider adapters, for verifying and parsing callbacks."""
+    providers: dict[str, Provider] = request.app.state.providers
+    return providers
+
+
+ProvidersDep = Annotated[dict[str, Provider], Depends(get_providers)]

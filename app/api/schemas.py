@@ -1,0 +1,238 @@
+"""Request and response bodies of the public API, with the examples shown at /docs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+
+from app.domain.phone import normalize_phone
+from app.domain.senders import ProviderName, SenderKind
+from app.domain.status import MessageStatus
+from app.settings import get_settings
+
+
+def _to_e164(raw: str) -> str:
+    return normalize_phone(raw, get_settings().default_region)
+
+
+E164 = Annotated[
+    str,
+    Field(min_length=1, max_length=40, examples=["+14155550123"]),
+    AfterValidator(_to_e164),
+]
+"""A phone number in any common format, validated and normalised to E.164."""
+
+MAX_METADATA_KEYS = 20
+
+
+class SendMessageRequest(BaseModel):
+    """A message to send."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "to": "+14155550123",
+                    "from": "+14155550100",
+                    "body": "Your order #1042 has shipped.",
+                    "metadata": {"order_id": "1042"},
+                }
+            ]
+        },
+    )
+
+    to: E164 = Field(description="Recipient; national formats use the default region.")
+    from_: str | None = Field(
+        default=None, alias="from", max_length=20,
+        description="One of the service's senders; defaults to your client's default sender.",
+    )
+    body: str = Field(min_length=1, max_length=10_000, description="The text to send.")
+    callback_url: AnyHttpUrl | None = Field(
+        default=None, description="Where status changes of this message are reported."
+    )
+    validity_period: int | None = Field(
+        default=None, ge=1, le=604_800,
+        description="Seconds after acceptance during which the message may still be sent; "
+        "past it the message ends as `expired`.",
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"Up to {MAX_METADATA_KEYS} string pairs of yours, returned as given.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        for key, item in value.items():
+            if not 1 <= len(key) <= 40:
+                raise ValueError("keys are 1 to 40 characters")
+            if len(item) > 500:
+                raise ValueError(f"value of {key!r} is longer than 500 characters")
+        return value
+
+
+class StatusChange(BaseModel):
+    """One step of a message's status history."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    status: MessageStatus
+    source: str = Field(examples=["worker"])
+    detail: str | None = None
+    error_code: str | None = None
+    created_at: datetime
+
+
+class MessageOut(BaseModel):
+    """A message and where it is in its lifecycle."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10",
+                    "status": "queued",
+                    "to": "+14155550123",
+                    "from": "+14155550100",
+                    "body": "Your order #1042 has shipped.",
+                    "encoding": "GSM-7",
+                    "segments": 1,
+                    "provider": "twilio",
+                    "provider_message_id": None,
+                    "error_code": None,
+                    "error_message": None,
+                    "callback_url": None,
+                    "validity_period": None,
+                    "expires_at": None,
+                    "metadata": {"order_id": "1042"},
+                    "created_at": "2026-11-26T10:00:00Z",
+                    "updated_at": "2026-11-26T10:00:00Z",
+                }
+            ]
+        },
+    )
+
+    id: uuid.UUID
+    status: MessageStatus
+    to: str
+    from_: str = Field(alias="from", validation_alias="from_")
+    body: str
+    encoding: str = Field(examples=["GSM-7"])
+    segments: int
+    provider: str
+    provider_message_id: str | None
+    error_code: str | None
+    error_message: str | None
+    callback_url: str | None
+    validity_period: int | None
+    expires_at: datetime | None
+    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageDetail(MessageOut):
+    """A message with its status history, oldest first."""
+
+    history: list[StatusChange]
+
+
+class MessagePage(BaseModel):
+    """A page of messages, newest first. Pass `next_cursor` as `cursor` for the next page."""
+
+    data: list[MessageOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class PreviewRequest(BaseModel):
+    """A body to analyse without sending."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"body": "Ça coûte 5€"}]}
+    )
+
+    body: str = Field(min_length=1, max_length=10_000)
+
+
+class PreviewOut(BaseModel):
+    """How a body would be encoded and how many segments it costs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "encoding": "UCS-2", "segments": 1, "units": 11,
+                    "non_gsm_characters": ["û"], "max_segments": 10, "within_limit": True,
+                }
+            ]
+        }
+    )
+
+    encoding: str
+    segments: int
+    units: int = Field(description="GSM-7 septets or UCS-2 code units in the whole body.")
+    non_gsm_characters: list[str] = Field(description="Characters that forced UCS-2.")
+    max_segments: int
+    within_limit: bool
+
+
+class SenderIn(BaseModel):
+    """A new sender."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"address": "+14155550100", "kind": "long_code", "provider": "twilio"}]
+        },
+    )
+
+    address: str = Field(min_length=1, max_length=40)
+    kind: SenderKind
+    provider: ProviderName
+    description: str | None = Field(default=None, max_length=200)
+
+
+class SenderPatch(BaseModel):
+    """Changes to a sender; omitted fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"provider": "vonage"}]})
+
+    provider: ProviderName | None = None
+    description: str | None = Field(default=None, max_length=200)
+
+
+class SenderOut(BaseModel):
+    """A sender."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    address: str
+    kind: SenderKind
+    provider: ProviderName
+    description: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class SenderList(BaseModel):
+    """Every sender."""
+
+    data: list[SenderOut]

@@ -1,0 +1,64 @@
+"""/v1/senders: the addresses the service sends from (admin key required)."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter
+
+from app.api.deps import AdminDep, SessionDep, SettingsDep
+from app.api.schemas import SenderIn, SenderList, SenderOut, SenderPatch
+from app.domain import senders as domain
+from app.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
+
+router = APIRouter(prefix="/v1/senders", tags=["senders"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SenderOut,
+    responses=problem_responses(Unauthorized, Forbidden, Conflict, ValidationFailed),
+)
+async def create_sender(
+    request: SenderIn, session: SessionDep, _admin: AdminDep, settings: SettingsDep
+) -> SenderOut:
+    """Add a sender bound to a provider."""
+    sender = await domain.create_sender(
+        session, address=request.address, kind=request.kind, provider=request.provider,
+        description=request.description, default_region=settings.default_region,
+    )
+    return SenderOut.model_validate(sender)
+
+
+@router.get("", response_model=SenderList, responses=problem_responses(Unauthorized, Forbidden))
+async def list_senders(session: SessionDep, _admin: AdminDep) -> SenderList:
+    """Every sender."""
+    return SenderList(
+        data=[SenderOut.model_validate(s) for s in await domain.list_senders(session)]
+    )
+
+
+@router.get(
+    "/{sender_id}",
+    response_model=SenderOut,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+)
+async def get_sender(sender_id: uuid.UUID, session: SessionDep, _admin: AdminDep) -> SenderOut:
+    """One sender."""
+    return SenderOut.model_validate(await domain.get_sender(session, sender_id))
+
+
+@router.patch(
+    "/{sender_id}",
+    response_model=SenderOut,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
+)
+async def update_sender(
+    sender_id: uuid.UUID, request: SenderPatch, session: SessionDep, _admin: AdminDep
+) -> SenderOut:
+    """Change a sender's provider or description."""
+    sender = await domain.update_sender(
+        session, sender_id, provider=request.provider, description=request.description
+    )
+    return SenderOut.model_validate(sender)

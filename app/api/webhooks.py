@@ -1,0 +1,83 @@
+"""Provider status callbacks: verify the signature, record the report, acknowledge."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import ProvidersDep, SessionDep, SettingsDep
+from app.domain.messages import apply_status_report
+from app.errors import Forbidden, ValidationFailed, problem_responses
+from app.providers.base import CallbackRequest, InvalidCallback, Provider
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+_RESPONSES = {
+    **problem_responses(Forbidden, ValidationFailed),
+    204: {"description": "Recorded (or a duplicate, or for an unknown message)."},
+}
+
+
+async def _callback_request(request: Request, public_base_url: str) -> CallbackRequest:
+    """The callback as the provider sent it, with the public URL it signed."""
+    body = await request.body()
+    params: dict[str, str] = dict(request.query_params)
+    content_type = request.headers.get("content-type", "")
+    if request.method == "POST" and content_type.startswith("application/json"):
+        try:
+            document = json.loads(body or b"{}")
+        except ValueError:
+            raise ValidationFailed("invalid_callback", "the body is not valid JSON") from None
+        if not isinstance(document, dict):
+            raise ValidationFailed("invalid_callback", "the body is not a JSON object")
+        params |= {key: value if isinstance(value, str) else json.dumps(value)
+                   for key, value in document.items()}
+    elif request.method == "POST":
+        form = await request.form()
+        params = {key: value for key, value in form.items() if isinstance(value, str)}
+    url = public_base_url.rstrip("/") + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    headers = {key.lower(): value for key, value in request.headers.items()}
+    return CallbackRequest(url=url, method=request.method, params=params, headers=headers,
+                           body=body)
+
+
+async def _handle_status(
+    provider_name: str, request: Request, session: SessionDep, providers: dict[str, Provider],
+    public_base_url: str,
+) -> Response:
+    provider = providers.get(provider_name)
+    callback = await _callback_request(request, public_base_url)
+    if provider is None or not provider.verify_callback(callback):
+        # Counted and logged, never acted on: an unsigned request could forge delivery.
+        log.warning("callback signature rejected", extra={"provider": provider_name})
+        raise Forbidden("invalid_signature", "the request is not signed by the provider")
+    try:
+        report = provider.parse_status_callback(callback)
+    except InvalidCallback as error:
+        raise ValidationFailed("invalid_callback", str(error)) from None
+    if not await apply_status_report(session, provider_name, report):
+        log.info("status report for an unknown message",
+                 extra={"provider": provider_name, "provider_message_id": report.provider_message_id})
+    return Response(status_code=204)
+
+
+@router.post("/twilio/status", status_code=204, responses=_RESPONSES)
+async def twilio_status(
+    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+) -> Response:
+    """Twilio's StatusCallback (form-encoded, signed with X-Twilio-Signature)."""
+    return await _handle_status("twilio", request, session, providers, settings.public_base_url)
+
+
+@router.api_route("/vonage/status", methods=["GET", "POST"], status_code=204, responses=_RESPONSES)
+async def vonage_status(
+    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+) -> Response:
+    """Vonage's delivery receipt (GET query, POST form or JSON; signed with `sig`)."""
+    return await _handle_status("vonage", request, session, providers, settings.public_base_url)
+

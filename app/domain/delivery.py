@@ -1,0 +1,222 @@
+"""Delivering one queued message: claim it, call its provider, record the outcome.
+
+Safe to run any number of times for the same message: the claim is a conditional UPDATE
+(queued -> sending), so only one run gets to call the provider. No database connection is held
+while the provider call is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import case, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import Message, MessageEvent
+from app.db.session import SessionFactory
+from app.domain.optouts import is_opted_out
+from app.domain.status import MessageStatus
+from app.providers.base import Encoding, ErrorKind, OutboundSms, Provider, ProviderError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to retry a retryable failure."""
+
+    max_attempts: int
+    base_delay: float
+    max_delay: float
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Exponential backoff with full jitter, never sooner than the provider asked."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        return max(delay, retry_after or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one delivery run; `retry_in` is set when it must run again later."""
+
+    status: MessageStatus | None
+    retry_in: float | None = None
+
+
+async def deliver_message(
+    message_id: uuid.UUID,
+    session_factory: SessionFactory,
+    providers: dict[str, Provider],
+    policy: RetryPolicy,
+) -> Outcome:
+    """Take a queued message through one provider submission."""
+    claimed = await _claim(session_factory, message_id)
+    if isinstance(claimed, Outcome):
+        return claimed
+    message = claimed
+    provider = providers.get(message.provider)
+    if provider is None:
+        error = ProviderError(
+            ErrorKind.PERMANENT, f"provider {message.provider!r} is not configured on this worker",
+            code="provider_not_configured",
+        )
+        return await _record_failure(session_factory, message, error, policy)
+    sms = OutboundSms(
+        message_id=message.id,
+        to=message.to,
+        sender=message.from_,
+        body=message.body,
+        encoding=Encoding(message.encoding),
+        validity_seconds=_remaining_validity(message),
+    )
+    try:
+        accepted = await provider.send(sms)
+    except ProviderError as error:
+        return await _record_failure(session_factory, message, error, policy)
+    async with session_factory.begin() as session:
+        # A fast delivery report may already have moved the message past `sent`.
+        new_status = case(
+            (Message.status == MessageStatus.SENDING.value, MessageStatus.SENT.value),
+            else_=Message.status,
+        )
+        status = await session.scalar(
+            update(Message)
+            .where(Message.id == message.id)
+            .values(status=new_status, provider_message_id=accepted.provider_message_id)
+            .returning(Message.status)
+        )
+        session.add(
+            MessageEvent(
+                message_id=message.id, status=MessageStatus.SENT.value,
+                applied=status == MessageStatus.SENT.value, source="worker",
+                detail=f"accepted by {provider.name} as {accepted.provider_message_id}",
+            )
+        )
+    log.info("message submitted", extra={"message_id": str(message.id), "provider": provider.name})
+    return Outcome(MessageStatus(status) if status else None)
+
+
+async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Message | Outcome:
+    """Move the message from queued to sending, or say why there is nothing to do."""
+    async with session_factory.begin() as session:
+        message = await session.scalar(select(Message).where(Message.id == message_id))
+        if message is None or message.status != MessageStatus.QUEUED.value:
+            return Outcome(None)
+        now = datetime.now(UTC)
+        if message.expires_at is not None and now >= message.expires_at:
+            return await _finish_unsent(
+                session, message, MessageStatus.EXPIRED, "validity period ended before sending"
+            )
+        if await is_opted_out(session, message.to, message.sender_id):
+            return await _finish_unsent(
+                session, message, MessageStatus.CANCELED,
+                "recipient opted out after the message was accepted",
+                error_code="recipient_opted_out",
+            )
+        claimed = await session.scalar(
+            update(Message)
+            .where(Message.id == message_id, Message.status == MessageStatus.QUEUED.value)
+            .values(status=MessageStatus.SENDING.value, attempts=Message.attempts + 1)
+            .returning(Message)
+        )
+        if claimed is None:  # another run claimed it between our read and our update
+            return Outcome(None)
+        session.add(
+            MessageEvent(
+                message_id=message_id, status=MessageStatus.SENDING.value, applied=True,
+                source="worker", detail=f"attempt {claimed.attempts}",
+            )
+        )
+        return claimed
+
+
+async def _finish_unsent(
+    session: AsyncSession,
+    message: Message,
+    status: MessageStatus,
+    reason: str,
+    *,
+    error_code: str | None = None,
+) -> Outcome:
+    done = await session.scalar(
+        update(Message)
+        .where(Message.id == message.id, Message.status == MessageStatus.QUEUED.value)
+        .values(status=status.value, error_code=error_code or status.value, error_message=reason)
+        .returning(Message.id)
+    )
+    if done is not None:
+        session.add(
+            MessageEvent(message_id=message.id, status=status.value, applied=True,
+                         source="worker", error_code=error_code, detail=reason)
+        )
+    return Outcome(status if done is not None else None)
+
+
+async def _record_failure(
+    session_factory: SessionFactory, message: Message, error: ProviderError, policy: RetryPolicy
+) -> Outcome:
+    """Retry later, fail for good, or leave an unknown outcome for reconciliation."""
+    log.warning(
+        "provider submission failed",
+        extra={"message_id": str(message.id), "kind": error.kind.value, "code": error.code,
+               "detail": error.detail},
+    )
+    async with session_factory.begin() as session:
+        if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
+            retry_in = policy.delay(message.attempts, error.retry_after)
+            released = await session.scalar(
+                update(Message)
+                .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
+                .values(
+                    status=MessageStatus.QUEUED.value,
+                    next_attempt_at=datetime.now(UTC) + timedelta(seconds=retry_in),
+                    error_code=error.code, error_message=error.detail,
+                )
+                .returning(Message.id)
+            )
+            session.add(
+                MessageEvent(
+                    message_id=message.id, status=MessageStatus.QUEUED.value,
+                    applied=released is not None, source="worker", error_code=error.code,
+                    detail=f"retry in {retry_in:.1f}s after: {error.detail}",
+                )
+            )
+            return Outcome(MessageStatus.QUEUED, retry_in=retry_in if released else None)
+        if error.kind is ErrorKind.UNKNOWN_OUTCOME:
+            # The provider may have the message: resending could text the customer twice.
+            # It stays `sending` until a status report (or reconciliation) settles it.
+            session.add(
+                MessageEvent(
+                    message_id=message.id, status=None, applied=False, source="worker",
+                    error_code=error.code, detail=f"outcome unknown: {error.detail}",
+                )
+            )
+            return Outcome(MessageStatus.SENDING)
+        detail = error.detail
+        if error.kind is ErrorKind.RETRYABLE:
+            detail = f"gave up after {message.attempts} attempts: {detail}"
+        failed = await session.scalar(
+            update(Message)
+            .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
+            .values(status=MessageStatus.FAILED.value, error_code=error.code or error.kind.value,
+                    error_message=detail)
+            .returning(Message.id)
+        )
+        session.add(
+            MessageEvent(
+                message_id=message.id, status=MessageStatus.FAILED.value,
+                applied=failed is not None, source="worker", error_code=error.code, detail=detail,
+            )
+        )
+        return Outcome(MessageStatus.FAILED)
+
+
+def _remaining_validity(message: Message) -> int | None:
+    if message.expires_at is None:
+        return None
+    return max(1, int((message.expires_at - datetime.now(UTC)).total_seconds()))

@@ -1,0 +1,50 @@
+"""Phone numbers: parse anything a client sends, keep only E.164 numbers that can receive SMS."""
+
+from __future__ import annotations
+
+import phonenumbers
+from phonenumbers import NumberParseException, PhoneNumberType, ValidationResult
+
+# Types that can never receive an SMS. FIXED_LINE_OR_MOBILE stays allowed: in the US and some
+# other plans the two share ranges and cannot be told apart offline.
+_NOT_SMS_CAPABLE: dict[int, str] = {
+    PhoneNumberType.FIXED_LINE: "a fixed-line number",
+    PhoneNumberType.PREMIUM_RATE: "a premium-rate number",
+    PhoneNumberType.SHARED_COST: "a shared-cost number",
+    PhoneNumberType.PAGER: "a pager number",
+    PhoneNumberType.UAN: "a universal access number",
+    PhoneNumberType.VOICEMAIL: "a voicemail access number",
+}
+
+_IMPOSSIBLE: dict[int, str] = {
+    ValidationResult.INVALID_COUNTRY_CODE: "its country calling code does not exist",
+    ValidationResult.TOO_SHORT: "it is too short",
+    ValidationResult.TOO_LONG: "it is too long",
+    ValidationResult.INVALID_LENGTH: "its length is not used in its region",
+}
+
+
+class InvalidPhoneNumber(ValueError):
+    """A number we cannot text; the message says why, for the client."""
+
+
+def normalize_phone(raw: str, default_region: str) -> str:
+    """The E.164 form of `raw`, or `InvalidPhoneNumber` saying why it cannot receive SMS.
+
+    National-format input is read in `default_region`; input starting with '+' ignores it.
+    """
+    try:
+        number = phonenumbers.parse(raw, default_region)
+    except NumberParseException as error:
+        raise InvalidPhoneNumber(f"not a phone number ({error._msg})") from None
+    reason = phonenumbers.is_possible_number_with_reason(number)
+    if reason not in (ValidationResult.IS_POSSIBLE, ValidationResult.IS_POSSIBLE_LOCAL_ONLY):
+        raise InvalidPhoneNumber(f"impossible number: {_IMPOSSIBLE.get(reason, 'invalid')}")
+    if reason == ValidationResult.IS_POSSIBLE_LOCAL_ONLY:
+        raise InvalidPhoneNumber("impossible number: it lacks an area code")
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidPhoneNumber("invalid number: no such range is assigned in its region")
+    not_capable = _NOT_SMS_CAPABLE.get(phonenumbers.number_type(number))
+    if not_capable is not None:
+        raise InvalidPhoneNumber(f"cannot receive SMS: it is {not_capable}")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

@@ -1,0 +1,138 @@
+"""Senders: the addresses we send from, each bound to one provider."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import Sender
+from app.domain.phone import InvalidPhoneNumber, normalize_phone
+from app.errors import Conflict, NotFound, ValidationFailed
+
+
+class SenderKind(StrEnum):
+    """What kind of address a sender is; it decides how the address is validated."""
+
+    LONG_CODE = "long_code"
+    SHORT_CODE = "short_code"
+    ALPHANUMERIC = "alphanumeric"
+
+
+class ProviderName(StrEnum):
+    """The providers a sender can be bound to."""
+
+    TWILIO = "twilio"
+    VONAGE = "vonage"
+    FAKE = "fake"
+
+
+_PHONE_LIKE = re.compile(r"^\+?[0-9 ().-]+$")
+_SHORT_CODE = re.compile(r"^[0-9]{3,8}$")
+# GSM sender IDs: up to 11 characters, letters, digits and spaces, at least one letter.
+_ALPHANUMERIC = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
+
+
+def normalize_sender_address(kind: SenderKind, address: str, default_region: str) -> str:
+    """The canonical form of a sender address, or `ValidationFailed` naming `address`."""
+    if kind is SenderKind.LONG_CODE:
+        try:
+            return normalize_phone(address, default_region)
+        except InvalidPhoneNumber as error:
+            raise ValidationFailed.for_field("invalid_sender", "address", str(error)) from None
+    if kind is SenderKind.SHORT_CODE and not _SHORT_CODE.match(address):
+        raise ValidationFailed.for_field("invalid_sender", "address", "a short code is 3 to 8 digits")
+    if kind is SenderKind.ALPHANUMERIC and not _ALPHANUMERIC.match(address):
+        raise ValidationFailed.for_field(
+            "invalid_sender", "address",
+            "an alphanumeric sender ID is 1 to 11 letters, digits or spaces, with a letter",
+        )
+    return address
+
+
+async def create_sender(
+    session: AsyncSession,
+    *,
+    address: str,
+    kind: SenderKind,
+    provider: ProviderName,
+    description: str | None,
+    default_region: str,
+) -> Sender:
+    """Add a sender; its address must be unique."""
+    sender = Sender(
+        id=uuid.uuid4(),
+        address=normalize_sender_address(kind, address, default_region),
+        kind=kind.value,
+        provider=provider.value,
+        description=description,
+    )
+    session.add(sender)
+    try:
+        async with session.begin_nested():
+            await session.flush()
+    except IntegrityError:
+        raise Conflict("sender_exists", f"a sender with address {sender.address} exists") from None
+    return sender
+
+
+async def get_sender(session: AsyncSession, sender_id: uuid.UUID) -> Sender:
+    """One sender, or `NotFound`."""
+    sender = await session.get(Sender, sender_id)
+    if sender is None:
+        raise NotFound("sender_not_found", f"no sender with id {sender_id}")
+    return sender
+
+
+async def list_senders(session: AsyncSession) -> list[Sender]:
+    """Every sender, oldest first (there are few)."""
+    return list(await session.scalars(select(Sender).order_by(Sender.created_at, Sender.id)))
+
+
+async def update_sender(
+    session: AsyncSession,
+    sender_id: uuid.UUID,
+    *,
+    provider: ProviderName | None,
+    description: str | None,
+) -> Sender:
+    """Change a sender's provider or description (its address and kind are its identity)."""
+    sender = await get_sender(session, sender_id)
+    if provider is not None:
+        sender.provider = provider.value
+    if description is not None:
+        sender.description = description
+    await session.flush()
+    return sender
+
+
+async def resolve_sender(
+    session: AsyncSession,
+    address: str | None,
+    default_sender_id: uuid.UUID | None,
+    default_region: str,
+) -> Sender:
+    """The sender a message goes out from: the one named, or the client's default."""
+    if address is None:
+        if default_sender_id is None:
+            raise ValidationFailed.for_field(
+                "no_default_sender", "from", "required: your client has no default sender"
+            )
+        return await get_sender(session, default_sender_id)
+    sender = await session.scalar(select(Sender).where(Sender.address == address))
+    if sender is None and _PHONE_LIKE.match(address):
+        # A long code may be written as "+1 415-555-0100"; compare canonical forms.
+        try:
+            canonical = normalize_phone(address, default_region)
+        except InvalidPhoneNumber:
+            canonical = address
+        sender = await session.scalar(select(Sender).where(Sender.address == canonical))
+    if sender is None:
+        raise ValidationFailed.for_field(
+            "unknown_sender", "from", f"{address!r} is not one of this service's senders"
+        )
+    return sender

@@ -1,0 +1,104 @@
+"""The API application: `create_app()` wires settings, database, queue and providers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from app.api import health, messages, senders, webhooks
+from app.db.session import create_engine, create_session_factory
+from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError
+from app.providers.registry import build_http_client, build_providers
+from app.settings import Settings, get_settings
+from app.worker.queue import create_queue
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Send transactional SMS through Twilio, Vonage or the built-in fake provider, and follow each
+message to `delivered`.
+
+* Authenticate with `Authorization: Bearer <api key>` (create one with `smsgate create-api-key`).
+* Send with `POST /v1/messages`; add an `Idempotency-Key` header so retries never send twice.
+* Errors are `application/problem+json` with a stable `code` and, for invalid input, the field.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; everything it connects to comes from `settings`."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url)
+        http = build_http_client(settings)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = create_session_factory(engine)
+        app.state.queue = create_queue(settings.redis_url)
+        app.state.http = http
+        app.state.providers = build_providers(settings, http)
+        try:
+            yield
+        finally:
+            await app.state.queue.aclose()
+            await http.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="smsgate", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+    )
+    for router in (messages.router, senders.router, webhooks.router, health.router):
+        app.include_router(router)
+    _install_error_handlers(app)
+    return app
+
+
+def _problem(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        problem.model_dump(exclude_none=True), status_code=problem.status,
+        media_type=PROBLEM_JSON, headers=headers,
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, error: ServiceError) -> JSONResponse:
+        return _problem(error.to_problem(), error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [_field_error(item) for item in error.errors()]
+        detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
+        return _problem(
+            Problem(title="Invalid request", status=422, code="validation_error", detail=detail,
+                    errors=errors)
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(OSError)
+    async def database_unavailable(_: Request, error: Exception) -> JSONResponse:
+        log.error("dependency unavailable", extra={"error": repr(error)})
+        return _problem(
+            Problem(title="Service unavailable", status=503, code="service_unavailable",
+                    detail="the database is unreachable; nothing was stored, retry later"),
+            headers={"Retry-After": "5"},
+        )
+
+
+def _field_error(item: dict[str, Any]) -> FieldError:
+    """One pydantic error as {field, reason}; the location drops the 'body'/'query' prefix."""
+    location = [str(part) for part in item.get("loc", ())]
+    if location and location[0] in ("body", "query", "path", "header"):
+        location = location[1:]
+    reason = str(item.get("msg", "invalid"))
+    reason = reason.removeprefix("Value error, ")
+    return FieldError(field=".".join(location) or "body", reason=reason)

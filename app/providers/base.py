@@ -1,0 +1,116 @@
+"""The one interface every SMS provider adapter implements.
+
+An adapter turns an `OutboundSms` into one HTTP call to its provider and either returns the
+provider's id for it or raises `ProviderError` classified as retryable, permanent, or of unknown
+outcome (the request may have reached the provider). It also verifies and parses the provider's
+status callbacks into a `StatusReport`. Adapters hold no database state.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+from app.domain.status import MessageStatus
+
+
+class Encoding(StrEnum):
+    """How a body is carried on the air interface."""
+
+    GSM7 = "GSM-7"
+    UCS2 = "UCS-2"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSms:
+    """Everything an adapter needs to submit one message."""
+
+    message_id: uuid.UUID
+    to: str  # E.164, with the leading '+'
+    sender: str  # our sender's address: E.164, short code, or alphanumeric ID
+    body: str
+    encoding: Encoding
+    validity_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The provider took the message; its id lets us match later callbacks."""
+
+    provider_message_id: str
+
+
+class ErrorKind(StrEnum):
+    """What the worker may do after a failed submission."""
+
+    RETRYABLE = "retryable"  # nothing was sent (or the provider said "try later"): retry
+    PERMANENT = "permanent"  # the provider refused this message for good: fail it
+    UNKNOWN_OUTCOME = "unknown_outcome"  # the request may have been sent: never resend blindly
+
+
+class ProviderError(Exception):
+    """A submission that did not succeed, with what it means for retrying."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        detail: str,
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.code = code
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRequest:
+    """A provider's webhook call, reduced to what signature checks and parsing need."""
+
+    url: str  # the public URL the provider called, including the query string
+    method: str
+    params: Mapping[str, str]  # query parameters (GET) or form/JSON fields (POST), flattened
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """One delivery report from a provider, mapped to our status vocabulary."""
+
+    provider_message_id: str
+    provider_status: str
+    status: MessageStatus | None  # None: a report we record but that maps to no status of ours
+    message_id: uuid.UUID | None = None  # our id, when the provider echoes it back
+    error_code: str | None = None
+    error_message: str | None = None
+    raw: Mapping[str, str] = field(default_factory=dict)
+
+
+class InvalidCallback(Exception):
+    """A callback that is signed correctly but cannot be understood."""
+
+
+class Provider(abc.ABC):
+    """A provider adapter. Subclasses live one per module in `app.providers`."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def send(self, sms: OutboundSms) -> Accepted:
+        """Submit one message; raise `ProviderError` when it was not accepted."""
+
+    @abc.abstractmethod
+    def verify_callback(self, request: CallbackRequest) -> bool:
+        """True only when the callback carries a valid signature from this provider."""
+
+    @abc.abstractmethod
+    def parse_status_callback(self, request: CallbackRequest) -> StatusReport:
+        """Map a verified status callback to a report; raise `InvalidCallback` if malformed."""

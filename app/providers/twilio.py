@@ -1,0 +1,327 @@
+"""Twilio Programmable Messaging adapter (REST API 2010-04-01) with signed status callbacks.
+
+Sources (Twilio's OpenAPI description `twilio_api_v2010.json`, operation CreateMessage; its docs):
+- send: `POST {base_url}/2010-04-01/Accounts/{AccountSid}/Messages.json`, form-encoded, HTTP basic
+  auth with the Account SID and Auth Token; a 201 answers with the Message resource (`sid`);
+- errors: a JSON body `{"code": <Twilio error code>, "message": ..., "more_info": ..., "status"}`;
+- status callbacks: a form POST to our `StatusCallback` URL with `MessageSid`, `MessageStatus`,
+  `ErrorCode` (on failure), `To`, `From`, ... (Twilio adds parameters without notice);
+- signatures ("Webhooks security"): `X-Twilio-Signature` is base64(HMAC-SHA1(auth token, the full
+  URL followed by every POST parameter's name and value, sorted by name)).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import ClassVar, Final
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from app.domain.status import MessageStatus
+from app.providers.base import (
+    Accepted,
+    CallbackRequest,
+    ErrorKind,
+    InvalidCallback,
+    OutboundSms,
+    Provider,
+    ProviderError,
+    StatusReport,
+)
+from app.settings import TwilioSettings
+
+MESSAGES_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Messages.json"
+CALLBACK_PATH: Final = "/v1/webhooks/twilio/status"
+SIGNATURE_HEADER: Final = "x-twilio-signature"
+
+# The spec's pattern for the AccountSid path parameter; anything else is a configuration error
+# that Twilio would answer with 401/404, so we refuse before sending.
+ACCOUNT_SID_PATTERN: Final = re.compile(r"^AC[0-9a-fA-F]{32}$")
+
+# `ValidityPeriod` accepts integers from 1 to 36000 seconds (Twilio's default and maximum, 10 h).
+# We clamp rather than omit: a validity longer than 10 h cannot be honoured, and 36000 is what
+# Twilio would apply anyway; a validity under 1 s means "barely worth sending", and 1 is the
+# closest the API allows (omitting it would silently stretch it to 10 h, the opposite intent).
+VALIDITY_MIN_SECONDS: Final = 1
+VALIDITY_MAX_SECONDS: Final = 36_000
+
+# Twilio error codes (https://www.twilio.com/docs/api/errors) -> what the worker may do. A code
+# decides before the HTTP status does, because Twilio answers some "try later" cases with a 400.
+ERROR_CODE_KINDS: Final[Mapping[int, ErrorKind]] = {
+    # Twilio did not create the message and says it is safe to try again.
+    20429: ErrorKind.RETRYABLE,  # Too many requests: "never processed and always safe to retry"
+    20500: ErrorKind.RETRYABLE,  # Internal server error
+    20503: ErrorKind.RETRYABLE,  # Service unavailable
+    21611: ErrorKind.RETRYABLE,  # 'From' number's queue is full (10 h of messages): it drains
+    # Refused for good: the same request can only fail the same way.
+    20003: ErrorKind.PERMANENT,  # Authentication failed: needs an operator, not a retry
+    20404: ErrorKind.PERMANENT,  # Resource not found (e.g. an Account SID that is not ours)
+    21211: ErrorKind.PERMANENT,  # Invalid 'To' phone number
+    21266: ErrorKind.PERMANENT,  # 'To' and 'From' are the same number
+    21408: ErrorKind.PERMANENT,  # Permission to send to the 'To' number's region not enabled
+    21606: ErrorKind.PERMANENT,  # 'From' is not a message-capable Twilio number for this 'To'
+    21608: ErrorKind.PERMANENT,  # Trial account: 'To' is not a verified number
+    21609: ErrorKind.PERMANENT,  # Invalid StatusCallback URL
+    21610: ErrorKind.PERMANENT,  # Attempt to send to an unsubscribed recipient (replied STOP)
+    21612: ErrorKind.PERMANENT,  # 'To' not reachable with this 'From'
+    21614: ErrorKind.PERMANENT,  # 'To' is not a mobile number
+    21617: ErrorKind.PERMANENT,  # Body longer than 1600 characters
+    21635: ErrorKind.PERMANENT,  # 'To' is a landline
+    21659: ErrorKind.PERMANENT,  # 'From' is not a Twilio number, or short code country mismatch
+    30007: ErrorKind.PERMANENT,  # Message filtered by the carrier
+}
+
+# HTTP statuses when the body names no code in the table above: Twilio is overloaded or failing
+# and did not create the message. Any other 5xx is treated the same; any other 4xx is permanent.
+HTTP_STATUS_KINDS: Final[Mapping[int, ErrorKind]] = {
+    429: ErrorKind.RETRYABLE,
+    500: ErrorKind.RETRYABLE,
+    502: ErrorKind.RETRYABLE,
+    503: ErrorKind.RETRYABLE,
+    504: ErrorKind.RETRYABLE,
+}
+
+# Twilio `MessageStatus` -> ours. Our SENT means "the provider has it"; queued, accepted,
+# scheduled and sending all mean Twilio holds the message and the carrier does not yet, so they
+# are SENT too (never SENDING: that is our own "submitting" stage, before Twilio answered).
+TWILIO_STATUSES: Final[Mapping[str, MessageStatus | None]] = {
+    "accepted": MessageStatus.SENT,  # Messaging Service still choosing a sender
+    "scheduled": MessageStatus.SENT,  # held until SendAt
+    "queued": MessageStatus.SENT,
+    "sending": MessageStatus.SENT,
+    "sent": MessageStatus.SENT,  # the carrier accepted it
+    "delivered": MessageStatus.DELIVERED,
+    "read": MessageStatus.DELIVERED,  # WhatsApp/RCS read receipt: delivered, and then some
+    "undelivered": MessageStatus.UNDELIVERED,
+    "failed": MessageStatus.FAILED,
+    "canceled": MessageStatus.CANCELED,
+    # Some parts reached the handset and some did not: the reader did not get the message we
+    # were asked to send, so it is not DELIVERED; the carrier did take it, so not FAILED.
+    "partially_delivered": MessageStatus.UNDELIVERED,
+    # Inbound statuses: they describe a message someone sent us, never one of ours.
+    "receiving": None,
+    "received": None,
+}
+
+# Failures before the request left us: nothing was sent, so trying again is safe.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
+    """The documented X-Twilio-Signature for `url` and POST `params` under `auth_token`."""
+    payload = url + "".join(name + params[name] for name in sorted(params))
+    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+class TwilioProvider(Provider):
+    """Sends through Twilio's Messages API and reads its signed status callbacks."""
+
+    name: ClassVar[str] = "twilio"
+
+    def __init__(
+        self, settings: TwilioSettings, http: httpx.AsyncClient, public_base_url: str
+    ) -> None:
+        self._settings = settings
+        self._http = http
+        self._callback_url = public_base_url.rstrip("/") + CALLBACK_PATH
+
+    async def send(self, sms: OutboundSms) -> Accepted:
+        """Submit one message; raise `ProviderError` when Twilio did not create it."""
+        account_sid = self._settings.account_sid
+        if not ACCOUNT_SID_PATTERN.fullmatch(account_sid):
+            raise ProviderError(
+                ErrorKind.PERMANENT,
+                "TWILIO__ACCOUNT_SID is not an Account SID (AC followed by 32 hex digits)",
+                code="config",
+            )
+        url = self._settings.base_url.rstrip("/") + MESSAGES_PATH.format(account_sid=account_sid)
+        try:
+            response = await self._http.post(
+                url,
+                data=self._form(sms),
+                auth=httpx.BasicAuth(account_sid, self._settings.auth_token.get_secret_value()),
+                headers={"Accept": "application/json"},
+            )
+        except _NOT_SENT as exc:
+            raise ProviderError(ErrorKind.RETRYABLE, f"request not sent: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            # Read/write timeouts, dropped connections, protocol errors: Twilio may have created
+            # the message, so it must not be resent blindly.
+            raise ProviderError(
+                ErrorKind.UNKNOWN_OUTCOME, f"no response from Twilio: {exc!r}"
+            ) from exc
+        return _accepted_or_raise(response)
+
+    def _form(self, sms: OutboundSms) -> dict[str, str]:
+        # No SmartEncoded: the body's encoding and segment count were decided upstream, and
+        # Twilio's character substitution would change both behind our back.
+        callback_query = urlencode({"message_id": str(sms.message_id)})
+        form = {
+            "To": sms.to,
+            "From": sms.sender,
+            "Body": sms.body,
+            # Our id rides in the URL so a callback finds its message even if it arrives before
+            # we stored Twilio's SID; Twilio signs this exact URL, query included.
+            "StatusCallback": f"{self._callback_url}?{callback_query}",
+        }
+        if sms.validity_seconds is not None:
+            validity = min(max(sms.validity_seconds, VALIDITY_MIN_SECONDS), VALIDITY_MAX_SECONDS)
+            form["ValidityPeriod"] = str(validity)
+        return form
+
+    def verify_callback(self, request: CallbackRequest) -> bool:
+        """True only when X-Twilio-Signature matches the URL and parameters under our token.
+
+        For a POST, `request.params` must be the form fields exactly as received (every one,
+        including any Twilio adds later) and the query string stays in `request.url`. For a GET
+        the parameters are in the URL already, so only the URL is signed.
+        """
+        auth_token = self._settings.auth_token.get_secret_value()
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        if not auth_token or not signature:
+            return False
+        params: Mapping[str, str] = request.params if request.method.upper() == "POST" else {}
+        # Compare every candidate, valid or not, so timing does not tell which variant matched.
+        matches = [
+            hmac.compare_digest(
+                compute_signature(auth_token, url, params).encode(), signature.encode()
+            )
+            for url in _url_variants(request.url)
+        ]
+        return any(matches)
+
+    def parse_status_callback(self, request: CallbackRequest) -> StatusReport:
+        """Map a status callback to a report; raise `InvalidCallback` without SID or status."""
+        params = request.params
+        provider_message_id = params.get("MessageSid", "")
+        provider_status = params.get("MessageStatus", "")
+        if not provider_message_id or not provider_status:
+            raise InvalidCallback("Twilio status callback without MessageSid or MessageStatus")
+        return StatusReport(
+            provider_message_id=provider_message_id,
+            provider_status=provider_status,
+            # An undocumented status is recorded rather than refused: refusing makes Twilio retry.
+            status=TWILIO_STATUSES.get(provider_status),
+            message_id=_message_id_from_url(request.url),
+            error_code=params.get("ErrorCode") or None,
+            error_message=params.get("ErrorMessage") or None,
+            raw=dict(params),
+        )
+
+
+def _url_variants(url: str) -> list[str]:
+    """The URL as called, plus it with the port dropped or the default port added.
+
+    Twilio documents that it drops the port from HTTPS URLs before signing SMS callbacks, yet
+    some callbacks are signed with it; its own SDKs accept either form, and so do we.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return [url]
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal needs its brackets back
+        host = f"[{host}]"
+    if port is not None:
+        other = urlunsplit(parts._replace(netloc=host))
+    else:
+        default = {"https": 443, "http": 80}.get(parts.scheme)
+        if default is None:
+            return [url]
+        other = urlunsplit(parts._replace(netloc=f"{host}:{default}"))
+    return [url, other]
+
+
+def _message_id_from_url(url: str) -> uuid.UUID | None:
+    values = parse_qs(urlsplit(url).query).get("message_id")
+    if not values:
+        return None
+    try:
+        return uuid.UUID(values[0])
+    except ValueError:
+        return None
+
+
+def _accepted_or_raise(response: httpx.Response) -> Accepted:
+    status_code = response.status_code
+    if response.is_success:
+        return _accepted(response)
+    if not 400 <= status_code < 600:
+        # Redirects and the like: not an answer Twilio documents for this call, so we cannot
+        # tell whether the message was created.
+        raise ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME,
+            f"unexpected HTTP {status_code} from Twilio",
+            code=f"http_{status_code}",
+        )
+    twilio_code, message = _error_body(response)
+    kind = ERROR_CODE_KINDS.get(twilio_code) if twilio_code is not None else None
+    if kind is None:
+        kind = HTTP_STATUS_KINDS.get(status_code)
+    if kind is None:
+        kind = ErrorKind.RETRYABLE if status_code >= 500 else ErrorKind.PERMANENT
+    raise ProviderError(
+        kind,
+        message or f"Twilio answered HTTP {status_code}",
+        code=str(twilio_code) if twilio_code is not None else f"http_{status_code}",
+        retry_after=_retry_after(response) if kind is ErrorKind.RETRYABLE else None,
+    )
+
+
+def _accepted(response: httpx.Response) -> Accepted:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    sid = body.get("sid") if isinstance(body, dict) else None
+    if not isinstance(sid, str) or not sid:
+        # Twilio answered success, so the message probably exists; without its SID we cannot
+        # be sure, and resending could deliver it twice.
+        raise ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME,
+            f"unreadable Twilio response (HTTP {response.status_code}): {response.text[:200]!r}",
+        )
+    return Accepted(provider_message_id=sid)
+
+
+def _error_body(response: httpx.Response) -> tuple[int | None, str | None]:
+    """Twilio's error `code` and `message`, when the body is the documented JSON shape."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    code = body.get("code")
+    message = body.get("message")
+    return (
+        code if isinstance(code, int) and not isinstance(code, bool) else None,
+        message if isinstance(message, str) and message else None,
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive result means none was given
+        return None
+    return max(when.timestamp() - time.time(), 0.0)

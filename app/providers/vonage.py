@@ -1,0 +1,331 @@
+"""Vonage SMS API adapter (`POST {base_url}/sms/json`) with signed delivery receipts.
+
+Sources (Vonage developer docs and the API specification `definitions/sms.yml`):
+- send: form-encoded parameters; the JSON response holds one entry per part of a long message,
+  each with its own `status` (`"0"` = accepted) and `message-id`;
+- delivery receipts (DLRs): `messageId`, `status`, `err-code`, `client-ref`, ... one per part;
+- signed webhooks ("Signing messages"): `sig` over the other parameters, sorted by key, with every
+  `&` and `=` in values replaced by `_`, joined as `&k=v&k=v`; "md5hash" is MD5 of that string
+  followed by the secret, the other methods are an HMAC of it keyed with the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final
+
+import httpx
+
+from app.domain.status import MessageStatus
+from app.providers.base import (
+    Accepted,
+    CallbackRequest,
+    Encoding,
+    ErrorKind,
+    InvalidCallback,
+    OutboundSms,
+    Provider,
+    ProviderError,
+    StatusReport,
+)
+from app.settings import VonageSettings
+
+CALLBACK_PATH: Final = "/v1/webhooks/vonage/status"
+
+# The documented range of `ttl` (milliseconds): 20 s to 7 days; Vonage's default is 72 h. A value
+# outside it is refused with status 3 (a permanent failure), so we clamp instead: a validity
+# shorter than 20 s is not meaningfully different from 20 s, and anything past 7 days exceeds
+# what operators honour anyway (the docs say 24-48 h is the typical effective maximum).
+TTL_MIN_MS: Final = 20_000
+TTL_MAX_MS: Final = 604_800_000
+
+# Send response `status` -> what the worker may do. Only a non-zero status reaches this table, and
+# a non-zero status means Vonage did not accept that part, so nothing is "unknown outcome" here.
+SEND_STATUS_KINDS: Final[Mapping[str, ErrorKind]] = {
+    "1": ErrorKind.RETRYABLE,  # Throttled: sending faster than the account limit
+    "2": ErrorKind.PERMANENT,  # Missing Parameters
+    "3": ErrorKind.PERMANENT,  # Invalid Parameters
+    "4": ErrorKind.PERMANENT,  # Invalid Credentials: needs an operator, not a retry
+    "5": ErrorKind.RETRYABLE,  # Internal Error: platform fault while processing, not accepted
+    "6": ErrorKind.PERMANENT,  # Invalid Message, e.g. an unrecognised number prefix
+    "7": ErrorKind.PERMANENT,  # Number Barred
+    "8": ErrorKind.PERMANENT,  # Partner Account Barred: account suspended
+    # Partner Quota Violation: "top-up and retry" needs a human; our backoff would only repeat it.
+    "9": ErrorKind.PERMANENT,
+    "10": ErrorKind.RETRYABLE,  # Too Many Existing Binds: documented resolution is back-off/retry
+    "11": ErrorKind.PERMANENT,  # Account Not Enabled For HTTP
+    "12": ErrorKind.PERMANENT,  # Message Too Long
+    "14": ErrorKind.PERMANENT,  # Invalid Signature
+    "15": ErrorKind.PERMANENT,  # Invalid Sender Address
+    "22": ErrorKind.PERMANENT,  # Invalid Network Code
+    "23": ErrorKind.PERMANENT,  # Invalid Callback Url
+    "29": ErrorKind.PERMANENT,  # Non-Whitelisted Destination (demo account)
+    "32": ErrorKind.PERMANENT,  # Signature And API Secret Disallowed
+    "33": ErrorKind.PERMANENT,  # Number De-activated
+}
+
+# Meanings from the documented table, used when a response carries no `error-text`.
+SEND_STATUS_TEXT: Final[Mapping[str, str]] = {
+    "1": "Throttled",
+    "2": "Missing Parameters",
+    "3": "Invalid Parameters",
+    "4": "Invalid Credentials",
+    "5": "Internal Error",
+    "6": "Invalid Message",
+    "7": "Number Barred",
+    "8": "Partner Account Barred",
+    "9": "Partner Quota Violation",
+    "10": "Too Many Existing Binds",
+    "11": "Account Not Enabled For HTTP",
+    "12": "Message Too Long",
+    "14": "Invalid Signature",
+    "15": "Invalid Sender Address",
+    "22": "Invalid Network Code",
+    "23": "Invalid Callback Url",
+    "29": "Non-Whitelisted Destination",
+    "32": "Signature And API Secret Disallowed",
+    "33": "Number De-activated",
+}
+
+# DLR `status` -> ours. `accepted` and `buffered` mean the carrier has it but has not delivered
+# yet, which is our SENT; `unknown` ("no useful information available") moves nothing.
+DLR_STATUSES: Final[Mapping[str, MessageStatus | None]] = {
+    "delivered": MessageStatus.DELIVERED,
+    "expired": MessageStatus.EXPIRED,
+    "failed": MessageStatus.FAILED,
+    "rejected": MessageStatus.REJECTED,
+    "accepted": MessageStatus.SENT,
+    "buffered": MessageStatus.SENT,
+    "unknown": None,
+}
+
+# DLR `err-code` meanings, as documented ("0" is success and is not reported as an error).
+DLR_ERROR_CODES: Final[Mapping[str, str]] = {
+    "1": "Unknown: not delivered, and no reason could be determined",
+    "2": "Absent Subscriber - Temporary: handset temporarily unavailable",
+    "3": "Absent Subscriber - Permanent: the number is no longer active",
+    "4": "Call Barred by User",
+    "5": "Portability Error",
+    "6": "Anti-Spam Rejection: blocked by a carrier's anti-spam filter",
+    "7": "Handset Busy",
+    "8": "Network Error",
+    "9": "Illegal Number: the user asked not to receive messages from this service",
+    "10": "Illegal Message: an error in a message parameter, e.g. wrong encoding flag",
+    "11": "Unroutable: Vonage cannot find a suitable route",
+    "12": "Destination Unreachable",
+    "13": "Subscriber Age Restriction",
+    "14": "Number Blocked by Carrier",
+    "15": "Prepaid Insufficient Funds",
+    "99": "General Error: typically an error in the route",
+}
+
+# Failures before the request left us: nothing was sent, so trying again is safe.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def signature_base_string(params: Mapping[str, str]) -> str:
+    """The documented string Vonage signs: `&key=value` pairs sorted by key, `sig` left out."""
+    return "".join(
+        f"&{key}={params[key].replace('&', '_').replace('=', '_')}"
+        for key in sorted(params)
+        if key != "sig"
+    )
+
+
+def compute_signature(params: Mapping[str, str], secret: str, method: str) -> str:
+    """The lower-case hex signature of `params` with `secret` under a Vonage signature method."""
+    base = signature_base_string(params)
+    if method == "md5hash":
+        return hashlib.md5((base + secret).encode()).hexdigest()
+    # The HMAC methods are named as hashlib names them: md5, sha1, sha256, sha512.
+    return hmac.new(secret.encode(), base.encode(), method).hexdigest()
+
+
+class VonageProvider(Provider):
+    """Sends through the Vonage SMS API and reads its signed delivery receipts."""
+
+    name: ClassVar[str] = "vonage"
+
+    def __init__(
+        self,
+        settings: VonageSettings,
+        http: httpx.AsyncClient,
+        public_base_url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._http = http
+        self._callback_url = public_base_url.rstrip("/") + CALLBACK_PATH
+        self._clock = clock
+
+    async def send(self, sms: OutboundSms) -> Accepted:
+        """Submit one message; raise `ProviderError` when Vonage did not accept every part."""
+        try:
+            response = await self._http.post(
+                self._settings.base_url.rstrip("/") + "/sms/json",
+                data=self._form(sms),
+                headers={"Accept": "application/json"},
+            )
+        except _NOT_SENT as exc:
+            raise ProviderError(ErrorKind.RETRYABLE, f"request not sent: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            # Read/write timeouts, dropped connections, protocol errors: the request may have
+            # reached Vonage and been accepted, so it must not be resent blindly.
+            raise ProviderError(
+                ErrorKind.UNKNOWN_OUTCOME, f"no response from Vonage: {exc!r}"
+            ) from exc
+        return _accepted_or_raise(response)
+
+    def _form(self, sms: OutboundSms) -> dict[str, str]:
+        form = {
+            "api_key": self._settings.api_key,
+            "api_secret": self._settings.api_secret.get_secret_value(),
+            "from": _vonage_address(sms.sender),
+            "to": sms.to.removeprefix("+"),
+            "text": sms.body,
+            "type": "unicode" if sms.encoding is Encoding.UCS2 else "text",
+            "status-report-req": "1",
+            "callback": self._callback_url,
+            # Every part's DLR echoes client-ref, which is how a callback finds its message.
+            "client-ref": str(sms.message_id),
+        }
+        if sms.validity_seconds is not None:
+            ttl_ms = min(max(sms.validity_seconds * 1000, TTL_MIN_MS), TTL_MAX_MS)
+            form["ttl"] = str(ttl_ms)
+        return form
+
+    def verify_callback(self, request: CallbackRequest) -> bool:
+        """True only for a fresh callback whose `sig` matches our signature secret."""
+        secret = self._settings.signature_secret.get_secret_value()
+        sig = request.params.get("sig", "")
+        if not secret or not sig:
+            return False
+        try:
+            signed_at = int(request.params["timestamp"])
+        except (KeyError, ValueError):
+            return False
+        # Replay protection; a timestamp too far in the future is as suspect as a stale one.
+        if abs(self._clock() - signed_at) > self._settings.signature_max_age_seconds:
+            return False
+        expected = compute_signature(request.params, secret, self._settings.signature_method)
+        # md5hash signatures arrive in lower-case hex, HMAC ones in upper case: compare folded.
+        return hmac.compare_digest(expected.encode(), sig.lower().encode())
+
+    def parse_status_callback(self, request: CallbackRequest) -> StatusReport:
+        """Map a delivery receipt to a report; raise `InvalidCallback` without id or status."""
+        params = request.params
+        provider_message_id = params.get("messageId", "")
+        provider_status = params.get("status", "")
+        if not provider_message_id or not provider_status:
+            raise InvalidCallback("Vonage delivery receipt without messageId or status")
+        err_code = params.get("err-code") or None
+        if err_code == "0":
+            err_code = None
+        return StatusReport(
+            # One DLR per part, each with that part's messageId: match on message_id first.
+            provider_message_id=provider_message_id,
+            provider_status=provider_status,
+            # An undocumented status is recorded rather than refused: refusing makes Vonage retry.
+            status=DLR_STATUSES.get(provider_status.lower()),
+            message_id=_uuid_or_none(params.get("client-ref")),
+            error_code=err_code,
+            error_message=DLR_ERROR_CODES.get(err_code) if err_code else None,
+            raw=dict(params),
+        )
+
+
+def _vonage_address(sender: str) -> str:
+    """Vonage wants numbers without '+'; alphanumeric sender IDs pass through unchanged."""
+    digits = sender.removeprefix("+")
+    return digits if digits.isdigit() else sender
+
+
+def _uuid_or_none(value: str | None) -> uuid.UUID | None:
+    """Our message id from `client-ref`, or None when it is absent or not a UUID."""
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def _accepted_or_raise(response: httpx.Response) -> Accepted:
+    """Classify a send response: `Accepted` only when every part has status "0"."""
+    status_code = response.status_code
+    if status_code == 429 or status_code >= 500:
+        raise ProviderError(
+            ErrorKind.RETRYABLE,
+            f"Vonage answered HTTP {status_code}",
+            code=f"http_{status_code}",
+            retry_after=_retry_after(response),
+        )
+    if status_code != 200:
+        raise ProviderError(
+            ErrorKind.PERMANENT,
+            f"Vonage refused the request: HTTP {status_code} {response.text[:200]}",
+            code=f"http_{status_code}",
+        )
+    parts = _parts(response)
+    if parts is None:
+        # A 200 means Vonage handled the request; without a readable body we cannot tell
+        # whether it accepted the message, so it must not be resent blindly.
+        raise ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME,
+            f"unreadable Vonage response: {response.text[:200]!r}",
+        )
+    failed = [part for part in parts if str(part.get("status")) != "0"]
+    if not failed:
+        message_id = parts[0].get("message-id")
+        if not isinstance(message_id, str) or not message_id:
+            raise ProviderError(
+                ErrorKind.UNKNOWN_OUTCOME, "Vonage accepted the message without a message-id"
+            )
+        # Later parts have their own ids; each part's DLR carries our client-ref, which is how
+        # callbacks find the message, so the first id is enough.
+        return Accepted(provider_message_id=message_id)
+    status = str(failed[0].get("status"))
+    text = failed[0].get("error-text") or SEND_STATUS_TEXT.get(status, "undocumented status")
+    if len(failed) < len(parts):
+        # Some parts are already on their way: resending would duplicate them on the handset.
+        raise ProviderError(
+            ErrorKind.PERMANENT,
+            f"partially sent: {len(parts) - len(failed)} of {len(parts)} parts accepted; "
+            f"status {status}: {text}",
+            code=status,
+        )
+    # An undocumented non-zero status still means "not accepted"; failing is the safe default.
+    kind = SEND_STATUS_KINDS.get(status, ErrorKind.PERMANENT)
+    raise ProviderError(kind, f"status {status}: {text}", code=status)
+
+
+def _parts(response: httpx.Response) -> list[Mapping[str, Any]] | None:
+    """The `messages` entries of a send response, or None when the body is not that shape."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    if not all(isinstance(part, dict) and "status" in part for part in messages):
+        return None
+    return messages
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """A `Retry-After` given in seconds, if any."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None  # an HTTP-date; the worker's own backoff applies

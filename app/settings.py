@@ -1,0 +1,75 @@
+"""Configuration, read once from the environment (and an optional `.env` file).
+
+Nested groups use `__` in variable names: `TWILIO__AUTH_TOKEN` sets `settings.twilio.auth_token`.
+Every variable is listed with its default in README.md.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TwilioSettings(BaseModel):
+    """Twilio Programmable Messaging (REST API 2010-04-01)."""
+
+    account_sid: str = ""
+    auth_token: SecretStr = SecretStr("")
+    base_url: str = "https://api.twilio.com"
+
+
+class VonageSettings(BaseModel):
+    """Vonage SMS API (`/sms/json`) with signed callbacks."""
+
+    api_key: str = ""
+    api_secret: SecretStr = SecretStr("")
+    signature_secret: SecretStr = SecretStr("")
+    signature_method: Literal["md5hash", "md5", "sha1", "sha256", "sha512"] = "md5hash"
+    base_url: str = "https://rest.nexmo.com"
+    # Signed callbacks older than this are refused (replay protection).
+    signature_max_age_seconds: int = 300
+
+
+class FakeProviderSettings(BaseModel):
+    """The built-in provider that accepts everything and reports delivery later."""
+
+    delivery_delay_seconds: float = 1.0
+
+
+class Settings(BaseSettings):
+    """The service's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_nested_delimiter="__", extra="ignore", case_sensitive=False
+    )
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/smsgate"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The externally reachable base URL of this service; providers' callbacks are built on it and
+    # Twilio signs the full URL, so it must match what Twilio calls exactly.
+    public_base_url: str = "http://localhost:8000"
+    default_region: str = Field(default="US", min_length=2, max_length=2)
+    max_segments: int = Field(default=10, ge=1, le=255)
+    idempotency_ttl_hours: int = Field(default=24, ge=24)
+    # Provider calls: the connect timeout is short because a failed connect is safe to retry.
+    provider_connect_timeout_seconds: float = 3.0
+    provider_read_timeout_seconds: float = 10.0
+    send_max_attempts: int = Field(default=6, ge=1)
+    retry_base_delay_seconds: float = 2.0
+    retry_max_delay_seconds: float = 300.0
+    # A queued message untouched for this long is enqueued again by the sweep.
+    sweep_grace_seconds: int = 30
+    log_level: str = "INFO"
+
+    twilio: TwilioSettings = TwilioSettings()
+    vonage: VonageSettings = VonageSettings()
+    fake: FakeProviderSettings = FakeProviderSettings()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, parsed on first use."""
+    return Settings()

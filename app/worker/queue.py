@@ -1,0 +1,49 @@
+"""Putting work on the arq queue. The API and the sweep use this; nothing else touches arq."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+DELIVER_JOB = "deliver"
+FAKE_REPORT_JOB = "fake_status_report"
+
+Queue = ArqRedis
+
+
+def create_queue(redis_url: str) -> Queue:
+    """A queue client that connects lazily, so the API starts (and accepts) while Redis is down.
+
+    Short timeouts: when Redis is unreachable an accept must not hang; the sweep catches up.
+    """
+    pool = ConnectionPool.from_url(
+        redis_url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=30
+    )
+    return ArqRedis(connection_pool=pool)
+
+
+def delivery_job_id(message_id: uuid.UUID) -> str:
+    """One job id per message, so enqueueing it twice queues it once."""
+    return f"deliver:{message_id}"
+
+
+async def enqueue_deliveries(queue: Queue, message_ids: Iterable[uuid.UUID]) -> int:
+    """Queue delivery jobs; returns how many were queued. Never raises: on a Redis error the
+    messages stay `queued` in PostgreSQL and the periodic sweep enqueues them."""
+    queued = 0
+    try:
+        for message_id in message_ids:
+            job = await queue.enqueue_job(
+                DELIVER_JOB, str(message_id), _job_id=delivery_job_id(message_id)
+            )
+            queued += job is not None
+    except (RedisError, OSError) as error:
+        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+    return queued

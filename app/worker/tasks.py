@@ -1,0 +1,104 @@
+"""arq task shells and worker settings: each task opens what it needs and calls a plain function.
+
+Run a worker with `smsgate worker` (or `arq app.worker.tasks.WorkerSettings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from arq import Retry, cron
+from arq.connections import RedisSettings
+
+from app.db.session import create_engine, create_session_factory
+from app.domain.delivery import RetryPolicy, deliver_message
+from app.domain.messages import apply_status_report
+from app.domain.sweep import sweep_once
+from app.providers.base import CallbackRequest
+from app.providers.registry import build_http_client, build_providers
+from app.settings import get_settings
+from app.worker.queue import FAKE_REPORT_JOB, enqueue_deliveries
+
+log = logging.getLogger(__name__)
+
+# A delivery job is one provider call plus two short transactions: keep its timeout close to the
+# provider's so a dead worker's job is picked up again quickly.
+JOB_TIMEOUT_SECONDS = 30
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """Build the worker's engine, sessions, HTTP client and provider adapters."""
+    settings = get_settings()
+    ctx["settings"] = settings
+    ctx["engine"] = create_engine(settings.database_url)
+    ctx["session_factory"] = create_session_factory(ctx["engine"])
+    ctx["http"] = build_http_client(settings)
+    queue = ctx["redis"]
+
+    async def schedule_fake_report(params: Mapping[str, str], delay: float) -> None:
+        await queue.enqueue_job(FAKE_REPORT_JOB, dict(params), _defer_by=timedelta(seconds=delay))
+
+    ctx["providers"] = build_providers(settings, ctx["http"], schedule_fake_report)
+    ctx["retry_policy"] = RetryPolicy(
+        max_attempts=settings.send_max_attempts,
+        base_delay=settings.retry_base_delay_seconds,
+        max_delay=settings.retry_max_delay_seconds,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    """Close what startup opened."""
+    await ctx["http"].aclose()
+    await ctx["engine"].dispose()
+
+
+async def deliver(ctx: dict[str, Any], message_id: str) -> str | None:
+    """Deliver one message; ask arq to run the job again later when a retry is due."""
+    outcome = await deliver_message(
+        uuid.UUID(message_id), ctx["session_factory"], ctx["providers"], ctx["retry_policy"]
+    )
+    if outcome.retry_in is not None:
+        raise Retry(defer=timedelta(seconds=outcome.retry_in))
+    return outcome.status.value if outcome.status else None
+
+
+async def fake_status_report(ctx: dict[str, Any], params: dict[str, str]) -> bool:
+    """Apply a report scheduled by the fake provider, through the real status path."""
+    report = ctx["providers"]["fake"].parse_status_callback(
+        CallbackRequest(url="", method="QUEUE", params=params, headers={})
+    )
+    async with ctx["session_factory"].begin() as session:
+        applied: bool = await apply_status_report(session, "fake", report)
+    return applied
+
+
+async def sweep(ctx: dict[str, Any]) -> int:
+    """Re-enqueue queued messages that are due but not on the queue (e.g. Redis was down)."""
+    settings = ctx["settings"]
+    message_ids = await sweep_once(
+        ctx["session_factory"],
+        grace=timedelta(seconds=settings.sweep_grace_seconds),
+        idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
+    )
+    return await enqueue_deliveries(ctx["redis"], message_ids)
+
+
+class WorkerSettings:
+    """arq's configuration for the delivery worker."""
+
+    functions = [deliver, fake_status_report]
+    cron_jobs = [cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True)]
+    on_startup = startup
+    on_shutdown = shutdown
+    redis_settings = RedisSettings.from_dsn(get_settings().redis_url)
+    job_timeout = JOB_TIMEOUT_SECONDS
+    keep_result = 0  # results are in PostgreSQL; a kept result would block re-enqueueing by id
+    # Our own attempt count in PostgreSQL decides when to give up; arq's counter also grows when a
+    # worker dies mid-job, and reaching it would strand the message as `queued`.
+    max_tries = 1000
+    max_jobs = 50
+    allow_abort_jobs = False
