@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         import uvicorn
 
         uvicorn.run(
-            "app.main:create_app", factory=True, host=args.host, port=args.port,
-            workers=args.workers, log_level=get_settings().log_level.lower(),
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=get_settings().log_level.lower(),
         )
     elif args.command == "worker":
         from arq.worker import run_worker

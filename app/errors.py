@@ -63,7 +63,10 @@ class ServiceError(Exception):
     def to_problem(self) -> Problem:
         """The response body for this error."""
         return Problem(
-            title=self.title, status=self.status, detail=self.detail, code=self.code,
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            code=self.code,
             errors=self.errors,
         )
 

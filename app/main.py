@@ -17,7 +17,7 @@ from app.db.session import create_engine, create_session_factory
 from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError
 from app.providers.registry import build_http_client, build_providers
 from app.settings import Settings, get_settings
-from app.worker.queue import create_queue
+from app.worker.queue import close_queue, create_queue
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.queue.aclose()
+            await close_queue(app.state.queue)
             await http.aclose()
             await engine.dispose()
 
     app = FastAPI(
-        title="smsgate", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+        title="smsgate",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
     )
     for router in (messages.router, senders.router, webhooks.router, health.router):
         app.include_router(router)
@@ -63,8 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _problem(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
-        problem.model_dump(exclude_none=True), status_code=problem.status,
-        media_type=PROBLEM_JSON, headers=headers,
+        problem.model_dump(exclude_none=True),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
     )
 
 
@@ -78,8 +83,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = [_field_error(item) for item in error.errors()]
         detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
         return _problem(
-            Problem(title="Invalid request", status=422, code="validation_error", detail=detail,
-                    errors=errors)
+            Problem(
+                title="Invalid request",
+                status=422,
+                code="validation_error",
+                detail=detail,
+                errors=errors,
+            )
         )
 
     @app.exception_handler(OperationalError)
@@ -88,8 +98,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def database_unavailable(_: Request, error: Exception) -> JSONResponse:
         log.error("dependency unavailable", extra={"error": repr(error)})
         return _problem(
-            Problem(title="Service unavailable", status=503, code="service_unavailable",
-                    detail="the database is unreachable; nothing was stored, retry later"),
+            Problem(
+                title="Service unavailable",
+                status=503,
+                code="service_unavailable",
+                detail="the database is unreachable; nothing was stored, retry later",
+            ),
             headers={"Retry-After": "5"},
         )
 

@@ -1,4 +1,4 @@
-"""Request dependencies: the database session (one transaction per request), the caller, settings."""
+"""Request dependencies: the session (one transaction per request), the caller, settings."""
 
 from __future__ import annotations
 

@@ -51,8 +51,10 @@ IdempotencyKeyHeader = Annotated[
     response_model=MessageOut,
     responses={
         **problem_responses(Unauthorized, PolicyRefusal, Conflict, ValidationFailed),
-        202: {"description": "Accepted and queued for delivery. A replay of an earlier request "
-              "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`."},
+        202: {
+            "description": "Accepted and queued for delivery. A replay of an earlier request "
+            "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`."
+        },
     },
 )
 async def send_message(
@@ -64,15 +66,21 @@ async def send_message(
 ) -> Any:
     """Accept a message for delivery."""
     command = domain.SendCommand(
-        to=request.to, body=request.body, sender=request.from_,
+        to=request.to,
+        body=request.body,
+        sender=request.from_,
         callback_url=str(request.callback_url) if request.callback_url else None,
-        validity_period=request.validity_period, metadata=request.metadata,
+        validity_period=request.validity_period,
+        metadata=request.metadata,
     )
 
     async def accept() -> tuple[int, dict[str, Any]]:
         message = await domain.accept_message(
-            session, principal, command,
-            max_segments=settings.max_segments, default_region=settings.default_region,
+            session,
+            principal,
+            command,
+            max_segments=settings.max_segments,
+            default_region=settings.default_region,
         )
         return 202, MessageOut.model_validate(message).model_dump(mode="json", by_alias=True)
 
@@ -80,9 +88,12 @@ async def send_message(
         status, body = await accept()
         return JSONResponse(body, status_code=status)
     stored = await run_idempotently(
-        session, client_id=principal.client_id, key=idempotency_key,
+        session,
+        client_id=principal.client_id,
+        key=idempotency_key,
         request_fingerprint=fingerprint(request.model_dump(mode="json", by_alias=True)),
-        ttl=timedelta(hours=settings.idempotency_ttl_hours), produce=accept,
+        ttl=timedelta(hours=settings.idempotency_ttl_hours),
+        produce=accept,
     )
     headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
     return JSONResponse(stored.body, status_code=stored.status, headers=headers)
@@ -133,20 +144,23 @@ async def list_messages(
     session: SessionDep,
     principal: PrincipalDep,
     to: Annotated[E164 | None, Query(description="Only messages to this number.")] = None,
-    status: Annotated[MessageStatus | None, Query(description="Only messages in this status.")]
-    = None,
+    status: Annotated[
+        MessageStatus | None, Query(description="Only messages in this status.")
+    ] = None,
     created_after: Annotated[datetime | None, Query(description="Created at or after.")] = None,
     created_before: Annotated[datetime | None, Query(description="Created before.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
-    = None,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
 ) -> MessagePage:
     """Your messages, newest first, one page at a time."""
     page = await domain.list_messages(
-        session, principal.client_id,
-        domain.MessageFilter(to=to, status=status, created_after=created_after,
-                             created_before=created_before),
-        limit=limit, cursor=cursor,
+        session,
+        principal.client_id,
+        domain.MessageFilter(
+            to=to, status=status, created_after=created_after, created_before=created_before
+        ),
+        limit=limit,
+        cursor=cursor,
     )
     return MessagePage(
         data=[MessageOut.model_validate(message) for message in page.items],

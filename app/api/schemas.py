@@ -55,7 +55,9 @@ class SendMessageRequest(BaseModel):
 
     to: E164 = Field(description="Recipient; national formats use the default region.")
     from_: str | None = Field(
-        default=None, alias="from", max_length=20,
+        default=None,
+        alias="from",
+        max_length=20,
         description="One of the service's senders; defaults to your client's default sender.",
     )
     body: str = Field(min_length=1, max_length=10_000, description="The text to send.")
@@ -63,7 +65,9 @@ class SendMessageRequest(BaseModel):
         default=None, description="Where status changes of this message are reported."
     )
     validity_period: int | None = Field(
-        default=None, ge=1, le=604_800,
+        default=None,
+        ge=1,
+        le=604_800,
         description="Seconds after acceptance during which the message may still be sent; "
         "past it the message ends as `expired`.",
     )
@@ -178,8 +182,12 @@ class PreviewOut(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "encoding": "UCS-2", "segments": 1, "units": 11,
-                    "non_gsm_characters": ["û"], "max_segments": 10, "within_limit": True,
+                    "encoding": "UCS-2",
+                    "segments": 1,
+                    "units": 11,
+                    "non_gsm_characters": ["û"],
+                    "max_segments": 10,
+                    "within_limit": True,
                 }
             ]
         }
@@ -212,7 +220,9 @@ class SenderIn(BaseModel):
 class SenderPatch(BaseModel):
     """Changes to a sender; omitted fields stay as they are."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"provider": "vonage"}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"provider": "vonage"}]}
+    )
 
     provider: ProviderName | None = None
     description: str | None = Field(default=None, max_length=200)

@@ -9,7 +9,14 @@ from fastapi import APIRouter
 from app.api.deps import AdminDep, SessionDep, SettingsDep
 from app.api.schemas import SenderIn, SenderList, SenderOut, SenderPatch
 from app.domain import senders as domain
-from app.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
+from app.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    ValidationFailed,
+    problem_responses,
+)
 
 router = APIRouter(prefix="/v1/senders", tags=["senders"])
 
@@ -25,8 +32,12 @@ async def create_sender(
 ) -> SenderOut:
     """Add a sender bound to a provider."""
     sender = await domain.create_sender(
-        session, address=request.address, kind=request.kind, provider=request.provider,
-        description=request.description, default_region=settings.default_region,
+        session,
+        address=request.address,
+        kind=request.kind,
+        provider=request.provider,
+        description=request.description,
+        default_region=settings.default_region,
     )
     return SenderOut.model_validate(sender)
 

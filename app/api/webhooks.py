@@ -33,8 +33,10 @@ async def _callback_request(request: Request, public_base_url: str) -> CallbackR
             raise ValidationFailed("invalid_callback", "the body is not valid JSON") from None
         if not isinstance(document, dict):
             raise ValidationFailed("invalid_callback", "the body is not a JSON object")
-        params |= {key: value if isinstance(value, str) else json.dumps(value)
-                   for key, value in document.items()}
+        params |= {
+            key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in document.items()
+        }
     elif request.method == "POST":
         form = await request.form()
         params = {key: value for key, value in form.items() if isinstance(value, str)}
@@ -42,12 +44,16 @@ async def _callback_request(request: Request, public_base_url: str) -> CallbackR
     if request.url.query:
         url += "?" + request.url.query
     headers = {key.lower(): value for key, value in request.headers.items()}
-    return CallbackRequest(url=url, method=request.method, params=params, headers=headers,
-                           body=body)
+    return CallbackRequest(
+        url=url, method=request.method, params=params, headers=headers, body=body
+    )
 
 
 async def _handle_status(
-    provider_name: str, request: Request, session: SessionDep, providers: dict[str, Provider],
+    provider_name: str,
+    request: Request,
+    session: SessionDep,
+    providers: dict[str, Provider],
     public_base_url: str,
 ) -> Response:
     provider = providers.get(provider_name)
@@ -61,8 +67,10 @@ async def _handle_status(
     except InvalidCallback as error:
         raise ValidationFailed("invalid_callback", str(error)) from None
     if not await apply_status_report(session, provider_name, report):
-        log.info("status report for an unknown message",
-                 extra={"provider": provider_name, "provider_message_id": report.provider_message_id})
+        log.info(
+            "status report for an unknown message",
+            extra={"provider": provider_name, "provider_message_id": report.provider_message_id},
+        )
     return Response(status_code=204)
 
 
@@ -80,4 +88,3 @@ async def vonage_status(
 ) -> Response:
     """Vonage's delivery receipt (GET query, POST form or JSON; signed with `sig`)."""
     return await _handle_status("vonage", request, session, providers, settings.public_base_url)
-

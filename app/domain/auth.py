@@ -31,9 +31,7 @@ def hash_key(raw_key: str) -> bytes:
     return hashlib.sha256(raw_key.encode()).digest()
 
 
-async def create_api_key(
-    session: AsyncSession, client_name: str, *, is_admin: bool = False
-) -> str:
+async def create_api_key(session: AsyncSession, client_name: str, *, is_admin: bool = False) -> str:
     """Create (or reuse) the client `client_name` and a new key for it; return the raw key."""
     client = await session.scalar(select(Client).where(Client.name == client_name))
     if client is None:
@@ -42,8 +40,9 @@ async def create_api_key(
         await session.flush()
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(
-        ApiKey(client_id=client.id, key_hash=hash_key(raw_key), prefix=raw_key[:10],
-               is_admin=is_admin)
+        ApiKey(
+            client_id=client.id, key_hash=hash_key(raw_key), prefix=raw_key[:10], is_admin=is_admin
+        )
     )
     await session.flush()
     return raw_key
@@ -54,7 +53,8 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     scheme, _, raw_key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not raw_key.strip():
         raise Unauthorized(
-            "missing_api_key", "send your API key as 'Authorization: Bearer <key>'",
+            "missing_api_key",
+            "send your API key as 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
     row = (
@@ -66,8 +66,10 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     ).one_or_none()
     if row is None:
         raise Unauthorized(
-            "invalid_api_key", "the API key is unknown or revoked",
+            "invalid_api_key",
+            "the API key is unknown or revoked",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return Principal(client_id=row[0], client_name=row[1], default_sender_id=row[2],
-                     is_admin=row[3])
+    return Principal(
+        client_id=row[0], client_name=row[1], default_sender_id=row[2], is_admin=row[3]
+    )

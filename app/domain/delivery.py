@@ -62,7 +62,8 @@ async def deliver_message(
     provider = providers.get(message.provider)
     if provider is None:
         error = ProviderError(
-            ErrorKind.PERMANENT, f"provider {message.provider!r} is not configured on this worker",
+            ErrorKind.PERMANENT,
+            f"provider {message.provider!r} is not configured on this worker",
             code="provider_not_configured",
         )
         return await _record_failure(session_factory, message, error, policy)
@@ -92,8 +93,10 @@ async def deliver_message(
         )
         session.add(
             MessageEvent(
-                message_id=message.id, status=MessageStatus.SENT.value,
-                applied=status == MessageStatus.SENT.value, source="worker",
+                message_id=message.id,
+                status=MessageStatus.SENT.value,
+                applied=status == MessageStatus.SENT.value,
+                source="worker",
                 detail=f"accepted by {provider.name} as {accepted.provider_message_id}",
             )
         )
@@ -114,11 +117,13 @@ async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Mess
             )
         if await is_opted_out(session, message.to, message.sender_id):
             return await _finish_unsent(
-                session, message, MessageStatus.CANCELED,
+                session,
+                message,
+                MessageStatus.CANCELED,
                 "recipient opted out after the message was accepted",
                 error_code="recipient_opted_out",
             )
-        claimed = await session.scalar(
+        claimed: Message | None = await session.scalar(
             update(Message)
             .where(Message.id == message_id, Message.status == MessageStatus.QUEUED.value)
             .values(status=MessageStatus.SENDING.value, attempts=Message.attempts + 1)
@@ -128,8 +133,11 @@ async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Mess
             return Outcome(None)
         session.add(
             MessageEvent(
-                message_id=message_id, status=MessageStatus.SENDING.value, applied=True,
-                source="worker", detail=f"attempt {claimed.attempts}",
+                message_id=message_id,
+                status=MessageStatus.SENDING.value,
+                applied=True,
+                source="worker",
+                detail=f"attempt {claimed.attempts}",
             )
         )
         return claimed
@@ -151,8 +159,14 @@ async def _finish_unsent(
     )
     if done is not None:
         session.add(
-            MessageEvent(message_id=message.id, status=status.value, applied=True,
-                         source="worker", error_code=error_code, detail=reason)
+            MessageEvent(
+                message_id=message.id,
+                status=status.value,
+                applied=True,
+                source="worker",
+                error_code=error_code,
+                detail=reason,
+            )
         )
     return Outcome(status if done is not None else None)
 
@@ -163,8 +177,12 @@ async def _record_failure(
     """Retry later, fail for good, or leave an unknown outcome for reconciliation."""
     log.warning(
         "provider submission failed",
-        extra={"message_id": str(message.id), "kind": error.kind.value, "code": error.code,
-               "detail": error.detail},
+        extra={
+            "message_id": str(message.id),
+            "kind": error.kind.value,
+            "code": error.code,
+            "detail": error.detail,
+        },
     )
     async with session_factory.begin() as session:
         if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
@@ -175,14 +193,18 @@ async def _record_failure(
                 .values(
                     status=MessageStatus.QUEUED.value,
                     next_attempt_at=datetime.now(UTC) + timedelta(seconds=retry_in),
-                    error_code=error.code, error_message=error.detail,
+                    error_code=error.code,
+                    error_message=error.detail,
                 )
                 .returning(Message.id)
             )
             session.add(
                 MessageEvent(
-                    message_id=message.id, status=MessageStatus.QUEUED.value,
-                    applied=released is not None, source="worker", error_code=error.code,
+                    message_id=message.id,
+                    status=MessageStatus.QUEUED.value,
+                    applied=released is not None,
+                    source="worker",
+                    error_code=error.code,
                     detail=f"retry in {retry_in:.1f}s after: {error.detail}",
                 )
             )
@@ -192,8 +214,12 @@ async def _record_failure(
             # It stays `sending` until a status report (or reconciliation) settles it.
             session.add(
                 MessageEvent(
-                    message_id=message.id, status=None, applied=False, source="worker",
-                    error_code=error.code, detail=f"outcome unknown: {error.detail}",
+                    message_id=message.id,
+                    status=None,
+                    applied=False,
+                    source="worker",
+                    error_code=error.code,
+                    detail=f"outcome unknown: {error.detail}",
                 )
             )
             return Outcome(MessageStatus.SENDING)
@@ -203,14 +229,21 @@ async def _record_failure(
         failed = await session.scalar(
             update(Message)
             .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
-            .values(status=MessageStatus.FAILED.value, error_code=error.code or error.kind.value,
-                    error_message=detail)
+            .values(
+                status=MessageStatus.FAILED.value,
+                error_code=error.code or error.kind.value,
+                error_message=detail,
+            )
             .returning(Message.id)
         )
         session.add(
             MessageEvent(
-                message_id=message.id, status=MessageStatus.FAILED.value,
-                applied=failed is not None, source="worker", error_code=error.code, detail=detail,
+                message_id=message.id,
+                status=MessageStatus.FAILED.value,
+                applied=failed is not None,
+                source="worker",
+                error_code=error.code,
+                detail=detail,
             )
         )
         return Outcome(MessageStatus.FAILED)

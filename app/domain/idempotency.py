@@ -37,7 +37,7 @@ class StoredResponse:
 
 
 def fingerprint(payload: Any) -> bytes:
-    """A stable hash of a request body: same JSON value, same fingerprint, whatever the key order."""
+    """A stable hash of a request body: one JSON value gives one hash, in any key order."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).digest()
 
@@ -79,15 +79,19 @@ async def run_idempotently(
     if stored is not None:
         if stored.request_hash != request_fingerprint:
             raise ValidationFailed.for_field(
-                "idempotency_key_reused", HEADER,
+                "idempotency_key_reused",
+                HEADER,
                 "this key was used with a different request body; use a new key",
             )
         return StoredResponse(stored.response_status, stored.response_body, replayed=True)
     status, body = await produce()
     session.add(
         IdempotencyKey(
-            client_id=client_id, key=key, request_hash=request_fingerprint,
-            response_status=status, response_body=body,
+            client_id=client_id,
+            key=key,
+            request_hash=request_fingerprint,
+            response_status=status,
+            response_body=body,
         )
     )
     await session.flush()

@@ -42,7 +42,8 @@ def check_body(body: str, max_segments: int) -> BodyAnalysis:
     analysis = analyze_body(body)
     if analysis.segments > max_segments:
         raise ValidationFailed.for_field(
-            "too_many_segments", "body",
+            "too_many_segments",
+            "body",
             f"needs {analysis.segments} {analysis.encoding} segments; the limit is {max_segments}",
         )
     return analysis
@@ -90,8 +91,9 @@ async def accept_message(
     )
     session.add(message)
     session.add(
-        MessageEvent(message_id=message.id, status=message.status, applied=True, source="api",
-                     created_at=now)
+        MessageEvent(
+            message_id=message.id, status=message.status, applied=True, source="api", created_at=now
+        )
     )
     await session.flush()
     session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).append(message.id)

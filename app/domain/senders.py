@@ -45,10 +45,13 @@ def normalize_sender_address(kind: SenderKind, address: str, default_region: str
         except InvalidPhoneNumber as error:
             raise ValidationFailed.for_field("invalid_sender", "address", str(error)) from None
     if kind is SenderKind.SHORT_CODE and not _SHORT_CODE.match(address):
-        raise ValidationFailed.for_field("invalid_sender", "address", "a short code is 3 to 8 digits")
+        raise ValidationFailed.for_field(
+            "invalid_sender", "address", "a short code is 3 to 8 digits"
+        )
     if kind is SenderKind.ALPHANUMERIC and not _ALPHANUMERIC.match(address):
         raise ValidationFailed.for_field(
-            "invalid_sender", "address",
+            "invalid_sender",
+            "address",
             "an alphanumeric sender ID is 1 to 11 letters, digits or spaces, with a letter",
         )
     return address

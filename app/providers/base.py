@@ -9,9 +9,11 @@ status callbacks into a `StatusReport`. Adapters hold no database state.
 from __future__ import annotations
 
 import abc
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import ClassVar
 
@@ -92,6 +94,24 @@ class StatusReport:
     error_code: str | None = None
     error_message: str | None = None
     raw: Mapping[str, str] = field(default_factory=dict)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """A `Retry-After` header (seconds or an HTTP date) as seconds from now, if present."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive result means none was given
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 class InvalidCallback(Exception):

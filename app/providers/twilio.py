@@ -16,10 +16,8 @@ import base64
 import hashlib
 import hmac
 import re
-import time
 import uuid
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from typing import ClassVar, Final
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -35,6 +33,7 @@ from app.providers.base import (
     Provider,
     ProviderError,
     StatusReport,
+    retry_after_seconds,
 )
 from app.settings import TwilioSettings
 
@@ -86,7 +85,8 @@ HTTP_STATUS_KINDS: Final[Mapping[int, ErrorKind]] = {
     500: ErrorKind.RETRYABLE,
     502: ErrorKind.RETRYABLE,
     503: ErrorKind.RETRYABLE,
-    504: ErrorKind.RETRYABLE,
+    # A gateway timeout may come after Twilio created the message: never resend blindly.
+    504: ErrorKind.UNKNOWN_OUTCOME,
 }
 
 # Twilio `MessageStatus` -> ours. Our SENT means "the provider has it"; queued, accepted,
@@ -274,7 +274,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         kind,
         message or f"Twilio answered HTTP {status_code}",
         code=str(twilio_code) if twilio_code is not None else f"http_{status_code}",
-        retry_after=_retry_after(response) if kind is ErrorKind.RETRYABLE else None,
+        retry_after=retry_after_seconds(response.headers) if kind is ErrorKind.RETRYABLE else None,
     )
 
 
@@ -308,20 +308,3 @@ def _error_body(response: httpx.Response) -> tuple[int | None, str | None]:
         code if isinstance(code, int) and not isinstance(code, bool) else None,
         message if isinstance(message, str) and message else None,
     )
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive result means none was given
-        return None
-    return max(when.timestamp() - time.time(), 0.0)

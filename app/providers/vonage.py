@@ -31,6 +31,7 @@ from app.providers.base import (
     Provider,
     ProviderError,
     StatusReport,
+    retry_after_seconds,
 )
 from app.settings import VonageSettings
 
@@ -258,12 +259,15 @@ def _uuid_or_none(value: str | None) -> uuid.UUID | None:
 def _accepted_or_raise(response: httpx.Response) -> Accepted:
     """Classify a send response: `Accepted` only when every part has status "0"."""
     status_code = response.status_code
+    if status_code == 504:
+        # A gateway timeout may come after Vonage took the message: never resend blindly.
+        raise ProviderError(ErrorKind.UNKNOWN_OUTCOME, "Vonage answered HTTP 504", code="http_504")
     if status_code == 429 or status_code >= 500:
         raise ProviderError(
             ErrorKind.RETRYABLE,
             f"Vonage answered HTTP {status_code}",
             code=f"http_{status_code}",
-            retry_after=_retry_after(response),
+            retry_after=retry_after_seconds(response.headers),
         )
     if status_code != 200:
         raise ProviderError(
@@ -318,14 +322,3 @@ def _parts(response: httpx.Response) -> list[Mapping[str, Any]] | None:
     if not all(isinstance(part, dict) and "status" in part for part in messages):
         return None
     return messages
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """A `Retry-After` given in seconds, if any."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        return None  # an HTTP-date; the worker's own backoff applies

@@ -29,6 +29,11 @@ def create_queue(redis_url: str) -> Queue:
     return ArqRedis(connection_pool=pool)
 
 
+async def close_queue(queue: Queue) -> None:
+    """Close the queue client and its connection pool."""
+    await queue.aclose(close_connection_pool=True)
+
+
 def delivery_job_id(message_id: uuid.UUID) -> str:
     """One job id per message, so enqueueing it twice queues it once."""
     return f"deliver:{message_id}"

@@ -9,7 +9,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from arq import Retry, cron
 from arq.connections import RedisSettings
@@ -32,11 +32,13 @@ JOB_TIMEOUT_SECONDS = 30
 
 async def startup(ctx: dict[str, Any]) -> None:
     """Build the worker's engine, sessions, HTTP client and provider adapters."""
-    settings = get_settings()
+    # Tests pass their own settings and HTTP client (with a mock transport) in the worker's ctx.
+    settings = ctx.get("settings") or get_settings()
     ctx["settings"] = settings
     ctx["engine"] = create_engine(settings.database_url)
     ctx["session_factory"] = create_session_factory(ctx["engine"])
-    ctx["http"] = build_http_client(settings)
+    if "http" not in ctx:
+        ctx["http"] = build_http_client(settings)
     queue = ctx["redis"]
 
     async def schedule_fake_report(params: Mapping[str, str], delay: float) -> None:
@@ -90,8 +92,8 @@ async def sweep(ctx: dict[str, Any]) -> int:
 class WorkerSettings:
     """arq's configuration for the delivery worker."""
 
-    functions = [deliver, fake_status_report]
-    cron_jobs = [cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True)]
+    functions: ClassVar = [deliver, fake_status_report]
+    cron_jobs: ClassVar = [cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True)]
     on_startup = startup
     on_shutdown = shutdown
     redis_settings = RedisSettings.from_dsn(get_settings().redis_url)

@@ -1,0 +1,180 @@
+"""Shared fixtures: a real PostgreSQL database built by Alembic, a real Redis, the app over ASGI.
+
+Each test starts from empty tables (TRUNCATE) and an empty Redis database, because the code under
+test commits its own transactions (the API per request, the worker per step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from app.cli import migrate
+from app.db.models import Base, Client, Sender
+from app.db.session import SessionFactory, create_engine, create_session_factory
+from app.domain.auth import create_api_key
+from app.main import create_app
+from app.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
+
+ADMIN_DATABASE_URL = os.environ.get(
+    "TEST_ADMIN_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+TEST_DATABASE = os.environ.get("TEST_DATABASE_NAME", "smsgate_test")
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+TWILIO_SID = "AC" + "0123456789abcdef" * 2
+TWILIO_TOKEN = "twilio-test-auth-token"
+VONAGE_SIGNATURE_SECRET = "vonage-test-signature-secret"
+PUBLIC_BASE_URL = "https://sms.example.test"
+
+
+def test_database_url() -> str:
+    """The URL of the database the tests own (dropped and rebuilt per run)."""
+    return ADMIN_DATABASE_URL.rsplit("/", 1)[0] + "/" + TEST_DATABASE
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings pointing at the test database and Redis, with test provider credentials."""
+    values: dict[str, Any] = {
+        "database_url": test_database_url(),
+        "redis_url": TEST_REDIS_URL,
+        "public_base_url": PUBLIC_BASE_URL,
+        "twilio": TwilioSettings(account_sid=TWILIO_SID, auth_token=TWILIO_TOKEN),
+        "vonage": VonageSettings(
+            api_key="vonage-key",
+            api_secret="vonage-secret",
+            signature_secret=VONAGE_SIGNATURE_SECRET,
+            signature_method="sha256",
+        ),
+        "fake": FakeProviderSettings(delivery_delay_seconds=0.0),
+        "retry_base_delay_seconds": 0.01,
+        "retry_max_delay_seconds": 0.05,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+async def database() -> AsyncIterator[str]:
+    """A fresh database migrated to head with Alembic, as production would be."""
+    admin = create_async_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)'))
+        await connection.execute(text(f'CREATE DATABASE "{TEST_DATABASE}"'))
+    await admin.dispose()
+    url = test_database_url()
+    await asyncio.to_thread(migrate, url)  # Alembic runs its own event loop
+    yield url
+
+
+@pytest.fixture(scope="session")
+async def engine(database: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test database for the tests' own queries."""
+    engine = create_engine(database, pool_size=5)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def session_factory(engine: AsyncEngine) -> AsyncIterator[SessionFactory]:
+    """Sessions on emptied tables."""
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    async with engine.begin() as connection:
+        await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    yield create_session_factory(engine)
+
+
+@pytest.fixture
+async def session(session_factory: SessionFactory) -> AsyncIterator[AsyncSession]:
+    """A session for arranging and inspecting data; commit explicitly."""
+    async with session_factory() as session:
+        yield session
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    """The test Redis database, emptied."""
+    client = Redis.from_url(TEST_REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Test settings."""
+    return make_settings()
+
+
+@dataclass
+class World:
+    """Senders and keys every API test can use."""
+
+    twilio_sender: Sender
+    vonage_sender: Sender
+    fake_sender: Sender
+    client_key: str
+    other_client_key: str
+    admin_key: str
+    client_id: uuid.UUID
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        """Headers authenticating as the client (or with `key`)."""
+        return {"Authorization": f"Bearer {key or self.client_key}"}
+
+
+@pytest.fixture
+async def world(session_factory: SessionFactory) -> World:
+    """Three senders (one per provider) and keys for two clients and an admin."""
+    async with session_factory.begin() as session:
+        senders = [
+            Sender(id=uuid.uuid4(), address="+14155550100", kind="long_code", provider="twilio"),
+            Sender(id=uuid.uuid4(), address="ACME", kind="alphanumeric", provider="vonage"),
+            Sender(id=uuid.uuid4(), address="+14155550199", kind="long_code", provider="fake"),
+        ]
+        session.add_all(senders)
+        await session.flush()
+        client_key = await create_api_key(session, "shop")
+        other_key = await create_api_key(session, "other-shop")
+        admin_key = await create_api_key(session, "operator", is_admin=True)
+        client = (await session.execute(text("SELECT id FROM clients WHERE name = 'shop'"))).one()
+        shop = await session.get(Client, client[0])
+        assert shop is not None
+        shop.default_sender_id = senders[0].id
+    return World(senders[0], senders[1], senders[2], client_key, other_key, admin_key, shop.id)
+
+
+@pytest.fixture
+def app_factory(database: str, redis: Redis) -> Iterator[Callable[..., Any]]:
+    """Builds the app with given setting overrides; used as `async with app_factory() as client`."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def build(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(make_settings(**overrides))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=PUBLIC_BASE_URL) as client:
+                yield client
+
+    yield build
+
+
+@pytest.fixture
+async def api(
+    app_factory: Callable[..., Any], session_factory: SessionFactory
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the app in-process, on emptied tables and Redis."""
+    async with app_factory() as client:
+        yield client
