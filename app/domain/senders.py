@@ -110,6 +110,9 @@ async def update_sender(
     if description is not None:
         sender.description = description
     await session.flush()
+    # `updated_at` is set by the database on UPDATE, so the flush expired it; load it now, since
+    # a lazy load when the response is built would be IO outside the async context.
+    await session.refresh(sender, ["updated_at"])
     return sender
 
 
