@@ -17,10 +17,40 @@ def migrate(database_url: str | None = None, revision: str = "head") -> None:
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
+    # From a checkout, alembic.ini is beside app/; in the container image, in the working directory.
+    candidates = [ROOT / "alembic.ini", Path.cwd() / "alembic.ini"]
+    ini = next((path for path in candidates if path.is_file()), None)
+    if ini is None:
+        raise SystemExit("alembic.ini not found beside the app package or in the current directory")
+    config = Config(str(ini))
     if database_url:
         config.attributes["database_url"] = database_url
     command.upgrade(config, revision)
+
+
+async def create_database_if_missing(database_url: str) -> bool:
+    """Create the database named in `database_url` if it does not exist; True if created."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = make_url(database_url)
+    name = url.database
+    if not name:
+        raise SystemExit("DATABASE_URL names no database")
+    server = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with server.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if exists:
+                return False
+            quoted = name.replace('"', '""')
+            await connection.execute(text(f'CREATE DATABASE "{quoted}"'))
+            return True
+    finally:
+        await server.dispose()
 
 
 async def _create_api_key(client: str, admin: bool, default_sender: str | None) -> str:
@@ -60,7 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--workers", type=int, default=1, help="API processes")
 
     commands.add_parser("worker", help="run a delivery worker (arq)")
-    commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    migrate_command = commands.add_parser(
+        "migrate", help="upgrade the database schema to the latest revision"
+    )
+    migrate_command.add_argument(
+        "--create-database", action="store_true", help="create the database first if missing"
+    )
 
     key = commands.add_parser("create-api-key", help="create an API key and print it once")
     key.add_argument("--client", required=True, help="client name (created if new)")
@@ -86,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_worker(WorkerSettings)  # type: ignore[arg-type]
     elif args.command == "migrate":
+        if args.create_database:
+            asyncio.run(create_database_if_missing(get_settings().database_url))
         migrate()
     elif args.command == "create-api-key":
         raw_key = asyncio.run(_create_api_key(args.client, args.admin, args.default_sender))

@@ -146,10 +146,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created_at, _, message_id = raw.partition("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(message_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        position = datetime.fromisoformat(created_at)
+        if position.tzinfo is None:
+            raise ValueError("cursors carry a UTC offset")
+        # Converting here turns an edited, out-of-range timestamp into a 422 instead of a
+        # database error.
+        return position.astimezone(UTC), uuid.UUID(message_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise ValidationFailed.for_field(
             "invalid_cursor", "cursor", "not a cursor returned by this API"
+        ) from None
+
+
+def _as_utc(value: datetime, field: str) -> datetime:
+    # The driver converts to UTC too, but a value near datetime's limits (year 1 at +14:00)
+    # overflows there as an unhandled database error; report it as the client's mistake.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationFailed.for_field(
+            "validation_error", field, "out of range once converted to UTC"
         ) from None
 
 
@@ -168,9 +184,9 @@ async def list_messages(
     if filters.status is not None:
         query = query.where(Message.status == filters.status.value)
     if filters.created_after is not None:
-        query = query.where(Message.created_at >= filters.created_after)
+        query = query.where(Message.created_at >= _as_utc(filters.created_after, "created_after"))
     if filters.created_before is not None:
-        query = query.where(Message.created_at < filters.created_before)
+        query = query.where(Message.created_at < _as_utc(filters.created_before, "created_before"))
     if cursor is not None:
         created_at, message_id = decode_cursor(cursor)
         query = query.where(
