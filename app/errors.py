@@ -45,6 +45,8 @@ class ServiceError(Exception):
 
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
+    # A typical (code, detail) pair, shown as the example in the OpenAPI document.
+    example: ClassVar[tuple[str, str]] = ("internal_error", "something went wrong")
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class Unauthorized(ServiceError):
 
     status = 401
     title = "Unauthorized"
+    example = ("invalid_api_key", "the API key is unknown or revoked")
 
 
 class Forbidden(ServiceError):
@@ -83,6 +86,7 @@ class Forbidden(ServiceError):
 
     status = 403
     title = "Forbidden"
+    example = ("admin_key_required", "this endpoint needs an admin API key")
 
 
 class NotFound(ServiceError):
@@ -90,6 +94,7 @@ class NotFound(ServiceError):
 
     status = 404
     title = "Not found"
+    example = ("message_not_found", "no message with id 5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10")
 
 
 class Conflict(ServiceError):
@@ -97,6 +102,10 @@ class Conflict(ServiceError):
 
     status = 409
     title = "Conflict"
+    example = (
+        "idempotency_key_in_use",
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+    )
 
 
 class ValidationFailed(ServiceError):
@@ -104,6 +113,7 @@ class ValidationFailed(ServiceError):
 
     status = 422
     title = "Invalid request"
+    example = ("validation_error", "to: cannot receive SMS: it is a fixed-line number")
 
     @classmethod
     def for_field(cls, code: str, field: str, reason: str) -> ValidationFailed:
@@ -116,6 +126,7 @@ class PolicyRefusal(ServiceError):
 
     status = 403
     title = "Refused"
+    example = ("recipient_opted_out", "+14155550123 has opted out of messages from +14155550100")
 
 
 class Unavailable(ServiceError):
@@ -123,15 +134,58 @@ class Unavailable(ServiceError):
 
     status = 503
     title = "Service unavailable"
+    example = (
+        "service_unavailable",
+        "the database is unreachable; nothing was stored, retry later",
+    )
 
 
 def problem_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries for the given error classes."""
-    responses: dict[int | str, dict[str, Any]] = {}
+    """OpenAPI `responses=` entries for the given error classes, one per status code."""
+    by_status: dict[int, list[type[ServiceError]]] = {}
     for error in errors:
-        responses[error.status] = {
+        by_status.setdefault(error.status, []).append(error)
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, classes in by_status.items():
+        examples = {
+            error.example[0]: {
+                "summary": error.title,
+                "value": {
+                    "type": "about:blank",
+                    "title": error.title,
+                    "status": status,
+                    "code": error.example[0],
+                    "detail": error.example[1],
+                },
+            }
+            for error in classes
+        }
+        responses[status] = {
             "model": Problem,
-            "description": error.title,
-            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "description": " / ".join(error.title for error in classes),
+            "content": {PROBLEM_JSON: {"examples": examples}},
         }
     return responses
+
+
+def problem_json_only(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Errors are served as problem+json only: drop the JSON twin FastAPI adds to error responses,
+    and describe FastAPI's own request-validation 422 as the Problem our handler renders."""
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path in openapi.get("paths", {}).values():
+        for operation in path.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                json_twin = content.get("application/json", {}).get("schema", {})
+                if json_twin.get("$ref", "").endswith("/HTTPValidationError"):
+                    content.pop("application/json")
+                    content[PROBLEM_JSON] = {"schema": problem_ref}
+                    response["description"] = "Invalid request"
+                elif PROBLEM_JSON in content and "application/json" in content:
+                    content[PROBLEM_JSON].setdefault(
+                        "schema", content.pop("application/json")["schema"]
+                    )
+    schemas = openapi.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return openapi

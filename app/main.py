@@ -14,7 +14,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.api import health, messages, senders, webhooks
 from app.db.session import create_engine, create_session_factory
-from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError
+from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError, problem_json_only
 from app.providers.registry import build_http_client, build_providers
 from app.settings import Settings, get_settings
 from app.worker.queue import close_queue, create_queue
@@ -61,6 +61,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (messages.router, senders.router, webhooks.router, health.router):
         app.include_router(router)
     _install_error_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_json_only(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

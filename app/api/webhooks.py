@@ -82,9 +82,17 @@ async def twilio_status(
     return await _handle_status("twilio", request, session, providers, settings.public_base_url)
 
 
-@router.api_route("/vonage/status", methods=["GET", "POST"], status_code=204, responses=_RESPONSES)
-async def vonage_status(
+@router.get("/vonage/status", status_code=204, responses=_RESPONSES)
+async def vonage_status_get(
     request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
 ) -> Response:
-    """Vonage's delivery receipt (GET query, POST form or JSON; signed with `sig`)."""
+    """Vonage's delivery receipt as a GET (query parameters, signed with `sig`)."""
+    return await _handle_status("vonage", request, session, providers, settings.public_base_url)
+
+
+@router.post("/vonage/status", status_code=204, responses=_RESPONSES)
+async def vonage_status_post(
+    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+) -> Response:
+    """Vonage's delivery receipt as a POST (form or JSON fields, signed with `sig`)."""
     return await _handle_status("vonage", request, session, providers, settings.public_base_url)

@@ -93,7 +93,9 @@ class WorkerSettings:
     """arq's configuration for the delivery worker."""
 
     functions: ClassVar[list[Any]] = [deliver, fake_status_report]
-    cron_jobs: ClassVar[list[Any]] = [cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True)]
+    cron_jobs: ClassVar[list[Any]] = [
+        cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True)
+    ]
     on_startup = startup
     on_shutdown = shutdown
     redis_settings = RedisSettings.from_dsn(get_settings().redis_url)

@@ -1,0 +1,63 @@
+"""Phone number normalisation and the status ordering rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.domain.phone import InvalidPhoneNumber, normalize_phone
+from app.domain.status import TERMINAL_STATUSES, MessageStatus, can_advance, statuses_before
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "expected"),
+    [
+        ("+1 (415) 555-0123", "US", "+14155550123"),
+        ("415.555.0123", "US", "+14155550123"),
+        ("06 12 34 56 78", "FR", "+33612345678"),
+        ("+33 6 12 34 56 78", "US", "+33612345678"),  # '+' ignores the default region
+        ("07911 123456", "GB", "+447911123456"),
+    ],
+)
+def test_normalises_to_e164(raw: str, region: str, expected: str) -> None:
+    assert normalize_phone(raw, region) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "reason"),
+    [
+        ("01 42 68 53 00", "FR", "fixed-line"),
+        ("+44 20 7946 0018", "US", "fixed-line"),
+        ("+1 900 555 0123", "US", "premium-rate"),
+        ("12", "US", "impossible number: it is too short"),
+        ("call me", "US", "not a phone number"),
+        ("+1 415 555 01234", "US", "impossible number: it is too long"),
+        ("+33 6 12", "US", "impossible number: it is too short"),
+        ("+1 555 555 0123", "US", "invalid number"),
+    ],
+)
+def test_refuses_numbers_that_cannot_receive_sms(raw: str, region: str, reason: str) -> None:
+    with pytest.raises(InvalidPhoneNumber, match=reason):
+        normalize_phone(raw, region)
+
+
+def test_status_only_moves_forward() -> None:
+    order = [MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.SENT]
+    for earlier_index, earlier in enumerate(order):
+        for later in order[earlier_index + 1 :]:
+            assert can_advance(earlier, later)
+            assert not can_advance(later, earlier)
+        assert not can_advance(earlier, earlier)
+    for terminal in TERMINAL_STATUSES:
+        assert can_advance(MessageStatus.SENT, terminal)
+        assert can_advance(MessageStatus.QUEUED, terminal)  # e.g. expired before sending
+        for other in MessageStatus:
+            assert not can_advance(terminal, other)
+
+
+def test_statuses_before_delivered_are_the_non_terminal_ones() -> None:
+    assert set(statuses_before(MessageStatus.DELIVERED)) == {
+        MessageStatus.QUEUED,
+        MessageStatus.SENDING,
+        MessageStatus.SENT,
+    }
+    assert statuses_before(MessageStatus.SENDING) == [MessageStatus.QUEUED]
