@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.api.schemas import (
@@ -147,8 +148,12 @@ async def list_messages(
     status: Annotated[
         MessageStatus | None, Query(description="Only messages in this status.")
     ] = None,
-    created_after: Annotated[datetime | None, Query(description="Created at or after.")] = None,
-    created_before: Annotated[datetime | None, Query(description="Created before.")] = None,
+    created_after: Annotated[
+        AwareDatetime | None, Query(description="Created at or after (with a UTC offset).")
+    ] = None,
+    created_before: Annotated[
+        AwareDatetime | None, Query(description="Created before (with a UTC offset).")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
 ) -> MessagePage:

@@ -40,7 +40,6 @@ class SendMessageRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        populate_by_name=True,
         json_schema_extra={
             "examples": [
                 {

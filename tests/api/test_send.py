@@ -144,6 +144,7 @@ async def test_ten_segments_are_allowed(api: httpx.AsyncClient, world: World) ->
         ({"to": "+14155550123", "body": ""}, "body"),
         ({"body": "hi"}, "to"),
         ({"to": "+14155550123", "body": "hi", "status": "delivered"}, "status"),
+        ({"to": "+14155550123", "body": "hi", "from_": "+14155550100"}, "from_"),
         ({"to": "+14155550123", "body": "hi", "validity_period": 0}, "validity_period"),
         ({"to": "+14155550123", "body": "hi", "callback_url": "not a url"}, "callback_url"),
         ({"to": "+14155550123", "body": "hi", "metadata": {"k": 1}}, "metadata.k"),

@@ -461,7 +461,7 @@ async def test_a_message_sent_after_a_provider_change_goes_to_the_new_provider(
         assert response.json()["provider"] == "fake"
     async with session_factory() as session:
         rows = await session.execute(select(Message.id, Message.provider))
-        providers = {message_id: provider for message_id, provider in rows}
+        providers = dict(rows.all())
     assert providers == {
         uuid.UUID(before.json()["id"]): "twilio",  # already accepted: keeps its provider
         uuid.UUID(after_default.json()["id"]): "fake",

@@ -1,0 +1,150 @@
+"""Alembic migrations: head matches the models, and every revision downgrades and upgrades."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.cli import ROOT, migrate
+from app.db.models import Base
+from tests.conftest import ADMIN_DATABASE_URL
+
+# The tables of the send path, written out so that losing one from the models and the
+# migrations together still fails here.
+SEND_PATH_TABLES = {
+    "clients",
+    "api_keys",
+    "senders",
+    "messages",
+    "message_events",
+    "opt_outs",
+    "idempotency_keys",
+}
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config like `app.cli.migrate` builds, aimed at `url`."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = url
+    return config
+
+
+def _diff(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "compare_server_default": True}
+    )
+    return list(compare_metadata(context, Base.metadata))
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def schema_diff(engine: AsyncEngine) -> list[Any]:
+    """What autogenerate would add to a new migration: empty when models and schema agree."""
+    async with engine.connect() as connection:
+        return await connection.run_sync(_diff)
+
+
+async def public_relations(engine: AsyncEngine) -> dict[str, set[str]]:
+    """Tables, sequences and indexes in the public schema, by kind."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT c.relkind::text, c.relname FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S', 'i')"
+            )
+        )
+        kinds = {"r": "tables", "S": "sequences", "i": "indexes"}
+        result: dict[str, set[str]] = {"tables": set(), "sequences": set(), "indexes": set()}
+        for relkind, name in rows:
+            result[kinds[relkind]].add(name)
+        return result
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as connection:
+        return await connection.run_sync(_current_revision)
+
+
+@pytest.fixture
+async def scratch_database() -> AsyncIterator[str]:
+    """An empty database of its own, dropped afterwards (the shared test database is left alone)."""
+    name = f"smsgate_migrations_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield ADMIN_DATABASE_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+async def test_the_migrated_schema_matches_the_models(engine: AsyncEngine) -> None:
+    diff = await schema_diff(engine)
+
+    assert diff == []
+    relations = await public_relations(engine)
+    assert relations["tables"] == set(Base.metadata.tables) | {"alembic_version"}
+    assert relations["tables"] >= SEND_PATH_TABLES
+    head = ScriptDirectory.from_config(alembic_config("unused")).get_current_head()
+    assert head is not None
+    assert await current_revision(engine) == head
+
+
+async def test_migrations_downgrade_to_base_and_upgrade_again(scratch_database: str) -> None:
+    url = scratch_database
+    config = alembic_config(url)
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head()
+    # Oldest first; "base" stands for the empty schema before the first revision.
+    revisions = [revision.revision for revision in reversed(list(script.walk_revisions()))]
+    engine = create_async_engine(url)
+    try:
+        await asyncio.to_thread(migrate, url)
+        assert await current_revision(engine) == head
+        assert await schema_diff(engine) == []
+        migrated = await public_relations(engine)
+
+        await asyncio.to_thread(command.downgrade, config, "base")
+
+        assert await current_revision(engine) is None
+        # Nothing is left behind but Alembic's own bookkeeping.
+        assert await public_relations(engine) == {
+            "tables": {"alembic_version"},
+            "sequences": set(),
+            "indexes": {"alembic_version_pkc"},
+        }
+
+        # Each revision, one at a time, upgrades, downgrades and upgrades again ("stairway").
+        for revision in revisions:
+            await asyncio.to_thread(command.upgrade, config, revision)
+            assert await current_revision(engine) == revision
+            await asyncio.to_thread(command.downgrade, config, "-1")
+            await asyncio.to_thread(command.upgrade, config, revision)
+            assert await current_revision(engine) == revision
+
+        assert await current_revision(engine) == head
+        assert await schema_diff(engine) == []
+        assert await public_relations(engine) == migrated
+        assert migrated["tables"] >= SEND_PATH_TABLES
+        # Upgrading an up-to-date database is a no-op.
+        await asyncio.to_thread(migrate, url)
+        assert await public_relations(engine) == migrated
+    finally:
+        await engine.dispose()
