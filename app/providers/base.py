@@ -17,6 +17,8 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import ClassVar
 
+import httpx
+
 from app.domain.status import MessageStatus
 
 
@@ -94,6 +96,38 @@ class StatusReport:
     error_code: str | None = None
     error_message: str | None = None
     raw: Mapping[str, str] = field(default_factory=dict)
+
+
+# Failures that happen before any byte of the request reached the provider: safe to retry.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+async def post_form(
+    http: httpx.AsyncClient,
+    provider: str,
+    url: str,
+    form: Mapping[str, str],
+    auth: httpx.Auth | None = None,
+) -> httpx.Response:
+    """POST a form to a provider, classifying transport failures for the worker.
+
+    A failure before the request left is retryable; any later one (read or write timeout, dropped
+    connection, protocol error) may come after the provider accepted the message, so its outcome
+    is unknown and it must not be resent blindly.
+    """
+    try:
+        return await http.post(
+            url,
+            data=dict(form),
+            auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
+            headers={"Accept": "application/json"},
+        )
+    except _NOT_SENT as exc:
+        raise ProviderError(ErrorKind.RETRYABLE, f"request not sent: {exc!r}") from exc
+    except httpx.TransportError as exc:
+        raise ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME, f"no response from {provider}: {exc!r}"
+        ) from exc
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

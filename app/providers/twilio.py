@@ -33,6 +33,7 @@ from app.providers.base import (
     Provider,
     ProviderError,
     StatusReport,
+    post_form,
     retry_after_seconds,
 )
 from app.settings import TwilioSettings
@@ -111,10 +112,8 @@ TWILIO_STATUSES: Final[Mapping[str, MessageStatus | None]] = {
     "received": None,
 }
 
+
 # Failures before the request left us: nothing was sent, so trying again is safe.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
 def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
     """The documented X-Twilio-Signature for `url` and POST `params` under `auth_token`."""
     payload = url + "".join(name + params[name] for name in sorted(params))
@@ -144,21 +143,8 @@ class TwilioProvider(Provider):
                 code="config",
             )
         url = self._settings.base_url.rstrip("/") + MESSAGES_PATH.format(account_sid=account_sid)
-        try:
-            response = await self._http.post(
-                url,
-                data=self._form(sms),
-                auth=httpx.BasicAuth(account_sid, self._settings.auth_token.get_secret_value()),
-                headers={"Accept": "application/json"},
-            )
-        except _NOT_SENT as exc:
-            raise ProviderError(ErrorKind.RETRYABLE, f"request not sent: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            # Read/write timeouts, dropped connections, protocol errors: Twilio may have created
-            # the message, so it must not be resent blindly.
-            raise ProviderError(
-                ErrorKind.UNKNOWN_OUTCOME, f"no response from Twilio: {exc!r}"
-            ) from exc
+        auth = httpx.BasicAuth(account_sid, self._settings.auth_token.get_secret_value())
+        response = await post_form(self._http, "Twilio", url, self._form(sms), auth)
         return _accepted_or_raise(response)
 
     def _form(self, sms: OutboundSms) -> dict[str, str]:

@@ -31,6 +31,7 @@ from app.providers.base import (
     Provider,
     ProviderError,
     StatusReport,
+    post_form,
     retry_after_seconds,
 )
 from app.settings import VonageSettings
@@ -124,10 +125,8 @@ DLR_ERROR_CODES: Final[Mapping[str, str]] = {
     "99": "General Error: typically an error in the route",
 }
 
+
 # Failures before the request left us: nothing was sent, so trying again is safe.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
 def signature_base_string(params: Mapping[str, str]) -> str:
     """The documented string Vonage signs: `&key=value` pairs sorted by key, `sig` left out."""
     return "".join(
@@ -166,20 +165,8 @@ class VonageProvider(Provider):
 
     async def send(self, sms: OutboundSms) -> Accepted:
         """Submit one message; raise `ProviderError` when Vonage did not accept every part."""
-        try:
-            response = await self._http.post(
-                self._settings.base_url.rstrip("/") + "/sms/json",
-                data=self._form(sms),
-                headers={"Accept": "application/json"},
-            )
-        except _NOT_SENT as exc:
-            raise ProviderError(ErrorKind.RETRYABLE, f"request not sent: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            # Read/write timeouts, dropped connections, protocol errors: the request may have
-            # reached Vonage and been accepted, so it must not be resent blindly.
-            raise ProviderError(
-                ErrorKind.UNKNOWN_OUTCOME, f"no response from Vonage: {exc!r}"
-            ) from exc
+        url = self._settings.base_url.rstrip("/") + "/sms/json"
+        response = await post_form(self._http, "Vonage", url, self._form(sms))
         return _accepted_or_raise(response)
 
     def _form(self, sms: OutboundSms) -> dict[str, str]:

@@ -67,6 +67,16 @@ async def sent_message(session_factory: SessionFactory, world: World, **fields: 
     )
 
 
+async def sent_vonage_message(session_factory: SessionFactory, world: World) -> uuid.UUID:
+    return await queued_message(
+        session_factory,
+        world,
+        sender=world.vonage_sender,
+        status="sent",
+        provider_message_id="0A0000000123ABCD1",
+    )
+
+
 async def events(session_factory: SessionFactory, message_id: uuid.UUID) -> list[tuple[Any, ...]]:
     async with session_factory() as session:
         rows = await session.execute(
@@ -198,13 +208,7 @@ async def test_a_signed_but_malformed_callback_is_a_400_class_error(
 async def test_a_signed_vonage_receipt_delivers_the_message(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory, method: str
 ) -> None:
-    message_id = await queued_message(
-        session_factory,
-        world,
-        sender=world.vonage_sender,
-        status="sent",
-        provider_message_id="0A0000000123ABCD1",
-    )
+    message_id = await sent_vonage_message(session_factory, world)
     params = vonage_signed(
         {
             "msisdn": "14155550123",
@@ -234,13 +238,7 @@ async def test_a_signed_vonage_receipt_delivers_the_message(
 async def test_a_vonage_receipt_with_a_bad_signature_is_refused(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
-    message_id = await queued_message(
-        session_factory,
-        world,
-        sender=world.vonage_sender,
-        status="sent",
-        provider_message_id="0A0000000123ABCD1",
-    )
+    message_id = await sent_vonage_message(session_factory, world)
     params = vonage_signed(
         {"messageId": "0A0000000123ABCD1", "status": "delivered", "client-ref": str(message_id)},
         secret="not-the-secret",
@@ -255,13 +253,7 @@ async def test_a_vonage_receipt_with_a_bad_signature_is_refused(
 async def test_a_vonage_failure_receipt_records_its_err_code(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
-    message_id = await queued_message(
-        session_factory,
-        world,
-        sender=world.vonage_sender,
-        status="sent",
-        provider_message_id="0A0000000123ABCD1",
-    )
+    message_id = await sent_vonage_message(session_factory, world)
     params = vonage_signed(
         {
             "messageId": "0A0000000123ABCD1",
