@@ -66,12 +66,16 @@ class ProviderError(Exception):
         *,
         code: str | None = None,
         retry_after: float | None = None,
+        recipient_opted_out: bool = False,
     ) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
         self.code = code
         self.retry_after = retry_after
+        # The provider refused because the recipient unsubscribed there (e.g. Twilio 21610):
+        # we record the opt-out too, so we stop trying.
+        self.recipient_opted_out = recipient_opted_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,30 @@ class StatusReport:
     message_id: uuid.UUID | None = None  # our id, when the provider echoes it back
     error_code: str | None = None
     error_message: str | None = None
+    raw: Mapping[str, str] = field(default_factory=dict)
+    # The report says the recipient opted out at the provider or carrier (e.g. Vonage err-code 9).
+    recipient_opted_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPart:
+    """Where one part of a concatenated inbound message belongs."""
+
+    reference: str  # the same for every part of one message from one sender
+    total: int
+    number: int  # 1-based
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSms:
+    """A message a customer sent to one of our numbers, as the provider delivered it."""
+
+    provider_message_id: str
+    from_: str  # the customer's number, E.164 with '+' when it is a phone number
+    to: str  # our address as the provider gave it (E.164 with '+', or a short code / ID)
+    body: str
+    num_segments: int | None = None
+    part: InboundPart | None = None  # set when the provider delivers a long message in parts
     raw: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -168,3 +196,7 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def parse_status_callback(self, request: CallbackRequest) -> StatusReport:
         """Map a verified status callback to a report; raise `InvalidCallback` if malformed."""
+
+    @abc.abstractmethod
+    def parse_inbound(self, request: CallbackRequest) -> InboundSms:
+        """Read a verified inbound-message webhook; raise `InvalidCallback` if malformed."""

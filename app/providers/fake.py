@@ -14,6 +14,7 @@ from app.domain.status import MessageStatus
 from app.providers.base import (
     Accepted,
     CallbackRequest,
+    InboundSms,
     InvalidCallback,
     OutboundSms,
     Provider,
@@ -58,6 +59,10 @@ class FakeProvider(Provider):
     def verify_callback(self, request: CallbackRequest) -> bool:
         """The fake takes no HTTP callbacks: its reports come from our own queue."""
         return False
+
+    def parse_inbound(self, request: CallbackRequest) -> InboundSms:
+        """The fake receives no messages over HTTP."""
+        raise InvalidCallback("the fake provider has no inbound webhook")
 
     def parse_status_callback(self, request: CallbackRequest) -> StatusReport:
         """Read a report the fake scheduled."""

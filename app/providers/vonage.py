@@ -126,7 +126,6 @@ DLR_ERROR_CODES: Final[Mapping[str, str]] = {
 }
 
 
-# Failures before the request left us: nothing was sent, so trying again is safe.
 def signature_base_string(params: Mapping[str, str]) -> str:
     """The documented string Vonage signs: `&key=value` pairs sorted by key, `sig` left out."""
     return "".join(
