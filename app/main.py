@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.api import health, messages, senders, webhooks
+from app.api import health, inbound, messages, optouts, senders, webhooks
 from app.db.session import create_engine, create_session_factory
 from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError, problem_json_only
 from app.providers.registry import build_http_client, build_providers
@@ -58,7 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    for router in (messages.router, senders.router, webhooks.router, health.router):
+    for router in (
+        messages.router,
+        senders.router,
+        optouts.router,
+        inbound.router,
+        webhooks.router,
+        health.router,
+    ):
         app.include_router(router)
     _install_error_handlers(app)
 

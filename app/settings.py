@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # A queued message untouched for this long is enqueued again by the sweep.
     sweep_grace_seconds: int = 30
     log_level: str = "INFO"
+    # A sender may send only once its opt-out and help replies are configured; with this set,
+    # the built-in English and French replies count as configured.
+    accept_default_keyword_replies: bool = False
+    # Whether a STOP to one sender opts the recipient out of that sender or of every sender.
+    opt_out_scope: Literal["sender", "service"] = "sender"
 
     twilio: TwilioSettings = TwilioSettings()
     vonage: VonageSettings = VonageSettings()

@@ -23,6 +23,7 @@ from app.cli import migrate
 from app.db.models import Base, Client, Sender
 from app.db.session import SessionFactory, create_engine, create_session_factory
 from app.domain.auth import create_api_key
+from app.domain.keywords import KeywordConfig
 from app.main import create_app
 from app.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
 
@@ -117,6 +118,31 @@ def settings() -> Settings:
     return make_settings()
 
 
+REPLIES = {
+    "opt_out": {
+        "en": "Unsubscribed from ACME. Reply START to resubscribe.",
+        "fr": "Désabonné d'ACME. Répondez START pour vous réabonner.",
+    },
+    "opt_in": {
+        "en": "Resubscribed to ACME. Reply STOP to stop.",
+        "fr": "Réabonné à ACME. Répondez ARRET pour arrêter.",
+    },
+    "help": {
+        "en": "ACME orders: reply STOP to stop. Msg&data rates may apply.",
+        "fr": "Commandes ACME : répondez ARRET pour arrêter.",
+    },
+}
+
+
+def ready_keywords(**changes: Any) -> dict[str, Any]:
+    """The built-in keyword sets with every reply configured (so the sender may send), as JSON."""
+    config = KeywordConfig().model_dump(mode="json")
+    for category, replies in REPLIES.items():
+        config[category]["replies"] = dict(replies)
+    config.update(changes)
+    return config
+
+
 @dataclass
 class World:
     """Senders and keys every API test can use."""
@@ -143,6 +169,8 @@ async def world(session_factory: SessionFactory) -> World:
             Sender(id=uuid.uuid4(), address="ACME", kind="alphanumeric", provider="vonage"),
             Sender(id=uuid.uuid4(), address="+14155550199", kind="long_code", provider="fake"),
         ]
+        for sender in senders:
+            sender.keywords = ready_keywords()
         session.add_all(senders)
         await session.flush()
         client_key = await create_api_key(session, "shop")

@@ -82,6 +82,7 @@ async def send_message(
             command,
             max_segments=settings.max_segments,
             default_region=settings.default_region,
+            accept_default_replies=settings.accept_default_keyword_replies,
         )
         return 202, MessageOut.model_validate(message).model_dump(mode="json", by_alias=True)
 
@@ -129,7 +130,7 @@ async def get_message(
     message_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
 ) -> MessageDetail:
     """A message with its status history."""
-    message, history = await domain.get_message(session, principal.client_id, message_id)
+    message, history = await domain.get_message(session, principal, message_id)
     return MessageDetail(
         **MessageOut.model_validate(message).model_dump(),
         history=[StatusChange.model_validate(event) for event in history],

@@ -15,6 +15,8 @@ from pydantic import (
     field_validator,
 )
 
+from app.db.models import Sender
+from app.domain.keywords import KeywordConfig, missing_replies
 from app.domain.phone import normalize_phone
 from app.domain.senders import ProviderName, SenderKind
 from app.domain.status import MessageStatus
@@ -214,6 +216,11 @@ class SenderIn(BaseModel):
     kind: SenderKind
     provider: ProviderName
     description: str | None = Field(default=None, max_length=200)
+    keywords: KeywordConfig = Field(
+        default_factory=KeywordConfig,
+        description="Keyword sets and replies; the built-in sets (English and French) when "
+        "omitted. The sender cannot send until its opt-out and help replies are configured.",
+    )
 
 
 class SenderPatch(BaseModel):
@@ -225,23 +232,122 @@ class SenderPatch(BaseModel):
 
     provider: ProviderName | None = None
     description: str | None = Field(default=None, max_length=200)
+    keywords: KeywordConfig | None = Field(
+        default=None, description="Replaces the sender's whole keyword configuration."
+    )
 
 
 class SenderOut(BaseModel):
     """A sender."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
     address: str
     kind: SenderKind
     provider: ProviderName
     description: str | None
+    keywords: KeywordConfig
+    missing_replies: list[str] = Field(
+        description="Replies still to configure before the sender may send; empty when ready.",
+        examples=[["help/fr", "opt_out/fr"]],
+    )
     created_at: datetime
     updated_at: datetime
+
+    @classmethod
+    def of(cls, sender: Sender, *, accept_default_replies: bool) -> SenderOut:
+        """The resource for a sender row, with what it still lacks to send."""
+        keywords = KeywordConfig.model_validate(sender.keywords)
+        return cls(
+            id=sender.id,
+            address=sender.address,
+            kind=SenderKind(sender.kind),
+            provider=ProviderName(sender.provider),
+            description=sender.description,
+            keywords=keywords,
+            missing_replies=missing_replies(keywords, accept_defaults=accept_default_replies),
+            created_at=sender.created_at,
+            updated_at=sender.updated_at,
+        )
 
 
 class SenderList(BaseModel):
     """Every sender."""
 
     data: list[SenderOut]
+
+
+class InboundOut(BaseModel):
+    """A message a customer sent to one of our addresses."""
+
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
+    id: uuid.UUID
+    provider: str
+    provider_message_id: str
+    sender_id: uuid.UUID | None = Field(description="None when sent to an unknown address.")
+    to: str
+    from_: str = Field(alias="from", validation_alias="from_")
+    body: str
+    num_segments: int | None
+    keyword: str | None = Field(description="The keyword matched, normalised.", examples=["ARRET"])
+    keyword_category: str | None = Field(examples=["opt_out"])
+    language: str | None = Field(examples=["fr"])
+    reply_message_id: uuid.UUID | None = Field(
+        description="Our reply: an ordinary message (admin keys read it at /v1/messages/{id})."
+    )
+    created_at: datetime
+
+
+class InboundPage(BaseModel):
+    """A page of inbound messages, newest first."""
+
+    data: list[InboundOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class OptOutEvent(BaseModel):
+    """One row of a number's opt-out history."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    phone: str
+    sender_id: uuid.UUID | None = Field(description="None: applies to every sender.")
+    action: str = Field(examples=["opt_out"])
+    source: str = Field(examples=["keyword"])
+    actor: str | None = Field(examples=["recipient"])
+    detail: str | None = Field(examples=["STOP to +14155550100"])
+    created_at: datetime
+
+
+class OptOutStatus(BaseModel):
+    """Whether a number is opted out (of one sender, or service-wide), and its history."""
+
+    phone: str
+    sender_id: uuid.UUID | None
+    opted_out: bool
+    history: list[OptOutEvent]
+
+
+class OptOutPage(BaseModel):
+    """Current opt-outs (the newest row of each number and scope is an opt-out), newest first."""
+
+    data: list[OptOutEvent]
+    has_more: bool
+    next_cursor: str | None
+
+
+class ImportLineError(BaseModel):
+    """A CSV line that was not imported, and why."""
+
+    line: int
+    value: str
+    reason: str
+
+
+class OptOutImportResult(BaseModel):
+    """What a bulk import recorded; lines with errors were skipped, the rest recorded."""
+
+    recorded: int
+    errors: list[ImportLineError]

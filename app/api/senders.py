@@ -38,15 +38,20 @@ async def create_sender(
         provider=request.provider,
         description=request.description,
         default_region=settings.default_region,
+        keywords=request.keywords,
     )
-    return SenderOut.model_validate(sender)
+    return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)
 
 
 @router.get("", response_model=SenderList, responses=problem_responses(Unauthorized, Forbidden))
-async def list_senders(session: SessionDep, _admin: AdminDep) -> SenderList:
+async def list_senders(session: SessionDep, _admin: AdminDep, settings: SettingsDep) -> SenderList:
     """Every sender."""
+    accept = settings.accept_default_keyword_replies
     return SenderList(
-        data=[SenderOut.model_validate(s) for s in await domain.list_senders(session)]
+        data=[
+            SenderOut.of(sender, accept_default_replies=accept)
+            for sender in await domain.list_senders(session)
+        ]
     )
 
 
@@ -55,9 +60,14 @@ async def list_senders(session: SessionDep, _admin: AdminDep) -> SenderList:
     response_model=SenderOut,
     responses=problem_responses(Unauthorized, Forbidden, NotFound),
 )
-async def get_sender(sender_id: uuid.UUID, session: SessionDep, _admin: AdminDep) -> SenderOut:
-    """One sender."""
-    return SenderOut.model_validate(await domain.get_sender(session, sender_id))
+async def get_sender(
+    sender_id: uuid.UUID, session: SessionDep, _admin: AdminDep, settings: SettingsDep
+) -> SenderOut:
+    """One sender, with the replies it still lacks."""
+    return SenderOut.of(
+        await domain.get_sender(session, sender_id),
+        accept_default_replies=settings.accept_default_keyword_replies,
+    )
 
 
 @router.patch(
@@ -66,10 +76,18 @@ async def get_sender(sender_id: uuid.UUID, session: SessionDep, _admin: AdminDep
     responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def update_sender(
-    sender_id: uuid.UUID, request: SenderPatch, session: SessionDep, _admin: AdminDep
+    sender_id: uuid.UUID,
+    request: SenderPatch,
+    session: SessionDep,
+    _admin: AdminDep,
+    settings: SettingsDep,
 ) -> SenderOut:
-    """Change a sender's provider or description."""
+    """Change a sender's provider, description or keyword configuration."""
     sender = await domain.update_sender(
-        session, sender_id, provider=request.provider, description=request.description
+        session,
+        sender_id,
+        provider=request.provider,
+        description=request.description,
+        keywords=request.keywords,
     )
-    return SenderOut.model_validate(sender)
+    return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)

@@ -8,9 +8,11 @@ import logging
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import ProvidersDep, SessionDep, SettingsDep
+from app.domain.inbound import receive_inbound
 from app.domain.messages import apply_status_report
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.providers.base import CallbackRequest, InvalidCallback, Provider
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -49,6 +51,19 @@ async def _callback_request(request: Request, public_base_url: str) -> CallbackR
     )
 
 
+async def _verified(
+    provider_name: str, request: Request, providers: dict[str, Provider], public_base_url: str
+) -> tuple[Provider, CallbackRequest]:
+    """The provider and its callback, once the signature checks out; else 403."""
+    provider = providers.get(provider_name)
+    callback = await _callback_request(request, public_base_url)
+    if provider is None or not provider.verify_callback(callback):
+        # Logged, never acted on: an unsigned request could forge a delivery or an opt-out.
+        log.warning("callback signature rejected", extra={"provider": provider_name})
+        raise Forbidden("invalid_signature", "the request is not signed by the provider")
+    return provider, callback
+
+
 async def _handle_status(
     provider_name: str,
     request: Request,
@@ -56,12 +71,7 @@ async def _handle_status(
     providers: dict[str, Provider],
     public_base_url: str,
 ) -> Response:
-    provider = providers.get(provider_name)
-    callback = await _callback_request(request, public_base_url)
-    if provider is None or not provider.verify_callback(callback):
-        # Counted and logged, never acted on: an unsigned request could forge delivery.
-        log.warning("callback signature rejected", extra={"provider": provider_name})
-        raise Forbidden("invalid_signature", "the request is not signed by the provider")
+    provider, callback = await _verified(provider_name, request, providers, public_base_url)
     try:
         report = provider.parse_status_callback(callback)
     except InvalidCallback as error:
@@ -96,3 +106,67 @@ async def vonage_status_post(
 ) -> Response:
     """Vonage's delivery receipt as a POST (form or JSON fields, signed with `sig`)."""
     return await _handle_status("vonage", request, session, providers, settings.public_base_url)
+
+
+async def _handle_inbound(
+    provider_name: str,
+    request: Request,
+    session: SessionDep,
+    providers: dict[str, Provider],
+    settings: Settings,
+) -> None:
+    provider, callback = await _verified(
+        provider_name, request, providers, settings.public_base_url
+    )
+    try:
+        inbound = provider.parse_inbound(callback)
+    except InvalidCallback as error:
+        raise ValidationFailed("invalid_callback", str(error)) from None
+    await receive_inbound(
+        session,
+        provider_name,
+        inbound,
+        default_region=settings.default_region,
+        opt_out_scope=settings.opt_out_scope,
+    )
+
+
+# Twilio reads the response as TwiML; an empty <Response> sends nothing back by itself, since
+# replies go through our own outbound path (each with an id and a status).
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+
+
+@router.post(
+    "/twilio/inbound",
+    responses={
+        **problem_responses(Forbidden, ValidationFailed),
+        200: {
+            "description": "Recorded; an empty TwiML response.",
+            "content": {"text/xml": {"example": EMPTY_TWIML}},
+        },
+    },
+)
+async def twilio_inbound(
+    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+) -> Response:
+    """A customer's message to one of our Twilio numbers (form-encoded, signed)."""
+    await _handle_inbound("twilio", request, session, providers, settings)
+    return Response(EMPTY_TWIML, media_type="text/xml")
+
+
+@router.get("/vonage/inbound", status_code=204, responses=_RESPONSES)
+async def vonage_inbound_get(
+    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+) -> Response:
+    """A customer's message to one of our Vonage numbers, as a GET (signed with `sig`)."""
+    await _handle_inbound("vonage", request, session, providers, settings)
+    return Response(status_code=204)
+
+
+@router.post("/vonage/inbound", status_code=204, responses=_RESPONSES)
+async def vonage_inbound_post(
+    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+) -> Response:
+    """A customer's message to one of our Vonage numbers, as a POST (form or JSON, signed)."""
+    await _handle_inbound("vonage", request, session, providers, settings)
+    return Response(status_code=204)

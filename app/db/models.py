@@ -95,6 +95,8 @@ class Sender(Base):
     kind: Mapped[str] = mapped_column(String(20))
     provider: Mapped[str] = mapped_column(String(20))
     description: Mapped[str | None] = mapped_column(String(200))
+    # The sender's keyword sets and replies: an `app.domain.keywords.KeywordConfig` as JSON.
+    keywords: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
 
@@ -113,8 +115,14 @@ class Message(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
-    client_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("clients.id"))
+    # None for the service's own messages (keyword replies), which belong to no client.
+    client_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("clients.id"))
     sender_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("senders.id"))
+    # regular, or a keyword reply: opt_out_confirmation, opt_in_confirmation, help_reply,
+    # keyword_reply. The first two kinds of reply pass the opt-out check (see domain.delivery).
+    kind: Mapped[str] = mapped_column(
+        String(24), default="regular", server_default=text("'regular'")
+    )
     to: Mapped[str] = mapped_column(String(16))
     from_: Mapped[str] = mapped_column("from", String(20))
     body: Mapped[str] = mapped_column(Text)
@@ -171,7 +179,9 @@ class OptOut(Base):
     phone: Mapped[str] = mapped_column(String(16))
     sender_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("senders.id"))
     action: Mapped[str] = mapped_column(String(8))
-    source: Mapped[str] = mapped_column(String(32))  # keyword, api, provider_error
+    source: Mapped[str] = mapped_column(String(32))  # keyword, api, import, provider_error
+    # Who: "recipient" for keywords, "client:<name>" for the API, "provider:<name>" for errors.
+    actor: Mapped[str | None] = mapped_column(String(240))
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
 
@@ -191,3 +201,47 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), nullable=False, index=True
     )
+
+
+class InboundMessage(Base):
+    """A message a customer sent to one of our addresses (stored once per provider message)."""
+
+    __tablename__ = "inbound_messages"
+    __table_args__ = (
+        UniqueConstraint("provider", "provider_message_id", name="uq_inbound_provider_message"),
+        Index("ix_inbound_created", "created_at", "id"),
+        Index("ix_inbound_from_created", "from", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
+    provider: Mapped[str] = mapped_column(String(20))
+    provider_message_id: Mapped[str] = mapped_column(String(128))
+    # None when the message was sent to an address that is not one of our senders.
+    sender_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("senders.id"))
+    to: Mapped[str] = mapped_column(String(32))
+    from_: Mapped[str] = mapped_column("from", String(32))
+    body: Mapped[str] = mapped_column(Text)
+    num_segments: Mapped[int | None] = mapped_column(SmallInteger)
+    keyword: Mapped[str | None] = mapped_column(String(64))
+    keyword_category: Mapped[str | None] = mapped_column(String(16))
+    language: Mapped[str | None] = mapped_column(String(2))
+    reply_message_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("messages.id"))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
+class InboundPart(Base):
+    """One part of a long inbound message that the provider delivers part by part."""
+
+    __tablename__ = "inbound_parts"
+
+    provider: Mapped[str] = mapped_column(String(20), primary_key=True)
+    from_: Mapped[str] = mapped_column("from", String(32), primary_key=True)
+    reference: Mapped[str] = mapped_column(String(64), primary_key=True)
+    number: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    total: Mapped[int] = mapped_column(SmallInteger)
+    provider_message_id: Mapped[str] = mapped_column(String(128))
+    to: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()

@@ -18,11 +18,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
-from app.domain.optouts import is_opted_out
+from app.domain.optouts import (
+    OptAction,
+    OptChange,
+    OptSource,
+    is_opted_out,
+    lock_recipients,
+    record_change,
+)
 from app.domain.status import MessageStatus
 from app.providers.base import Encoding, ErrorKind, OutboundSms, Provider, ProviderError
 
 log = logging.getLogger(__name__)
+
+# The only messages sent to a recipient who opted out: the confirmation of that opt-out, and the
+# answer to HELP (which is always answered).
+PASSES_OPT_OUT = frozenset({"opt_out_confirmation", "help_reply"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +126,12 @@ async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Mess
             return await _finish_unsent(
                 session, message, MessageStatus.EXPIRED, "validity period ended before sending"
             )
-        if await is_opted_out(session, message.to, message.sender_id):
+        # Under the recipient's lock: a STOP recorded before this point is seen, and one
+        # recorded after it finds the message already claimed.
+        await lock_recipients(session, [message.to])
+        if message.kind not in PASSES_OPT_OUT and await is_opted_out(
+            session, message.to, message.sender_id
+        ):
             return await _finish_unsent(
                 session,
                 message,
@@ -185,6 +201,18 @@ async def _record_failure(
         },
     )
     async with session_factory.begin() as session:
+        if error.recipient_opted_out:
+            await record_change(
+                session,
+                OptChange(
+                    phone=message.to,
+                    sender_id=message.sender_id,
+                    action=OptAction.OPT_OUT,
+                    source=OptSource.PROVIDER_ERROR,
+                    actor=f"provider:{message.provider}",
+                    detail=f"{message.provider} error {error.code}: {error.detail}",
+                ),
+            )
         if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
             retry_in = policy.delay(message.attempts, error.retry_after)
             released = await session.scalar(

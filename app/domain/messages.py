@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -12,10 +10,12 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Message, MessageEvent
+from app.db.models import Message, MessageEvent, Sender
 from app.domain.auth import Principal
 from app.domain.encoding import BodyAnalysis, analyze_body
-from app.domain.optouts import is_opted_out
+from app.domain.keywords import KeywordConfig, missing_replies
+from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
+from app.domain.pagination import as_utc, decode_cursor, encode_cursor
 from app.domain.senders import resolve_sender
 from app.domain.status import MessageStatus, can_advance, statuses_before
 from app.errors import NotFound, PolicyRefusal, ValidationFailed
@@ -56,34 +56,75 @@ async def accept_message(
     *,
     max_segments: int,
     default_region: str,
+    accept_default_replies: bool,
 ) -> Message:
     """Store a new message as `queued` and schedule its delivery after commit."""
     analysis = check_body(command.body, max_segments)
     sender = await resolve_sender(
         session, command.sender, principal.default_sender_id, default_region
     )
+    missing = missing_replies(
+        KeywordConfig.model_validate(sender.keywords), accept_defaults=accept_default_replies
+    )
+    if missing:
+        raise PolicyRefusal(
+            "sender_keywords_incomplete",
+            f"sender {sender.address} cannot send until its keyword replies are configured; "
+            f"missing: {', '.join(missing)}",
+        )
     if await is_opted_out(session, command.to, sender.id):
         raise PolicyRefusal(
             "recipient_opted_out", f"{command.to} has opted out of messages from {sender.address}"
         )
+    return await queue_message(
+        session,
+        client_id=principal.client_id,
+        sender=sender,
+        to=command.to,
+        body=command.body,
+        analysis=analysis,
+        callback_url=command.callback_url,
+        metadata=command.metadata,
+        validity_period=command.validity_period,
+    )
+
+
+async def queue_message(
+    session: AsyncSession,
+    *,
+    client_id: uuid.UUID | None,
+    sender: Sender,
+    to: str,
+    body: str,
+    analysis: BodyAnalysis,
+    kind: str = "regular",
+    source: str = "api",
+    callback_url: str | None = None,
+    metadata: dict[str, str] | None = None,
+    validity_period: int | None = None,
+) -> Message:
+    """Insert a `queued` message and its first history event; it is enqueued after commit.
+
+    Checks are the caller's: clients' messages go through `accept_message`, the service's own
+    keyword replies through `app.domain.inbound`.
+    """
     now = datetime.now(UTC)
     message = Message(
         id=uuid.uuid4(),
-        client_id=principal.client_id,
+        client_id=client_id,
         sender_id=sender.id,
-        to=command.to,
+        kind=kind,
+        to=to,
         from_=sender.address,
-        body=command.body,
+        body=body,
         encoding=analysis.encoding.value,
         segments=analysis.segments,
         status=MessageStatus.QUEUED.value,
         provider=sender.provider,
-        callback_url=command.callback_url,
-        metadata_=command.metadata,
-        validity_period=command.validity_period,
-        expires_at=(
-            now + timedelta(seconds=command.validity_period) if command.validity_period else None
-        ),
+        callback_url=callback_url,
+        metadata_=metadata or {},
+        validity_period=validity_period,
+        expires_at=now + timedelta(seconds=validity_period) if validity_period else None,
         attempts=0,
         created_at=now,
         updated_at=now,
@@ -92,7 +133,11 @@ async def accept_message(
     session.add(message)
     session.add(
         MessageEvent(
-            message_id=message.id, status=message.status, applied=True, source="api", created_at=now
+            message_id=message.id,
+            status=message.status,
+            applied=True,
+            source=source,
+            created_at=now,
         )
     )
     await session.flush()
@@ -101,12 +146,17 @@ async def accept_message(
 
 
 async def get_message(
-    session: AsyncSession, client_id: uuid.UUID, message_id: uuid.UUID
+    session: AsyncSession, principal: Principal, message_id: uuid.UUID
 ) -> tuple[Message, list[MessageEvent]]:
-    """A client's message and its status history (the transitions that took effect)."""
-    message = await session.scalar(
-        select(Message).where(Message.id == message_id, Message.client_id == client_id)
-    )
+    """A message and its status history (the transitions that took effect).
+
+    Clients see their own messages; admin keys see every message, including the service's own
+    keyword replies.
+    """
+    query = select(Message).where(Message.id == message_id)
+    if not principal.is_admin:
+        query = query.where(Message.client_id == principal.client_id)
+    message = await session.scalar(query)
     if message is None:
         raise NotFound("message_not_found", f"no message with id {message_id}")
     history = await session.scalars(
@@ -135,40 +185,6 @@ class Page:
     next_cursor: str | None
 
 
-def encode_cursor(message: Message) -> str:
-    """An opaque cursor pointing just past `message` in newest-first order."""
-    raw = f"{message.created_at.isoformat()}|{message.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The position a cursor points at, or `ValidationFailed` naming `cursor`."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created_at, _, message_id = raw.partition("|")
-        position = datetime.fromisoformat(created_at)
-        if position.tzinfo is None:
-            raise ValueError("cursors carry a UTC offset")
-        # Converting here turns an edited, out-of-range timestamp into a 422 instead of a
-        # database error.
-        return position.astimezone(UTC), uuid.UUID(message_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
-        raise ValidationFailed.for_field(
-            "invalid_cursor", "cursor", "not a cursor returned by this API"
-        ) from None
-
-
-def _as_utc(value: datetime, field: str) -> datetime:
-    # The driver converts to UTC too, but a value near datetime's limits (year 1 at +14:00)
-    # overflows there as an unhandled database error; report it as the client's mistake.
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValidationFailed.for_field(
-            "validation_error", field, "out of range once converted to UTC"
-        ) from None
-
-
 async def list_messages(
     session: AsyncSession,
     client_id: uuid.UUID,
@@ -184,11 +200,11 @@ async def list_messages(
     if filters.status is not None:
         query = query.where(Message.status == filters.status.value)
     if filters.created_after is not None:
-        query = query.where(Message.created_at >= _as_utc(filters.created_after, "created_after"))
+        query = query.where(Message.created_at >= as_utc(filters.created_after, "created_after"))
     if filters.created_before is not None:
-        query = query.where(Message.created_at < _as_utc(filters.created_before, "created_before"))
+        query = query.where(Message.created_at < as_utc(filters.created_before, "created_before"))
     if cursor is not None:
-        created_at, message_id = decode_cursor(cursor)
+        created_at, message_id = decode_cursor(cursor, uuid.UUID)
         query = query.where(
             or_(
                 Message.created_at < created_at,
@@ -202,7 +218,10 @@ async def list_messages(
     )
     has_more = len(rows) > limit
     items = rows[:limit]
-    return Page(items=items, next_cursor=encode_cursor(items[-1]) if has_more else None)
+    return Page(
+        items=items,
+        next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if has_more else None,
+    )
 
 
 async def apply_status_report(session: AsyncSession, provider: str, report: StatusReport) -> bool:
@@ -231,6 +250,18 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
             .returning(Message.id)
         )
         applied = result.scalar_one_or_none() is not None
+    if report.recipient_opted_out:
+        await record_change(
+            session,
+            OptChange(
+                phone=message.to,
+                sender_id=message.sender_id,
+                action=OptAction.OPT_OUT,
+                source=OptSource.PROVIDER_ERROR,
+                actor=f"provider:{provider}",
+                detail=f"{provider} error {report.error_code}: {report.error_message}",
+            ),
+        )
     if message.provider_message_id is None:
         # The report may beat the worker's own record of the provider's id.
         await session.execute(

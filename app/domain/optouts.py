@@ -1,14 +1,61 @@
-"""Opt-out state: the newest history row for (phone, sender) decides; a row without a sender
-applies to every sender. Rows are only ever added."""
+"""Opt-out state: a history of rows, never deleted; the newest row for (phone, sender) decides,
+and a row without a sender applies to every sender.
+
+Every change takes a transaction-scoped advisory lock on the phone number, and so does the
+worker's last check before sending (`lock_recipient`): a STOP and a send to the same number are
+serialised, so no send is claimed after a STOP was recorded.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+from sqlalchemy.sql.elements import ColumnClause
 
 from app.db.models import OptOut
+
+
+class OptAction(StrEnum):
+    """What a history row records."""
+
+    OPT_OUT = "opt_out"
+    OPT_IN = "opt_in"
+
+
+class OptSource(StrEnum):
+    """How the change came about."""
+
+    KEYWORD = "keyword"
+    API = "api"
+    IMPORT = "import"
+    PROVIDER_ERROR = "provider_error"
+
+
+def _lock_key(phone: str) -> int:
+    digest = hashlib.sha256(f"recipient:{phone}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def lock_recipients(session: AsyncSession, phones: Iterable[str]) -> None:
+    """Serialise opt-out changes and sends for these numbers until the transaction ends."""
+    keys = sorted({_lock_key(phone) for phone in phones})  # one order everywhere: no deadlocks
+    if len(keys) == 1:
+        await session.execute(select(func.pg_advisory_xact_lock(keys[0])))
+    elif keys:
+        key: ColumnClause[int] = literal_column("key")
+        await session.execute(
+            select(func.pg_advisory_xact_lock(key)).select_from(
+                func.unnest(keys).table_valued("key")
+            )
+        )
 
 
 async def is_opted_out(session: AsyncSession, phone: str, sender_id: uuid.UUID) -> bool:
@@ -26,4 +73,118 @@ async def is_opted_out(session: AsyncSession, phone: str, sender_id: uuid.UUID) 
         .order_by(OptOut.created_at.desc(), OptOut.id.desc())
         .limit(1)
     )
-    return newest == "opt_out"
+    return newest == OptAction.OPT_OUT
+
+
+async def is_opted_out_of_scope(
+    session: AsyncSession, phone: str, sender_id: uuid.UUID | None
+) -> bool:
+    """The state of one scope: a sender's own rows or service-wide rows (when `sender_id` is
+    None) only, without the other scope's rows."""
+    scope = OptOut.sender_id.is_(None) if sender_id is None else OptOut.sender_id == sender_id
+    newest = await session.scalar(
+        select(OptOut.action)
+        .where(OptOut.phone == phone, scope)
+        .order_by(OptOut.created_at.desc(), OptOut.id.desc())
+        .limit(1)
+    )
+    return newest == OptAction.OPT_OUT
+
+
+@dataclass(frozen=True, slots=True)
+class OptChange:
+    """One change to record."""
+
+    phone: str
+    sender_id: uuid.UUID | None  # None: every sender
+    action: OptAction
+    source: OptSource
+    actor: str
+    detail: str | None = None
+
+
+async def record_change(
+    session: AsyncSession, change: OptChange, *, seen_from: uuid.UUID | None = None
+) -> bool:
+    """Record an opt-out or opt-in; True when it changed the state seen from `seen_from`.
+
+    `seen_from` is the sender whose effective state decides "changed" (a STOP to sender A stored
+    service-wide changes A's state only if A was not already opted out); by default the scope's.
+    """
+    await lock_recipients(session, [change.phone])
+    if seen_from is not None:
+        before = await is_opted_out(session, change.phone, seen_from)
+    else:
+        before = await is_opted_out_of_scope(session, change.phone, change.sender_id)
+    session.add(
+        OptOut(
+            phone=change.phone,
+            sender_id=change.sender_id,
+            action=change.action.value,
+            source=change.source.value,
+            actor=change.actor,
+            detail=change.detail,
+        )
+    )
+    await session.flush()
+    return before != (change.action is OptAction.OPT_OUT)
+
+
+async def record_changes(session: AsyncSession, changes: list[OptChange]) -> None:
+    """Record many changes in one statement (bulk import), under the numbers' locks."""
+    await lock_recipients(session, [change.phone for change in changes])
+    session.add_all(
+        OptOut(
+            phone=change.phone,
+            sender_id=change.sender_id,
+            action=change.action.value,
+            source=change.source.value,
+            actor=change.actor,
+            detail=change.detail,
+        )
+        for change in changes
+    )
+    await session.flush()
+
+
+async def history(
+    session: AsyncSession, phone: str, sender_id: uuid.UUID | None = None
+) -> list[OptOut]:
+    """Every row for a number (or for one sender of it, with the service-wide rows), newest
+    first."""
+    query = select(OptOut).where(OptOut.phone == phone)
+    if sender_id is not None:
+        query = query.where(or_(OptOut.sender_id == sender_id, OptOut.sender_id.is_(None)))
+    return list(await session.scalars(query.order_by(OptOut.created_at.desc(), OptOut.id.desc())))
+
+
+async def current_opt_outs(
+    session: AsyncSession,
+    *,
+    phone: str | None,
+    sender_id: uuid.UUID | None,
+    after: tuple[datetime, int] | None,
+    limit: int,
+) -> list[OptOut]:
+    """The scopes (a number and a sender, or a number service-wide) whose newest row is an
+    opt-out, newest first; `after` is the (created_at, id) of the last row of the page before."""
+    newest = (
+        select(OptOut)
+        .distinct(OptOut.phone, OptOut.sender_id)
+        .order_by(OptOut.phone, OptOut.sender_id, OptOut.created_at.desc(), OptOut.id.desc())
+    )
+    if phone is not None:
+        newest = newest.where(OptOut.phone == phone)
+    if sender_id is not None:
+        newest = newest.where(OptOut.sender_id == sender_id)
+    latest = aliased(OptOut, newest.subquery())
+    query = select(latest).where(latest.action == OptAction.OPT_OUT.value)
+    if after is not None:
+        query = query.where(
+            or_(
+                latest.created_at < after[0],
+                and_(latest.created_at == after[0], latest.id < after[1]),
+            )
+        )
+    query = query.order_by(latest.created_at.desc(), latest.id.desc()).limit(limit)
+    return list(await session.scalars(query))

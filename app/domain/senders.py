@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Sender
+from app.domain.keywords import KeywordConfig
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.errors import Conflict, NotFound, ValidationFailed
 
@@ -65,14 +66,16 @@ async def create_sender(
     provider: ProviderName,
     description: str | None,
     default_region: str,
+    keywords: KeywordConfig | None = None,
 ) -> Sender:
-    """Add a sender; its address must be unique."""
+    """Add a sender; its address must be unique. Keywords default to the built-in sets."""
     sender = Sender(
         id=uuid.uuid4(),
         address=normalize_sender_address(kind, address, default_region),
         kind=kind.value,
         provider=provider.value,
         description=description,
+        keywords=(keywords or KeywordConfig()).model_dump(mode="json"),
     )
     session.add(sender)
     try:
@@ -102,17 +105,35 @@ async def update_sender(
     *,
     provider: ProviderName | None,
     description: str | None,
+    keywords: KeywordConfig | None = None,
 ) -> Sender:
-    """Change a sender's provider or description (its address and kind are its identity)."""
+    """Change a sender's provider, description or keywords (its address and kind are its
+    identity)."""
     sender = await get_sender(session, sender_id)
     if provider is not None:
         sender.provider = provider.value
     if description is not None:
         sender.description = description
+    if keywords is not None:
+        sender.keywords = keywords.model_dump(mode="json")
     await session.flush()
     # `updated_at` is set by the database on UPDATE, so the flush expired it; load it now, since
     # a lazy load when the response is built would be IO outside the async context.
     await session.refresh(sender, ["updated_at"])
+    return sender
+
+
+async def find_sender_by_address(
+    session: AsyncSession, address: str, default_region: str
+) -> Sender | None:
+    """The sender with this address; a long code may be written in any phone format."""
+    sender = await session.scalar(select(Sender).where(Sender.address == address))
+    if sender is None and _PHONE_LIKE.match(address):
+        try:
+            canonical = normalize_phone(address, default_region)
+        except InvalidPhoneNumber:
+            return None
+        sender = await session.scalar(select(Sender).where(Sender.address == canonical))
     return sender
 
 
@@ -129,14 +150,7 @@ async def resolve_sender(
                 "no_default_sender", "from", "required: your client has no default sender"
             )
         return await get_sender(session, default_sender_id)
-    sender = await session.scalar(select(Sender).where(Sender.address == address))
-    if sender is None and _PHONE_LIKE.match(address):
-        # A long code may be written as "+1 415-555-0100"; compare canonical forms.
-        try:
-            canonical = normalize_phone(address, default_region)
-        except InvalidPhoneNumber:
-            canonical = address
-        sender = await session.scalar(select(Sender).where(Sender.address == canonical))
+    sender = await find_sender_by_address(session, address, default_region)
     if sender is None:
         raise ValidationFailed.for_field(
             "unknown_sender", "from", f"{address!r} is not one of this service's senders"

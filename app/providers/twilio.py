@@ -1,4 +1,4 @@
-"""Twilio Programmable Messaging adapter (REST API 2010-04-01) with signed status callbacks.
+"""Twilio Programmable Messaging adapter (REST API 2010-04-01) with signed callbacks.
 
 Sources (Twilio's OpenAPI description `twilio_api_v2010.json`, operation CreateMessage; its docs):
 - send: `POST {base_url}/2010-04-01/Accounts/{AccountSid}/Messages.json`, form-encoded, HTTP basic
@@ -6,6 +6,10 @@ Sources (Twilio's OpenAPI description `twilio_api_v2010.json`, operation CreateM
 - errors: a JSON body `{"code": <Twilio error code>, "message": ..., "more_info": ..., "status"}`;
 - status callbacks: a form POST to our `StatusCallback` URL with `MessageSid`, `MessageStatus`,
   `ErrorCode` (on failure), `To`, `From`, ... (Twilio adds parameters without notice);
+- incoming messages ("Twilio's request to your incoming message Webhook URL"): form fields
+  `MessageSid`, `SmsSid` (the same value, deprecated), `AccountSid`, `MessagingServiceSid`, `From`,
+  `To`, `Body`, `NumMedia`, `NumSegments`, `ApiVersion`, geographic `FromCity`, `ToCountry`, ...
+  (again, Twilio adds parameters without notice); long messages arrive reassembled, in one request;
 - signatures ("Webhooks security"): `X-Twilio-Signature` is base64(HMAC-SHA1(auth token, the full
   URL followed by every POST parameter's name and value, sorted by name)).
 """
@@ -28,6 +32,7 @@ from app.providers.base import (
     Accepted,
     CallbackRequest,
     ErrorKind,
+    InboundSms,
     InvalidCallback,
     OutboundSms,
     Provider,
@@ -45,6 +50,10 @@ SIGNATURE_HEADER: Final = "x-twilio-signature"
 # The spec's pattern for the AccountSid path parameter; anything else is a configuration error
 # that Twilio would answer with 401/404, so we refuse before sending.
 ACCOUNT_SID_PATTERN: Final = re.compile(r"^AC[0-9a-fA-F]{32}$")
+
+# A count or code as Twilio writes it: ASCII digits only (`str.isdigit` also accepts characters
+# such as '²' that `int` refuses), and few enough that `int` never hits its digit limit.
+_SMALL_INT: Final = re.compile(r"[0-9]{1,9}")
 
 # `ValidityPeriod` accepts integers from 1 to 36000 seconds (Twilio's default and maximum, 10 h).
 # We clamp rather than omit: a validity longer than 10 h cannot be honoured, and 36000 is what
@@ -78,6 +87,15 @@ ERROR_CODE_KINDS: Final[Mapping[int, ErrorKind]] = {
     21659: ErrorKind.PERMANENT,  # 'From' is not a Twilio number, or short code country mismatch
     30007: ErrorKind.PERMANENT,  # Message filtered by the carrier
 }
+
+# Twilio error codes that mean the recipient has opted out, so we record the opt-out as well as
+# failing the message. They come back from a send, or, when a Messaging Service sends, in the
+# status callback's `ErrorCode`.
+OPT_OUT_ERROR_CODES: Final = frozenset(
+    {
+        21610,  # "Attempt to send to unsubscribed recipient": the recipient replied STOP
+    }
+)
 
 # HTTP statuses when the body names no code in the table above: Twilio is overloaded or failing
 # and did not create the message. Any other 5xx is treated the same; any other 4xx is permanent.
@@ -113,7 +131,6 @@ TWILIO_STATUSES: Final[Mapping[str, MessageStatus | None]] = {
 }
 
 
-# Failures before the request left us: nothing was sent, so trying again is safe.
 def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
     """The documented X-Twilio-Signature for `url` and POST `params` under `auth_token`."""
     payload = url + "".join(name + params[name] for name in sorted(params))
@@ -122,7 +139,7 @@ def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> s
 
 
 class TwilioProvider(Provider):
-    """Sends through Twilio's Messages API and reads its signed status callbacks."""
+    """Sends through Twilio's Messages API and reads its signed status and inbound callbacks."""
 
     name: ClassVar[str] = "twilio"
 
@@ -190,6 +207,7 @@ class TwilioProvider(Provider):
         params = request.params
         provider_message_id = params.get("MessageSid", "")
         provider_status = params.get("MessageStatus", "")
+        error_code = params.get("ErrorCode") or None
         if not provider_message_id or not provider_status:
             raise InvalidCallback("Twilio status callback without MessageSid or MessageStatus")
         return StatusReport(
@@ -198,8 +216,29 @@ class TwilioProvider(Provider):
             # An undocumented status is recorded rather than refused: refusing makes Twilio retry.
             status=TWILIO_STATUSES.get(provider_status),
             message_id=_message_id_from_url(request.url),
-            error_code=params.get("ErrorCode") or None,
+            error_code=error_code,
             error_message=params.get("ErrorMessage") or None,
+            raw=dict(params),
+            recipient_opted_out=_is_opt_out_code(error_code),
+        )
+
+    def parse_inbound(self, request: CallbackRequest) -> InboundSms:
+        """Read an incoming-message webhook; raise `InvalidCallback` without SID, From or To."""
+        params = request.params
+        provider_message_id = params.get("MessageSid", "")
+        sender = params.get("From", "")
+        to = params.get("To", "")
+        if not provider_message_id or not sender or not to:
+            raise InvalidCallback("Twilio incoming message without MessageSid, From or To")
+        return InboundSms(
+            provider_message_id=provider_message_id,
+            # Twilio sends E.164 numbers, or a channel address such as "whatsapp:+1...": as given.
+            from_=sender,
+            to=to,
+            body=params.get("Body", ""),
+            num_segments=_positive_int(params.get("NumSegments")),
+            # Twilio reassembles long messages before calling us, so there are never parts.
+            part=None,
             raw=dict(params),
         )
 
@@ -226,6 +265,22 @@ def _url_variants(url: str) -> list[str]:
             return [url]
         other = urlunsplit(parts._replace(netloc=f"{host}:{default}"))
     return [url, other]
+
+
+def _is_opt_out_code(error_code: str | None) -> bool:
+    """True when a callback's `ErrorCode` is one of `OPT_OUT_ERROR_CODES`."""
+    if error_code is None or not _SMALL_INT.fullmatch(error_code):
+        return False
+    return int(error_code) in OPT_OUT_ERROR_CODES
+
+
+def _positive_int(value: str | None) -> int | None:
+    """A count Twilio sends as text, or None when it is absent, not a number, or zero."""
+    if value is None or not _SMALL_INT.fullmatch(value):
+        return None
+    number = int(value)
+    # A received message has at least one segment: 0 would mean "unknown", which None says.
+    return number if number > 0 else None
 
 
 def _message_id_from_url(url: str) -> uuid.UUID | None:
@@ -261,6 +316,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         message or f"Twilio answered HTTP {status_code}",
         code=str(twilio_code) if twilio_code is not None else f"http_{status_code}",
         retry_after=retry_after_seconds(response.headers) if kind is ErrorKind.RETRYABLE else None,
+        recipient_opted_out=twilio_code in OPT_OUT_ERROR_CODES,
     )
 
 

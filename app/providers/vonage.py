@@ -1,9 +1,14 @@
-"""Vonage SMS API adapter (`POST {base_url}/sms/json`) with signed delivery receipts.
+"""Vonage SMS API adapter (`POST {base_url}/sms/json`) with signed delivery receipts and inbound.
 
 Sources (Vonage developer docs and the API specification `definitions/sms.yml`):
 - send: form-encoded parameters; the JSON response holds one entry per part of a long message,
   each with its own `status` (`"0"` = accepted) and `message-id`;
 - delivery receipts (DLRs): `messageId`, `status`, `err-code`, `client-ref`, ... one per part;
+- inbound messages ("Inbound SMS"): `msisdn` (the sender), `to` (our number), `messageId`, `type`
+  (`text`, `unicode` or `binary`), `text` and `keyword` for text, `data` and `udh` for binary,
+  `message-timestamp`, and `timestamp` and `nonce` when signed; a long message may arrive in parts,
+  each with `concat` = `true`, `concat-ref` (shared by the parts), `concat-total` and `concat-part`
+  (1-based); numbers carry no '+';
 - signed webhooks ("Signing messages"): `sig` over the other parameters, sorted by key, with every
   `&` and `=` in values replaced by `_`, joined as `&k=v&k=v`; "md5hash" is MD5 of that string
   followed by the secret, the other methods are an HMAC of it keyed with the secret.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -26,6 +32,8 @@ from app.providers.base import (
     CallbackRequest,
     Encoding,
     ErrorKind,
+    InboundPart,
+    InboundSms,
     InvalidCallback,
     OutboundSms,
     Provider,
@@ -125,6 +133,23 @@ DLR_ERROR_CODES: Final[Mapping[str, str]] = {
     "99": "General Error: typically an error in the route",
 }
 
+# DLR `err-code`s that mean the recipient opted out, so we record the opt-out as well as failing
+# the message. These are DLR codes only: send status "9" is a quota violation, not an opt-out.
+OPT_OUT_ERROR_CODES: Final = frozenset(
+    {
+        "9",  # "Illegal Number": the user asked not to receive messages from this service
+    }
+)
+
+# Our numbers longer than this are long (E.164) numbers, given without '+'; up to this many
+# digits, `to` is a short code, which has no country prefix and must stay as it is.
+SHORT_CODE_MAX_DIGITS: Final = 8
+
+# ASCII digits only: `str.isdigit` also accepts characters such as '²' that `int` refuses.
+_DIGITS: Final = re.compile(r"[0-9]+")
+# A part count: also short enough that `int` never hits its digit limit.
+_SMALL_INT: Final = re.compile(r"[0-9]{1,9}")
+
 
 def signature_base_string(params: Mapping[str, str]) -> str:
     """The documented string Vonage signs: `&key=value` pairs sorted by key, `sig` left out."""
@@ -145,7 +170,7 @@ def compute_signature(params: Mapping[str, str], secret: str, method: str) -> st
 
 
 class VonageProvider(Provider):
-    """Sends through the Vonage SMS API and reads its signed delivery receipts."""
+    """Sends through the Vonage SMS API and reads its signed delivery receipts and inbound SMS."""
 
     name: ClassVar[str] = "vonage"
 
@@ -223,6 +248,28 @@ class VonageProvider(Provider):
             error_code=err_code,
             error_message=DLR_ERROR_CODES.get(err_code) if err_code else None,
             raw=dict(params),
+            recipient_opted_out=err_code in OPT_OUT_ERROR_CODES,
+        )
+
+    def parse_inbound(self, request: CallbackRequest) -> InboundSms:
+        """Read an inbound-SMS webhook; raise `InvalidCallback` if required fields are missing."""
+        params = request.params
+        provider_message_id = params.get("messageId", "")
+        msisdn = params.get("msisdn", "")
+        to = params.get("to", "")
+        if not provider_message_id or not msisdn or not to:
+            raise InvalidCallback("Vonage inbound message without messageId, msisdn or to")
+        part = _inbound_part(params)
+        return InboundSms(
+            provider_message_id=provider_message_id,
+            # A sender that is not all digits is an alphanumeric ID: kept as given.
+            from_="+" + msisdn if _DIGITS.fullmatch(msisdn) else msisdn,
+            to="+" + to if _DIGITS.fullmatch(to) and len(to) > SHORT_CODE_MAX_DIGITS else to,
+            # A binary message has `data` and `udh` instead of text; they stay in `raw`.
+            body="" if params.get("type") == "binary" else params.get("text", ""),
+            num_segments=part.total if part is not None else 1,
+            part=part,
+            raw=dict(params),
         )
 
 
@@ -230,6 +277,28 @@ def _vonage_address(sender: str) -> str:
     """Vonage wants numbers without '+'; alphanumeric sender IDs pass through unchanged."""
     digits = sender.removeprefix("+")
     return digits if digits.isdigit() else sender
+
+
+def _inbound_part(params: Mapping[str, str]) -> InboundPart | None:
+    """Where this inbound message belongs in a long one, or None when it is whole.
+
+    Carriers that do not support concatenation send no `concat`, and their parts arrive as
+    separate whole messages: nothing here can tell them apart.
+    """
+    if params.get("concat", "").lower() != "true":
+        return None
+    reference = params.get("concat-ref", "")
+    total = params.get("concat-total", "")
+    number = params.get("concat-part", "")
+    if not reference or not _SMALL_INT.fullmatch(total) or not _SMALL_INT.fullmatch(number):
+        raise InvalidCallback(
+            "Vonage concatenated message without a concat-ref, or with a non-numeric "
+            f"concat-total ({total[:20]!r}) or concat-part ({number[:20]!r})"
+        )
+    part = InboundPart(reference=reference, total=int(total), number=int(number))
+    if not 1 <= part.number <= part.total:
+        raise InvalidCallback(f"Vonage concat-part {part.number} is not in 1..{part.total}")
+    return part
 
 
 def _uuid_or_none(value: str | None) -> uuid.UUID | None:

@@ -97,6 +97,8 @@ async def test_creates_a_long_code_normalised_to_e164(
         "kind",
         "provider",
         "description",
+        "keywords",
+        "missing_replies",
         "created_at",
         "updated_at",
     }

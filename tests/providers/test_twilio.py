@@ -30,6 +30,7 @@ from app.providers.base import (
     CallbackRequest,
     Encoding,
     ErrorKind,
+    InboundSms,
     InvalidCallback,
     OutboundSms,
     ProviderError,
@@ -330,16 +331,25 @@ async def test_invalid_to_is_permanent() -> None:
     assert (error.kind, error.code, error.detail) == (ErrorKind.PERMANENT, "21211", message)
 
 
-async def test_unsubscribed_recipient_is_permanent() -> None:
+async def test_unsubscribed_recipient_is_permanent_and_an_opt_out() -> None:
     message = "Attempt to send to unsubscribed recipient"
     error = await send_error(twilio_error(400, 21610, message))
     assert (error.kind, error.code, error.detail) == (ErrorKind.PERMANENT, "21610", message)
+    assert error.recipient_opted_out
 
 
 @pytest.mark.parametrize("code", [21614, 21408, 21606, 21659, 30007])
 async def test_refusals_in_the_table_are_permanent(code: int) -> None:
     error = await send_error(twilio_error(400, code, "refused"))
     assert (error.kind, error.code, error.retry_after) == (ErrorKind.PERMANENT, str(code), None)
+    assert not error.recipient_opted_out
+
+
+async def test_errors_without_a_twilio_code_are_not_opt_outs() -> None:
+    error = await send_error(lambda request: httpx.Response(400, text="<html>Bad</html>"))
+    assert (error.code, error.recipient_opted_out) == ("http_400", False)
+    error = await send_error(twilio_error(503, 20503, "Service unavailable"))
+    assert (error.kind, error.recipient_opted_out) == (ErrorKind.RETRYABLE, False)
 
 
 async def test_an_authentication_error_is_permanent() -> None:
@@ -652,6 +662,32 @@ def test_an_empty_error_code_is_no_error() -> None:
     params = {**STATUS_PARAMS, "ErrorCode": "", "ErrorMessage": ""}
     report = make_provider().parse_status_callback(callback(params))
     assert (report.error_code, report.error_message) == (None, None)
+    assert not report.recipient_opted_out
+
+
+def test_an_unsubscribed_recipient_in_a_status_callback_is_an_opt_out() -> None:
+    # A Messaging Service accepts the message first and reports 21610 in the callback.
+    params = {
+        **STATUS_PARAMS,
+        "MessageStatus": "failed",
+        "SmsStatus": "failed",
+        "ErrorCode": "21610",
+        "MessagingServiceSid": "MG" + "0123456789abcdef" * 2,
+    }
+    request = callback(params)
+    provider = make_provider()
+    assert provider.verify_callback(request)
+    report = provider.parse_status_callback(request)
+    assert (report.status, report.error_code) == (MessageStatus.FAILED, "21610")
+    assert report.recipient_opted_out
+
+
+@pytest.mark.parametrize("error_code", ["30003", "30007", "21611", "216100", "2161O", "²¹⁶¹⁰"])
+def test_other_error_codes_in_a_status_callback_are_not_opt_outs(error_code: str) -> None:
+    params = {**STATUS_PARAMS, "MessageStatus": "undelivered", "ErrorCode": error_code}
+    report = make_provider().parse_status_callback(callback(params))
+    assert report.error_code == error_code
+    assert not report.recipient_opted_out
 
 
 @pytest.mark.parametrize(
@@ -677,3 +713,102 @@ def test_a_callback_without_sid_or_status_is_invalid(missing: str) -> None:
         provider.parse_status_callback(callback(absent))
     with pytest.raises(InvalidCallback):
         provider.parse_status_callback(callback({**STATUS_PARAMS, missing: ""}))
+
+
+# --- incoming messages -------------------------------------------------------------------------
+
+INBOUND_URL = f"{PUBLIC_BASE_URL}/v1/webhooks/twilio/inbound"
+INBOUND_SID = "SM" + "0f9e8d7c6b5a49382716a5b4c3d2e1f0"
+MESSAGING_SERVICE_SID = "MG" + "fedcba9876543210" * 2
+
+# Every field Twilio's "request to your incoming message Webhook URL" lists for an SMS, with the
+# geographic ones it adds when it can, and the legacy Sms* names it still sends.
+INBOUND_PARAMS = {
+    "ToCountry": "US",
+    "ToState": "CA",
+    "SmsMessageSid": INBOUND_SID,
+    "NumMedia": "0",
+    "ToCity": "SAN FRANCISCO",
+    "FromZip": "94105",
+    "SmsSid": INBOUND_SID,
+    "FromState": "CA",
+    "SmsStatus": "received",
+    "FromCity": "SAN FRANCISCO",
+    "Body": "STOP",
+    "FromCountry": "US",
+    "To": "+14155552345",
+    "MessagingServiceSid": MESSAGING_SERVICE_SID,
+    "ToZip": "94105",
+    "NumSegments": "1",
+    "MessageSid": INBOUND_SID,
+    "AccountSid": ACCOUNT_SID,
+    "From": "+14155550123",
+    "ApiVersion": "2010-04-01",
+}
+
+
+def test_a_documented_incoming_message_is_parsed() -> None:
+    inbound = make_provider().parse_inbound(callback(INBOUND_PARAMS, url=INBOUND_URL))
+    assert inbound == InboundSms(
+        provider_message_id=INBOUND_SID,
+        from_="+14155550123",
+        to="+14155552345",
+        body="STOP",
+        num_segments=1,
+        part=None,
+        raw=INBOUND_PARAMS,
+    )
+
+
+def test_a_signed_incoming_message_verifies_at_the_inbound_url() -> None:
+    # Parameters Twilio may add without notice are signed like the rest and kept in `raw`.
+    params = {
+        **INBOUND_PARAMS,
+        "Body": "Grüße & more = ✓",
+        "NumSegments": "2",
+        "ReferralNumMedia": "0",
+        "AddOns": '{"status":"successful","message":null,"code":null,"results":{}}',
+    }
+    request = callback(params, url=INBOUND_URL)
+    provider = make_provider()
+
+    assert provider.verify_callback(request)
+    inbound = provider.parse_inbound(request)
+    assert (inbound.body, inbound.num_segments) == ("Grüße & more = ✓", 2)
+    assert inbound.raw == params
+
+    # Signed for the status URL, or over other parameters: refused at the inbound URL.
+    assert not provider.verify_callback(callback(params, url=INBOUND_URL, signed_url=CALLBACK_URL))
+    tampered = {**params, "From": "+14155550199"}
+    assert not provider.verify_callback(callback(tampered, url=INBOUND_URL, signed_params=params))
+
+
+def test_an_incoming_message_without_a_body_has_an_empty_one() -> None:
+    # Twilio sends no Body for a GET webhook, and an MMS may come with pictures only.
+    params = {k: v for k, v in INBOUND_PARAMS.items() if k != "Body"}
+    inbound = make_provider().parse_inbound(callback(params, url=INBOUND_URL))
+    assert inbound.body == ""
+
+
+@pytest.mark.parametrize(
+    ("num_segments", "expected"),
+    [(None, None), ("", None), ("3", 3), ("0", None), ("three", None), ("-1", None), ("²", None)],
+)
+def test_num_segments_is_read_only_when_it_is_a_count(
+    num_segments: str | None, expected: int | None
+) -> None:
+    params = {k: v for k, v in INBOUND_PARAMS.items() if k != "NumSegments"}
+    if num_segments is not None:
+        params["NumSegments"] = num_segments
+    inbound = make_provider().parse_inbound(callback(params, url=INBOUND_URL))
+    assert inbound.num_segments == expected
+
+
+@pytest.mark.parametrize("missing", ["MessageSid", "From", "To"])
+def test_an_incoming_message_without_sid_from_or_to_is_invalid(missing: str) -> None:
+    provider = make_provider()
+    absent = {k: v for k, v in INBOUND_PARAMS.items() if k != missing}
+    with pytest.raises(InvalidCallback):
+        provider.parse_inbound(callback(absent, url=INBOUND_URL))
+    with pytest.raises(InvalidCallback):
+        provider.parse_inbound(callback({**INBOUND_PARAMS, missing: ""}, url=INBOUND_URL))

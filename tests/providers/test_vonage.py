@@ -19,6 +19,8 @@ from app.providers.base import (
     CallbackRequest,
     Encoding,
     ErrorKind,
+    InboundPart,
+    InboundSms,
     InvalidCallback,
     OutboundSms,
     ProviderError,
@@ -628,6 +630,7 @@ def test_documented_dlr_is_parsed() -> None:
     assert report.message_id == MESSAGE_ID
     assert report.error_code is None  # err-code "0" is success
     assert report.error_message is None
+    assert not report.recipient_opted_out
     assert report.raw == params
 
 
@@ -701,3 +704,261 @@ def test_dlr_without_id_or_status_is_invalid(missing: str, empty: bool) -> None:
 
     with pytest.raises(InvalidCallback):
         provider.parse_status_callback(callback(params))
+
+
+def test_illegal_number_err_code_is_an_opt_out() -> None:
+    provider = make_provider(make_settings("sha256", secret="s3cr3t"))
+    request = callback(signed_dlr("sha256", status="failed", **{"err-code": "9"}))
+
+    assert provider.verify_callback(request)
+    report = provider.parse_status_callback(request)
+    assert (report.status, report.error_code) == (MessageStatus.FAILED, "9")
+    assert report.recipient_opted_out
+
+
+@pytest.mark.parametrize("err_code", ["0", "1", "3", "4", "6", "14", "99", "42", "", "09"])
+def test_other_err_codes_are_not_opt_outs(err_code: str) -> None:
+    provider = make_provider(make_settings())
+    params = {**DOCUMENTED_DLR, "status": "failed", "err-code": err_code}
+
+    report = provider.parse_status_callback(callback(params))
+
+    assert not report.recipient_opted_out
+
+
+# --- inbound messages --------------------------------------------------------------------------
+
+
+def inbound_callback(params: Mapping[str, str]) -> CallbackRequest:
+    """An inbound message as the route hands it over (Vonage signs no URL, only parameters)."""
+    return CallbackRequest(
+        url="https://sms.example.com/v1/webhooks/vonage/inbound",
+        method="POST",
+        params=dict(params),
+        headers={"content-type": "application/json"},
+    )
+
+
+def inbound(**changes: str | None) -> dict[str, str]:
+    """`VONAGE_INBOUND` (a real inbound text) with fields changed, added, or (None) removed."""
+    params: dict[str, str] = dict(VONAGE_INBOUND)
+    for key, value in changes.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    return params
+
+
+def signed_inbound(secret: str = "s3cr3t", **changes: str | None) -> dict[str, str]:
+    """An inbound message signed with sha256, as sent with signing on (`api-key`, `nonce`)."""
+    params = inbound(
+        **{
+            "api-key": "abcd1234",
+            "timestamp": str(int(NOW)),
+            "nonce": "aaaaaaaa-bbbb-cccc-dddd-0123456789ab",
+            **changes,
+        }
+    )
+    params["sig"] = documented_sig(params, secret, "sha256")
+    return params
+
+
+def test_documented_inbound_message_is_parsed() -> None:
+    provider = make_provider(make_settings())
+
+    message = provider.parse_inbound(inbound_callback(VONAGE_INBOUND))
+
+    assert message == InboundSms(
+        provider_message_id="020000001B0FE827",
+        from_="+14843472194",
+        to="+13239877404",
+        body="Test again",
+        num_segments=1,
+        part=None,
+        raw=VONAGE_INBOUND,
+    )
+
+
+def test_signed_inbound_message_parses_after_verification() -> None:
+    # Vonage's own signed inbound vector: a keyword, a nonce, and '&' and '=' in the text.
+    provider = make_provider(make_settings("md5hash"), now=1491346667)
+    request = inbound_callback(VONAGE_INBOUND_AMP_EQ)
+
+    assert provider.verify_callback(request)
+    message = provider.parse_inbound(request)
+    assert (message.provider_message_id, message.body) == ("0B00000042AC53BD", "Test with & and =")
+    assert (message.from_, message.to) == ("+14843472194", "+12192259404")
+    assert message.raw == VONAGE_INBOUND_AMP_EQ
+
+
+def test_unknown_inbound_parameters_are_signed_and_kept() -> None:
+    provider = make_provider(make_settings("sha256", secret="s3cr3t"))
+    params = signed_inbound(**{"network-code": "23410", "future-field": "x=y&z"})
+    request = inbound_callback(params)
+
+    assert provider.verify_callback(request)
+    message = provider.parse_inbound(request)
+    assert message.raw == params
+    assert message.body == "Test again"
+
+
+def test_unicode_inbound_text_is_the_body() -> None:
+    provider = make_provider(make_settings())
+    params = inbound(type="unicode", text="Ваш код ✓", keyword="ВАШ")
+
+    assert provider.parse_inbound(inbound_callback(params)).body == "Ваш код ✓"
+
+
+def test_inbound_without_text_has_an_empty_body() -> None:
+    provider = make_provider(make_settings())
+
+    assert provider.parse_inbound(inbound_callback(inbound(text=None))).body == ""
+
+
+def test_binary_inbound_has_no_body_and_keeps_its_data() -> None:
+    provider = make_provider(make_settings())
+    params = inbound(type="binary", text=None, data="48656c6c6f", udh="0605040b8423f0")
+
+    message = provider.parse_inbound(inbound_callback(params))
+
+    assert message.body == ""
+    assert (message.raw["data"], message.raw["udh"]) == ("48656c6c6f", "0605040b8423f0")
+    # Even if a binary message carried text, it is not text we could read as the body.
+    assert provider.parse_inbound(inbound_callback({**params, "text": "\x05\x00"})).body == ""
+
+
+@pytest.mark.parametrize(
+    ("to", "expected"),
+    [
+        ("13239877404", "+13239877404"),  # a long number: E.164 without its '+'
+        ("447700900000", "+447700900000"),
+        ("123456789", "+123456789"),  # nine digits: longer than any short code
+        ("12345678", "12345678"),  # eight digits or fewer: a short code, no country prefix
+        ("12345", "12345"),
+        ("AcmeInc", "AcmeInc"),  # an alphanumeric address
+        ("+447700900000", "+447700900000"),  # not all digits: as given
+    ],
+)
+def test_inbound_to_address(to: str, expected: str) -> None:
+    provider = make_provider(make_settings())
+
+    assert provider.parse_inbound(inbound_callback(inbound(to=to))).to == expected
+
+
+@pytest.mark.parametrize(
+    ("msisdn", "expected"),
+    [
+        ("14843472194", "+14843472194"),
+        ("447700900001", "+447700900001"),
+        ("VONAGE", "VONAGE"),  # an alphanumeric sender ID
+        ("+447700900001", "+447700900001"),
+    ],
+)
+def test_inbound_from_address(msisdn: str, expected: str) -> None:
+    provider = make_provider(make_settings())
+
+    assert provider.parse_inbound(inbound_callback(inbound(msisdn=msisdn))).from_ == expected
+
+
+def test_concatenated_parts_are_located() -> None:
+    provider = make_provider(make_settings("sha256", secret="s3cr3t"))
+    texts = ["The first 153 characters", " then the next 153", " and the rest."]
+    parts = []
+    # Vonage may deliver parts in any order; each carries its place in the whole.
+    for number in (2, 3, 1):
+        params = signed_inbound(
+            messageId=f"0A000000012345A{number}",
+            text=texts[number - 1],
+            concat="true",
+            **{"concat-ref": "108", "concat-total": "3", "concat-part": str(number)},
+        )
+        request = inbound_callback(params)
+        assert provider.verify_callback(request)
+        parts.append(provider.parse_inbound(request))
+
+    assert [message.part for message in parts] == [
+        InboundPart(reference="108", total=3, number=2),
+        InboundPart(reference="108", total=3, number=3),
+        InboundPart(reference="108", total=3, number=1),
+    ]
+    assert {message.num_segments for message in parts} == {3}
+    assert [message.provider_message_id for message in parts] == [
+        "0A000000012345A2",
+        "0A000000012345A3",
+        "0A000000012345A1",
+    ]
+    assert [message.body for message in parts] == [texts[1], texts[2], texts[0]]
+
+
+@pytest.mark.parametrize(
+    ("total", "number"),
+    [
+        ("3", "0"),  # parts are numbered from 1
+        ("3", "4"),  # past the last part
+        ("0", "1"),
+        ("three", "1"),
+        ("3", "one"),
+        ("3", ""),
+        ("", "1"),
+        ("3", "-1"),
+        ("3", "1.0"),
+        ("3", "²"),
+        ("9" * 5000, "1"),
+        ("3", None),
+        (None, "1"),
+    ],
+)
+def test_concatenated_part_with_bad_numbers_is_invalid(
+    total: str | None, number: str | None
+) -> None:
+    provider = make_provider(make_settings())
+    params = inbound(
+        concat="true", **{"concat-ref": "108", "concat-total": total, "concat-part": number}
+    )
+
+    with pytest.raises(InvalidCallback):
+        provider.parse_inbound(inbound_callback(params))
+
+
+@pytest.mark.parametrize("reference", [None, ""])
+def test_concatenated_part_without_a_reference_is_invalid(reference: str | None) -> None:
+    provider = make_provider(make_settings())
+    params = inbound(
+        concat="true", **{"concat-ref": reference, "concat-total": "3", "concat-part": "1"}
+    )
+
+    with pytest.raises(InvalidCallback):
+        provider.parse_inbound(inbound_callback(params))
+
+
+@pytest.mark.parametrize("concat", ["true", "True", "TRUE"])
+def test_the_concat_flag_is_read_in_any_case(concat: str) -> None:
+    provider = make_provider(make_settings())
+    params = inbound(concat=concat, **{"concat-ref": "7", "concat-total": "2", "concat-part": "2"})
+
+    message = provider.parse_inbound(inbound_callback(params))
+
+    assert message.part == InboundPart(reference="7", total=2, number=2)
+    assert message.num_segments == 2
+
+
+@pytest.mark.parametrize("concat", [None, "false", ""])
+def test_a_message_not_flagged_concatenated_is_whole(concat: str | None) -> None:
+    provider = make_provider(make_settings())
+    # Without `concat` = true the other concat fields mean nothing, however they look.
+    params = inbound(concat=concat, **{"concat-ref": "x", "concat-total": "0", "concat-part": "9"})
+
+    message = provider.parse_inbound(inbound_callback(params))
+
+    assert (message.part, message.num_segments) == (None, 1)
+
+
+@pytest.mark.parametrize("missing", ["messageId", "msisdn", "to"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_inbound_without_id_sender_or_recipient_is_invalid(missing: str, empty: bool) -> None:
+    provider = make_provider(make_settings())
+    params = inbound(**{missing: "" if empty else None})
+
+    with pytest.raises(InvalidCallback):
+        provider.parse_inbound(inbound_callback(params))

@@ -1,0 +1,58 @@
+"""/v1/inbound: messages customers sent to our senders (admin key: they are customers' words)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import AwareDatetime
+
+from app.api.deps import AdminDep, SessionDep
+from app.api.schemas import E164, InboundOut, InboundPage
+from app.domain.inbound import InboundFilter, list_inbound
+from app.domain.keywords import KeywordCategory
+from app.domain.pagination import as_utc, decode_cursor, encode_cursor
+from app.errors import Forbidden, Unauthorized, ValidationFailed, problem_responses
+
+router = APIRouter(prefix="/v1/inbound", tags=["inbound"])
+
+
+@router.get(
+    "",
+    response_model=InboundPage,
+    responses=problem_responses(Unauthorized, Forbidden, ValidationFailed),
+)
+async def list_inbound_messages(
+    session: SessionDep,
+    _admin: AdminDep,
+    from_: Annotated[E164 | None, Query(alias="from", description="Only from this number.")] = None,
+    sender_id: Annotated[uuid.UUID | None, Query(description="Only to this sender.")] = None,
+    keyword_category: Annotated[
+        KeywordCategory | None, Query(description="Only messages that matched this category.")
+    ] = None,
+    created_after: Annotated[AwareDatetime | None, Query(description="At or after.")] = None,
+    created_before: Annotated[AwareDatetime | None, Query(description="Before.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+) -> InboundPage:
+    """Inbound messages, newest first, with the keyword each matched and our reply."""
+    rows = await list_inbound(
+        session,
+        InboundFilter(
+            from_=from_,
+            sender_id=sender_id,
+            keyword_category=keyword_category,
+            created_after=as_utc(created_after, "created_after") if created_after else None,
+            created_before=as_utc(created_before, "created_before") if created_before else None,
+        ),
+        after=decode_cursor(cursor, uuid.UUID) if cursor else None,
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return InboundPage(
+        data=[InboundOut.model_validate(row) for row in page],
+        has_more=next_cursor is not None,
+        next_cursor=next_cursor,
+    )

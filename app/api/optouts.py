@@ -1,0 +1,170 @@
+"""/v1/opt-outs: who asked not to be texted, by which sender, and the history of it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Query
+
+from app.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
+from app.api.schemas import (
+    E164,
+    ImportLineError,
+    OptOutEvent,
+    OptOutImportResult,
+    OptOutPage,
+    OptOutStatus,
+)
+from app.domain import optouts as domain
+from app.domain.optout_import import import_opt_outs
+from app.domain.pagination import decode_cursor, encode_cursor
+from app.domain.senders import get_sender
+from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
+
+router = APIRouter(prefix="/v1/opt-outs", tags=["opt-outs"])
+
+PhonePath = Annotated[E164, Path(description="The number, in any format; E.164 is safest.")]
+SenderQuery = Annotated[
+    uuid.UUID | None,
+    Query(description="A sender's id; omitted, the service-wide state (every sender)."),
+]
+
+
+async def _status(session: SessionDep, phone: str, sender_id: uuid.UUID | None) -> OptOutStatus:
+    if sender_id is not None:
+        await get_sender(session, sender_id)  # 404 for an unknown sender
+        opted_out = await domain.is_opted_out(session, phone, sender_id)
+    else:
+        opted_out = await domain.is_opted_out_of_scope(session, phone, None)
+    rows = await domain.history(session, phone, sender_id)
+    return OptOutStatus(
+        phone=phone,
+        sender_id=sender_id,
+        opted_out=opted_out,
+        history=[OptOutEvent.model_validate(row) for row in rows],
+    )
+
+
+@router.get(
+    "",
+    response_model=OptOutPage,
+    responses=problem_responses(Unauthorized, Forbidden, ValidationFailed),
+)
+async def list_opt_outs(
+    session: SessionDep,
+    _admin: AdminDep,
+    phone: Annotated[E164 | None, Query(description="Only this number.")] = None,
+    sender_id: Annotated[uuid.UUID | None, Query(description="Only this sender's.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+) -> OptOutPage:
+    """Numbers currently opted out (per sender, or service-wide), newest first."""
+    rows = await domain.current_opt_outs(
+        session,
+        phone=phone,
+        sender_id=sender_id,
+        after=decode_cursor(cursor, int) if cursor else None,
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return OptOutPage(
+        data=[OptOutEvent.model_validate(row) for row in page],
+        has_more=next_cursor is not None,
+        next_cursor=next_cursor,
+    )
+
+
+@router.get(
+    "/{phone}",
+    response_model=OptOutStatus,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
+)
+async def get_opt_out(
+    phone: PhonePath, session: SessionDep, _admin: AdminDep, sender_id: SenderQuery = None
+) -> OptOutStatus:
+    """Whether a number is opted out of a sender (or service-wide), with its history."""
+    return await _status(session, phone, sender_id)
+
+
+@router.put(
+    "/{phone}",
+    response_model=OptOutStatus,
+    responses=problem_responses(Unauthorized, NotFound, ValidationFailed),
+)
+async def put_opt_out(
+    phone: PhonePath, session: SessionDep, principal: PrincipalDep, sender_id: SenderQuery = None
+) -> OptOutStatus:
+    """Record an opt-out (any client may: stopping messages is always safe)."""
+    if sender_id is not None:
+        await get_sender(session, sender_id)
+    await domain.record_change(
+        session,
+        domain.OptChange(
+            phone=phone,
+            sender_id=sender_id,
+            action=domain.OptAction.OPT_OUT,
+            source=domain.OptSource.API,
+            actor=f"client:{principal.client_name}",
+        ),
+    )
+    return await _status(session, phone, sender_id)
+
+
+@router.delete(
+    "/{phone}",
+    response_model=OptOutStatus,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
+)
+async def delete_opt_out(
+    phone: PhonePath, session: SessionDep, admin: AdminDep, sender_id: SenderQuery = None
+) -> OptOutStatus:
+    """Opt a number back in (admin key): recorded as an opt-in; history is never deleted."""
+    if sender_id is not None:
+        await get_sender(session, sender_id)
+    await domain.record_change(
+        session,
+        domain.OptChange(
+            phone=phone,
+            sender_id=sender_id,
+            action=domain.OptAction.OPT_IN,
+            source=domain.OptSource.API,
+            actor=f"client:{admin.client_name}",
+        ),
+    )
+    return await _status(session, phone, sender_id)
+
+
+@router.post(
+    "/import",
+    response_model=OptOutImportResult,
+    responses=problem_responses(Unauthorized, Forbidden, ValidationFailed),
+)
+async def import_csv(
+    session: SessionDep,
+    admin: AdminDep,
+    settings: SettingsDep,
+    csv_text: Annotated[
+        str,
+        Body(
+            media_type="text/csv",
+            description="One number a line, optionally `,sender address`; header `phone` "
+            "allowed. Without a sender the opt-out applies to every sender.",
+            examples=["phone,sender\n+14155550123\n(415) 555-0124,+14155550100\n"],
+        ),
+    ],
+) -> OptOutImportResult:
+    """Record opt-outs for many numbers; invalid lines are reported, the others recorded."""
+    result = await import_opt_outs(
+        session,
+        csv_text,
+        actor=f"client:{admin.client_name}",
+        default_region=settings.default_region,
+    )
+    return OptOutImportResult(
+        recorded=result.recorded,
+        errors=[
+            ImportLineError(line=e.line, value=e.value, reason=e.reason) for e in result.errors
+        ],
+    )

@@ -1,0 +1,241 @@
+"""Inbound messages: store each once, match keywords, record opt-outs and opt-ins, reply.
+
+Providers retry webhooks, so an inbound message is inserted with ON CONFLICT DO NOTHING on
+(provider, provider message id) and acted on only by the request that inserted it. Replies are
+ordinary outbound messages (queued, enqueued after commit, tracked to a status), owned by no client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import InboundMessage, InboundPart, Sender
+from app.domain.encoding import analyze_body
+from app.domain.keywords import (
+    KeywordCategory,
+    KeywordConfig,
+    KeywordMatch,
+    match_keyword,
+    reply_text,
+)
+from app.domain.messages import queue_message
+from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
+from app.domain.phone import InvalidPhoneNumber, normalize_phone
+from app.domain.senders import find_sender_by_address
+from app.providers.base import InboundSms
+
+log = logging.getLogger(__name__)
+
+# The kind of outbound message each keyword category answers with.
+REPLY_KINDS = {
+    KeywordCategory.OPT_OUT: "opt_out_confirmation",
+    KeywordCategory.OPT_IN: "opt_in_confirmation",
+    KeywordCategory.HELP: "help_reply",
+    KeywordCategory.CUSTOM: "keyword_reply",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class InboundOutcome:
+    """What receiving one webhook did."""
+
+    inbound_id: uuid.UUID | None  # None: a duplicate, or a part still waiting for the others
+    duplicate: bool = False
+    reply_message_id: uuid.UUID | None = None
+
+
+async def receive_inbound(
+    session: AsyncSession,
+    provider: str,
+    inbound: InboundSms,
+    *,
+    default_region: str,
+    opt_out_scope: str,
+) -> InboundOutcome:
+    """Store an inbound message (once), act on a keyword, and queue the reply if one is due."""
+    if inbound.part is not None:
+        whole = await _assemble(session, provider, inbound)
+        if whole is None:
+            return InboundOutcome(inbound_id=None)
+        inbound = whole
+    customer = _customer_number(inbound.from_, default_region)
+    sender = await find_sender_by_address(session, inbound.to, default_region)
+    match = None
+    if sender is not None:
+        match = match_keyword(KeywordConfig.model_validate(sender.keywords), inbound.body)
+    inbound_id = await session.scalar(
+        insert(InboundMessage)
+        .values(
+            id=uuid.uuid4(),
+            provider=provider,
+            provider_message_id=inbound.provider_message_id,
+            sender_id=sender.id if sender else None,
+            to=inbound.to,
+            from_=customer,
+            body=inbound.body,
+            num_segments=inbound.num_segments,
+            keyword=match.keyword if match else None,
+            keyword_category=match.category.value if match else None,
+            language=match.language if match else None,
+            payload=dict(inbound.raw),
+        )
+        .on_conflict_do_nothing(constraint="uq_inbound_provider_message")
+        .returning(InboundMessage.id)
+    )
+    if inbound_id is None:
+        return InboundOutcome(inbound_id=None, duplicate=True)
+    if sender is None:
+        log.info("inbound message to an unknown address", extra={"to": inbound.to})
+        return InboundOutcome(inbound_id=inbound_id)
+    if match is None or not customer.startswith("+"):
+        return InboundOutcome(inbound_id=inbound_id)
+    reply_id = await _act_on_keyword(session, sender, customer, match, opt_out_scope)
+    if reply_id is not None:
+        await session.execute(
+            update(InboundMessage)
+            .where(InboundMessage.id == inbound_id)
+            .values(reply_message_id=reply_id)
+        )
+    return InboundOutcome(inbound_id=inbound_id, reply_message_id=reply_id)
+
+
+async def _act_on_keyword(
+    session: AsyncSession, sender: Sender, customer: str, match: KeywordMatch, opt_out_scope: str
+) -> uuid.UUID | None:
+    """Apply the keyword; return the id of the reply message, if one is due."""
+    if match.category in (KeywordCategory.OPT_OUT, KeywordCategory.OPT_IN):
+        action = (
+            OptAction.OPT_OUT if match.category is KeywordCategory.OPT_OUT else OptAction.OPT_IN
+        )
+        changed = await record_change(
+            session,
+            OptChange(
+                phone=customer,
+                sender_id=None if opt_out_scope == "service" else sender.id,
+                action=action,
+                source=OptSource.KEYWORD,
+                actor="recipient",
+                detail=f"{match.keyword} to {sender.address}",
+            ),
+            seen_from=sender.id,
+        )
+        # Exactly one confirmation: a repeated STOP (or START) changes nothing and gets none.
+        if not changed:
+            return None
+    elif match.category is KeywordCategory.CUSTOM and await is_opted_out(
+        session, customer, sender.id
+    ):
+        return None  # custom replies are marketing-adjacent: never to an opted-out number
+    config = KeywordConfig.model_validate(sender.keywords)
+    body = reply_text(config, match)
+    reply = await queue_message(
+        session,
+        client_id=None,
+        sender=sender,
+        to=customer,
+        body=body,
+        analysis=analyze_body(body),
+        kind=REPLY_KINDS[match.category],
+        source="keyword",
+    )
+    return reply.id
+
+
+async def _assemble(session: AsyncSession, provider: str, inbound: InboundSms) -> InboundSms | None:
+    """Store one part; once every part is in, the whole message (else None)."""
+    part = inbound.part
+    assert part is not None
+    await session.execute(
+        insert(InboundPart)
+        .values(
+            provider=provider,
+            from_=inbound.from_,
+            reference=part.reference,
+            number=part.number,
+            total=part.total,
+            provider_message_id=inbound.provider_message_id,
+            to=inbound.to,
+            body=inbound.body,
+            payload=dict(inbound.raw),
+        )
+        .on_conflict_do_nothing()
+    )
+    parts = list(
+        await session.scalars(
+            select(InboundPart)
+            .where(
+                InboundPart.provider == provider,
+                InboundPart.from_ == inbound.from_,
+                InboundPart.reference == part.reference,
+            )
+            .order_by(InboundPart.number)
+        )
+    )
+    if [p.number for p in parts] != list(range(1, part.total + 1)):
+        return None
+    # The first part's id names the whole message, so the last part arriving twice (or two last
+    # parts racing) still inserts it once.
+    return replace(
+        inbound,
+        provider_message_id=parts[0].provider_message_id,
+        body="".join(p.body for p in parts),
+        num_segments=part.total,
+        part=None,
+        raw={**inbound.raw, "parts": ",".join(p.provider_message_id for p in parts)},
+    )
+
+
+def _customer_number(raw: str, default_region: str) -> str:
+    """The sender of an inbound message in E.164 when it is a phone number; else as given."""
+    try:
+        return normalize_phone(raw, default_region)
+    except InvalidPhoneNumber:
+        return raw
+
+
+@dataclass(frozen=True, slots=True)
+class InboundFilter:
+    """Filters for listing inbound messages."""
+
+    from_: str | None = None
+    sender_id: uuid.UUID | None = None
+    keyword_category: KeywordCategory | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+async def list_inbound(
+    session: AsyncSession,
+    filters: InboundFilter,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[InboundMessage]:
+    """Inbound messages, newest first, after the (created_at, id) position `after`."""
+    query = select(InboundMessage)
+    if filters.from_ is not None:
+        query = query.where(InboundMessage.from_ == filters.from_)
+    if filters.sender_id is not None:
+        query = query.where(InboundMessage.sender_id == filters.sender_id)
+    if filters.keyword_category is not None:
+        query = query.where(InboundMessage.keyword_category == filters.keyword_category.value)
+    if filters.created_after is not None:
+        query = query.where(InboundMessage.created_at >= filters.created_after)
+    if filters.created_before is not None:
+        query = query.where(InboundMessage.created_at < filters.created_before)
+    if after is not None:
+        query = query.where(
+            or_(
+                InboundMessage.created_at < after[0],
+                and_(InboundMessage.created_at == after[0], InboundMessage.id < after[1]),
+            )
+        )
+    query = query.order_by(InboundMessage.created_at.desc(), InboundMessage.id.desc())
+    return list(await session.scalars(query.limit(limit)))
