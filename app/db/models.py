@@ -111,7 +111,9 @@ class Message(Base):
         Index(
             "ix_messages_queued_due", "next_attempt_at", postgresql_where=text("status = 'queued'")
         ),
-        UniqueConstraint("provider", "provider_message_id", name="uq_messages_provider_message"),
+        # Not unique: a provider reusing or repeating an id must never stop us from recording
+        # that a message was sent. Callbacks find messages by our own id first.
+        Index("ix_messages_provider_message", "provider", "provider_message_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)

@@ -69,6 +69,11 @@ def upgrade() -> None:
                existing_type=sa.UUID(),
                nullable=True)
     op.add_column('opt_outs', sa.Column('actor', sa.String(length=240), nullable=True))
+    # A provider repeating an id must never stop us recording that a message was sent.
+    op.drop_constraint('uq_messages_provider_message', 'messages', type_='unique')
+    op.create_index(
+        'ix_messages_provider_message', 'messages', ['provider', 'provider_message_id']
+    )
     op.add_column(
         'senders',
         sa.Column(
@@ -82,6 +87,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_column('senders', 'keywords')
     op.drop_column('opt_outs', 'actor')
+    op.drop_index('ix_messages_provider_message', table_name='messages')
+    op.create_unique_constraint(
+        'uq_messages_provider_message', 'messages', ['provider', 'provider_message_id']
+    )
     # The service's own messages have no client, which the old schema cannot hold.
     op.execute("UPDATE inbound_messages SET reply_message_id = NULL")
     op.execute("DELETE FROM messages WHERE client_id IS NULL")
