@@ -79,6 +79,43 @@ async def _create_api_key(client: str, admin: bool, default_sender: str | None) 
     return raw_key
 
 
+async def _seed_senders(path: Path) -> tuple[int, int]:
+    from pydantic import TypeAdapter, ValidationError
+
+    from app.api.schemas import SenderIn
+    from app.db.session import create_engine, create_session_factory
+    from app.domain.senders import upsert_sender
+    from app.errors import ServiceError
+
+    try:
+        specs = TypeAdapter(list[SenderIn]).validate_json(path.read_bytes())
+    except (OSError, ValidationError) as error:
+        raise SystemExit(f"{path}: {error}") from None
+    settings = get_settings()
+    engine = create_engine(settings.database_url, pool_size=1)
+    created = updated = 0
+    try:
+        async with create_session_factory(engine).begin() as session:
+            for spec in specs:
+                try:
+                    is_new = await upsert_sender(
+                        session,
+                        address=spec.address,
+                        kind=spec.kind,
+                        provider=spec.provider,
+                        description=spec.description,
+                        keywords=spec.keywords,
+                        default_region=settings.default_region,
+                    )
+                except ServiceError as error:
+                    raise SystemExit(f"{path}: {spec.address}: {error.detail}") from None
+                created += is_new
+                updated += not is_new
+    finally:
+        await engine.dispose()
+    return created, updated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen subcommand."""
     parser = argparse.ArgumentParser(prog="smsgate", description=__doc__)
@@ -102,6 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     key.add_argument("--admin", action="store_true", help="may manage senders")
     key.add_argument("--default-sender", help="address of the client's default sender")
 
+    seed = commands.add_parser(
+        "seed-senders",
+        help="create or update senders (and their keywords) from a JSON file, in one transaction",
+    )
+    seed.add_argument("file", type=Path, help="a JSON list of senders, as POST /v1/senders takes")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         import uvicorn
@@ -124,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.create_database:
             asyncio.run(create_database_if_missing(get_settings().database_url))
         migrate()
+    elif args.command == "seed-senders":
+        created, updated = asyncio.run(_seed_senders(args.file))
+        sys.stdout.write(f"{created} senders created, {updated} updated\n")
     elif args.command == "create-api-key":
         raw_key = asyncio.run(_create_api_key(args.client, args.admin, args.default_sender))
         sys.stdout.write(raw_key + "\n")

@@ -39,7 +39,7 @@ VONAGE_SIGNATURE_SECRET = "vonage-test-signature-secret"
 PUBLIC_BASE_URL = "https://sms.example.test"
 
 
-def test_database_url() -> str:
+def owned_database_url() -> str:
     """The URL of the database the tests own (dropped and rebuilt per run)."""
     return ADMIN_DATABASE_URL.rsplit("/", 1)[0] + "/" + TEST_DATABASE
 
@@ -47,7 +47,7 @@ def test_database_url() -> str:
 def make_settings(**overrides: Any) -> Settings:
     """Settings pointing at the test database and Redis, with test provider credentials."""
     values: dict[str, Any] = {
-        "database_url": test_database_url(),
+        "database_url": owned_database_url(),
         "redis_url": TEST_REDIS_URL,
         "public_base_url": PUBLIC_BASE_URL,
         "twilio": TwilioSettings(account_sid=TWILIO_SID, auth_token=TWILIO_TOKEN),
@@ -73,7 +73,7 @@ async def database() -> AsyncIterator[str]:
         await connection.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)'))
         await connection.execute(text(f'CREATE DATABASE "{TEST_DATABASE}"'))
     await admin.dispose()
-    url = test_database_url()
+    url = owned_database_url()
     await asyncio.to_thread(migrate, url)  # Alembic runs its own event loop
     yield url
 

@@ -156,3 +156,40 @@ async def resolve_sender(
             "unknown_sender", "from", f"{address!r} is not one of this service's senders"
         )
     return sender
+
+
+async def upsert_sender(
+    session: AsyncSession,
+    *,
+    address: str,
+    kind: SenderKind,
+    provider: ProviderName,
+    description: str | None,
+    keywords: KeywordConfig,
+    default_region: str,
+) -> bool:
+    """Create the sender, or bring an existing one (same address) in line; True if created.
+
+    For deployments that keep senders in configuration files (`smsgate seed-senders`).
+    """
+    canonical = normalize_sender_address(kind, address, default_region)
+    sender = await session.scalar(select(Sender).where(Sender.address == canonical))
+    if sender is None:
+        await create_sender(
+            session,
+            address=canonical,
+            kind=kind,
+            provider=provider,
+            description=description,
+            default_region=default_region,
+            keywords=keywords,
+        )
+        return True
+    if sender.kind != kind.value:
+        raise ValidationFailed.for_field(
+            "invalid_sender", "kind", f"{canonical} exists as a {sender.kind}, not a {kind.value}"
+        )
+    await update_sender(
+        session, sender.id, provider=provider, description=description, keywords=keywords
+    )
+    return False
