@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import health, inbound, messages, optouts, senders, webhooks
+from app.api.limits import BodySizeLimit
 from app.db.session import create_engine, create_session_factory
 from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError, problem_json_only
 from app.providers.registry import build_http_client, build_providers
@@ -68,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -103,6 +107,33 @@ def _install_error_handlers(app: FastAPI) -> None:
                 code="validation_error",
                 detail=detail,
                 errors=errors,
+            )
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors (unknown path, wrong method, unreadable body) as problems too.
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        return _problem(
+            Problem(
+                title=HTTPStatus(error.status_code).phrase,
+                status=error.status_code,
+                code=codes.get(error.status_code, "bad_request"),
+                detail=str(error.detail),
+            ),
+            headers=dict(error.headers or {}),
+        )
+
+    @app.exception_handler(DataError)
+    async def unstorable(_: Request, error: DataError) -> JSONResponse:
+        # Validation should have caught it; if not, the input (not the service) is at fault.
+        log.warning("input the database refused", extra={"error": repr(error.orig)})
+        return _problem(
+            Problem(
+                title="Invalid request",
+                status=422,
+                code="invalid_input",
+                detail="a value cannot be stored (out of range or an invalid character)",
             )
         )
 

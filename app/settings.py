@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # A queued message untouched for this long is enqueued again by the sweep.
     sweep_grace_seconds: int = 30
     log_level: str = "INFO"
+    # The largest request body accepted (a bulk opt-out import is the largest legitimate one).
+    max_request_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     # A sender may send only once its opt-out and help replies are configured; with this set,
     # the built-in English and French replies count as configured.
     accept_default_keyword_replies: bool = False
@@ -72,6 +74,13 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = TwilioSettings()
     vonage: VonageSettings = VonageSettings()
     fake: FakeProviderSettings = FakeProviderSettings()
+
+
+def provider_call_budget_seconds(settings: Settings) -> float:
+    """The longest one provider call can take: pool wait + connect, then write + read."""
+    return (
+        2 * settings.provider_connect_timeout_seconds + 2 * settings.provider_read_timeout_seconds
+    )
 
 
 @lru_cache

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app.db.models import ApiKey, Client, Sender
 from app.db.session import SessionFactory
 from app.domain.auth import hash_key
-from tests.conftest import REPLIES, World, ready_keywords, owned_database_url
+from tests.conftest import REPLIES, World, owned_database_url, ready_keywords
 
 ROOT = Path(__file__).resolve().parent.parent
 

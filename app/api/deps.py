@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,7 +17,7 @@ from app.settings import Settings
 from app.worker.queue import enqueue_deliveries
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
     """A session whose transaction commits when the endpoint returns, before the response is sent.
 
     Messages the request accepted are enqueued only after that commit, so a job never points at a

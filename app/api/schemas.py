@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     field_validator,
 )
 
@@ -20,6 +21,7 @@ from app.domain.keywords import KeywordConfig, missing_replies
 from app.domain.phone import normalize_phone
 from app.domain.senders import ProviderName, SenderKind
 from app.domain.status import MessageStatus
+from app.domain.text import StorableStr
 from app.settings import get_settings
 
 
@@ -55,24 +57,26 @@ class SendMessageRequest(BaseModel):
     )
 
     to: E164 = Field(description="Recipient; national formats use the default region.")
-    from_: str | None = Field(
+    from_: StorableStr | None = Field(
         default=None,
         alias="from",
         max_length=20,
         description="One of the service's senders; defaults to your client's default sender.",
     )
-    body: str = Field(min_length=1, max_length=10_000, description="The text to send.")
+    body: StorableStr = Field(min_length=1, max_length=10_000, description="The text to send.")
     callback_url: AnyHttpUrl | None = Field(
-        default=None, description="Where status changes of this message are reported."
+        default=None,
+        description="Where status changes of this message are to be reported. Stored with the "
+        "message; events out (signed webhooks) are not delivered yet.",
     )
-    validity_period: int | None = Field(
+    validity_period: StrictInt | None = Field(
         default=None,
         ge=1,
         le=604_800,
         description="Seconds after acceptance during which the message may still be sent; "
         "past it the message ends as `expired`.",
     )
-    metadata: dict[str, str] = Field(
+    metadata: dict[StorableStr, StorableStr] = Field(
         default_factory=dict,
         description=f"Up to {MAX_METADATA_KEYS} string pairs of yours, returned as given.",
     )
@@ -173,7 +177,7 @@ class PreviewRequest(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"body": "Ça coûte 5€"}]}
     )
 
-    body: str = Field(min_length=1, max_length=10_000)
+    body: StorableStr = Field(min_length=1, max_length=10_000)
 
 
 class PreviewOut(BaseModel):
@@ -212,10 +216,10 @@ class SenderIn(BaseModel):
         },
     )
 
-    address: str = Field(min_length=1, max_length=40)
+    address: StorableStr = Field(min_length=1, max_length=40)
     kind: SenderKind
     provider: ProviderName
-    description: str | None = Field(default=None, max_length=200)
+    description: StorableStr | None = Field(default=None, max_length=200)
     keywords: KeywordConfig = Field(
         default_factory=KeywordConfig,
         description="Keyword sets and replies; the built-in sets (English and French) when "
@@ -231,7 +235,7 @@ class SenderPatch(BaseModel):
     )
 
     provider: ProviderName | None = None
-    description: str | None = Field(default=None, max_length=200)
+    description: StorableStr | None = Field(default=None, max_length=200)
     keywords: KeywordConfig | None = Field(
         default=None, description="Replaces the sender's whole keyword configuration."
     )

@@ -31,7 +31,7 @@ async def _callback_request(request: Request, public_base_url: str) -> CallbackR
     if request.method == "POST" and content_type.startswith("application/json"):
         try:
             document = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValidationFailed("invalid_callback", "the body is not valid JSON") from None
         if not isinstance(document, dict):
             raise ValidationFailed("invalid_callback", "the body is not a JSON object")

@@ -7,13 +7,14 @@ while the provider call is in flight.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import case, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # answer to HELP (which is always answered).
 PASSES_OPT_OUT = frozenset({"opt_out_confirmation", "help_reply"})
 
+# A job may start a little before the time it was deferred to (clocks, rounding): that is due.
+NOT_DUE_TOLERANCE_SECONDS = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -45,10 +49,11 @@ class RetryPolicy:
     max_delay: float
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Exponential backoff with full jitter, never sooner than the provider asked."""
+        """Exponential backoff with jitter, never sooner than the provider asked (but never
+        longer than `max_delay`, whatever it asked)."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         delay = random.uniform(ceiling / 2, ceiling)
-        return max(delay, retry_after or 0.0)
+        return min(max(delay, retry_after or 0.0), self.max_delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,29 +95,40 @@ async def deliver_message(
         accepted = await provider.send(sms)
     except ProviderError as error:
         return await _record_failure(session_factory, message, error, policy)
-    async with session_factory.begin() as session:
-        # A fast delivery report may already have moved the message past `sent`.
-        new_status = case(
-            (Message.status == MessageStatus.SENDING.value, MessageStatus.SENT.value),
-            else_=Message.status,
+    except BaseException as error:
+        # Cancelled (worker shutdown, job timeout) or a bug: the request may have gone out, so
+        # this is an unknown outcome, never a reason to resend. Record it even while cancelled.
+        log.exception("provider call interrupted", extra={"message_id": str(message.id)})
+        unknown = ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME, f"provider call interrupted: {error!r}", code="interrupted"
         )
-        status = await session.scalar(
+        await asyncio.shield(_record_failure(session_factory, message, unknown, policy))
+        raise
+    async with session_factory.begin() as session:
+        # A fast delivery report may already have moved the message past `sent`: then only the
+        # provider's id is recorded.
+        sent = await session.scalar(
+            update(Message)
+            .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
+            .values(status=MessageStatus.SENT.value)
+            .returning(Message.id)
+        )
+        await session.execute(
             update(Message)
             .where(Message.id == message.id)
-            .values(status=new_status, provider_message_id=accepted.provider_message_id)
-            .returning(Message.status)
+            .values(provider_message_id=accepted.provider_message_id)
         )
         session.add(
             MessageEvent(
                 message_id=message.id,
                 status=MessageStatus.SENT.value,
-                applied=status == MessageStatus.SENT.value,
+                applied=sent is not None,
                 source="worker",
                 detail=f"accepted by {provider.name} as {accepted.provider_message_id}",
             )
         )
     log.info("message submitted", extra={"message_id": str(message.id), "provider": provider.name})
-    return Outcome(MessageStatus(status) if status else None)
+    return Outcome(MessageStatus.SENT if sent is not None else None)
 
 
 async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Message | Outcome:
@@ -126,6 +142,10 @@ async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Mess
             return await _finish_unsent(
                 session, message, MessageStatus.EXPIRED, "validity period ended before sending"
             )
+        wait = (message.next_attempt_at - now).total_seconds()
+        if wait > NOT_DUE_TOLERANCE_SECONDS:
+            # Picked up early (a duplicate job, a restarted worker): keep the backoff.
+            return Outcome(MessageStatus.QUEUED, retry_in=wait)
         # Under the recipient's lock: a STOP recorded before this point is seen, and one
         # recorded after it finds the message already claimed.
         await lock_recipients(session, [message.to])

@@ -29,6 +29,7 @@ from app.domain.messages import queue_message
 from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.domain.senders import find_sender_by_address
+from app.domain.text import storable, storable_mapping
 from app.providers.base import InboundSms
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ async def receive_inbound(
     opt_out_scope: str,
 ) -> InboundOutcome:
     """Store an inbound message (once), act on a keyword, and queue the reply if one is due."""
+    # Whatever a customer typed is kept, but PostgreSQL cannot hold NUL characters.
+    inbound = replace(
+        inbound,
+        provider_message_id=storable(inbound.provider_message_id)[:128],
+        from_=storable(inbound.from_)[:32],
+        to=storable(inbound.to)[:32],
+        body=storable(inbound.body),
+        raw=storable_mapping(inbound.raw),
+    )
     if inbound.part is not None:
         whole = await _assemble(session, provider, inbound)
         if whole is None:
@@ -150,8 +160,8 @@ async def _act_on_keyword(
 
 async def _assemble(session: AsyncSession, provider: str, inbound: InboundSms) -> InboundSms | None:
     """Store one part; once every part is in, the whole message (else None)."""
-    part = inbound.part
-    assert part is not None
+    assert inbound.part is not None
+    part = replace(inbound.part, reference=storable(inbound.part.reference)[:64])
     await session.execute(
         insert(InboundPart)
         .values(

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.domain.text import StorableStr, reject_nul
+
 Language = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}$")]
 """An ISO 639-1 language code in lower case, such as "en" or "fr"."""
 
@@ -166,6 +168,7 @@ _ReplyText = Annotated[
     str,
     StringConstraints(min_length=1, max_length=_MAX_REPLY_LENGTH),
     AfterValidator(_not_blank),
+    AfterValidator(reject_nul),
 ]
 """The text of a keyword reply: 1 to 1600 characters, not only whitespace."""
 
@@ -175,7 +178,7 @@ class CategoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keywords: dict[Language, list[str]]  # language -> keywords, normalised on validation
+    keywords: dict[Language, list[StorableStr]]  # language -> keywords, normalised on validation
     replies: dict[Language, _ReplyText] = Field(default_factory=dict)  # language -> reply text
 
     @field_validator("keywords")
@@ -193,7 +196,7 @@ class CustomKeyword(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keyword: str
+    keyword: StorableStr
     reply: _ReplyText
     language: Language = "en"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, re
 from app.domain.pagination import as_utc, decode_cursor, encode_cursor
 from app.domain.senders import resolve_sender
 from app.domain.status import MessageStatus, can_advance, statuses_before
+from app.domain.text import storable, storable_mapping
 from app.errors import NotFound, PolicyRefusal, ValidationFailed
 from app.providers.base import StatusReport
 
@@ -232,6 +233,7 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
     UPDATE only matches while the message is at an earlier stage, which also makes concurrent
     reports for the same message safe.
     """
+    report = _storable_report(report)
     message = await _find_reported_message(session, provider, report)
     if message is None:
         return False
@@ -283,6 +285,19 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
     )
     await session.flush()
     return True
+
+
+def _storable_report(report: StatusReport) -> StatusReport:
+    """The report cut to our columns' sizes and without NUL: a report is recorded, never
+    refused for its shape (the provider would retry it forever)."""
+    return replace(
+        report,
+        provider_message_id=storable(report.provider_message_id)[:64],
+        provider_status=storable(report.provider_status)[:32],
+        error_code=storable(report.error_code)[:32] if report.error_code else None,
+        error_message=storable(report.error_message) if report.error_message else None,
+        raw=storable_mapping(report.raw),
+    )
 
 
 async def _find_reported_message(

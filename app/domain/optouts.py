@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import and_, func, literal_column, or_, select
+from sqlalchemy import BigInteger, and_, func, literal, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
-from sqlalchemy.sql.elements import ColumnClause
 
 from app.db.models import OptOut
 
@@ -50,12 +50,10 @@ async def lock_recipients(session: AsyncSession, phones: Iterable[str]) -> None:
     if len(keys) == 1:
         await session.execute(select(func.pg_advisory_xact_lock(keys[0])))
     elif keys:
-        key: ColumnClause[int] = literal_column("key")
-        await session.execute(
-            select(func.pg_advisory_xact_lock(key)).select_from(
-                func.unnest(keys).table_valued("key")
-            )
-        )
+        # `unnest(...) AS key` names its one column `key`; the array is typed because
+        # PostgreSQL cannot pick an unnest() for an array of unknown type.
+        key = func.unnest(literal(keys, ARRAY(BigInteger))).column_valued("key")
+        await session.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 async def is_opted_out(session: AsyncSession, phone: str, sender_id: uuid.UUID) -> bool:
@@ -124,6 +122,9 @@ async def record_change(
             source=change.source.value,
             actor=change.actor,
             detail=change.detail,
+            # The time of the insert, under the lock, not of the transaction's start (now()):
+            # the newest row decides, so rows must be ordered as the lock serialised them.
+            created_at=func.clock_timestamp(),
         )
     )
     await session.flush()
@@ -141,6 +142,7 @@ async def record_changes(session: AsyncSession, changes: list[OptChange]) -> Non
             source=change.source.value,
             actor=change.actor,
             detail=change.detail,
+            created_at=func.clock_timestamp(),  # as in record_change
         )
         for change in changes
     )
@@ -166,19 +168,46 @@ async def current_opt_outs(
     after: tuple[datetime, int] | None,
     limit: int,
 ) -> list[OptOut]:
-    """The scopes (a number and a sender, or a number service-wide) whose newest row is an
-    opt-out, newest first; `after` is the (created_at, id) of the last row of the page before."""
-    newest = (
-        select(OptOut)
-        .distinct(OptOut.phone, OptOut.sender_id)
-        .order_by(OptOut.phone, OptOut.sender_id, OptOut.created_at.desc(), OptOut.id.desc())
+    """The scopes (a number and a sender, or a number service-wide) that are opted out, as the
+    send check sees them, newest first; `after` is the (created_at, id) of the last row of the
+    page before."""
+    # A window rather than DISTINCT ON: `select().distinct(*columns)` is deprecated in
+    # SQLAlchemy 2.1 and its replacement does not exist in 2.0, which pyproject still allows.
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=(OptOut.phone, OptOut.sender_id),
+            order_by=(OptOut.created_at.desc(), OptOut.id.desc()),
+        )
+        .label("rank")
     )
+    newest = select(OptOut, rank)
     if phone is not None:
         newest = newest.where(OptOut.phone == phone)
     if sender_id is not None:
         newest = newest.where(OptOut.sender_id == sender_id)
-    latest = aliased(OptOut, newest.subquery())
-    query = select(latest).where(latest.action == OptAction.OPT_OUT.value)
+    ranked = newest.subquery()
+    latest = aliased(OptOut, ranked)
+    # A sender's opt-out no longer holds once a newer service-wide opt-in exists: list what the
+    # send check would refuse, nothing more.
+    service_wide = aliased(OptOut)
+    lifted = (
+        select(service_wide.id)
+        .where(
+            latest.sender_id.is_not(None),
+            service_wide.phone == latest.phone,
+            service_wide.sender_id.is_(None),
+            service_wide.action == OptAction.OPT_IN.value,
+            or_(
+                service_wide.created_at > latest.created_at,
+                and_(service_wide.created_at == latest.created_at, service_wide.id > latest.id),
+            ),
+        )
+        .exists()
+    )
+    query = select(latest).where(
+        ranked.c.rank == 1, latest.action == OptAction.OPT_OUT.value, ~lifted
+    )
     if after is not None:
         query = query.where(
             or_(

@@ -127,7 +127,15 @@ class InboundSms:
 
 
 # Failures that happen before any byte of the request reached the provider: safe to retry.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# (UnsupportedProtocol and LocalProtocolError are raised while preparing the request: a
+# misconfigured base URL is retried, then fails, and never counts as "maybe sent".)
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
 
 
 async def post_form(

@@ -17,6 +17,9 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
         timeout=httpx.Timeout(
             settings.provider_read_timeout_seconds,
             connect=settings.provider_connect_timeout_seconds,
+            # Waiting for a pooled connection happens before sending: keep it as short as a
+            # connect, so the whole call stays within `provider_call_budget_seconds`.
+            pool=settings.provider_connect_timeout_seconds,
         ),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         follow_redirects=False,

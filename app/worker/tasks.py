@@ -6,6 +6,7 @@ Run a worker with `smsgate worker` (or `arq app.worker.tasks.WorkerSettings`).
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
@@ -20,14 +21,15 @@ from app.domain.messages import apply_status_report
 from app.domain.sweep import sweep_once
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
-from app.settings import get_settings
+from app.settings import get_settings, provider_call_budget_seconds
 from app.worker.queue import FAKE_REPORT_JOB, enqueue_deliveries
 
 log = logging.getLogger(__name__)
 
-# A delivery job is one provider call plus two short transactions: keep its timeout close to the
-# provider's so a dead worker's job is picked up again quickly.
-JOB_TIMEOUT_SECONDS = 30
+# A delivery job is one provider call plus two short transactions: its timeout is the provider
+# call's budget plus a margin, so a call is never cut short by the job timeout (which would leave
+# its outcome unknown), yet a dead worker's job is picked up again soon.
+JOB_TIMEOUT_SECONDS = math.ceil(provider_call_budget_seconds(get_settings())) + 10
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -106,3 +108,5 @@ class WorkerSettings:
     max_tries = 1000
     max_jobs = 50
     allow_abort_jobs = False
+    # On SIGTERM (a deploy), let running jobs finish their provider call instead of cancelling it.
+    job_completion_wait = JOB_TIMEOUT_SECONDS

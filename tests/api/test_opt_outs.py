@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from app.db.models import OptOut
 from app.db.session import SessionFactory
+from app.domain.optouts import OptAction, OptChange, OptSource, record_change
 from tests.api.test_send import assert_problem, message_count, send
 from tests.conftest import World
 
@@ -161,9 +162,7 @@ async def test_an_opt_out_with_a_sender_applies_to_that_sender_only(
     response = await put(api, world, "+14155550123", sender_id=world.fake_sender.id)
 
     assert response.status_code == 200, response.text
-    assert_problem(
-        await send_from(api, world, "+14155550123", FAKE), 403, "recipient_opted_out"
-    )
+    assert_problem(await send_from(api, world, "+14155550123", FAKE), 403, "recipient_opted_out")
     for sender in (TWILIO, VONAGE):
         accepted = await send_from(api, world, "+14155550123", sender)
         assert accepted.status_code == 202, accepted.text
@@ -227,9 +226,7 @@ async def test_delete_needs_an_admin_key(
     assert (await put(api, world, "+14155550123")).status_code == 200
 
     for key in (world.client_key, world.other_client_key):
-        assert_problem(
-            await delete(api, world, "+14155550123", key=key), 403, "admin_key_required"
-        )
+        assert_problem(await delete(api, world, "+14155550123", key=key), 403, "admin_key_required")
     anonymous = await api.delete("/v1/opt-outs/+14155550123")
 
     assert_problem(anonymous, 401, "missing_api_key")
@@ -276,6 +273,29 @@ async def test_a_service_wide_delete_lifts_a_service_wide_opt_out(
     for sender in (TWILIO, FAKE, VONAGE):
         accepted = await send_from(api, world, "+14155550123", sender)
         assert accepted.status_code == 202, accepted.text
+
+
+async def test_the_change_recorded_last_decides_even_if_its_transaction_began_first(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    # Changes to a number are serialised by its lock, not by when their transactions began: an
+    # opt-in whose transaction began before a concurrent opt-out, but was recorded after it
+    # (and so was told it changed the state), must be the state that holds.
+    async with session_factory() as early, early.begin():
+        await early.execute(select(func.now()))  # this transaction's now() is fixed here
+        assert (await put(api, world, "+14155550123")).status_code == 200
+        changed = await record_change(
+            early,
+            OptChange("+14155550123", None, OptAction.OPT_IN, OptSource.API, "client:operator"),
+        )
+    assert changed is True
+
+    status = (await get_status(api, world, "+14155550123")).json()
+
+    assert status["opted_out"] is False
+    assert [e["action"] for e in status["history"]] == ["opt_in", "opt_out"]
+    accepted = await send(api, world, to="+14155550123")
+    assert accepted.status_code == 202, accepted.text
 
 
 # GET one number
@@ -381,6 +401,19 @@ async def test_the_list_shows_current_opt_outs_only_newest_first(
     assert page["next_cursor"] is None
 
 
+async def test_the_list_agrees_with_the_send_check_after_a_service_wide_opt_in(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    await put(api, world, "+14155550104", sender_id=world.twilio_sender.id)
+    await delete(api, world, "+14155550104")  # opted back in everywhere
+
+    listed = (await list_page(api, world)).json()["data"]
+    sent = await send_from(api, world, "+14155550104", TWILIO)
+
+    assert listed == []
+    assert sent.status_code == 202, sent.text
+
+
 async def test_the_list_filters_by_phone_and_by_sender(
     api: httpx.AsyncClient, world: World
 ) -> None:
@@ -452,13 +485,16 @@ async def test_the_list_paginates_with_a_cursor_without_duplicates_or_gaps(
 
 
 async def test_pagination_is_exact_among_opt_outs_recorded_at_the_same_time(
-    api: httpx.AsyncClient, world: World
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
-    # One import is one transaction: every row has the same created_at, so the id decides.
-    response = await import_csv(
-        api, world, "+14155550101\n+14155550102\n+14155550103\n+14155550104\n+14155550105\n"
-    )
-    assert response.json()["recorded"] == 5
+    # Rows added in one transaction get its now() as created_at, so the id must break the tie.
+    async with session_factory.begin() as session:
+        session.add_all(
+            OptOut(phone=f"+1415555010{last}", sender_id=None, action="opt_out", source="api")
+            for last in "12345"
+        )
+    async with session_factory() as session:
+        assert len(set(await session.scalars(select(OptOut.created_at)))) == 1
 
     pages = await page_through(api, world, limit=2)
 

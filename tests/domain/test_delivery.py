@@ -11,7 +11,8 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
@@ -104,6 +105,13 @@ async def load(session_factory: SessionFactory, message_id: uuid.UUID) -> Messag
         message = await session.get(Message, message_id)
         assert message is not None
         return message
+
+
+async def make_due(session_factory: SessionFactory, message_id: uuid.UUID) -> None:
+    async with session_factory.begin() as session:
+        await session.execute(
+            update(Message).where(Message.id == message_id).values(next_attempt_at=func.now())
+        )
 
 
 async def history(session_factory: SessionFactory, message_id: uuid.UUID) -> list[str | None]:
@@ -244,6 +252,7 @@ async def test_retries_stop_after_the_attempt_limit(
     for _ in range(POLICY.max_attempts):
         outcome = await deliver_message(message_id, session_factory, providers, POLICY)
         delays.append(outcome.retry_in)
+        await make_due(session_factory, message_id)  # as if the backoff had passed
 
     # Exponential with jitter: attempt n waits between half and all of base * 2**(n-1).
     first, second, third = delays
@@ -367,3 +376,82 @@ async def test_a_missing_message_is_nothing_to_do(session_factory: SessionFactor
     outcome = await deliver_message(uuid.uuid4(), session_factory, provider.providers(), POLICY)
 
     assert outcome.status is None and provider.requests == []
+
+
+async def test_a_job_that_starts_before_its_retry_is_due_waits_instead_of_sending(
+    session_factory: SessionFactory, world: World
+) -> None:
+    provider = RecordingProvider(twilio_created)
+    message_id = await queued_message(
+        session_factory, world, next_attempt_at=datetime.now(UTC) + timedelta(seconds=30)
+    )
+
+    outcome = await deliver_message(message_id, session_factory, provider.providers(), POLICY)
+
+    assert outcome.status is MessageStatus.QUEUED
+    assert outcome.retry_in is not None and 29 <= outcome.retry_in <= 30
+    assert provider.requests == []
+
+
+async def test_a_retry_after_longer_than_the_maximum_delay_is_capped(
+    session_factory: SessionFactory, world: World
+) -> None:
+    def far_future(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            429, headers={"Retry-After": "86400"}, json={"code": 20429, "message": "Slow down"}
+        )
+
+    message_id = await queued_message(session_factory, world)
+
+    outcome = await deliver_message(
+        message_id, session_factory, RecordingProvider(far_future).providers(), POLICY
+    )
+
+    assert outcome.retry_in == POLICY.max_delay
+
+
+async def test_no_database_connection_is_held_during_the_provider_call(
+    session_factory: SessionFactory, world: World, engine: AsyncEngine
+) -> None:
+    checked_out: list[int] = []
+
+    def observing(request: httpx.Request) -> httpx.Response:
+        checked_out.append(engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+        return twilio_created(request)
+
+    message_id = await queued_message(session_factory, world)
+
+    await deliver_message(
+        message_id, session_factory, RecordingProvider(observing).providers(), POLICY
+    )
+
+    assert checked_out == [0]
+
+
+async def test_a_cancelled_provider_call_is_recorded_as_an_unknown_outcome(
+    session_factory: SessionFactory, world: World
+) -> None:
+    started = asyncio.Event()
+
+    async def hanging(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    settings = make_settings()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(hanging))
+    providers: dict[str, Provider] = {
+        "twilio": TwilioProvider(settings.twilio, http, PUBLIC_BASE_URL)
+    }
+    message_id = await queued_message(session_factory, world)
+
+    task = asyncio.create_task(deliver_message(message_id, session_factory, providers, POLICY))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async with session_factory() as session:
+        details = list(await session.scalars(select(MessageEvent.detail)))
+    assert (await load(session_factory, message_id)).status == "sending"
+    assert any(d and d.startswith("outcome unknown: provider call interrupted") for d in details)
