@@ -15,16 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def migrate(database_url: str | None = None, revision: str = "head") -> None:
     """Upgrade the database schema to `revision` with Alembic."""
     from alembic import command
-    from alembic.config import Config
 
-    # From a checkout, alembic.ini is beside app/; in the container image, in the working directory.
-    candidates = [ROOT / "alembic.ini", Path.cwd() / "alembic.ini"]
-    ini = next((path for path in candidates if path.is_file()), None)
-    if ini is None:
-        raise SystemExit("alembic.ini not found beside the app package or in the current directory")
-    config = Config(str(ini))
-    if database_url:
-        config.attributes["database_url"] = database_url
+    from app.db.migrations import alembic_config
+
+    try:
+        config = alembic_config(database_url)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     command.upgrade(config, revision)
 
 
@@ -149,19 +146,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         import uvicorn
 
+        from app.logs import logging_config
+
+        settings = get_settings()
         uvicorn.run(
             "app.main:create_app",
             factory=True,
             host=args.host,
             port=args.port,
             workers=args.workers,
-            log_level=get_settings().log_level.lower(),
+            log_config=logging_config(settings.log_level, settings.log_format),
         )
     elif args.command == "worker":
         from arq.worker import run_worker
 
+        from app.logs import configure_logging
         from app.worker.tasks import WorkerSettings
 
+        configure_logging(get_settings().log_level, get_settings().log_format)
         run_worker(WorkerSettings)  # type: ignore[arg-type]
     elif args.command == "migrate":
         if args.create_database:

@@ -16,8 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import health, inbound, messages, optouts, senders, webhooks
 from app.api.limits import BodySizeLimit
+from app.db.migrations import head_revision
 from app.db.session import create_engine, create_session_factory
 from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError, problem_json_only
+from app.logs import RequestIdMiddleware
 from app.providers.registry import build_http_client, build_providers
 from app.settings import Settings, get_settings
 from app.worker.queue import close_queue, create_queue
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.queue = create_queue(settings.redis_url)
         app.state.http = http
         app.state.providers = build_providers(settings, http)
+        app.state.schema_head = head_revision()
         try:
             yield
         finally:
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

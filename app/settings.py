@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # A queued message untouched for this long is enqueued again by the sweep.
     sweep_grace_seconds: int = 30
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # Message bodies are customers' data: kept out of logs unless an operator turns this on.
+    log_message_bodies: bool = False
+    # The worker serves its Prometheus metrics here (0: not at all). The API serves /metrics.
+    worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     # The largest request body accepted (a bulk opt-out import is the largest legitimate one).
     max_request_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     # A sender may send only once its opt-out and help replies are configured; with this set,

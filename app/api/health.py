@@ -1,30 +1,74 @@
-"""Liveness and readiness for orchestrators."""
+"""Liveness, readiness and metrics for orchestrators and Prometheus."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from datetime import UTC, datetime
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
 
-router = APIRouter(tags=["health"])
+from app.db.models import Message
+from app.domain.status import MessageStatus
+from app.metrics import OLDEST_QUEUED_AGE, QUEUE_DEPTH
+from app.worker.queue import queue_depth
+
+router = APIRouter(tags=["operations"])
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 async def healthz() -> dict[str, str]:
     """The process is up and serving (no dependency is checked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is unreachable."}})
+@router.get(
+    "/readyz",
+    responses={
+        200: {
+            "description": "Ready.",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "ok",
+                        "checks": {"postgresql": "ok", "redis": "ok", "migrations": "ok"},
+                    }
+                }
+            },
+        },
+        503: {
+            "description": "A dependency is unreachable, or the schema is not at the newest "
+            "migration.",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "unavailable",
+                        "checks": {
+                            "postgresql": "ok",
+                            "redis": "error: ConnectionError",
+                            "migrations": "ok",
+                        },
+                    }
+                }
+            },
+        },
+    },
+)
 async def readyz(request: Request) -> JSONResponse:
-    """Ready to take traffic: PostgreSQL and Redis both answer."""
+    """Ready to take traffic: PostgreSQL and Redis answer, and the schema is at the newest
+    migration this code ships."""
     checks = {
         "postgresql": await _check(_ping_database(request)),
         "redis": await _check(request.app.state.queue.ping()),
+        "migrations": await _check(_schema_at_head(request)),
     }
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse(
@@ -33,14 +77,55 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {CONTENT_TYPE_LATEST: {"example": "smsgate_queue_depth 0.0\n"}},
+        }
+    },
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this API process, with the queue's depth and oldest message."""
+    QUEUE_DEPTH.set(await _or_nan(queue_depth(request.app.state.queue)))
+    OLDEST_QUEUED_AGE.set(await _or_nan(_oldest_queued_age(request)))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def _ping_database(request: Request) -> None:
     async with request.app.state.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
 
 
-async def _check(probe: object) -> str:
+async def _schema_at_head(request: Request) -> None:
+    async with request.app.state.engine.connect() as connection:
+        current = await connection.scalar(text("SELECT version_num FROM alembic_version"))
+    expected = request.app.state.schema_head
+    if current != expected:
+        raise RuntimeError(f"schema at {current}, code expects {expected}")
+
+
+async def _oldest_queued_age(request: Request) -> float:
+    async with request.app.state.session_factory() as session:
+        oldest = await session.scalar(
+            select(func.min(Message.created_at)).where(Message.status == MessageStatus.QUEUED.value)
+        )
+    return (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+
+
+async def _or_nan(probe: Awaitable[float]) -> float:
     try:
-        await asyncio.wait_for(probe, CHECK_TIMEOUT_SECONDS)  # type: ignore[arg-type]
-    except Exception as error:
-        return f"error: {type(error).__name__}"
+        return await asyncio.wait_for(probe, CHECK_TIMEOUT_SECONDS)
+    except Exception:  # a metric that cannot be read is NaN, not a failed scrape
+        return float("nan")
+
+
+async def _check(probe: Awaitable[object]) -> str:
+    try:
+        await asyncio.wait_for(probe, CHECK_TIMEOUT_SECONDS)
+    except Exception as error:  # any failure means "not ready"
+        detail = str(error)[:200]
+        return f"error: {type(error).__name__}" + (f": {detail}" if detail else "")
     return "ok"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import timedelta
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ from app.errors import (
     problem_responses,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
 
 IdempotencyKeyHeader = Annotated[
@@ -84,6 +86,8 @@ async def send_message(
             default_region=settings.default_region,
             accept_default_replies=settings.accept_default_keyword_replies,
         )
+        if settings.log_message_bodies:
+            log.info("message body", extra={"message_id": str(message.id), "body": message.body})
         return 202, MessageOut.model_validate(message).model_dump(mode="json", by_alias=True)
 
     if idempotency_key is None:

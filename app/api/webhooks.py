@@ -11,6 +11,7 @@ from app.api.deps import ProvidersDep, SessionDep, SettingsDep
 from app.domain.inbound import receive_inbound
 from app.domain.messages import apply_status_report
 from app.errors import Forbidden, ValidationFailed, problem_responses
+from app.metrics import WEBHOOK_VERIFICATION_FAILURES
 from app.providers.base import CallbackRequest, InvalidCallback, Provider
 from app.settings import Settings
 
@@ -59,7 +60,9 @@ async def _verified(
     callback = await _callback_request(request, public_base_url)
     if provider is None or not provider.verify_callback(callback):
         # Logged, never acted on: an unsigned request could forge a delivery or an opt-out.
-        log.warning("callback signature rejected", extra={"provider": provider_name})
+        kind = request.url.path.rsplit("/", 1)[-1]
+        WEBHOOK_VERIFICATION_FAILURES.labels(provider=provider_name, kind=kind).inc()
+        log.warning("callback signature rejected", extra={"provider": provider_name, "kind": kind})
         raise Forbidden("invalid_signature", "the request is not signed by the provider")
     return provider, callback
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from app.domain.optouts import (
     record_change,
 )
 from app.domain.status import MessageStatus
+from app.metrics import PROVIDER_REQUEST_SECONDS, count_status
 from app.providers.base import Encoding, ErrorKind, OutboundSms, Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -91,11 +93,14 @@ async def deliver_message(
         encoding=Encoding(message.encoding),
         validity_seconds=_remaining_validity(message),
     )
+    started = time.perf_counter()
     try:
         accepted = await provider.send(sms)
     except ProviderError as error:
+        _observe(provider.name, error.kind.value, started)
         return await _record_failure(session_factory, message, error, policy)
     except BaseException as error:
+        _observe(provider.name, "interrupted", started)
         # Cancelled (worker shutdown, job timeout) or a bug: the request may have gone out, so
         # this is an unknown outcome, never a reason to resend. Record it even while cancelled.
         log.exception("provider call interrupted", extra={"message_id": str(message.id)})
@@ -127,8 +132,20 @@ async def deliver_message(
                 detail=f"accepted by {provider.name} as {accepted.provider_message_id}",
             )
         )
-    log.info("message submitted", extra={"message_id": str(message.id), "provider": provider.name})
+    _observe(provider.name, "accepted", started)
+    if sent is not None:
+        count_status(MessageStatus.SENT.value, message.provider, message.from_)
+    log.info(
+        "message submitted",
+        extra={"provider": provider.name, "provider_message_id": accepted.provider_message_id},
+    )
     return Outcome(MessageStatus.SENT if sent is not None else None)
+
+
+def _observe(provider: str, outcome: str, started: float) -> None:
+    PROVIDER_REQUEST_SECONDS.labels(provider=provider, outcome=outcome).observe(
+        time.perf_counter() - started
+    )
 
 
 async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Message | Outcome:
@@ -194,6 +211,7 @@ async def _finish_unsent(
         .returning(Message.id)
     )
     if done is not None:
+        count_status(status.value, message.provider, message.from_)
         session.add(
             MessageEvent(
                 message_id=message.id,
@@ -274,7 +292,7 @@ async def _record_failure(
         detail = error.detail
         if error.kind is ErrorKind.RETRYABLE:
             detail = f"gave up after {message.attempts} attempts: {detail}"
-        failed = await session.scalar(
+        failed: uuid.UUID | None = await session.scalar(
             update(Message)
             .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
             .values(
@@ -284,6 +302,8 @@ async def _record_failure(
             )
             .returning(Message.id)
         )
+        if failed is not None:
+            count_status(MessageStatus.FAILED.value, message.provider, message.from_)
         session.add(
             MessageEvent(
                 message_id=message.id,

@@ -30,6 +30,7 @@ from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, re
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.domain.senders import find_sender_by_address
 from app.domain.text import storable, storable_mapping
+from app.metrics import INBOUND_MESSAGES
 from app.providers.base import InboundSms
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ async def receive_inbound(
     )
     if inbound_id is None:
         return InboundOutcome(inbound_id=None, duplicate=True)
+    INBOUND_MESSAGES.labels(
+        provider=provider, keyword_category=match.category.value if match else "none"
+    ).inc()
     if sender is None:
         log.info("inbound message to an unknown address", extra={"to": inbound.to})
         return InboundOutcome(inbound_id=inbound_id)

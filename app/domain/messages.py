@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,11 @@ from app.domain.senders import resolve_sender
 from app.domain.status import MessageStatus, can_advance, statuses_before
 from app.domain.text import storable, storable_mapping
 from app.errors import NotFound, PolicyRefusal, ValidationFailed
+from app.logs import message_id_var
+from app.metrics import count_status
 from app.providers.base import StatusReport
+
+log = logging.getLogger(__name__)
 
 # Session.info key holding ids of messages to enqueue once the transaction has committed.
 ENQUEUE_AFTER_COMMIT = "enqueue_after_commit"
@@ -143,6 +148,8 @@ async def queue_message(
     )
     await session.flush()
     session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).append(message.id)
+    count_status(MessageStatus.QUEUED.value, sender.provider, sender.address)
+    log.info("message accepted", extra={"message_id": str(message.id), "kind": kind})
     return message
 
 
@@ -237,6 +244,7 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
     message = await _find_reported_message(session, provider, report)
     if message is None:
         return False
+    message_id_var.set(str(message.id))  # the rest of this request's log lines are about it
     applied = False
     if report.status is not None and can_advance(MessageStatus(message.status), report.status):
         values: dict[str, Any] = {"status": report.status.value}
@@ -252,6 +260,8 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
             .returning(Message.id)
         )
         applied = result.scalar_one_or_none() is not None
+        if applied:
+            count_status(report.status.value, provider, message.from_)
     if report.recipient_opted_out:
         await record_change(
             session,

@@ -29,6 +29,11 @@ def create_queue(redis_url: str) -> Queue:
     return ArqRedis(connection_pool=pool)
 
 
+async def queue_depth(queue: Queue) -> float:
+    """Jobs waiting in the default queue, deferred ones included."""
+    return float(await queue.zcard(queue.default_queue_name))
+
+
 async def close_queue(queue: Queue) -> None:
     """Close the queue client and its connection pool."""
     await queue.aclose(close_connection_pool=True)

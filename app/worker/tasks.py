@@ -14,11 +14,13 @@ from typing import Any, ClassVar
 
 from arq import Retry, cron
 from arq.connections import RedisSettings
+from prometheus_client import start_http_server
 
 from app.db.session import create_engine, create_session_factory
 from app.domain.delivery import RetryPolicy, deliver_message
 from app.domain.messages import apply_status_report
 from app.domain.sweep import sweep_once
+from app.logs import message_context
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
 from app.settings import get_settings, provider_call_budget_seconds
@@ -47,6 +49,14 @@ async def startup(ctx: dict[str, Any]) -> None:
         await queue.enqueue_job(FAKE_REPORT_JOB, dict(params), _defer_by=timedelta(seconds=delay))
 
     ctx["providers"] = build_providers(settings, ctx["http"], schedule_fake_report)
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
+        except OSError as error:  # another worker on this host serves them already
+            log.warning(
+                "metrics port busy",
+                extra={"port": settings.worker_metrics_port, "error": repr(error)},
+            )
     ctx["retry_policy"] = RetryPolicy(
         max_attempts=settings.send_max_attempts,
         base_delay=settings.retry_base_delay_seconds,
@@ -62,9 +72,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 async def deliver(ctx: dict[str, Any], message_id: str) -> str | None:
     """Deliver one message; ask arq to run the job again later when a retry is due."""
-    outcome = await deliver_message(
-        uuid.UUID(message_id), ctx["session_factory"], ctx["providers"], ctx["retry_policy"]
-    )
+    with message_context(message_id):
+        outcome = await deliver_message(
+            uuid.UUID(message_id), ctx["session_factory"], ctx["providers"], ctx["retry_policy"]
+        )
     if outcome.retry_in is not None:
         raise Retry(defer=timedelta(seconds=outcome.retry_in))
     return outcome.status.value if outcome.status else None

@@ -16,7 +16,10 @@ async def test_ready_when_postgresql_and_redis_answer(api: httpx.AsyncClient) ->
     response = await api.get("/readyz")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"postgresql": "ok", "redis": "ok"}}
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"postgresql": "ok", "redis": "ok", "migrations": "ok"},
+    }
 
 
 async def test_not_ready_when_redis_is_down(app_factory: Any) -> None:

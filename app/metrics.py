@@ -1,0 +1,40 @@
+"""Prometheus metrics. Each process (API, worker) exposes its own: the API at `/metrics`, the
+worker on `WORKER_METRICS_PORT`; Prometheus adds them up."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES = Counter(
+    "smsgate_messages",
+    "Messages entering a status (queued = accepted), by provider and sender.",
+    ["status", "provider", "sender"],
+)
+PROVIDER_REQUEST_SECONDS = Histogram(
+    "smsgate_provider_request_seconds",
+    "Time a provider took to answer a submission, by outcome.",
+    ["provider", "outcome"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+WEBHOOK_VERIFICATION_FAILURES = Counter(
+    "smsgate_webhook_verification_failures",
+    "Provider webhooks refused for a missing or bad signature.",
+    ["provider", "kind"],
+)
+INBOUND_MESSAGES = Counter(
+    "smsgate_inbound_messages",
+    "Inbound messages stored, by the keyword category they matched ('none' for none).",
+    ["provider", "keyword_category"],
+)
+QUEUE_DEPTH = Gauge(
+    "smsgate_queue_depth", "Delivery jobs in the arq queue, deferred retries included."
+)
+OLDEST_QUEUED_AGE = Gauge(
+    "smsgate_oldest_queued_message_age_seconds",
+    "Age of the oldest message still queued (0 when none).",
+)
+
+
+def count_status(status: str, provider: str, sender: str) -> None:
+    """One message entered `status`."""
+    MESSAGES.labels(status=status, provider=provider, sender=sender).inc()

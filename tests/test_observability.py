@@ -1,0 +1,181 @@
+"""What operators see: Prometheus metrics, JSON logs with request and message ids, readiness."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import update
+
+from app.db.models import Message
+from app.db.session import SessionFactory
+from app.domain.delivery import deliver_message
+from app.logs import JsonFormatter
+from app.main import create_app
+from tests.api.test_status_callbacks import TWILIO_PATH
+from tests.conftest import PUBLIC_BASE_URL, World, make_settings
+from tests.domain.test_delivery import POLICY, RecordingProvider, queued_message, twilio_created
+from tests.test_end_to_end import run_worker
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """Everything logged during the test, as the JSON lines production writes."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(previous_level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+async def test_metrics_count_messages_by_status_provider_and_sender(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    labels = {"provider": "fake", "sender": "+14155550199"}
+    queued_before = sample("smsgate_messages_total", status="queued", **labels)
+    delivered_before = sample("smsgate_messages_total", status="delivered", **labels)
+
+    response = await api.post(
+        "/v1/messages",
+        json={"to": "+14155550123", "body": "hi", "from": "+14155550199"},
+        headers=world.auth(),
+    )
+    scrape = await api.get("/metrics")
+
+    assert response.status_code == 202
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"].startswith("text/plain")
+    assert "smsgate_queue_depth 1.0" in scrape.text
+    assert sample("smsgate_messages_total", status="queued", **labels) == queued_before + 1
+
+    await run_worker()
+
+    assert sample("smsgate_messages_total", status="delivered", **labels) == delivered_before + 1
+    assert "smsgate_queue_depth 0.0" in (await api.get("/metrics")).text
+
+
+async def test_metrics_report_the_age_of_the_oldest_queued_message(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    await queued_message(session_factory, world)
+    async with session_factory.begin() as session:
+        await session.execute(
+            update(Message).values(created_at=datetime.now(UTC) - timedelta(minutes=10))
+        )
+
+    await api.get("/metrics")
+
+    age = sample("smsgate_oldest_queued_message_age_seconds")
+    assert 600 <= age < 660
+
+
+async def test_provider_latency_is_measured_per_outcome(
+    session_factory: SessionFactory, world: World
+) -> None:
+    before = sample("smsgate_provider_request_seconds_count", provider="twilio", outcome="accepted")
+    message_id = await queued_message(session_factory, world)
+
+    await deliver_message(
+        message_id, session_factory, RecordingProvider(twilio_created).providers(), POLICY
+    )
+
+    assert (
+        sample("smsgate_provider_request_seconds_count", provider="twilio", outcome="accepted")
+        == before + 1
+    )
+
+
+async def test_refused_webhook_signatures_are_counted(api: httpx.AsyncClient) -> None:
+    before = sample("smsgate_webhook_verification_failures_total", provider="twilio", kind="status")
+
+    await api.post(TWILIO_PATH, data={"MessageSid": "SM1", "MessageStatus": "delivered"})
+
+    assert (
+        sample("smsgate_webhook_verification_failures_total", provider="twilio", kind="status")
+        == before + 1
+    )
+
+
+async def test_log_lines_are_json_with_the_request_and_message_ids(
+    api: httpx.AsyncClient, world: World, json_logs: io.StringIO
+) -> None:
+    response = await api.post(
+        "/v1/messages",
+        json={"to": "+14155550123", "body": "Your code is 123456"},
+        headers={**world.auth(), "X-Request-ID": "req-42"},
+    )
+
+    assert response.headers["x-request-id"] == "req-42"
+    accepted = [line for line in lines(json_logs) if line["msg"] == "message accepted"]
+    assert len(accepted) == 1
+    assert accepted[0]["request_id"] == "req-42"
+    assert accepted[0]["message_id"] == response.json()["id"]
+    assert accepted[0]["level"] == "info"
+    assert "123456" not in json_logs.getvalue()  # bodies stay out of logs by default
+
+
+async def test_a_request_without_an_id_gets_one(api: httpx.AsyncClient) -> None:
+    first = await api.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    second = await api.get("/healthz")
+
+    assert len(first.headers["x-request-id"]) == 32
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+async def test_bodies_are_logged_only_when_configured(
+    app_factory: Any, world: World, json_logs: io.StringIO
+) -> None:
+    async with app_factory(log_message_bodies=True) as api:
+        await api.post(
+            "/v1/messages", json={"to": "+14155550123", "body": "Order 77"}, headers=world.auth()
+        )
+
+    assert [line["body"] for line in lines(json_logs) if "body" in line] == ["Order 77"]
+
+
+async def test_worker_and_callback_lines_carry_the_message_id(
+    api: httpx.AsyncClient, world: World, json_logs: io.StringIO
+) -> None:
+    response = await api.post(
+        "/v1/messages", json={"to": "+14155550123", "body": "hi"}, headers=world.auth()
+    )
+    message_id = response.json()["id"]
+
+    await run_worker(RecordingProvider(twilio_created))
+
+    submitted = [line for line in lines(json_logs) if line["msg"] == "message submitted"]
+    assert [line["message_id"] for line in submitted] == [message_id]
+    assert submitted[0]["provider"] == "twilio"
+
+
+async def test_not_ready_when_the_schema_is_behind_the_code(database: str, world: World) -> None:
+    app = create_app(make_settings())
+    async with app.router.lifespan_context(app):
+        app.state.schema_head = uuid.uuid4().hex[:12]  # a migration this database lacks
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=PUBLIC_BASE_URL) as api:
+            response = await api.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["migrations"].startswith("error: RuntimeError: schema at")
