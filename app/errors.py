@@ -179,7 +179,22 @@ def problem_json_only(openapi: dict[str, Any]) -> dict[str, Any]:
                 json_twin = content.get("application/json", {}).get("schema", {})
                 if json_twin.get("$ref", "").endswith("/HTTPValidationError"):
                     content.pop("application/json")
-                    content[PROBLEM_JSON] = {"schema": problem_ref}
+                    content[PROBLEM_JSON] = {
+                        "schema": problem_ref,
+                        "example": {
+                            "type": "about:blank",
+                            "title": "Invalid request",
+                            "status": 422,
+                            "code": "validation_error",
+                            "detail": "limit: Input should be less than or equal to 100",
+                            "errors": [
+                                {
+                                    "field": "limit",
+                                    "reason": "Input should be less than or equal to 100",
+                                }
+                            ],
+                        },
+                    }
                     response["description"] = "Invalid request"
                 elif PROBLEM_JSON in content and "application/json" in content:
                     content[PROBLEM_JSON].setdefault(

@@ -6,9 +6,15 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
 
 from app.api.deps import AdminDep, SessionDep
+from app.api.params import (
+    CreatedAfterQuery,
+    CreatedBeforeQuery,
+    CursorQuery,
+    LimitQuery,
+    SenderIdQuery,
+)
 from app.api.schemas import E164, InboundOut, InboundPage
 from app.domain.inbound import InboundFilter, list_inbound
 from app.domain.keywords import KeywordCategory
@@ -26,15 +32,19 @@ router = APIRouter(prefix="/v1/inbound", tags=["inbound"])
 async def list_inbound_messages(
     session: SessionDep,
     _admin: AdminDep,
-    from_: Annotated[E164 | None, Query(alias="from", description="Only from this number.")] = None,
-    sender_id: Annotated[uuid.UUID | None, Query(description="Only to this sender.")] = None,
-    keyword_category: Annotated[
-        KeywordCategory | None, Query(description="Only messages that matched this category.")
+    from_: Annotated[
+        E164 | None,
+        Query(alias="from", description="Only from this number.", examples=["+14155550123"]),
     ] = None,
-    created_after: Annotated[AwareDatetime | None, Query(description="At or after.")] = None,
-    created_before: Annotated[AwareDatetime | None, Query(description="Before.")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    sender_id: SenderIdQuery = None,
+    keyword_category: Annotated[
+        KeywordCategory | None,
+        Query(description="Only messages that matched this category.", examples=["opt_out"]),
+    ] = None,
+    created_after: CreatedAfterQuery = None,
+    created_before: CreatedBeforeQuery = None,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
 ) -> InboundPage:
     """Inbound messages, newest first, with the keyword each matched and our reply."""
     rows = await list_inbound(

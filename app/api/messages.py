@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
+from app.api.params import (
+    CreatedAfterQuery,
+    CreatedBeforeQuery,
+    CursorQuery,
+    LimitQuery,
+    MessageIdPath,
+)
 from app.api.schemas import (
     E164,
     MessageDetail,
@@ -42,6 +47,7 @@ IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
+        examples=["order-1042-shipped"],
         description="Any unique string (a UUID is good). Retrying with the same key and body "
         "returns the first response and sends nothing new; kept for at least 24 hours.",
     ),
@@ -131,7 +137,7 @@ async def preview_message(
     responses=problem_responses(Unauthorized, NotFound),
 )
 async def get_message(
-    message_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+    message_id: MessageIdPath, session: SessionDep, principal: PrincipalDep
 ) -> MessageDetail:
     """A message with its status history."""
     message, history = await domain.get_message(session, principal, message_id)
@@ -149,18 +155,17 @@ async def get_message(
 async def list_messages(
     session: SessionDep,
     principal: PrincipalDep,
-    to: Annotated[E164 | None, Query(description="Only messages to this number.")] = None,
+    to: Annotated[
+        E164 | None, Query(description="Only messages to this number.", examples=["+14155550123"])
+    ] = None,
     status: Annotated[
-        MessageStatus | None, Query(description="Only messages in this status.")
+        MessageStatus | None,
+        Query(description="Only messages in this status.", examples=["delivered"]),
     ] = None,
-    created_after: Annotated[
-        AwareDatetime | None, Query(description="Created at or after (with a UTC offset).")
-    ] = None,
-    created_before: Annotated[
-        AwareDatetime | None, Query(description="Created before (with a UTC offset).")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    created_after: CreatedAfterQuery = None,
+    created_before: CreatedBeforeQuery = None,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
 ) -> MessagePage:
     """Your messages, newest first, one page at a time."""
     page = await domain.list_messages(

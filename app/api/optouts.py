@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Path, Query
 
 from app.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
+from app.api.params import CursorQuery, LimitQuery, SenderIdQuery
 from app.api.schemas import (
     E164,
     ImportLineError,
@@ -24,10 +25,16 @@ from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed, prob
 
 router = APIRouter(prefix="/v1/opt-outs", tags=["opt-outs"])
 
-PhonePath = Annotated[E164, Path(description="The number, in any format; E.164 is safest.")]
+PhonePath = Annotated[
+    E164,
+    Path(description="The number, in any format; E.164 is safest.", examples=["+14155550123"]),
+]
 SenderQuery = Annotated[
     uuid.UUID | None,
-    Query(description="A sender's id; omitted, the service-wide state (every sender)."),
+    Query(
+        description="A sender's id; omitted, the service-wide state (every sender).",
+        examples=["0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b"],
+    ),
 ]
 
 
@@ -54,10 +61,12 @@ async def _status(session: SessionDep, phone: str, sender_id: uuid.UUID | None) 
 async def list_opt_outs(
     session: SessionDep,
     _admin: AdminDep,
-    phone: Annotated[E164 | None, Query(description="Only this number.")] = None,
-    sender_id: Annotated[uuid.UUID | None, Query(description="Only this sender's.")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    phone: Annotated[
+        E164 | None, Query(description="Only this number.", examples=["+14155550123"])
+    ] = None,
+    sender_id: SenderIdQuery = None,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
 ) -> OptOutPage:
     """Numbers currently opted out (per sender, or service-wide), newest first."""
     rows = await domain.current_opt_outs(

@@ -38,6 +38,73 @@ E164 = Annotated[
 
 MAX_METADATA_KEYS = 20
 
+_MESSAGE_EXAMPLE: dict[str, Any] = {
+    "id": "5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10",
+    "status": "delivered",
+    "to": "+14155550123",
+    "from": "+14155550100",
+    "body": "Your order #1042 has shipped.",
+    "encoding": "GSM-7",
+    "segments": 1,
+    "provider": "twilio",
+    "provider_message_id": "SM0123456789abcdef0123456789abcdef",
+    "error_code": None,
+    "error_message": None,
+    "callback_url": None,
+    "validity_period": None,
+    "expires_at": None,
+    "metadata": {"order_id": "1042"},
+    "created_at": "2026-11-26T10:00:00Z",
+    "updated_at": "2026-11-26T10:00:03Z",
+}
+_SENDER_EXAMPLE: dict[str, Any] = {
+    "id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b",
+    "address": "+14155550100",
+    "kind": "long_code",
+    "provider": "twilio",
+    "description": "US order notifications",
+    "keywords": {
+        "opt_out": {
+            "keywords": {"en": ["STOP", "QUIT"], "fr": ["ARRET"]},
+            "replies": {"en": "Unsubscribed. Reply START to resubscribe."},
+        },
+        "opt_in": {"keywords": {"en": ["START"]}, "replies": {}},
+        "help": {
+            "keywords": {"en": ["HELP"], "fr": ["AIDE"]},
+            "replies": {"en": "ACME orders. Reply STOP to unsubscribe."},
+        },
+        "custom": [],
+    },
+    "missing_replies": ["help/fr", "opt_out/fr"],
+    "created_at": "2026-11-26T09:00:00Z",
+    "updated_at": "2026-11-26T09:00:00Z",
+}
+_OPT_OUT_EVENT_EXAMPLE: dict[str, Any] = {
+    "id": 17,
+    "phone": "+14155550123",
+    "sender_id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b",
+    "action": "opt_out",
+    "source": "keyword",
+    "actor": "recipient",
+    "detail": "STOP to +14155550100",
+    "created_at": "2026-11-26T10:05:00Z",
+}
+_INBOUND_EXAMPLE: dict[str, Any] = {
+    "id": "9d1c7e52-60f3-4b55-8f0e-1d2c3b4a5f60",
+    "provider": "twilio",
+    "provider_message_id": "SMfedcba9876543210fedcba9876543210",
+    "sender_id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b",
+    "to": "+14155550100",
+    "from": "+14155550123",
+    "body": "Stop",
+    "num_segments": 1,
+    "keyword": "STOP",
+    "keyword_category": "opt_out",
+    "language": "en",
+    "reply_message_id": "5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f11",
+    "created_at": "2026-11-26T10:05:00Z",
+}
+
 
 class SendMessageRequest(BaseModel):
     """A message to send."""
@@ -159,11 +226,63 @@ class MessageOut(BaseModel):
 class MessageDetail(MessageOut):
     """A message with its status history, oldest first."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_MESSAGE_EXAMPLE,
+                    "history": [
+                        {
+                            "status": "queued",
+                            "source": "api",
+                            "detail": None,
+                            "error_code": None,
+                            "created_at": "2026-11-26T10:00:00Z",
+                        },
+                        {
+                            "status": "sending",
+                            "source": "worker",
+                            "detail": "attempt 1",
+                            "error_code": None,
+                            "created_at": "2026-11-26T10:00:00.05Z",
+                        },
+                        {
+                            "status": "sent",
+                            "source": "worker",
+                            "detail": "accepted by twilio as SM0123456789abcdef0123456789abcdef",
+                            "error_code": None,
+                            "created_at": "2026-11-26T10:00:00.3Z",
+                        },
+                        {
+                            "status": "delivered",
+                            "source": "twilio",
+                            "detail": None,
+                            "error_code": None,
+                            "created_at": "2026-11-26T10:00:03Z",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     history: list[StatusChange]
 
 
 class MessagePage(BaseModel):
     """A page of messages, newest first. Pass `next_cursor` as `cursor` for the next page."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [_MESSAGE_EXAMPLE],
+                    "has_more": True,
+                    "next_cursor": "MjAyNi0xMS0yNlQxMDowMDowMCswMDowMHw1YjBlOGYwYQ",
+                }
+            ]
+        }
+    )
 
     data: list[MessageOut]
     has_more: bool
@@ -244,6 +363,8 @@ class SenderPatch(BaseModel):
 class SenderOut(BaseModel):
     """A sender."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [_SENDER_EXAMPLE]})
+
     id: uuid.UUID
     address: str
     kind: SenderKind
@@ -277,13 +398,19 @@ class SenderOut(BaseModel):
 class SenderList(BaseModel):
     """Every sender."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_SENDER_EXAMPLE]}]})
+
     data: list[SenderOut]
 
 
 class InboundOut(BaseModel):
     """A message a customer sent to one of our addresses."""
 
-    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        populate_by_name=True,
+        json_schema_extra={"examples": [_INBOUND_EXAMPLE]},
+    )
 
     id: uuid.UUID
     provider: str
@@ -305,6 +432,12 @@ class InboundOut(BaseModel):
 class InboundPage(BaseModel):
     """A page of inbound messages, newest first."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": [_INBOUND_EXAMPLE], "has_more": False, "next_cursor": None}]
+        }
+    )
+
     data: list[InboundOut]
     has_more: bool
     next_cursor: str | None
@@ -313,7 +446,9 @@ class InboundPage(BaseModel):
 class OptOutEvent(BaseModel):
     """One row of a number's opt-out history."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True, json_schema_extra={"examples": [_OPT_OUT_EVENT_EXAMPLE]}
+    )
 
     id: int
     phone: str
@@ -328,6 +463,19 @@ class OptOutEvent(BaseModel):
 class OptOutStatus(BaseModel):
     """Whether a number is opted out (of one sender, or service-wide), and its history."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "phone": "+14155550123",
+                    "sender_id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b",
+                    "opted_out": True,
+                    "history": [_OPT_OUT_EVENT_EXAMPLE],
+                }
+            ]
+        }
+    )
+
     phone: str
     sender_id: uuid.UUID | None
     opted_out: bool
@@ -336,6 +484,12 @@ class OptOutStatus(BaseModel):
 
 class OptOutPage(BaseModel):
     """Current opt-outs (the newest row of each number and scope is an opt-out), newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": [_OPT_OUT_EVENT_EXAMPLE], "has_more": False, "next_cursor": None}]
+        }
+    )
 
     data: list[OptOutEvent]
     has_more: bool
@@ -352,6 +506,23 @@ class ImportLineError(BaseModel):
 
 class OptOutImportResult(BaseModel):
     """What a bulk import recorded; lines with errors were skipped, the rest recorded."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "recorded": 2,
+                    "errors": [
+                        {
+                            "line": 4,
+                            "value": "+1 415 555",
+                            "reason": "impossible number: it is too short",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
 
     recorded: int
     errors: list[ImportLineError]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter
 
 from app.api.deps import AdminDep, SessionDep, SettingsDep
+from app.api.params import SenderIdPath
 from app.api.schemas import SenderIn, SenderList, SenderOut, SenderPatch
 from app.domain import senders as domain
 from app.errors import (
@@ -61,7 +60,7 @@ async def list_senders(session: SessionDep, _admin: AdminDep, settings: Settings
     responses=problem_responses(Unauthorized, Forbidden, NotFound),
 )
 async def get_sender(
-    sender_id: uuid.UUID, session: SessionDep, _admin: AdminDep, settings: SettingsDep
+    sender_id: SenderIdPath, session: SessionDep, _admin: AdminDep, settings: SettingsDep
 ) -> SenderOut:
     """One sender, with the replies it still lacks."""
     return SenderOut.of(
@@ -76,7 +75,7 @@ async def get_sender(
     responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def update_sender(
-    sender_id: uuid.UUID,
+    sender_id: SenderIdPath,
     request: SenderPatch,
     session: SessionDep,
     _admin: AdminDep,

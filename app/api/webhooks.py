@@ -141,6 +141,7 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 @router.post(
     "/twilio/inbound",
+    response_class=Response,
     responses={
         **problem_responses(Forbidden, ValidationFailed),
         200: {
