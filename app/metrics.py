@@ -26,6 +26,11 @@ INBOUND_MESSAGES = Counter(
     "Inbound messages stored, by the keyword category they matched ('none' for none).",
     ["provider", "keyword_category"],
 )
+RATE_LIMIT_DEFERRALS = Counter(
+    "smsgate_rate_limit_deferrals",
+    "Submissions put off because of a rate limit (`provider_throttled`: the provider said so).",
+    ["provider", "reason"],
+)
 QUEUE_DEPTH = Gauge(
     "smsgate_queue_depth", "Delivery jobs in the arq queue, deferred retries included."
 )

@@ -22,7 +22,14 @@ from app.logs import JsonFormatter
 from app.main import create_app
 from tests.api.test_status_callbacks import TWILIO_PATH
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
-from tests.domain.test_delivery import POLICY, RecordingProvider, queued_message, twilio_created
+from tests.domain.test_delivery import (
+    POLICY,
+    RecordingProvider,
+    make_due,
+    queued_message,
+    twilio_created,
+    twilio_error,
+)
 from tests.test_end_to_end import run_worker
 
 
@@ -179,3 +186,28 @@ async def test_not_ready_when_the_schema_is_behind_the_code(database: str, world
 
     assert response.status_code == 503
     assert response.json()["checks"]["migrations"].startswith("error: RuntimeError: schema at")
+
+
+async def test_provider_throttling_is_counted_as_a_rate_limit_deferral(
+    session_factory: SessionFactory, world: World
+) -> None:
+    before = sample(
+        "smsgate_rate_limit_deferrals_total", provider="twilio", reason="provider_throttled"
+    )
+    message_id = await queued_message(session_factory, world)
+    throttled = twilio_error(429, 20429, "Too Many Requests")
+    failing = twilio_error(500, 20500, "Internal Server Error")
+
+    outcome = await deliver_message(
+        message_id, session_factory, RecordingProvider(throttled).providers(), POLICY
+    )
+    await make_due(session_factory, message_id)
+    await deliver_message(
+        message_id, session_factory, RecordingProvider(failing).providers(), POLICY
+    )
+
+    assert outcome.retry_in is not None  # deferred, not failed
+    after = sample(
+        "smsgate_rate_limit_deferrals_total", provider="twilio", reason="provider_throttled"
+    )
+    assert after == before + 1  # the 500 is a retry, but not a rate limit

@@ -29,7 +29,7 @@ from app.domain.optouts import (
     record_change,
 )
 from app.domain.status import MessageStatus
-from app.metrics import PROVIDER_REQUEST_SECONDS, count_status
+from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS, count_status
 from app.providers.base import Encoding, ErrorKind, OutboundSms, Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,10 @@ async def _record_failure(
             )
         if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
             retry_in = policy.delay(message.attempts, error.retry_after)
+            if error.throttled:
+                RATE_LIMIT_DEFERRALS.labels(
+                    provider=message.provider, reason="provider_throttled"
+                ).inc()
             released = await session.scalar(
                 update(Message)
                 .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)

@@ -67,6 +67,7 @@ class ProviderError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
         recipient_opted_out: bool = False,
+        throttled: bool = False,
     ) -> None:
         super().__init__(detail)
         self.kind = kind
@@ -76,6 +77,8 @@ class ProviderError(Exception):
         # The provider refused because the recipient unsubscribed there (e.g. Twilio 21610):
         # we record the opt-out too, so we stop trying.
         self.recipient_opted_out = recipient_opted_out
+        # The provider said "too fast" (HTTP 429 or its own code): a rate-limit deferral.
+        self.throttled = throttled
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,9 @@ VALIDITY_MAX_SECONDS: Final = 36_000
 
 # Twilio error codes (https://www.twilio.com/docs/api/errors) -> what the worker may do. A code
 # decides before the HTTP status does, because Twilio answers some "try later" cases with a 400.
+# Twilio's "Too many requests": the account or number is sending faster than allowed.
+THROTTLED_ERROR_CODE: Final = 20429
+
 ERROR_CODE_KINDS: Final[Mapping[int, ErrorKind]] = {
     # Twilio did not create the message and says it is safe to try again.
     20429: ErrorKind.RETRYABLE,  # Too many requests: "never processed and always safe to retry"
@@ -317,6 +320,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         code=str(twilio_code) if twilio_code is not None else f"http_{status_code}",
         retry_after=retry_after_seconds(response.headers) if kind is ErrorKind.RETRYABLE else None,
         recipient_opted_out=twilio_code in OPT_OUT_ERROR_CODES,
+        throttled=status_code == 429 or twilio_code == THROTTLED_ERROR_CODE,
     )
 
 

@@ -55,6 +55,9 @@ TTL_MAX_MS: Final = 604_800_000
 
 # Send response `status` -> what the worker may do. Only a non-zero status reaches this table, and
 # a non-zero status means Vonage did not accept that part, so nothing is "unknown outcome" here.
+# Send status "1", Throttled: faster than the account's messages-per-second limit.
+THROTTLED_STATUS: Final = "1"
+
 SEND_STATUS_KINDS: Final[Mapping[str, ErrorKind]] = {
     "1": ErrorKind.RETRYABLE,  # Throttled: sending faster than the account limit
     "2": ErrorKind.PERMANENT,  # Missing Parameters
@@ -323,6 +326,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
             f"Vonage answered HTTP {status_code}",
             code=f"http_{status_code}",
             retry_after=retry_after_seconds(response.headers),
+            throttled=status_code == 429,
         )
     if status_code != 200:
         raise ProviderError(
@@ -360,7 +364,9 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         )
     # An undocumented non-zero status still means "not accepted"; failing is the safe default.
     kind = SEND_STATUS_KINDS.get(status, ErrorKind.PERMANENT)
-    raise ProviderError(kind, f"status {status}: {text}", code=status)
+    raise ProviderError(
+        kind, f"status {status}: {text}", code=status, throttled=status == THROTTLED_STATUS
+    )
 
 
 def _parts(response: httpx.Response) -> list[Mapping[str, Any]] | None:
