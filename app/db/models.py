@@ -233,17 +233,36 @@ class InboundMessage(Base):
 
 
 class InboundPart(Base):
-    """One part of a long inbound message that the provider delivers part by part."""
+    """One part of a long inbound message that the provider delivers part by part.
+
+    Parts are grouped by (provider, from, to, reference) among those not yet assembled: a
+    handset's reference counter wraps around, so an old, assembled group must not absorb a new
+    message's parts.
+    """
 
     __tablename__ = "inbound_parts"
+    __table_args__ = (
+        Index(
+            "ix_inbound_parts_pending",
+            "provider",
+            "from",
+            "to",
+            "reference",
+            postgresql_where=text("inbound_message_id IS NULL"),
+        ),
+    )
 
     provider: Mapped[str] = mapped_column(String(20), primary_key=True)
-    from_: Mapped[str] = mapped_column("from", String(32), primary_key=True)
-    reference: Mapped[str] = mapped_column(String(64), primary_key=True)
-    number: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    total: Mapped[int] = mapped_column(SmallInteger)
-    provider_message_id: Mapped[str] = mapped_column(String(128))
+    provider_message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    from_: Mapped[str] = mapped_column("from", String(32))
     to: Mapped[str] = mapped_column(String(32))
+    reference: Mapped[str] = mapped_column(String(64))
+    number: Mapped[int] = mapped_column(SmallInteger)
+    total: Mapped[int] = mapped_column(SmallInteger)
     body: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # Set once the whole message is stored; such parts never join a new group.
+    inbound_message_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("inbound_messages.id")
+    )
     created_at: Mapped[datetime] = _now()

@@ -7,12 +7,13 @@ ordinary outbound messages (queued, enqueued after commit, tracked to a status),
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,13 +28,16 @@ from app.domain.keywords import (
 )
 from app.domain.messages import queue_message
 from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
-from app.domain.phone import InvalidPhoneNumber, normalize_phone
+from app.domain.phone import canonical_phone
 from app.domain.senders import find_sender_by_address
 from app.domain.text import storable, storable_mapping
 from app.metrics import INBOUND_MESSAGES
 from app.providers.base import InboundSms
 
 log = logging.getLogger(__name__)
+
+# Messages come in at most 255 parts (the concatenation header counts them in one byte).
+MAX_PARTS = 255
 
 # The kind of outbound message each keyword category answers with.
 REPLY_KINDS = {
@@ -62,21 +66,16 @@ async def receive_inbound(
     opt_out_scope: str,
 ) -> InboundOutcome:
     """Store an inbound message (once), act on a keyword, and queue the reply if one is due."""
-    # Whatever a customer typed is kept, but PostgreSQL cannot hold NUL characters.
-    inbound = replace(
-        inbound,
-        provider_message_id=storable(inbound.provider_message_id)[:128],
-        from_=storable(inbound.from_)[:32],
-        to=storable(inbound.to)[:32],
-        body=storable(inbound.body),
-        raw=storable_mapping(inbound.raw),
-    )
+    inbound = _storable(inbound)
+    part_ids: list[str] = []
     if inbound.part is not None:
-        whole = await _assemble(session, provider, inbound)
-        if whole is None:
+        assembled = await _assemble(session, provider, inbound)
+        if assembled is None:
             return InboundOutcome(inbound_id=None)
-        inbound = whole
-    customer = _customer_number(inbound.from_, default_region)
+        inbound, part_ids = assembled
+    # Keywords act only on a number we can write the way sends write it (E.164), so an opt-out
+    # recorded for it is one that sends to that number will find.
+    customer = canonical_phone(inbound.from_, default_region)
     sender = await find_sender_by_address(session, inbound.to, default_region)
     match = None
     if sender is not None:
@@ -89,7 +88,7 @@ async def receive_inbound(
             provider_message_id=inbound.provider_message_id,
             sender_id=sender.id if sender else None,
             to=inbound.to,
-            from_=customer,
+            from_=customer or inbound.from_,
             body=inbound.body,
             num_segments=inbound.num_segments,
             keyword=match.keyword if match else None,
@@ -100,6 +99,8 @@ async def receive_inbound(
         .on_conflict_do_nothing(constraint="uq_inbound_provider_message")
         .returning(InboundMessage.id)
     )
+    if part_ids:
+        await _mark_assembled(session, provider, inbound.provider_message_id, part_ids)
     if inbound_id is None:
         return InboundOutcome(inbound_id=None, duplicate=True)
     INBOUND_MESSAGES.labels(
@@ -108,7 +109,7 @@ async def receive_inbound(
     if sender is None:
         log.info("inbound message to an unknown address", extra={"to": inbound.to})
         return InboundOutcome(inbound_id=inbound_id)
-    if match is None or not customer.startswith("+"):
+    if match is None or customer is None:
         return InboundOutcome(inbound_id=inbound_id)
     reply_id = await _act_on_keyword(session, sender, customer, match, opt_out_scope)
     if reply_id is not None:
@@ -128,7 +129,7 @@ async def _act_on_keyword(
         action = (
             OptAction.OPT_OUT if match.category is KeywordCategory.OPT_OUT else OptAction.OPT_IN
         )
-        changed = await record_change(
+        result = await record_change(
             session,
             OptChange(
                 phone=customer,
@@ -140,13 +141,15 @@ async def _act_on_keyword(
             ),
             seen_from=sender.id,
         )
-        # Exactly one confirmation: a repeated STOP (or START) changes nothing and gets none.
-        if not changed:
+        # One confirmation per change the customer made: a repeated STOP (or START) gets none.
+        # A state set by someone else (the API, an import, a provider) was never confirmed to
+        # the customer, so their own keyword is.
+        if not result.changed and result.previous_source == OptSource.KEYWORD:
             return None
     elif match.category is KeywordCategory.CUSTOM and await is_opted_out(
         session, customer, sender.id
     ):
-        return None  # custom replies are marketing-adjacent: never to an opted-out number
+        return None  # custom replies are not compliance messages: never to an opted-out number
     config = KeywordConfig.model_validate(sender.keywords)
     body = reply_text(config, match)
     reply = await queue_message(
@@ -162,56 +165,103 @@ async def _act_on_keyword(
     return reply.id
 
 
-async def _assemble(session: AsyncSession, provider: str, inbound: InboundSms) -> InboundSms | None:
-    """Store one part; once every part is in, the whole message (else None)."""
-    assert inbound.part is not None
-    part = replace(inbound.part, reference=storable(inbound.part.reference)[:64])
+def _storable(inbound: InboundSms) -> InboundSms:
+    """The message cut to our columns: whatever a customer typed is kept, but PostgreSQL holds
+    no NUL, and counts beyond what a real message has are not counts (nothing is refused, or
+    the provider would retry it forever)."""
+    part = inbound.part
+    if part is not None and not 1 <= part.number <= part.total <= MAX_PARTS:
+        part = None  # not a part we can place: keep it as a message of its own
+    if part is not None:
+        part = replace(part, reference=storable(part.reference)[:64])
+    segments = inbound.num_segments
+    return replace(
+        inbound,
+        provider_message_id=storable(inbound.provider_message_id)[:128],
+        from_=storable(inbound.from_)[:32],
+        to=storable(inbound.to)[:32],
+        body=storable(inbound.body),
+        num_segments=segments if segments is not None and 1 <= segments <= MAX_PARTS else None,
+        part=part,
+        raw=storable_mapping(inbound.raw),
+    )
+
+
+async def _assemble(
+    session: AsyncSession, provider: str, inbound: InboundSms
+) -> tuple[InboundSms, list[str]] | None:
+    """Store one part; once every part is in, the whole message and its parts' ids."""
+    part = inbound.part
+    assert part is not None
+    group = (
+        InboundPart.provider == provider,
+        InboundPart.from_ == inbound.from_,
+        InboundPart.to == inbound.to,
+        InboundPart.reference == part.reference,
+    )
+    # Parts of one message may arrive at the same moment: without this lock each request would
+    # see only its own uncommitted part and the message would never be assembled.
+    await session.execute(
+        select(func.pg_advisory_xact_lock(_group_lock(provider, inbound, part.reference)))
+    )
     await session.execute(
         insert(InboundPart)
         .values(
             provider=provider,
+            provider_message_id=inbound.provider_message_id,
             from_=inbound.from_,
+            to=inbound.to,
             reference=part.reference,
             number=part.number,
             total=part.total,
-            provider_message_id=inbound.provider_message_id,
-            to=inbound.to,
             body=inbound.body,
             payload=dict(inbound.raw),
         )
         .on_conflict_do_nothing()
     )
-    parts = list(
-        await session.scalars(
-            select(InboundPart)
-            .where(
-                InboundPart.provider == provider,
-                InboundPart.from_ == inbound.from_,
-                InboundPart.reference == part.reference,
-            )
-            .order_by(InboundPart.number)
-        )
+    pending = await session.scalars(
+        select(InboundPart)
+        .where(*group, InboundPart.inbound_message_id.is_(None), InboundPart.total == part.total)
+        .order_by(InboundPart.number, InboundPart.created_at)
     )
-    if [p.number for p in parts] != list(range(1, part.total + 1)):
+    by_number: dict[int, InboundPart] = {}
+    for stored in pending:
+        by_number.setdefault(stored.number, stored)
+    if set(by_number) != set(range(1, part.total + 1)):
         return None
-    # The first part's id names the whole message, so the last part arriving twice (or two last
-    # parts racing) still inserts it once.
-    return replace(
+    ordered = [by_number[number] for number in range(1, part.total + 1)]
+    whole = replace(
         inbound,
-        provider_message_id=parts[0].provider_message_id,
-        body="".join(p.body for p in parts),
+        # The first part's id names the whole message.
+        provider_message_id=ordered[0].provider_message_id,
+        body="".join(p.body for p in ordered),
         num_segments=part.total,
         part=None,
-        raw={**inbound.raw, "parts": ",".join(p.provider_message_id for p in parts)},
+        raw={**inbound.raw, "parts": ",".join(p.provider_message_id for p in ordered)},
+    )
+    return whole, [p.provider_message_id for p in ordered]
+
+
+async def _mark_assembled(
+    session: AsyncSession, provider: str, provider_message_id: str, part_ids: list[str]
+) -> None:
+    """Tie the parts to their message, so they never join a later message's group."""
+    inbound_id = await session.scalar(
+        select(InboundMessage.id).where(
+            InboundMessage.provider == provider,
+            InboundMessage.provider_message_id == provider_message_id,
+        )
+    )
+    await session.execute(
+        update(InboundPart)
+        .where(InboundPart.provider == provider, InboundPart.provider_message_id.in_(part_ids))
+        .values(inbound_message_id=inbound_id)
     )
 
 
-def _customer_number(raw: str, default_region: str) -> str:
-    """The sender of an inbound message in E.164 when it is a phone number; else as given."""
-    try:
-        return normalize_phone(raw, default_region)
-    except InvalidPhoneNumber:
-        return raw
+def _group_lock(provider: str, inbound: InboundSms, reference: str) -> int:
+    key = f"parts:{provider}:{inbound.from_}:{inbound.to}:{reference}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)

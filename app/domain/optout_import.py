@@ -15,6 +15,7 @@ from app.domain.senders import find_sender_by_address
 from app.errors import ValidationFailed
 
 MAX_LINES = 100_000
+MAX_SENDER_LENGTH = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +43,11 @@ async def import_opt_outs(
     Columns: `phone[,sender]`; a first line whose first cell is `phone` is a header. Without a
     sender the opt-out applies to every sender.
     """
-    rows = list(csv.reader(io.StringIO(text)))
-    if len(rows) > MAX_LINES:
-        raise ValidationFailed.for_field(
-            "too_many_lines", "body", f"at most {MAX_LINES} lines per import"
-        )
+    rows = _read_rows(text)
     result = ImportResult()
     changes: list[OptChange] = []
     senders: dict[str, uuid.UUID | None] = {}
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         cells = [cell.strip() for cell in row]
         if not any(cells) or (number == 1 and cells[0].lower() == "phone"):
             continue
@@ -62,6 +59,9 @@ async def import_opt_outs(
             continue
         sender_id = None
         if len(cells) > 1 and cells[1]:
+            if len(cells[1]) > MAX_SENDER_LENGTH or "\x00" in cells[1]:
+                result.errors.append(LineError(number, cells[1], "not a sender address"))
+                continue
             if cells[1] not in senders:
                 sender = await find_sender_by_address(session, cells[1], default_region)
                 senders[cells[1]] = sender.id if sender else None
@@ -76,3 +76,25 @@ async def import_opt_outs(
         await record_changes(session, changes)
     result.recorded = len(changes)
     return result
+
+
+def _read_rows(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of each record: a BOM and any line ending are fine, and a file
+    whose first line has semicolons but no commas is read as semicolon-separated."""
+    text = text.removeprefix("\ufeff")
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    delimiter = ";" if ";" in first_line and "," not in first_line else ","
+    reader = csv.reader(io.StringIO(text, newline=None), delimiter=delimiter)
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        for row in reader:
+            if len(rows) >= MAX_LINES:
+                raise ValidationFailed.for_field(
+                    "too_many_lines", "body", f"at most {MAX_LINES} lines per import"
+                )
+            rows.append((reader.line_num, row))
+    except csv.Error as error:
+        raise ValidationFailed.for_field(
+            "invalid_csv", "body", f"line {reader.line_num}: {error}"
+        ) from None
+    return rows

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, and_, func, literal, or_, select
+from sqlalchemy import BigInteger, ColumnElement, and_, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -39,9 +39,16 @@ class OptSource(StrEnum):
     PROVIDER_ERROR = "provider_error"
 
 
+# Numbers share this many locks: a bulk import of 100,000 numbers must take a bounded number of
+# advisory locks (each uses a slot of PostgreSQL's shared lock table); two numbers in one bucket
+# only wait for each other briefly.
+LOCK_BUCKETS = 1024
+_LOCK_NAMESPACE = 0x534D5300  # keeps our keys apart from other advisory locks ("SMS\0")
+
+
 def _lock_key(phone: str) -> int:
     digest = hashlib.sha256(f"recipient:{phone}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return _LOCK_NAMESPACE + int.from_bytes(digest[:8], "big") % LOCK_BUCKETS
 
 
 async def lock_recipients(session: AsyncSession, phones: Iterable[str]) -> None:
@@ -56,22 +63,36 @@ async def lock_recipients(session: AsyncSession, phones: Iterable[str]) -> None:
         await session.execute(select(func.pg_advisory_xact_lock(key)))
 
 
+async def _deciding_row(
+    session: AsyncSession, phone: str, sender_id: uuid.UUID | None, *, with_service_wide: bool
+) -> tuple[str, str] | None:
+    """(action, source) of the newest row that decides the state, if any."""
+    scope: ColumnElement[bool]
+    if sender_id is None:
+        scope = OptOut.sender_id.is_(None)
+    elif with_service_wide:
+        scope = (OptOut.sender_id == sender_id) | OptOut.sender_id.is_(None)
+    else:
+        scope = OptOut.sender_id == sender_id
+    row = (
+        await session.execute(
+            select(OptOut.action, OptOut.source)
+            .where(OptOut.phone == phone, scope)
+            .order_by(OptOut.created_at.desc(), OptOut.id.desc())
+            .limit(1)
+        )
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
 async def is_opted_out(session: AsyncSession, phone: str, sender_id: uuid.UUID) -> bool:
     """True when `phone` opted out of this sender, or of every sender, and has not opted back in.
 
     The newest row among the sender's own and the service-wide rows wins, so a START to one sender
     after a service-wide STOP re-allows that sender (the customer asked it directly).
     """
-    newest = await session.scalar(
-        select(OptOut.action)
-        .where(
-            OptOut.phone == phone,
-            (OptOut.sender_id == sender_id) | OptOut.sender_id.is_(None),
-        )
-        .order_by(OptOut.created_at.desc(), OptOut.id.desc())
-        .limit(1)
-    )
-    return newest == OptAction.OPT_OUT
+    row = await _deciding_row(session, phone, sender_id, with_service_wide=True)
+    return row is not None and row[0] == OptAction.OPT_OUT
 
 
 async def is_opted_out_of_scope(
@@ -79,14 +100,8 @@ async def is_opted_out_of_scope(
 ) -> bool:
     """The state of one scope: a sender's own rows or service-wide rows (when `sender_id` is
     None) only, without the other scope's rows."""
-    scope = OptOut.sender_id.is_(None) if sender_id is None else OptOut.sender_id == sender_id
-    newest = await session.scalar(
-        select(OptOut.action)
-        .where(OptOut.phone == phone, scope)
-        .order_by(OptOut.created_at.desc(), OptOut.id.desc())
-        .limit(1)
-    )
-    return newest == OptAction.OPT_OUT
+    row = await _deciding_row(session, phone, sender_id, with_service_wide=False)
+    return row is not None and row[0] == OptAction.OPT_OUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,19 +116,30 @@ class OptChange:
     detail: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeResult:
+    """What recording a change did, seen from one sender (or one scope)."""
+
+    changed: bool  # the state is different now
+    previous_source: str | None  # how the state before it came about (None: never recorded)
+
+
 async def record_change(
     session: AsyncSession, change: OptChange, *, seen_from: uuid.UUID | None = None
-) -> bool:
-    """Record an opt-out or opt-in; True when it changed the state seen from `seen_from`.
+) -> ChangeResult:
+    """Record an opt-out or opt-in, and say whether it changed the state seen from `seen_from`.
 
     `seen_from` is the sender whose effective state decides "changed" (a STOP to sender A stored
     service-wide changes A's state only if A was not already opted out); by default the scope's.
     """
     await lock_recipients(session, [change.phone])
     if seen_from is not None:
-        before = await is_opted_out(session, change.phone, seen_from)
+        previous = await _deciding_row(session, change.phone, seen_from, with_service_wide=True)
     else:
-        before = await is_opted_out_of_scope(session, change.phone, change.sender_id)
+        previous = await _deciding_row(
+            session, change.phone, change.sender_id, with_service_wide=False
+        )
+    before = previous is not None and previous[0] == OptAction.OPT_OUT
     session.add(
         OptOut(
             phone=change.phone,
@@ -128,7 +154,10 @@ async def record_change(
         )
     )
     await session.flush()
-    return before != (change.action is OptAction.OPT_OUT)
+    return ChangeResult(
+        changed=before != (change.action is OptAction.OPT_OUT),
+        previous_source=previous[1] if previous else None,
+    )
 
 
 async def record_changes(session: AsyncSession, changes: list[OptChange]) -> None:

@@ -48,3 +48,15 @@ def normalize_phone(raw: str, default_region: str) -> str:
     if not_capable is not None:
         raise InvalidPhoneNumber(f"cannot receive SMS: it is {not_capable}")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def canonical_phone(raw: str, default_region: str) -> str | None:
+    """`raw` written as E.164, as sends write numbers, without judging whether it can receive
+    SMS; None when it is not a possible phone number (an alphanumeric sender, a typo)."""
+    try:
+        number = phonenumbers.parse(raw, default_region)
+    except NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

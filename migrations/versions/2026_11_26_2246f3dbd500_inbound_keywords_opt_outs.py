@@ -29,19 +29,6 @@ BUILTIN_KEYWORDS = (
 
 
 def upgrade() -> None:
-    op.create_table('inbound_parts',
-    sa.Column('provider', sa.String(length=20), nullable=False),
-    sa.Column('from', sa.String(length=32), nullable=False),
-    sa.Column('reference', sa.String(length=64), nullable=False),
-    sa.Column('number', sa.SmallInteger(), nullable=False),
-    sa.Column('total', sa.SmallInteger(), nullable=False),
-    sa.Column('provider_message_id', sa.String(length=128), nullable=False),
-    sa.Column('to', sa.String(length=32), nullable=False),
-    sa.Column('body', sa.Text(), nullable=False),
-    sa.Column('payload', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
-    sa.PrimaryKeyConstraint('provider', 'from', 'reference', 'number', name=op.f('pk_inbound_parts'))
-    )
     op.create_table('inbound_messages',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('provider', sa.String(length=20), nullable=False),
@@ -64,6 +51,22 @@ def upgrade() -> None:
     )
     op.create_index('ix_inbound_created', 'inbound_messages', ['created_at', 'id'], unique=False)
     op.create_index('ix_inbound_from_created', 'inbound_messages', ['from', 'created_at'], unique=False)
+    op.create_table('inbound_parts',
+    sa.Column('provider', sa.String(length=20), nullable=False),
+    sa.Column('provider_message_id', sa.String(length=128), nullable=False),
+    sa.Column('from', sa.String(length=32), nullable=False),
+    sa.Column('to', sa.String(length=32), nullable=False),
+    sa.Column('reference', sa.String(length=64), nullable=False),
+    sa.Column('number', sa.SmallInteger(), nullable=False),
+    sa.Column('total', sa.SmallInteger(), nullable=False),
+    sa.Column('body', sa.Text(), nullable=False),
+    sa.Column('payload', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+    sa.Column('inbound_message_id', sa.UUID(), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.ForeignKeyConstraint(['inbound_message_id'], ['inbound_messages.id'], name=op.f('fk_inbound_parts_inbound_message_id_inbound_messages')),
+    sa.PrimaryKeyConstraint('provider', 'provider_message_id', name=op.f('pk_inbound_parts'))
+    )
+    op.create_index('ix_inbound_parts_pending', 'inbound_parts', ['provider', 'from', 'to', 'reference'], unique=False, postgresql_where=sa.text('inbound_message_id IS NULL'))
     op.add_column('messages', sa.Column('kind', sa.String(length=24), server_default=sa.text("'regular'"), nullable=False))
     op.alter_column('messages', 'client_id',
                existing_type=sa.UUID(),
@@ -100,5 +103,6 @@ def downgrade() -> None:
     op.drop_column('messages', 'kind')
     op.drop_index('ix_inbound_from_created', table_name='inbound_messages')
     op.drop_index('ix_inbound_created', table_name='inbound_messages')
-    op.drop_table('inbound_messages')
+    op.drop_index('ix_inbound_parts_pending', table_name='inbound_parts', postgresql_where=sa.text('inbound_message_id IS NULL'))
     op.drop_table('inbound_parts')
+    op.drop_table('inbound_messages')

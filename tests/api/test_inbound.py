@@ -459,3 +459,145 @@ async def test_vonage_err_code_9_in_a_receipt_records_the_opt_out(
     assert await opt_out_rows(session_factory) == [
         (CUSTOMER, world.vonage_sender.id, "opt_out", "provider_error", "provider:vonage")
     ]
+
+
+def vonage_part(number: int, text: str, *, reference: str = "77", total: int = 2) -> dict[str, str]:
+    return vonage_signed(
+        {
+            "msisdn": "14155550123",
+            "to": "ACME",
+            "messageId": f"0D{reference}{number:014d}",
+            "text": text,
+            "type": "text",
+            "concat": "true",
+            "concat-ref": reference,
+            "concat-total": str(total),
+            "concat-part": str(number),
+        }
+    )
+
+
+async def inbound_bodies(session_factory: SessionFactory) -> list[str]:
+    async with session_factory() as session:
+        return list(
+            await session.scalars(select(InboundMessage.body).order_by(InboundMessage.created_at))
+        )
+
+
+async def test_parts_arriving_at_the_same_moment_are_assembled(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    responses = await asyncio.gather(
+        api.post(VONAGE_INBOUND, data=vonage_part(1, "Hello ")),
+        api.post(VONAGE_INBOUND, data=vonage_part(2, "there")),
+    )
+
+    assert [response.status_code for response in responses] == [204, 204]
+    assert await inbound_bodies(session_factory) == ["Hello there"]
+
+
+async def test_a_reused_part_reference_starts_a_new_message(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    # Handsets count references in one byte: the same reference comes back for a later message.
+    for number, text in ((1, "First "), (2, "message")):
+        await api.post(VONAGE_INBOUND, data=vonage_part(number, text))
+    for number, text in ((1, "Second "), (2, "one")):
+        params = vonage_part(number, text)
+        params = vonage_signed(
+            {
+                **{k: v for k, v in params.items() if k not in ("sig", "timestamp", "nonce")},
+                "messageId": f"0E77{number:014d}",
+            }
+        )
+        await api.post(VONAGE_INBOUND, data=params)
+
+    assert await inbound_bodies(session_factory) == ["First message", "Second one"]
+
+
+async def test_a_stop_waits_for_a_send_being_claimed_to_that_number(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    # The worker's claim holds the number's lock; the STOP must wait for it, not slip past.
+    async with session_factory() as claim, claim.begin():
+        await lock_recipients(claim, [CUSTOMER])
+        stop = asyncio.create_task(twilio_inbound(api, "STOP"))
+        await asyncio.sleep(0.2)
+        assert not stop.done()
+
+    assert (await stop).status_code == 200
+    assert len(await opt_out_rows(session_factory)) == 1
+
+
+@pytest.mark.parametrize("kind", ["keyword_reply", "opt_in_confirmation", "regular"])
+async def test_replies_queued_before_a_stop_are_canceled_too(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory, kind: str
+) -> None:
+    message_id = await queued_message(session_factory, world, kind=kind)
+    await twilio_inbound(api, "STOP")
+    provider = RecordingProvider(twilio_created)
+
+    outcome = await deliver_message(message_id, session_factory, provider.providers(), POLICY)
+
+    assert outcome.status is not None and outcome.status.value == "canceled"
+    assert provider.requests == []
+
+
+async def test_a_first_stop_after_an_api_opt_out_is_still_confirmed_once(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    await api.put(f"/v1/opt-outs/{CUSTOMER}", headers=world.auth())
+
+    await twilio_inbound(api, "STOP")
+    await twilio_inbound(api, "STOP")
+
+    assert [kind for kind, _, _ in await replies(session_factory)] == ["opt_out_confirmation"]
+
+
+async def test_a_stop_to_an_opted_out_sender_is_not_confirmed_again_under_service_scope(
+    app_factory: Any, world: World, session_factory: SessionFactory
+) -> None:
+    async with app_factory(opt_out_scope="sender") as api:
+        await twilio_inbound(api, "STOP")  # recorded for this sender, confirmed
+    async with app_factory(opt_out_scope="service") as api:
+        await twilio_inbound(api, "STOP")  # the sender sees no change: no second confirmation
+
+    assert len(await replies(session_factory)) == 1
+
+
+@pytest.mark.parametrize("customer", ["+1234567890123456789", "ACME-BANK", "12"])
+async def test_a_keyword_from_an_odd_number_is_recorded_but_not_acted_on(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory, customer: str
+) -> None:
+    response = await twilio_inbound(api, "STOP", customer=customer)
+
+    assert response.status_code == 200
+    async with session_factory() as session:
+        inbound = await session.scalar(select(InboundMessage))
+    assert inbound is not None and inbound.from_ == customer and inbound.keyword == "STOP"
+    assert await opt_out_rows(session_factory) == []
+    assert await replies(session_factory) == []
+
+
+async def test_impossible_segment_counts_are_not_counts(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    params = vonage_signed(
+        {
+            "msisdn": "14155550123",
+            "to": "ACME",
+            "messageId": "0F0000000000001",
+            "text": "hi",
+            "concat": "true",
+            "concat-ref": "9",
+            "concat-total": "40000",
+            "concat-part": "1",
+        }
+    )
+
+    response = await api.post(VONAGE_INBOUND, data=params)
+
+    assert response.status_code == 204
+    async with session_factory() as session:
+        inbound = await session.scalar(select(InboundMessage))
+    assert inbound is not None and inbound.body == "hi" and inbound.num_segments is None

@@ -288,7 +288,7 @@ async def test_the_change_recorded_last_decides_even_if_its_transaction_began_fi
             early,
             OptChange("+14155550123", None, OptAction.OPT_IN, OptSource.API, "client:operator"),
         )
-    assert changed is True
+    assert changed.changed is True
 
     status = (await get_status(api, world, "+14155550123")).json()
 
@@ -608,3 +608,51 @@ async def test_import_needs_an_admin_key(
     assert await row_count(session_factory) == 0
     accepted = await send(api, world, to="+14155550131")
     assert accepted.status_code == 202, accepted.text
+
+
+@pytest.mark.parametrize(
+    ("text", "recorded"),
+    [
+        ("\ufeffphone\n+14155550121\n+14155550122\n", 2),  # a BOM before the header
+        ("+14155550121\r+14155550122\r", 2),  # old Mac line endings
+        ("phone;sender\n+14155550121;+14155550100\n+14155550122;\n", 2),  # semicolons
+    ],
+)
+async def test_import_reads_the_csv_dialects_spreadsheets_write(
+    api: httpx.AsyncClient, world: World, text: str, recorded: int
+) -> None:
+    response = await import_csv(api, world, text)
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"recorded": recorded, "errors": []}
+
+
+async def test_import_reports_a_bad_sender_cell_on_its_line(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    response = await import_csv(api, world, "+14155550121,+1415555\x000100\n+14155550122\n")
+
+    assert response.status_code == 200, response.text
+    assert response.json()["recorded"] == 1
+    assert [(e["line"], e["reason"]) for e in response.json()["errors"]] == [
+        (1, "not a sender address")
+    ]
+
+
+async def test_an_unreadable_csv_is_a_422(api: httpx.AsyncClient, world: World) -> None:
+    response = await import_csv(api, world, "+14155550121," + "x" * 200_000 + "\n")
+
+    assert_problem(response, 422, "invalid_csv", field="body")
+
+
+async def test_a_large_import_is_recorded_in_one_go(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    # Beyond what PostgreSQL's lock table holds if every number took its own lock.
+    numbers = [f"+1{area}555{n:04d}" for area in (415, 650) for n in range(10_000)]
+
+    response = await import_csv(api, world, "\n".join(numbers))
+
+    assert response.status_code == 200, response.text
+    assert response.json()["recorded"] == 20_000
+    assert await row_count(session_factory) == 20_000
