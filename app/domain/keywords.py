@@ -241,6 +241,22 @@ class KeywordConfig(BaseModel):
             seen[keyword] = place
         return self
 
+    @model_validator(mode="after")
+    def _compliance_keywords_kept(self) -> KeywordConfig:
+        """The built-in opt-out and help keywords cannot be removed or taken over: a customer
+        who texts STOP or ARRET must always be opted out, and HELP or AIDE always answered."""
+        for category in _REQUIRED_CATEGORIES:
+            present = {
+                word for words in _category(self, category).keywords.values() for word in words
+            }
+            required = {word for words in BUILTIN_KEYWORDS[category].values() for word in words}
+            missing = sorted(required - present)
+            if missing:
+                raise ValueError(
+                    f"{category} must keep its built-in keywords; missing: {', '.join(missing)}"
+                )
+        return self
+
 
 @dataclass(frozen=True, slots=True)
 class KeywordMatch:

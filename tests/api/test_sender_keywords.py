@@ -1,4 +1,5 @@
-"""/v1/senders keyword configuration; a sender cannot send until its replies are configured."""
+"""/v1/senders keyword configuration; a sender cannot send until its replies are configured, and
+cannot drop the built-in opt-out and help keywords."""
 
 from __future__ import annotations
 
@@ -29,20 +30,7 @@ BUILTIN_KEYWORDS: dict[str, Any] = {
     "custom": [],
 }
 
-ENGLISH_ONLY: dict[str, Any] = {
-    "opt_out": {
-        "keywords": {
-            "en": ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"]
-        },
-        "replies": {"en": "Unsubscribed from ACME. Reply START to resubscribe."},
-    },
-    "opt_in": {"keywords": {"en": ["START", "YES", "UNSTOP"]}, "replies": {}},
-    "help": {
-        "keywords": {"en": ["HELP", "INFO"]},
-        "replies": {"en": "ACME orders: reply STOP to stop."},
-    },
-    "custom": [],
-}
+OPT_OUT_EN = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"]
 
 
 async def create(api: httpx.AsyncClient, world: World, **fields: Any) -> dict[str, Any]:
@@ -137,25 +125,138 @@ async def test_replies_in_one_language_only_leave_the_other_missing(
     assert refused.json()["detail"].endswith("missing: help/fr, opt_out/fr")
 
 
-async def test_removing_the_french_keywords_and_answering_in_english_completes_it(
-    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
-) -> None:
-    sender = await create(api, world)
+async def test_a_new_language_needs_its_own_reply(api: httpx.AsyncClient, world: World) -> None:
+    sender = await create(api, world, keywords=ready_keywords())
+    opt_out = {**BUILTIN_KEYWORDS["opt_out"]["keywords"], "es": ["ALTO"]}
 
-    response = await patch(api, world, sender["id"], keywords=ENGLISH_ONLY)
+    response = await patch(
+        api,
+        world,
+        sender["id"],
+        keywords=ready_keywords(opt_out={"keywords": opt_out, "replies": REPLIES["opt_out"]}),
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["missing_replies"] == ["opt_out/es"]
+    refused = await send_from_it(api, world)
+    assert_problem(refused, 403, "sender_keywords_incomplete")
+    assert refused.json()["detail"].endswith("missing: opt_out/es")
+
+    replies = {**REPLIES["opt_out"], "es": "Baja de ACME confirmada."}
+    response = await patch(
+        api,
+        world,
+        sender["id"],
+        keywords=ready_keywords(opt_out={"keywords": opt_out, "replies": replies}),
+    )
 
     assert response.status_code == 200, response.text
     assert response.json()["missing_replies"] == []
-    assert response.json()["keywords"] == ENGLISH_ONLY
-    assert await stored_keywords(session_factory, sender["id"]) == ENGLISH_ONLY
-    accepted = await send_from_it(api, world)
-    assert accepted.status_code == 202, accepted.text
+    assert (await send_from_it(api, world)).status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        # The French opt-out keywords removed, to run English-only.
+        (
+            ready_keywords(opt_out={"keywords": {"en": OPT_OUT_EN}, "replies": REPLIES["opt_out"]}),
+            "opt_out must keep its built-in keywords; missing: ARRET, ARRETE, DESABONNER",
+        ),
+        # The French help keyword removed.
+        (
+            ready_keywords(help={"keywords": {"en": ["HELP", "INFO"]}, "replies": REPLIES["help"]}),
+            "help must keep its built-in keywords; missing: AIDE",
+        ),
+        # STOP removed from opt-out and taken over by a custom keyword.
+        (
+            ready_keywords(
+                opt_out={
+                    "keywords": {"en": OPT_OUT_EN[1:], "fr": ["ARRET", "ARRETE", "DESABONNER"]},
+                    "replies": REPLIES["opt_out"],
+                },
+                custom=[{"keyword": "STOP", "reply": "Open 9-5, Mon-Fri."}],
+            ),
+            "opt_out must keep its built-in keywords; missing: STOP",
+        ),
+        # ARRET moved from opt-out into opt-in.
+        (
+            ready_keywords(
+                opt_out={
+                    "keywords": {"en": OPT_OUT_EN, "fr": ["ARRETE", "DESABONNER"]},
+                    "replies": REPLIES["opt_out"],
+                },
+                opt_in={
+                    "keywords": {"en": ["START", "YES", "UNSTOP"], "fr": ["ARRET"]},
+                    "replies": REPLIES["opt_in"],
+                },
+            ),
+            "opt_out must keep its built-in keywords; missing: ARRET",
+        ),
+        # Every help keyword removed.
+        (
+            ready_keywords(help={"keywords": {}, "replies": REPLIES["help"]}),
+            "help must keep its built-in keywords; missing: AIDE, HELP, INFO",
+        ),
+    ],
+)
+async def test_removing_a_builtin_opt_out_or_help_keyword_is_a_422(
+    api: httpx.AsyncClient,
+    world: World,
+    session_factory: SessionFactory,
+    keywords: dict[str, Any],
+    message: str,
+) -> None:
+    sender = await create(api, world, keywords=ready_keywords())
+
+    response = await patch(api, world, sender["id"], keywords=keywords)
+
+    assert_problem(response, 422, "validation_error", field="keywords")
+    assert message in response.json()["detail"]
+    # Nothing changed: the sender keeps its configuration and may still send.
+    assert await stored_keywords(session_factory, sender["id"]) == ready_keywords()
+    assert (await get(api, world, sender["id"]))["keywords"] == ready_keywords()
+    assert (await send_from_it(api, world)).status_code == 202
+
+
+async def test_creating_a_sender_without_the_french_opt_out_keywords_is_a_422(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    keywords = ready_keywords(opt_out={"keywords": {"en": OPT_OUT_EN}, "replies": {"en": "Bye."}})
+
+    response = await api.post(
+        "/v1/senders",
+        json={"address": ADDRESS, "kind": "long_code", "provider": "fake", "keywords": keywords},
+        headers=world.auth(world.admin_key),
+    )
+
+    assert_problem(response, 422, "validation_error", field="keywords")
+    assert "missing: ARRET, ARRETE, DESABONNER" in response.json()["detail"]
+    async with session_factory() as session:
+        assert await session.scalar(select(Sender).where(Sender.address == ADDRESS)) is None
+
+
+async def test_removing_an_opt_in_keyword_is_allowed(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    sender = await create(api, world, keywords=ready_keywords())
+    keywords = ready_keywords(
+        opt_in={"keywords": {"en": ["START", "UNSTOP"]}, "replies": REPLIES["opt_in"]}
+    )
+
+    response = await patch(api, world, sender["id"], keywords=keywords)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["keywords"]["opt_in"]["keywords"] == {"en": ["START", "UNSTOP"]}
+    assert response.json()["missing_replies"] == []
+    assert await stored_keywords(session_factory, sender["id"]) == keywords
+    assert (await send_from_it(api, world)).status_code == 202
 
 
 async def test_a_sender_created_with_its_replies_may_send_at_once(
     api: httpx.AsyncClient, world: World
 ) -> None:
-    sender = await create(api, world, keywords=ENGLISH_ONLY)
+    sender = await create(api, world, keywords=ready_keywords())
 
     assert sender["missing_replies"] == []
     accepted = await send_from_it(api, world)
@@ -181,7 +282,7 @@ async def test_clearing_the_replies_stops_a_ready_sender_again(
         (
             ready_keywords(
                 help={
-                    "keywords": {"en": ["HELP", "START"], "fr": ["AIDE"]},
+                    "keywords": {"en": ["HELP", "INFO", "START"], "fr": ["AIDE"]},
                     "replies": REPLIES["help"],
                 }
             ),
@@ -242,7 +343,19 @@ async def test_configured_keywords_come_back_normalised(
     sender = await create(api, world)
     keywords = ready_keywords(
         opt_out={
-            "keywords": {"en": ["stop", " Unsubscribe. "], "fr": ["arrêt", "Désabonner!"]},
+            "keywords": {
+                "en": [
+                    "stop",
+                    "Stopall",
+                    " Unsubscribe. ",
+                    "cancel",
+                    "End",
+                    "QUIT",
+                    "revoke!",
+                    "OptOut",
+                ],
+                "fr": ["arrêt", "«Arrêté»", "Désabonner!"],
+            },
             "replies": REPLIES["opt_out"],
         },
         custom=[{"keyword": "Horaires ?", "reply": "Du lundi au vendredi.", "language": "fr"}],
@@ -253,14 +366,14 @@ async def test_configured_keywords_come_back_normalised(
     assert response.status_code == 200, response.text
     config = response.json()["keywords"]
     assert config["opt_out"]["keywords"] == {
-        "en": ["STOP", "UNSUBSCRIBE"],
-        "fr": ["ARRET", "DESABONNER"],
+        "en": ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"],
+        "fr": ["ARRET", "ARRETE", "DESABONNER"],
     }
     assert config["custom"] == [
         {"keyword": "HORAIRES", "reply": "Du lundi au vendredi.", "language": "fr"}
     ]
     stored = await stored_keywords(session_factory, sender["id"])
-    assert stored["opt_out"]["keywords"]["fr"] == ["ARRET", "DESABONNER"]
+    assert stored["opt_out"]["keywords"]["fr"] == ["ARRET", "ARRETE", "DESABONNER"]
     assert stored["custom"][0]["keyword"] == "HORAIRES"
 
 

@@ -6,6 +6,7 @@ Every expected keyword, text and list below is written out by hand, not read fro
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -76,6 +77,10 @@ HELP_FR = (
 )
 
 OPT_OUT_EN_WORDS = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"]
+OPT_OUT_FR_WORDS = ["ARRET", "ARRETE", "DESABONNER"]
+# The built-in opt-out and help keywords, which a config must keep (in any language).
+OPT_OUT_KEYWORDS = {"en": OPT_OUT_EN_WORDS, "fr": OPT_OUT_FR_WORDS}
+HELP_KEYWORDS = {"en": ["HELP", "INFO"], "fr": ["AIDE"]}
 
 
 def config_from(changes: dict[str, Any]) -> KeywordConfig:
@@ -85,16 +90,17 @@ def config_from(changes: dict[str, Any]) -> KeywordConfig:
     return KeywordConfig.model_validate(data)
 
 
-def english_only(*, replies: bool) -> KeywordConfig:
-    """A config whose opt-out and help keywords are all English, answered in English if asked."""
+def all_in_english(*, replies: bool) -> KeywordConfig:
+    """A config with the French opt-out and help keywords filed under English, answered in
+    English if asked: every built-in keyword is kept, so it is valid."""
     return config_from(
         {
             "opt_out": {
-                "keywords": {"en": OPT_OUT_EN_WORDS},
+                "keywords": {"en": [*OPT_OUT_EN_WORDS, *OPT_OUT_FR_WORDS]},
                 "replies": {"en": "Bye."} if replies else {},
             },
             "help": {
-                "keywords": {"en": ["HELP", "INFO"]},
+                "keywords": {"en": ["HELP", "INFO", "AIDE"]},
                 "replies": {"en": "Reply STOP to stop."} if replies else {},
             },
         }
@@ -334,11 +340,25 @@ def test_builtin_keywords_still_match_next_to_custom_ones() -> None:
 def test_keywords_are_stored_normalised() -> None:
     config = config_from(
         {
-            "opt_out": {"keywords": {"en": ["stop", " Quit! "], "fr": ["arrêt", "«Désabonner»"]}},
+            "opt_out": {
+                "keywords": {
+                    "en": [
+                        "stop",
+                        "Stopall",
+                        "unsubscribe.",
+                        "CANCEL",
+                        "end",
+                        " Quit! ",
+                        "revoke",
+                        "OptOut",
+                    ],
+                    "fr": ["arrêt", "ARRÊTÉ", "«Désabonner»"],
+                }
+            },
             "custom": [{"keyword": "  heures d'ouverture ? ", "reply": "9 h - 17 h"}],
         }
     )
-    assert config.opt_out.keywords == {"en": ["STOP", "QUIT"], "fr": ["ARRET", "DESABONNER"]}
+    assert config.opt_out.keywords == OPT_OUT_KEYWORDS
     assert config.custom == [
         CustomKeyword(keyword="HEURES D'OUVERTURE", reply="9 h - 17 h", language="en")
     ]
@@ -382,22 +402,25 @@ def test_duplicate_keywords_are_refused(changes: dict[str, Any], message: str) -
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"help": {"keywords": {"en": ["HELP", "?!"]}}}, "keyword '\\?!' is empty"),
-        ({"help": {"keywords": {"en": ["   "]}}}, "is empty"),
+        (
+            {"help": {"keywords": {**HELP_KEYWORDS, "es": ["AYUDA", "?!"]}}},
+            "keyword '\\?!' is empty",
+        ),
+        ({"help": {"keywords": {**HELP_KEYWORDS, "es": ["   "]}}}, "is empty"),
         ({"custom": [{"keyword": "...", "reply": "Hi"}]}, "is empty"),
         ({"custom": [{"keyword": "HOURS", "reply": ""}]}, "at least 1 character"),
         ({"custom": [{"keyword": "HOURS", "reply": "  \n "}]}, "a reply cannot be blank"),
         ({"custom": [{"keyword": "HOURS"}]}, "reply\n  Field required"),
         ({"custom": [{"keyword": "HOURS", "reply": "x" * 1601}]}, "at most 1600 characters"),
-        ({"help": {"keywords": {"en": ["HELP"]}, "replies": {"en": ""}}}, "at least 1 character"),
-        ({"help": {"keywords": {"en": ["HELP"]}, "replies": {"en": "x" * 1601}}}, "at most 1600"),
-        ({"help": {"keywords": {"EN": ["HELP"]}}}, "should match pattern"),
-        ({"help": {"keywords": {"eng": ["HELP"]}}}, "should match pattern"),
-        ({"help": {"keywords": {"en": ["HELP"]}, "replies": {"En": "Hi"}}}, "should match pattern"),
+        ({"help": {"keywords": HELP_KEYWORDS, "replies": {"en": ""}}}, "at least 1 character"),
+        ({"help": {"keywords": HELP_KEYWORDS, "replies": {"en": "x" * 1601}}}, "at most 1600"),
+        ({"help": {"keywords": {**HELP_KEYWORDS, "ES": ["AYUDA"]}}}, "should match pattern"),
+        ({"help": {"keywords": {**HELP_KEYWORDS, "spa": ["AYUDA"]}}}, "should match pattern"),
+        ({"help": {"keywords": HELP_KEYWORDS, "replies": {"En": "Hi"}}}, "should match pattern"),
         ({"custom": [{"keyword": "HOURS", "reply": "Hi", "language": "fra"}]}, "pattern"),
-        ({"help": {"keywords": {"en": ["H" * 65]}}}, "longer than 64 characters"),
+        ({"help": {"keywords": {**HELP_KEYWORDS, "es": ["H" * 65]}}}, "longer than 64 characters"),
         ({"help": {"replies": {"en": "Hi"}}}, "keywords\n  Field required"),
-        ({"help": {"keywords": {"en": ["HELP"]}, "reply": {"en": "Hi"}}}, "Extra inputs"),
+        ({"help": {"keywords": HELP_KEYWORDS, "reply": {"en": "Hi"}}}, "Extra inputs"),
         ({"opt_outs": {"keywords": {}}}, "Extra inputs"),
         ({"custom": [{"keyword": "HOURS", "reply": "Hi", "lang": "fr"}]}, "Extra inputs"),
     ],
@@ -439,11 +462,96 @@ def test_a_removed_builtin_keyword_can_become_a_custom_one() -> None:
     assert reply_text(config, match) == "Thanks, see you on Monday."
 
 
+@pytest.mark.parametrize(
+    "opt_in",
+    [
+        {"keywords": {"en": ["START", "UNSTOP"]}},  # YES removed
+        {"keywords": {"en": ["REJOIN"], "fr": ["REPRENDRE"]}},  # every built-in replaced
+        {"keywords": {}},  # no opt-in keyword at all
+    ],
+)
+def test_opt_in_builtin_keywords_stay_removable(opt_in: dict[str, Any]) -> None:
+    config = config_from({"opt_in": opt_in})
+    assert config.opt_in.keywords == opt_in["keywords"]
+    assert match_keyword(config, "yes") is None
+    assert match_keyword(config, "stop") == KeywordMatch(OPT_OUT, "STOP", "en")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # French opt-out keywords removed, to run English-only.
+        (
+            {"opt_out": {"keywords": {"en": OPT_OUT_EN_WORDS}, "replies": {"en": "Bye."}}},
+            "opt_out must keep its built-in keywords; missing: ARRET, ARRETE, DESABONNER",
+        ),
+        # One English opt-out keyword removed.
+        (
+            {"opt_out": {"keywords": {"en": OPT_OUT_EN_WORDS[1:], "fr": OPT_OUT_FR_WORDS}}},
+            "opt_out must keep its built-in keywords; missing: STOP",
+        ),
+        # The French help keyword removed.
+        (
+            {"help": {"keywords": {"en": ["HELP", "INFO"]}, "replies": {"en": "Help."}}},
+            "help must keep its built-in keywords; missing: AIDE",
+        ),
+        # STOP removed from opt-out and taken over by a custom keyword.
+        (
+            {
+                "opt_out": {"keywords": {"en": OPT_OUT_EN_WORDS[1:], "fr": OPT_OUT_FR_WORDS}},
+                "custom": [{"keyword": "stop", "reply": "Our hours are 9-5."}],
+            },
+            "opt_out must keep its built-in keywords; missing: STOP",
+        ),
+        # ARRET moved from opt-out into opt-in.
+        (
+            {
+                "opt_out": {"keywords": {"en": OPT_OUT_EN_WORDS, "fr": ["ARRETE", "DESABONNER"]}},
+                "opt_in": {"keywords": {"en": ["START", "YES", "UNSTOP"], "fr": ["ARRET"]}},
+            },
+            "opt_out must keep its built-in keywords; missing: ARRET",
+        ),
+        # HELP moved from help into opt-out.
+        (
+            {
+                "opt_out": {"keywords": {**OPT_OUT_KEYWORDS, "es": ["HELP"]}},
+                "help": {"keywords": {"en": ["INFO"], "fr": ["AIDE"]}},
+            },
+            "help must keep its built-in keywords; missing: HELP",
+        ),
+        # Every opt-out keyword removed.
+        (
+            {"opt_out": {"keywords": {"en": [], "fr": []}}},
+            "opt_out must keep its built-in keywords; missing: ARRET, ARRETE, CANCEL, DESABONNER, "
+            "END, OPTOUT, QUIT, REVOKE, STOP, STOPALL, UNSUBSCRIBE",
+        ),
+        # Every help keyword removed.
+        (
+            {"help": {"keywords": {}}},
+            "help must keep its built-in keywords; missing: AIDE, HELP, INFO",
+        ),
+    ],
+)
+def test_removing_a_builtin_opt_out_or_help_keyword_is_refused(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        config_from(changes)
+
+
+def test_builtin_keywords_may_move_between_languages_of_their_category() -> None:
+    config = all_in_english(replies=False)
+    assert config.opt_out.keywords == {"en": [*OPT_OUT_EN_WORDS, *OPT_OUT_FR_WORDS]}
+    assert config.help.keywords == {"en": ["HELP", "INFO", "AIDE"]}
+    assert match_keyword(config, "Arrêt") == KeywordMatch(OPT_OUT, "ARRET", "en")
+    assert match_keyword(config, "aide") == KeywordMatch(HELP, "AIDE", "en")
+
+
 def test_a_new_language() -> None:
     config = config_from(
         {
             "opt_out": {
-                "keywords": {"en": ["STOP"], "es": ["Alto", "cancelar"]},
+                "keywords": {**OPT_OUT_KEYWORDS, "es": ["Alto", "cancelar"]},
                 "replies": {"es": "Has sido dado de baja."},
             }
         }
@@ -451,6 +559,7 @@ def test_a_new_language() -> None:
     match = match_keyword(config, "¡Alto!")
     assert match == KeywordMatch(OPT_OUT, "ALTO", "es")
     assert reply_text(config, match) == "Has sido dado de baja."
+    assert match_keyword(config, "Cancelar") == KeywordMatch(OPT_OUT, "CANCELAR", "es")
 
 
 # --- missing replies ---------------------------------------------------------------------------
@@ -469,11 +578,11 @@ def test_everything_configured_is_complete() -> None:
     config = config_from(
         {
             "opt_out": {
-                "keywords": {"en": OPT_OUT_EN_WORDS, "fr": ["ARRET"]},
+                "keywords": OPT_OUT_KEYWORDS,
                 "replies": {"en": "Bye.", "fr": "Au revoir."},
             },
             "help": {
-                "keywords": {"en": ["HELP"], "fr": ["AIDE"]},
+                "keywords": HELP_KEYWORDS,
                 "replies": {"en": "Reply STOP to stop.", "fr": "Répondez ARRET."},
             },
         }
@@ -484,28 +593,48 @@ def test_everything_configured_is_complete() -> None:
 def test_only_english_configured_while_french_keywords_remain() -> None:
     config = config_from(
         {
-            "opt_out": {
-                "keywords": {"en": OPT_OUT_EN_WORDS, "fr": ["ARRET", "ARRETE", "DESABONNER"]},
-                "replies": {"en": "Bye."},
-            },
-            "help": {
-                "keywords": {"en": ["HELP", "INFO"], "fr": ["AIDE"]},
-                "replies": {"en": "Reply STOP to stop."},
-            },
+            "opt_out": {"keywords": OPT_OUT_KEYWORDS, "replies": {"en": "Bye."}},
+            "help": {"keywords": HELP_KEYWORDS, "replies": {"en": "Reply STOP to stop."}},
         }
     )
     assert missing_replies(config, accept_defaults=False) == ["help/fr", "opt_out/fr"]
 
 
-def test_french_keywords_removed_and_english_configured_is_complete() -> None:
-    assert missing_replies(english_only(replies=True), accept_defaults=False) == []
+def test_french_keywords_filed_under_english_need_only_english_replies() -> None:
+    assert missing_replies(all_in_english(replies=True), accept_defaults=False) == []
+    assert missing_replies(all_in_english(replies=False), accept_defaults=False) == [
+        "help/en",
+        "opt_out/en",
+    ]
+
+
+def test_each_language_with_keywords_needs_its_own_reply() -> None:
+    config = config_from(
+        {
+            "opt_out": {
+                "keywords": {**OPT_OUT_KEYWORDS, "es": ["ALTO"]},
+                "replies": {"en": "Bye.", "fr": "Au revoir."},
+            },
+            "help": {
+                "keywords": {**HELP_KEYWORDS, "es": ["AYUDA"]},
+                "replies": {"en": "Help.", "fr": "Aide.", "es": "Ayuda."},
+            },
+        }
+    )
+    assert missing_replies(config, accept_defaults=False) == ["opt_out/es"]
 
 
 def test_a_language_left_with_no_keywords_needs_no_reply() -> None:
     config = config_from(
         {
-            "opt_out": {"keywords": {"en": ["STOP"], "fr": []}, "replies": {"en": "Bye."}},
-            "help": {"keywords": {"en": ["HELP"], "fr": []}, "replies": {"en": "Help."}},
+            "opt_out": {
+                "keywords": {"en": [*OPT_OUT_EN_WORDS, *OPT_OUT_FR_WORDS], "fr": []},
+                "replies": {"en": "Bye."},
+            },
+            "help": {
+                "keywords": {"en": ["HELP", "INFO", "AIDE"], "fr": []},
+                "replies": {"en": "Help."},
+            },
         }
     )
     assert missing_replies(config, accept_defaults=False) == []
@@ -513,20 +642,33 @@ def test_a_language_left_with_no_keywords_needs_no_reply() -> None:
 
 def test_accepted_defaults_complete_the_builtin_sets() -> None:
     assert missing_replies(KeywordConfig(), accept_defaults=True) == []
-    assert missing_replies(english_only(replies=False), accept_defaults=True) == []
+    assert missing_replies(all_in_english(replies=False), accept_defaults=True) == []
+    extended = config_from(
+        {
+            "opt_out": {
+                "keywords": {
+                    "en": [*OPT_OUT_EN_WORDS, "STOPP"],
+                    "fr": [*OPT_OUT_FR_WORDS, "ARRETEZ"],
+                }
+            },
+            "help": {"keywords": {"en": ["HELP", "INFO"], "fr": ["AIDE", "AIDEZ-MOI"]}},
+        }
+    )
+    assert missing_replies(extended, accept_defaults=True) == []
 
 
 def test_accepted_defaults_do_not_cover_a_language_without_one() -> None:
     config = config_from(
         {
-            "opt_out": {"keywords": {"en": ["STOP"], "fr": ["ARRET"], "es": ["ALTO"]}},
-            "help": {"keywords": {"en": ["HELP"], "de": ["HILFE"]}},
+            "opt_out": {"keywords": {**OPT_OUT_KEYWORDS, "es": ["ALTO"]}},
+            "help": {"keywords": {**HELP_KEYWORDS, "de": ["HILFE"]}},
         }
     )
     assert missing_replies(config, accept_defaults=True) == ["help/de", "opt_out/es"]
     assert missing_replies(config, accept_defaults=False) == [
         "help/de",
         "help/en",
+        "help/fr",
         "opt_out/en",
         "opt_out/es",
         "opt_out/fr",
@@ -536,17 +678,20 @@ def test_accepted_defaults_do_not_cover_a_language_without_one() -> None:
 def test_a_configured_reply_covers_a_language_without_a_default() -> None:
     config = config_from(
         {
-            "opt_out": {"keywords": {"en": ["STOP"], "es": ["ALTO"]}, "replies": {"es": "Baja."}},
+            "opt_out": {
+                "keywords": {**OPT_OUT_KEYWORDS, "es": ["ALTO"]},
+                "replies": {"es": "Baja."},
+            },
         }
     )
     assert missing_replies(config, accept_defaults=True) == []
 
 
 @pytest.mark.parametrize("keywords", [{}, {"en": []}, {"en": [], "fr": []}])
-def test_empty_opt_out_keywords_are_missing(keywords: dict[str, list[str]]) -> None:
-    config = config_from(
-        {"opt_out": {"keywords": keywords, "replies": {"en": "Bye.", "fr": "Au revoir."}}}
-    )
+def test_opt_out_keywords_emptied_in_place_are_missing(keywords: dict[str, list[str]]) -> None:
+    # Validation refuses such a config (see above); one edited in place is still caught here.
+    config = KeywordConfig()
+    config.opt_out = CategoryConfig(keywords=keywords, replies={"en": "Bye.", "fr": "Au revoir."})
     assert missing_replies(config, accept_defaults=True) == ["opt_out (no keywords)"]
     assert missing_replies(config, accept_defaults=False) == [
         "help/en",
@@ -555,8 +700,9 @@ def test_empty_opt_out_keywords_are_missing(keywords: dict[str, list[str]]) -> N
     ]
 
 
-def test_empty_help_keywords_are_missing() -> None:
-    config = config_from({"help": {"keywords": {}}})
+def test_help_keywords_emptied_in_place_are_missing() -> None:
+    config = KeywordConfig()
+    config.help = CategoryConfig(keywords={})
     assert missing_replies(config, accept_defaults=True) == ["help (no keywords)"]
 
 
@@ -579,7 +725,7 @@ def test_reply_follows_the_language_of_the_keyword() -> None:
     config = config_from(
         {
             "opt_out": {
-                "keywords": {"en": OPT_OUT_EN_WORDS, "fr": ["ARRET", "ARRETE", "DESABONNER"]},
+                "keywords": OPT_OUT_KEYWORDS,
                 "replies": {"en": "You are out.", "fr": "Vous êtes désabonné."},
             },
             "opt_in": {
@@ -587,7 +733,7 @@ def test_reply_follows_the_language_of_the_keyword() -> None:
                 "replies": {"en": "You are back."},
             },
             "help": {
-                "keywords": {"en": ["HELP", "INFO"], "fr": ["AIDE"]},
+                "keywords": HELP_KEYWORDS,
                 "replies": {"en": "Help text.", "fr": "Texte d'aide."},
             },
         }
@@ -619,7 +765,7 @@ def test_a_missing_reply_falls_back_to_the_default_in_the_same_language() -> Non
     config = config_from(
         {
             "opt_out": {
-                "keywords": {"en": OPT_OUT_EN_WORDS, "fr": ["ARRET"]},
+                "keywords": OPT_OUT_KEYWORDS,
                 "replies": {"en": "You are out."},
             }
         }
@@ -631,7 +777,7 @@ def test_a_missing_reply_falls_back_to_the_default_in_the_same_language() -> Non
 
 
 def test_a_language_without_any_reply_falls_back_to_a_configured_one_english_first() -> None:
-    keywords = {"en": ["STOP"], "es": ["ALTO"]}
+    keywords = {**OPT_OUT_KEYWORDS, "es": ["ALTO"]}
     match = KeywordMatch(OPT_OUT, "ALTO", "es")
 
     config = config_from(
@@ -649,7 +795,7 @@ def test_a_language_without_any_reply_falls_back_to_a_configured_one_english_fir
 
 
 def test_help_in_a_language_without_any_reply_gets_the_english_default() -> None:
-    config = config_from({"help": {"keywords": {"en": ["HELP"], "de": ["HILFE"]}}})
+    config = config_from({"help": {"keywords": {**HELP_KEYWORDS, "de": ["HILFE"]}}})
     match = match_keyword(config, "Hilfe!")
     assert match == KeywordMatch(HELP, "HILFE", "de")
     assert reply_text(config, match) == HELP_EN
@@ -672,11 +818,18 @@ def test_json_round_trip_of_a_customised_config() -> None:
     config = config_from(
         {
             "opt_out": {
-                "keywords": {"en": ["stop", "stopp"], "es": ["alto"]},
+                "keywords": {
+                    "en": [*(word.lower() for word in OPT_OUT_EN_WORDS), "stopp"],
+                    "fr": ["arrêt", "arrêté", "désabonner"],
+                    "es": ["alto"],
+                },
                 "replies": {"en": "Bye.", "es": "Adiós."},
             },
             "opt_in": {"keywords": {"en": ["START"]}, "replies": {"en": "Welcome back."}},
-            "help": {"keywords": {"en": ["HELP"], "fr": ["aide"]}, "replies": {"fr": "Aide."}},
+            "help": {
+                "keywords": {"en": ["help", "info", "aide"]},
+                "replies": {"en": "Help."},
+            },
             "custom": [
                 {"keyword": "hours", "reply": HOURS_REPLY},
                 {"keyword": "horaires", "reply": "9 h - 17 h", "language": "fr"},
@@ -686,11 +839,25 @@ def test_json_round_trip_of_a_customised_config() -> None:
     stored = json.loads(json.dumps(config.model_dump(mode="json")))
     assert stored == {
         "opt_out": {
-            "keywords": {"en": ["STOP", "STOPP"], "es": ["ALTO"]},
+            "keywords": {
+                "en": [
+                    "STOP",
+                    "STOPALL",
+                    "UNSUBSCRIBE",
+                    "CANCEL",
+                    "END",
+                    "QUIT",
+                    "REVOKE",
+                    "OPTOUT",
+                    "STOPP",
+                ],
+                "fr": ["ARRET", "ARRETE", "DESABONNER"],
+                "es": ["ALTO"],
+            },
             "replies": {"en": "Bye.", "es": "Adiós."},
         },
         "opt_in": {"keywords": {"en": ["START"]}, "replies": {"en": "Welcome back."}},
-        "help": {"keywords": {"en": ["HELP"], "fr": ["AIDE"]}, "replies": {"fr": "Aide."}},
+        "help": {"keywords": {"en": ["HELP", "INFO", "AIDE"]}, "replies": {"en": "Help."}},
         "custom": [
             {"keyword": "HOURS", "reply": HOURS_REPLY, "language": "en"},
             {"keyword": "HORAIRES", "reply": "9 h - 17 h", "language": "fr"},
