@@ -1,4 +1,5 @@
-"""`smsgate`: one entry point for the API, the worker, migrations and API keys."""
+"""`smsgate`: one entry point for the API, the worker, migrations and API keys, plus tools for
+development and operations (`dev`, `services`, `send`, `import-opt-outs`: app/commands.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from app.commands import add_commands
 from app.settings import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +105,8 @@ async def _seed_senders(path: Path) -> tuple[int, int]:
                         description=spec.description,
                         keywords=spec.keywords,
                         default_region=settings.default_region,
+                        rate_per_second=spec.rate_per_second,
+                        fallback_provider=spec.fallback_provider,
                     )
                 except ServiceError as error:
                     raise SystemExit(f"{path}: {spec.address}: {error.detail}") from None
@@ -119,11 +123,23 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP API with uvicorn")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="API processes")
 
-    commands.add_parser("worker", help="run a delivery worker (arq)")
+    worker = commands.add_parser("worker", help="run a delivery worker (arq)")
+    worker.add_argument(
+        "--check",
+        action="store_true",
+        help="instead, exit 0 if a worker recorded its health check recently, else 1",
+    )
+    worker.add_argument(
+        "--queue",
+        choices=("sms", "events"),
+        default="sms",
+        help="sms: send messages (the default); events: deliver events to clients' endpoints "
+        "(a queue of its own, so a slow endpoint never delays an SMS)",
+    )
     migrate_command = commands.add_parser(
         "migrate", help="upgrade the database schema to the latest revision"
     )
@@ -142,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     seed.add_argument("file", type=Path, help="a JSON list of senders, as POST /v1/senders takes")
 
+    add_commands(commands)  # dev, services, send, import-opt-outs
+
     args = parser.parse_args(argv)
+    if getattr(args, "run", None) is not None:
+        raise SystemExit(args.run(args))
     if args.command == "serve":
         import uvicorn
 
@@ -158,13 +178,19 @@ def main(argv: list[str] | None = None) -> None:
             log_config=logging_config(settings.log_level, settings.log_format),
         )
     elif args.command == "worker":
-        from arq.worker import run_worker
+        from arq.worker import check_health, run_worker
 
         from app.logs import configure_logging
+        from app.worker.events import EventsWorkerSettings
         from app.worker.tasks import WorkerSettings
 
+        worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
         configure_logging(get_settings().log_level, get_settings().log_format)
-        run_worker(WorkerSettings)  # type: ignore[arg-type]
+        if args.check:
+            healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
+            sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
+            raise SystemExit(0 if healthy else 1)
+        run_worker(worker_settings)  # type: ignore[arg-type]
     elif args.command == "migrate":
         if args.create_database:
             asyncio.run(create_database_if_missing(get_settings().database_url))

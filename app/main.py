@@ -11,10 +11,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import health, inbound, messages, optouts, senders, webhooks
+from app.api import (
+    event_endpoints,
+    events,
+    health,
+    inbound,
+    messages,
+    optouts,
+    senders,
+    webhooks,
+)
 from app.api.limits import BodySizeLimit
 from app.db.migrations import head_revision
 from app.db.session import create_engine, create_session_factory
@@ -71,8 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inbound.router,
         webhooks.router,
         health.router,
+        events.router,
+        event_endpoints.router,
     ):
         app.include_router(router)
+    app.webhooks.include_router(events.webhooks)  # what receivers get, documented
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id
@@ -155,6 +167,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             ),
             headers={"Retry-After": "5"},
         )
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, error: DBAPIError) -> JSONResponse:
+        # PostgreSQL starting, shutting down or restarted (SQLSTATE class 57: "the database
+        # system is not yet accepting connections"), or the connection lost mid-request: the
+        # database is unavailable, not the request wrong. Anything else stays a 500.
+        sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
+        if error.connection_invalidated or sqlstate.startswith(("57", "08")):
+            return await database_unavailable(request, error)
+        raise error
 
 
 def _field_error(item: dict[str, Any]) -> FieldError:

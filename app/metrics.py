@@ -26,6 +26,16 @@ INBOUND_MESSAGES = Counter(
     "Inbound messages stored, by the keyword category they matched ('none' for none).",
     ["provider", "keyword_category"],
 )
+EVENT_DELIVERY_ATTEMPTS = Counter(
+    "smsgate_event_delivery_attempts",
+    "Attempts to deliver an event to a client's endpoint, by outcome.",
+    ["outcome"],
+)
+EVENT_DELIVERY_SECONDS = Histogram(
+    "smsgate_event_delivery_seconds",
+    "Time an endpoint took to answer an event delivery attempt.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0),
+)
 RATE_LIMIT_DEFERRALS = Counter(
     "smsgate_rate_limit_deferrals",
     "Submissions put off because of a rate limit (`provider_throttled`: the provider said so).",

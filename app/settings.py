@@ -7,9 +7,10 @@ Every variable is listed with its default in README.md.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +40,29 @@ class FakeProviderSettings(BaseModel):
     delivery_delay_seconds: float = 1.0
 
 
+class EventsSettings(BaseModel):
+    """Events out: signed webhooks to clients' endpoints (README, "Events out")."""
+
+    # http:// endpoints are refused unless this is set (development: nothing to terminate TLS).
+    allow_http: bool = False
+    # Loopback and private networks are refused as destinations, except these (a JSON list of
+    # CIDRs, e.g. ["127.0.0.0/8", "::1/128"] for receivers on a developer's machine).
+    allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    # One attempt (DNS, connect, send, response) never takes longer than this.
+    timeout_seconds: float = Field(default=15.0, gt=0)
+    # At most this much of a response body is read (and kept with the attempt).
+    max_response_bytes: int = Field(default=4096, ge=0, le=1024 * 1024)
+    retry_base_delay_seconds: float = Field(default=5.0, gt=0)
+    retry_max_delay_seconds: float = Field(default=7200.0, gt=0)
+    # A failing event is retried for this long after its first attempt, then given up.
+    retry_window_seconds: int = Field(default=86400, ge=0)
+    # Attempts in flight to one endpoint at once, across all event workers.
+    max_in_flight_per_endpoint: int = Field(default=4, ge=1)
+    # After a rotation, the previous signing secret keeps signing for this long.
+    secret_grace_seconds: int = Field(default=86400, ge=0)
+
+
 class Settings(BaseSettings):
     """The service's whole configuration."""
 
@@ -62,6 +86,17 @@ class Settings(BaseSettings):
     retry_max_delay_seconds: float = 300.0
     # A queued message untouched for this long is enqueued again by the sweep.
     sweep_grace_seconds: int = 30
+    # Circuit breaker per provider (app.domain.circuit): this many timeouts, connection errors
+    # or 5xx within the window open it for `circuit_open_seconds`, then one probe may go.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_window_seconds: float = Field(default=30.0, gt=0)
+    circuit_open_seconds: float = Field(default=30.0, gt=0)
+    # After a 429 without Retry-After, no worker calls that provider for this long.
+    throttle_pause_seconds: float = Field(default=1.0, ge=0)
+    # A message whose submission had an unknown outcome at a provider that cannot be asked
+    # (Vonage) waits this long after its claim for the provider's report, then fails as
+    # `outcome_unknown` (it is never resent blindly).
+    unknown_outcome_give_up_seconds: int = Field(default=900, ge=0)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # Message bodies are customers' data: kept out of logs unless an operator turns this on.
@@ -75,10 +110,14 @@ class Settings(BaseSettings):
     accept_default_keyword_replies: bool = False
     # Whether a STOP to one sender opts the recipient out of that sender or of every sender.
     opt_out_scope: Literal["sender", "service"] = "sender"
+    # Where `smsgate dev` and `smsgate services` keep the embedded servers' data and the
+    # development API key (relative to the working directory).
+    dev_data_dir: Path = Path(".data")
 
     twilio: TwilioSettings = TwilioSettings()
     vonage: VonageSettings = VonageSettings()
     fake: FakeProviderSettings = FakeProviderSettings()
+    events: EventsSettings = EventsSettings()
 
 
 def provider_call_budget_seconds(settings: Settings) -> float:

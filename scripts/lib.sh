@@ -22,29 +22,43 @@ ensure_venv() {
     fi
 }
 
-# Starts the machine's own PostgreSQL and Redis when they are down (only on 127.0.0.1 defaults).
-ensure_services() {
-    if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
-        if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
-            echo "starting PostgreSQL" >&2
-            pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
-        fi
+# True when something accepts connections on 127.0.0.1:$1 (bash's /dev/tcp: no client needed).
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+postgres_up() {
+    if command -v pg_isready >/dev/null; then pg_isready -q -h 127.0.0.1 -p 5432; else port_open 5432; fi
+}
+
+redis_up() {
+    if command -v redis-cli >/dev/null; then
+        redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1
+    else
+        port_open 6379
     fi
-    if command -v redis-cli >/dev/null && ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-        if command -v redis-server >/dev/null; then
-            echo "starting Redis" >&2
-            mkdir -p /tmp/smsgate-redis
-            redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" \
-                --appendonly no --dir /tmp/smsgate-redis --logfile /tmp/smsgate-redis/redis.log
-        fi
+}
+
+# Starts the machine's own PostgreSQL and Redis when they are down (only on 127.0.0.1 defaults).
+# Fails, quietly, when either is still not reachable: the caller decides what to do then.
+ensure_services() {
+    local started=0
+    if ! postgres_up && command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+        echo "starting PostgreSQL" >&2
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start \
+            && started=1
+    fi
+    if ! redis_up && command -v redis-server >/dev/null; then
+        echo "starting Redis" >&2
+        mkdir -p /tmp/smsgate-redis
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" \
+            --appendonly no --dir /tmp/smsgate-redis --logfile /tmp/smsgate-redis/redis.log \
+            && started=1
     fi
     for _ in $(seq 1 50); do
-        pg_ready=1; redis_ready=1
-        command -v pg_isready >/dev/null && { pg_isready -q -h 127.0.0.1 -p 5432 || pg_ready=0; }
-        command -v redis-cli >/dev/null && { redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || redis_ready=0; }
-        [ "$pg_ready" = 1 ] && [ "$redis_ready" = 1 ] && return 0
+        postgres_up && redis_up && return 0
+        [ "$started" = 1 ] || return 1  # nothing is starting: no point in waiting
         sleep 0.2
     done
-    echo "PostgreSQL or Redis is not reachable on 127.0.0.1; set DATABASE_URL and REDIS_URL" >&2
     return 1
 }

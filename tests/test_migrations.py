@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.cli import ROOT, migrate
@@ -88,7 +88,8 @@ async def scratch_database() -> AsyncIterator[str]:
     try:
         async with admin.connect() as connection:
             await connection.execute(text(f'CREATE DATABASE "{name}"'))
-        yield ADMIN_DATABASE_URL.rsplit("/", 1)[0] + "/" + name
+        # make_url: a unix-socket URL (embedded PostgreSQL) ends in `?host=/socket/dir`.
+        yield make_url(ADMIN_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
     finally:
         async with admin.connect() as connection:
             await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

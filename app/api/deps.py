@@ -10,24 +10,29 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.auth import Principal, authenticate
+from app.domain.events import scheduled
 from app.domain.messages import ENQUEUE_AFTER_COMMIT
 from app.errors import Forbidden
 from app.providers.base import Provider
 from app.settings import Settings
+from app.worker.event_queue import enqueue_events
 from app.worker.queue import enqueue_deliveries
 
 
 async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
     """A session whose transaction commits when the endpoint returns, before the response is sent.
 
-    Messages the request accepted are enqueued only after that commit, so a job never points at a
-    row that was rolled back.
+    Messages the request accepted (and events it wrote) are enqueued only after that commit, so a
+    job never points at a row that was rolled back.
     """
     async with request.app.state.session_factory() as session, session.begin():
         yield session
     to_enqueue = session.info.pop(ENQUEUE_AFTER_COMMIT, [])
     if to_enqueue:
         await enqueue_deliveries(request.app.state.queue, to_enqueue)
+    events = scheduled(session)
+    if events:
+        await enqueue_events(request.app.state.queue, events)
 
 
 # scope="function": commit before the response goes out, so a 2xx means the data is stored.

@@ -28,6 +28,7 @@ from app.api.schemas import (
     StatusChange,
 )
 from app.domain import messages as domain
+from app.domain.destinations import check_destination
 from app.domain.encoding import analyze_body
 from app.domain.idempotency import fingerprint, run_idempotently
 from app.domain.status import MessageStatus
@@ -84,6 +85,8 @@ async def send_message(
     )
 
     async def accept() -> tuple[int, dict[str, Any]]:
+        if command.callback_url is not None:  # https, and not into our own network (422)
+            await check_destination(command.callback_url, settings.events, field="callback_url")
         message = await domain.accept_message(
             session,
             principal,

@@ -62,15 +62,29 @@ _SENDER_EXAMPLE: dict[str, Any] = {
     "address": "+14155550100",
     "kind": "long_code",
     "provider": "twilio",
+    "fallback_provider": None,
+    "rate_per_second": 1.0,
     "description": "US order notifications",
     "keywords": {
         "opt_out": {
-            "keywords": {"en": ["STOP", "QUIT"], "fr": ["ARRET"]},
+            "keywords": {
+                "en": [
+                    "STOP",
+                    "STOPALL",
+                    "UNSUBSCRIBE",
+                    "CANCEL",
+                    "END",
+                    "QUIT",
+                    "REVOKE",
+                    "OPTOUT",
+                ],
+                "fr": ["ARRET", "ARRETE", "DESABONNER"],
+            },
             "replies": {"en": "Unsubscribed. Reply START to resubscribe."},
         },
-        "opt_in": {"keywords": {"en": ["START"]}, "replies": {}},
+        "opt_in": {"keywords": {"en": ["START", "UNSTOP"]}, "replies": {}},
         "help": {
-            "keywords": {"en": ["HELP"], "fr": ["AIDE"]},
+            "keywords": {"en": ["HELP", "INFO"], "fr": ["AIDE"]},
             "replies": {"en": "ACME orders. Reply STOP to unsubscribe."},
         },
         "custom": [],
@@ -133,8 +147,9 @@ class SendMessageRequest(BaseModel):
     body: StorableStr = Field(min_length=1, max_length=10_000, description="The text to send.")
     callback_url: AnyHttpUrl | None = Field(
         default=None,
-        description="Where status changes of this message are to be reported. Stored with the "
-        "message; events out (signed webhooks) are not delivered yet.",
+        description="Where this message's status changes are sent as signed events (instead "
+        "of your default endpoint): an https URL on the public internet, checked now and "
+        "before each attempt.",
     )
     validity_period: StrictInt | None = Field(
         default=None,
@@ -338,6 +353,20 @@ class SenderIn(BaseModel):
     address: StorableStr = Field(min_length=1, max_length=40)
     kind: SenderKind
     provider: ProviderName
+    fallback_provider: ProviderName | None = Field(
+        default=None,
+        description="Where this sender's messages go while its provider's circuit breaker is "
+        "open (the provider is failing); none when omitted.",
+    )
+    rate_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="Messages per second this sender may submit, across all workers; by "
+        "default 1 for a long code, 3 for a toll-free number, 100 for a short code, 10 for an "
+        "alphanumeric ID.",
+        examples=[1.0],
+    )
     description: StorableStr | None = Field(default=None, max_length=200)
     keywords: KeywordConfig = Field(
         default_factory=KeywordConfig,
@@ -354,6 +383,12 @@ class SenderPatch(BaseModel):
     )
 
     provider: ProviderName | None = None
+    fallback_provider: ProviderName | None = Field(
+        default=None, description="A fallback provider; `null` removes it, omitted keeps it."
+    )
+    rate_per_second: float | None = Field(
+        default=None, gt=0, le=10_000, description="Messages per second, across all workers."
+    )
     description: StorableStr | None = Field(default=None, max_length=200)
     keywords: KeywordConfig | None = Field(
         default=None, description="Replaces the sender's whole keyword configuration."
@@ -369,6 +404,10 @@ class SenderOut(BaseModel):
     address: str
     kind: SenderKind
     provider: ProviderName
+    fallback_provider: ProviderName | None = Field(
+        description="Where messages go while the provider's circuit breaker is open."
+    )
+    rate_per_second: float = Field(description="Messages per second, across all workers.")
     description: str | None
     keywords: KeywordConfig
     missing_replies: list[str] = Field(
@@ -387,6 +426,10 @@ class SenderOut(BaseModel):
             address=sender.address,
             kind=SenderKind(sender.kind),
             provider=ProviderName(sender.provider),
+            fallback_provider=(
+                ProviderName(sender.fallback_provider) if sender.fallback_provider else None
+            ),
+            rate_per_second=sender.rate_per_second,
             description=sender.description,
             keywords=keywords,
             missing_replies=missing_replies(keywords, accept_defaults=accept_default_replies),

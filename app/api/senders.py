@@ -38,6 +38,8 @@ async def create_sender(
         description=request.description,
         default_region=settings.default_region,
         keywords=request.keywords,
+        rate_per_second=request.rate_per_second,
+        fallback_provider=request.fallback_provider,
     )
     return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)
 
@@ -81,12 +83,18 @@ async def update_sender(
     _admin: AdminDep,
     settings: SettingsDep,
 ) -> SenderOut:
-    """Change a sender's provider, description or keyword configuration."""
+    """Change a sender's provider, fallback provider, rate, description or keywords."""
     sender = await domain.update_sender(
         session,
         sender_id,
         provider=request.provider,
         description=request.description,
         keywords=request.keywords,
+        rate_per_second=request.rate_per_second,
+        fallback_provider=(
+            request.fallback_provider
+            if "fallback_provider" in request.model_fields_set
+            else domain.UNCHANGED
+        ),
     )
     return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -24,7 +25,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.domain.pacing import default_rate
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -49,6 +53,12 @@ def _updated() -> Mapped[datetime]:
     return mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now(), nullable=False
     )
+
+
+def _default_sender_rate(context: DefaultExecutionContext) -> float:
+    """The rate of a sender inserted without one: what its kind allows by default."""
+    parameters: dict[str, Any] = context.get_current_parameters()  # type: ignore[no-untyped-call]
+    return default_rate(str(parameters["kind"]), str(parameters["address"]))
 
 
 class Client(Base):
@@ -88,12 +98,21 @@ class Sender(Base):
     __table_args__ = (
         CheckConstraint("kind IN ('long_code', 'short_code', 'alphanumeric')", name="kind"),
         CheckConstraint("provider IN ('twilio', 'vonage', 'fake')", name="provider"),
+        CheckConstraint(
+            "fallback_provider IN ('twilio', 'vonage', 'fake') AND fallback_provider <> provider",
+            name="fallback_provider",
+        ),
+        CheckConstraint("rate_per_second > 0 AND rate_per_second <= 10000", name="rate"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
     address: Mapped[str] = mapped_column(String(20), unique=True)
     kind: Mapped[str] = mapped_column(String(20))
     provider: Mapped[str] = mapped_column(String(20))
+    # Where its messages go while `provider`'s circuit is open (app.domain.circuit).
+    fallback_provider: Mapped[str | None] = mapped_column(String(20))
+    # Submissions per second, across every worker (app.domain.pacing); defaults by kind.
+    rate_per_second: Mapped[float] = mapped_column(Float, default=_default_sender_rate)
     description: Mapped[str | None] = mapped_column(String(200))
     # The sender's keyword sets and replies: an `app.domain.keywords.KeywordConfig` as JSON.
     keywords: Mapped[dict[str, Any]] = mapped_column(JSONB)
@@ -114,6 +133,12 @@ class Message(Base):
         # Not unique: a provider reusing or repeating an id must never stop us from recording
         # that a message was sent. Callbacks find messages by our own id first.
         Index("ix_messages_provider_message", "provider", "provider_message_id"),
+        # Reconciliation looks for claims older than a provider call can last.
+        Index(
+            "ix_messages_sending_claimed",
+            "claimed_at",
+            postgresql_where=text("status = 'sending'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -141,6 +166,12 @@ class Message(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now()
+    # When the current (or last) attempt claimed it: a `sending` message whose claim is older
+    # than a provider call can last is reconciled with the provider (app.domain.reconcile).
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Submissions made again because an earlier one's outcome was unknown and the provider had
+    # no record of it (each is also an attempt). Such a message never fails over.
+    resubmissions: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
@@ -265,4 +296,168 @@ class InboundPart(Base):
     inbound_message_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID, ForeignKey("inbound_messages.id")
     )
+    created_at: Mapped[datetime] = _now()
+
+
+class WebhookEndpoint(Base):
+    """A URL events are sent to, owned by a client (its default endpoint, or a message's
+    `callback_url`) or by a sender (its inbound messages and opt-out changes). The owner's
+    signing secrets sign what it receives; a 410 answer disables it until it is enabled again."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (
+        CheckConstraint("(client_id IS NULL) <> (sender_id IS NULL)", name="one_owner"),
+        Index(
+            "uq_webhook_endpoints_client_url",
+            "client_id",
+            "url",
+            unique=True,
+            postgresql_where=text("client_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_webhook_endpoints_sender_url",
+            "sender_id",
+            "url",
+            unique=True,
+            postgresql_where=text("sender_id IS NOT NULL"),
+        ),
+        # At most one default endpoint per owner.
+        Index(
+            "uq_webhook_endpoints_client_default",
+            "client_id",
+            unique=True,
+            postgresql_where=text("is_default AND client_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_webhook_endpoints_sender_default",
+            "sender_id",
+            unique=True,
+            postgresql_where=text("is_default AND sender_id IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE")
+    )
+    sender_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("senders.id", ondelete="CASCADE")
+    )
+    url: Mapped[str] = mapped_column(Text)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class SigningSecret(Base):
+    """A Standard Webhooks signing secret (`whsec_` + base64) of a client or a sender. Every
+    secret not yet expired signs each attempt, so a rotation keeps the old one valid a while."""
+
+    __tablename__ = "signing_secrets"
+    __table_args__ = (
+        CheckConstraint("(client_id IS NULL) <> (sender_id IS NULL)", name="one_owner"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE"), index=True
+    )
+    sender_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("senders.id", ondelete="CASCADE"), index=True
+    )
+    # Kept as given to the owner: signing needs the key itself, so it cannot be hashed.
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = _now()
+    # None while it is the current secret; set when a rotation retires it.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookEvent(Base):
+    """One event for one endpoint (the outbox): written in the transaction that made the change,
+    delivered by the events worker after commit, at least once."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        Index("ix_webhook_events_client_created", "client_id", "created_at", "seq"),
+        # The sweep looks for pending events that are due.
+        Index(
+            "ix_webhook_events_pending_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # Ordering: is an earlier event of the same line still pending for this endpoint?
+        Index(
+            "ix_webhook_events_pending_line",
+            "endpoint_id",
+            "ordering_key",
+            "seq",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # The per-endpoint concurrency limit counts attempts in flight.
+        Index(
+            "ix_webhook_events_in_flight",
+            "endpoint_id",
+            postgresql_where=text("in_flight_until IS NOT NULL"),
+        ),
+    )
+
+    # The order events were written in: a message's events are delivered in this order.
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # The public id: `webhook-id`, and what receivers dedupe on.
+    id: Mapped[uuid.UUID] = mapped_column(UUID, unique=True, default=uuid.uuid4)
+    type: Mapped[str] = mapped_column(String(32))
+    # The client who may read the event; None for a sender's events (admin keys read those).
+    client_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE")
+    )
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    message_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    # Events with the same key (a message, a number's opt-outs) go to an endpoint in order.
+    ordering_key: Mapped[str | None] = mapped_column(String(80))
+    # The body sent: {"id", "type", "timestamp", "data"}.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(
+        String(16), default="pending", server_default=text("'pending'")
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = _now()
+    # Set while an attempt is in flight (a lease: a worker that died frees it when it passes).
+    in_flight_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set at the first attempt (and again by a redelivery): retries stop after it.
+    retry_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt to deliver an event, whatever its outcome."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (CheckConstraint("status IN ('succeeded', 'failed')", name="status"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    # The address connected to (after the destination check), when it got that far.
+    address: Mapped[str | None] = mapped_column(String(45))
+    status: Mapped[str] = mapped_column(String(16))
+    # timeout, connection_error, http_status, redirect, gone, destination_refused, …
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    response_status: Mapped[int | None] = mapped_column(SmallInteger)
+    # The start of the response body (at most EVENTS__MAX_RESPONSE_BYTES).
+    response_body: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()

@@ -15,11 +15,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
+from app.domain.dispatch import Dispatcher, Go, Wait
+from app.domain.events import EventJob, emit_message_status, scheduled
 from app.domain.optouts import (
     OptAction,
     OptChange,
@@ -60,10 +62,12 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What happened to one delivery run; `retry_in` is set when it must run again later."""
+    """What happened to one delivery run; `retry_in` is set when it must run again later, and
+    `events` are the event deliveries its committed transactions wrote (to enqueue)."""
 
     status: MessageStatus | None
     retry_in: float | None = None
+    events: tuple[EventJob, ...] = ()
 
 
 async def deliver_message(
@@ -71,12 +75,37 @@ async def deliver_message(
     session_factory: SessionFactory,
     providers: dict[str, Provider],
     policy: RetryPolicy,
+    dispatcher: Dispatcher | None = None,
 ) -> Outcome:
-    """Take a queued message through one provider submission."""
-    claimed = await _claim(session_factory, message_id)
+    """Take a queued message through one provider submission.
+
+    With a `dispatcher` (the worker always has one), the message first passes its gate: the
+    provider's circuit breaker (and failover), the provider's pause, the sender's pace.
+    """
+    route: Go | None = None
+    if dispatcher is not None:
+        admitted = await dispatcher.admit(session_factory, message_id)
+        if isinstance(admitted, Wait):
+            return Outcome(MessageStatus.QUEUED, retry_in=admitted.seconds)
+        route = admitted
+    claimed = await _claim(session_factory, message_id, route)
     if isinstance(claimed, Outcome):
         return claimed
     message = claimed
+    if dispatcher is not None and route is not None:
+        # The sender's slot is taken last, so a slow claim cannot bunch submissions together.
+        try:
+            wait = await dispatcher.pace(route, message)
+        except BaseException:  # cancelled before the provider was called: undo the claim
+            await asyncio.shield(
+                dispatcher.release(session_factory, message, "cancelled before the provider call")
+            )
+            raise
+        if wait > 0:
+            await dispatcher.release(
+                session_factory, message, f"the sender's pace; next turn in {wait:.1f}s"
+            )
+            return Outcome(MessageStatus.QUEUED, retry_in=wait)
     provider = providers.get(message.provider)
     if provider is None:
         error = ProviderError(
@@ -98,6 +127,8 @@ async def deliver_message(
         accepted = await provider.send(sms)
     except ProviderError as error:
         _observe(provider.name, error.kind.value, started)
+        if dispatcher is not None:
+            await dispatcher.record(provider.name, error)
         return await _record_failure(session_factory, message, error, policy)
     except BaseException as error:
         _observe(provider.name, "interrupted", started)
@@ -109,6 +140,8 @@ async def deliver_message(
         )
         await asyncio.shield(_record_failure(session_factory, message, unknown, policy))
         raise
+    if dispatcher is not None:
+        await dispatcher.record(provider.name, None)
     async with session_factory.begin() as session:
         # A fast delivery report may already have moved the message past `sent`: then only the
         # provider's id is recorded.
@@ -132,6 +165,8 @@ async def deliver_message(
                 detail=f"accepted by {provider.name} as {accepted.provider_message_id}",
             )
         )
+        if sent is not None:
+            await emit_message_status(session, message.id)
     _observe(provider.name, "accepted", started)
     if sent is not None:
         count_status(MessageStatus.SENT.value, message.provider, message.from_)
@@ -139,7 +174,7 @@ async def deliver_message(
         "message submitted",
         extra={"provider": provider.name, "provider_message_id": accepted.provider_message_id},
     )
-    return Outcome(MessageStatus.SENT if sent is not None else None)
+    return Outcome(MessageStatus.SENT if sent is not None else None, events=scheduled(session))
 
 
 def _observe(provider: str, outcome: str, started: float) -> None:
@@ -148,8 +183,12 @@ def _observe(provider: str, outcome: str, started: float) -> None:
     )
 
 
-async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Message | Outcome:
-    """Move the message from queued to sending, or say why there is nothing to do."""
+async def _claim(
+    session_factory: SessionFactory, message_id: uuid.UUID, route: Go | None = None
+) -> Message | Outcome:
+    """Move the message from queued to sending, or say why there is nothing to do. With a
+    `route` to another provider (failover), the message moves to that provider as it is claimed,
+    so its callbacks and any reconciliation go there too."""
     async with session_factory.begin() as session:
         message = await session.scalar(select(Message).where(Message.id == message_id))
         if message is None or message.status != MessageStatus.QUEUED.value:
@@ -176,21 +215,34 @@ async def _claim(session_factory: SessionFactory, message_id: uuid.UUID) -> Mess
                 "recipient opted out after the message was accepted",
                 error_code="recipient_opted_out",
             )
+        accepted_by = message.provider  # the RETURNING below refreshes `message` too
         claimed: Message | None = await session.scalar(
             update(Message)
             .where(Message.id == message_id, Message.status == MessageStatus.QUEUED.value)
-            .values(status=MessageStatus.SENDING.value, attempts=Message.attempts + 1)
+            .values(
+                status=MessageStatus.SENDING.value,
+                attempts=Message.attempts + 1,
+                claimed_at=func.now(),
+                provider=route.provider if route is not None else message.provider,
+            )
             .returning(Message)
         )
         if claimed is None:  # another run claimed it between our read and our update
             return Outcome(None)
+        detail = f"attempt {claimed.attempts}"
+        if claimed.provider != accepted_by:
+            detail += f" via {claimed.provider}: {accepted_by}'s circuit is open (failover)"
+            log.warning(
+                "message failed over",
+                extra={"message_id": str(message_id), "from": accepted_by, "to": claimed.provider},
+            )
         session.add(
             MessageEvent(
                 message_id=message_id,
                 status=MessageStatus.SENDING.value,
                 applied=True,
                 source="worker",
-                detail=f"attempt {claimed.attempts}",
+                detail=detail,
             )
         )
         return claimed
@@ -222,7 +274,8 @@ async def _finish_unsent(
                 detail=reason,
             )
         )
-    return Outcome(status if done is not None else None)
+        await emit_message_status(session, message.id)
+    return Outcome(status if done is not None else None, events=scheduled(session))
 
 
 async def _record_failure(
@@ -278,7 +331,11 @@ async def _record_failure(
                     detail=f"retry in {retry_in:.1f}s after: {error.detail}",
                 )
             )
-            return Outcome(MessageStatus.QUEUED, retry_in=retry_in if released else None)
+            return Outcome(
+                MessageStatus.QUEUED,
+                retry_in=retry_in if released else None,
+                events=scheduled(session),
+            )
         if error.kind is ErrorKind.UNKNOWN_OUTCOME:
             # The provider may have the message: resending could text the customer twice.
             # It stays `sending` until a status report (or reconciliation) settles it.
@@ -292,7 +349,7 @@ async def _record_failure(
                     detail=f"outcome unknown: {error.detail}",
                 )
             )
-            return Outcome(MessageStatus.SENDING)
+            return Outcome(MessageStatus.SENDING, events=scheduled(session))
         detail = error.detail
         if error.kind is ErrorKind.RETRYABLE:
             detail = f"gave up after {message.attempts} attempts: {detail}"
@@ -318,7 +375,9 @@ async def _record_failure(
                 detail=detail,
             )
         )
-        return Outcome(MessageStatus.FAILED)
+        if failed is not None:
+            await emit_message_status(session, message.id)
+        return Outcome(MessageStatus.FAILED, events=scheduled(session))
 
 
 def _remaining_validity(message: Message) -> int | None:

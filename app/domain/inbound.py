@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import InboundMessage, InboundPart, Sender
 from app.domain.encoding import analyze_body
+from app.domain.events import emit_inbound_received
 from app.domain.keywords import (
     KeywordCategory,
     KeywordConfig,
@@ -109,6 +110,8 @@ async def receive_inbound(
     if sender is None:
         log.info("inbound message to an unknown address", extra={"to": inbound.to})
         return InboundOutcome(inbound_id=inbound_id)
+    if match is None:  # events out: the sender's endpoint gets what is not a keyword
+        await emit_inbound_received(session, inbound_id)
     if match is None or customer is None:
         return InboundOutcome(inbound_id=inbound_id)
     reply_id = await _act_on_keyword(session, sender, customer, match, opt_out_scope)

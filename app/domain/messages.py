@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import Message, MessageEvent, Sender
 from app.domain.auth import Principal
 from app.domain.encoding import BodyAnalysis, analyze_body
+from app.domain.events import emit_message_status
 from app.domain.keywords import KeywordConfig, missing_replies
 from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
 from app.domain.pagination import as_utc, decode_cursor, encode_cursor
@@ -294,6 +295,8 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
         )
     )
     await session.flush()
+    if applied:
+        await emit_message_status(session, message.id)  # events out (after commit)
     return True
 
 

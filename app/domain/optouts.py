@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.db.models import OptOut
+from app.domain.events import emit_opt_out_changed
 
 
 class OptAction(StrEnum):
@@ -154,10 +155,18 @@ async def record_change(
         )
     )
     await session.flush()
-    return ChangeResult(
-        changed=before != (change.action is OptAction.OPT_OUT),
-        previous_source=previous[1] if previous else None,
-    )
+    changed = before != (change.action is OptAction.OPT_OUT)
+    if changed:  # events out: the sender's endpoint hears of it (after commit)
+        await emit_opt_out_changed(
+            session,
+            phone=change.phone,
+            sender_id=change.sender_id,
+            action=change.action.value,
+            source=change.source.value,
+            actor=change.actor,
+            detail=change.detail,
+        )
+    return ChangeResult(changed=changed, previous_source=previous[1] if previous else None)
 
 
 async def record_changes(session: AsyncSession, changes: list[OptChange]) -> None:

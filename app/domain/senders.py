@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from enum import StrEnum
+from enum import Enum, StrEnum
+from typing import Final
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Sender
 from app.domain.keywords import KeywordConfig
+from app.domain.pacing import default_rate
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.errors import Conflict, NotFound, ValidationFailed
 
@@ -22,6 +24,15 @@ class SenderKind(StrEnum):
     LONG_CODE = "long_code"
     SHORT_CODE = "short_code"
     ALPHANUMERIC = "alphanumeric"
+
+
+class Unchanged(Enum):
+    """Marks an update argument that was not given (where None means "remove")."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
 
 
 class ProviderName(StrEnum):
@@ -67,13 +78,20 @@ async def create_sender(
     description: str | None,
     default_region: str,
     keywords: KeywordConfig | None = None,
+    rate_per_second: float | None = None,
+    fallback_provider: ProviderName | None = None,
 ) -> Sender:
-    """Add a sender; its address must be unique. Keywords default to the built-in sets."""
+    """Add a sender; its address must be unique. Keywords default to the built-in sets, the
+    rate to what its kind allows by default (`app.domain.pacing.default_rate`)."""
+    _check_fallback(provider, fallback_provider)
+    canonical = normalize_sender_address(kind, address, default_region)
     sender = Sender(
         id=uuid.uuid4(),
-        address=normalize_sender_address(kind, address, default_region),
+        address=canonical,
         kind=kind.value,
         provider=provider.value,
+        fallback_provider=fallback_provider.value if fallback_provider else None,
+        rate_per_second=rate_per_second or default_rate(kind.value, canonical),
         description=description,
         keywords=(keywords or KeywordConfig()).model_dump(mode="json"),
     )
@@ -84,6 +102,13 @@ async def create_sender(
     except IntegrityError:
         raise Conflict("sender_exists", f"a sender with address {sender.address} exists") from None
     return sender
+
+
+def _check_fallback(provider: ProviderName | str, fallback: ProviderName | str | None) -> None:
+    if fallback is not None and str(fallback) == str(provider):
+        raise ValidationFailed.for_field(
+            "invalid_sender", "fallback_provider", "must differ from the sender's provider"
+        )
 
 
 async def get_sender(session: AsyncSession, sender_id: uuid.UUID) -> Sender:
@@ -106,10 +131,22 @@ async def update_sender(
     provider: ProviderName | None,
     description: str | None,
     keywords: KeywordConfig | None = None,
+    rate_per_second: float | None = None,
+    fallback_provider: ProviderName | Unchanged | None = UNCHANGED,
 ) -> Sender:
-    """Change a sender's provider, description or keywords (its address and kind are its
-    identity)."""
+    """Change a sender's provider, description, keywords, rate or fallback provider (its
+    address and kind are its identity). None leaves a field as it is, except for the fallback
+    provider, where None removes it and `UNCHANGED` leaves it."""
     sender = await get_sender(session, sender_id)
+    new_fallback = (
+        sender.fallback_provider
+        if isinstance(fallback_provider, Unchanged)
+        else (fallback_provider.value if fallback_provider else None)
+    )
+    _check_fallback(provider or sender.provider, new_fallback)
+    sender.fallback_provider = new_fallback
+    if rate_per_second is not None:
+        sender.rate_per_second = rate_per_second
     if provider is not None:
         sender.provider = provider.value
     if description is not None:
@@ -167,10 +204,13 @@ async def upsert_sender(
     description: str | None,
     keywords: KeywordConfig,
     default_region: str,
+    rate_per_second: float | None = None,
+    fallback_provider: ProviderName | None = None,
 ) -> bool:
     """Create the sender, or bring an existing one (same address) in line; True if created.
 
-    For deployments that keep senders in configuration files (`smsgate seed-senders`).
+    For deployments that keep senders in configuration files (`smsgate seed-senders`): what
+    the file omits takes its default (the kind's rate, no fallback provider).
     """
     canonical = normalize_sender_address(kind, address, default_region)
     sender = await session.scalar(select(Sender).where(Sender.address == canonical))
@@ -183,6 +223,8 @@ async def upsert_sender(
             description=description,
             default_region=default_region,
             keywords=keywords,
+            rate_per_second=rate_per_second,
+            fallback_provider=fallback_provider,
         )
         return True
     if sender.kind != kind.value:
@@ -190,6 +232,12 @@ async def upsert_sender(
             "invalid_sender", "kind", f"{canonical} exists as a {sender.kind}, not a {kind.value}"
         )
     await update_sender(
-        session, sender.id, provider=provider, description=description, keywords=keywords
+        session,
+        sender.id,
+        provider=provider,
+        description=description,
+        keywords=keywords,
+        rate_per_second=rate_per_second or default_rate(sender.kind, sender.address),
+        fallback_provider=fallback_provider,
     )
     return False

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import ClassVar
@@ -68,6 +69,7 @@ class ProviderError(Exception):
         retry_after: float | None = None,
         recipient_opted_out: bool = False,
         throttled: bool = False,
+        provider_fault: bool = False,
     ) -> None:
         super().__init__(detail)
         self.kind = kind
@@ -79,6 +81,19 @@ class ProviderError(Exception):
         self.recipient_opted_out = recipient_opted_out
         # The provider said "too fast" (HTTP 429 or its own code): a rate-limit deferral.
         self.throttled = throttled
+        # The provider itself is failing (a timeout, a connection error, a 5xx), as opposed to
+        # refusing this message: what its circuit breaker counts (app.domain.circuit).
+        self.provider_fault = provider_fault
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A message the provider holds, found by asking it (reconciliation of unknown outcomes)."""
+
+    provider_message_id: str
+    provider_status: str
+    status: MessageStatus | None  # the provider's status mapped to ours, as a report would be
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +177,14 @@ async def post_form(
             headers={"Accept": "application/json"},
         )
     except _NOT_SENT as exc:
-        raise ProviderError(ErrorKind.RETRYABLE, f"request not sent: {exc!r}") from exc
+        raise ProviderError(
+            ErrorKind.RETRYABLE,
+            f"request not sent: {exc!r}",
+            provider_fault=isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout),
+        ) from exc
     except httpx.TransportError as exc:
         raise ProviderError(
-            ErrorKind.UNKNOWN_OUTCOME, f"no response from {provider}: {exc!r}"
+            ErrorKind.UNKNOWN_OUTCOME, f"no response from {provider}: {exc!r}", provider_fault=True
         ) from exc
 
 
@@ -211,3 +230,17 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def parse_inbound(self, request: CallbackRequest) -> InboundSms:
         """Read a verified inbound-message webhook; raise `InvalidCallback` if malformed."""
+
+    @property
+    def can_look_up(self) -> bool:
+        """Whether `find_submissions` can ask the provider which messages it holds."""
+        return False
+
+    async def find_submissions(self, sms: OutboundSms, since: datetime) -> list[Submission]:
+        """Messages the provider holds that could be `sms` (same recipient, sender and body),
+        created after `since`, oldest first; raise `ProviderError` when it cannot answer.
+
+        Only for adapters with `can_look_up`; reconciliation never resends a message whose
+        provider cannot be asked.
+        """
+        raise NotImplementedError(f"{self.name} offers no way to look messages up")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Protocol
 
 from app.domain.status import MessageStatus
 from app.providers.base import (
@@ -19,10 +21,23 @@ from app.providers.base import (
     OutboundSms,
     Provider,
     StatusReport,
+    Submission,
 )
 from app.settings import FakeProviderSettings
 
 ReportScheduler = Callable[[Mapping[str, str], float], Awaitable[None]]
+
+
+class FakeLedger(Protocol):
+    """What the fake "provider" remembers of the messages it accepted (the worker keeps it in
+    Redis, so every worker sees it), so that reconciliation can ask it as it asks Twilio."""
+
+    async def remember(self, message_id: uuid.UUID, provider_message_id: str) -> None:
+        """Note that the fake accepted `message_id` as `provider_message_id`."""
+
+    async def recall(self, message_id: uuid.UUID) -> str | None:
+        """The id the fake gave `message_id`, if it accepted it."""
+
 
 _STATUS_MAP: dict[str, MessageStatus] = {
     "delivered": MessageStatus.DELIVERED,
@@ -37,14 +52,34 @@ class FakeProvider(Provider):
     name = "fake"
 
     def __init__(
-        self, settings: FakeProviderSettings, schedule_report: ReportScheduler | None = None
+        self,
+        settings: FakeProviderSettings,
+        schedule_report: ReportScheduler | None = None,
+        ledger: FakeLedger | None = None,
     ) -> None:
         self._delay = settings.delivery_delay_seconds
         self._schedule_report = schedule_report
+        self._ledger = ledger
+
+    @property
+    def can_look_up(self) -> bool:
+        """The fake can be asked when it keeps a ledger."""
+        return self._ledger is not None
+
+    async def find_submissions(self, sms: OutboundSms, since: datetime) -> list[Submission]:
+        """The message, if the fake's ledger says it was accepted (reported `delivered`)."""
+        if self._ledger is None:
+            return await super().find_submissions(sms, since)
+        provider_message_id = await self._ledger.recall(sms.message_id)
+        if provider_message_id is None:
+            return []
+        return [Submission(provider_message_id, "delivered", MessageStatus.DELIVERED)]
 
     async def send(self, sms: OutboundSms) -> Accepted:
         """Accept the message and schedule its delivery report."""
         provider_message_id = f"fake-{uuid.uuid4().hex}"
+        if self._ledger is not None:
+            await self._ledger.remember(sms.message_id, provider_message_id)
         if self._schedule_report is not None:
             await self._schedule_report(
                 {

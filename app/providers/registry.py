@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from app.providers.base import Provider
-from app.providers.fake import FakeProvider, ReportScheduler
+from app.providers.fake import FakeLedger, FakeProvider, ReportScheduler
 from app.providers.twilio import TwilioProvider
 from app.providers.vonage import VonageProvider
 from app.settings import Settings
@@ -30,10 +30,13 @@ def build_providers(
     settings: Settings,
     http: httpx.AsyncClient,
     schedule_fake_report: ReportScheduler | None = None,
+    fake_ledger: FakeLedger | None = None,
 ) -> dict[str, Provider]:
     """Adapters by name. Twilio and Vonage are present once their credentials are set."""
     providers: dict[str, Provider] = {
-        "fake": FakeProvider(settings.fake, schedule_report=schedule_fake_report)
+        "fake": FakeProvider(
+            settings.fake, schedule_report=schedule_fake_report, ledger=fake_ledger
+        )
     }
     if settings.twilio.account_sid:
         providers["twilio"] = TwilioProvider(settings.twilio, http, settings.public_base_url)

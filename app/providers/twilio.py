@@ -22,7 +22,9 @@ import hmac
 import re
 import uuid
 from collections.abc import Mapping
-from typing import ClassVar, Final
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Final
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -38,6 +40,7 @@ from app.providers.base import (
     Provider,
     ProviderError,
     StatusReport,
+    Submission,
     post_form,
     retry_after_seconds,
 )
@@ -134,6 +137,16 @@ TWILIO_STATUSES: Final[Mapping[str, MessageStatus | None]] = {
 }
 
 
+# Reconciliation (ListMessage, `GET` on MESSAGES_PATH): how much of the list to read. Lists are
+# newest first; pages stop once they are older than the claim being reconciled.
+LIST_PAGE_SIZE: Final = 100
+LIST_MAX_PAGES: Final = 5
+# Twilio's clock and ours differ: a candidate may look created slightly before our claim.
+LOOKUP_CLOCK_SKEW: Final = timedelta(minutes=2)
+# Trial accounts prefix every body with this; the rest is ours.
+TRIAL_PREFIX: Final = "Sent from your Twilio trial account - "
+
+
 def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
     """The documented X-Twilio-Signature for `url` and POST `params` under `auth_token`."""
     payload = url + "".join(name + params[name] for name in sorted(params))
@@ -166,6 +179,89 @@ class TwilioProvider(Provider):
         auth = httpx.BasicAuth(account_sid, self._settings.auth_token.get_secret_value())
         response = await post_form(self._http, "Twilio", url, self._form(sms), auth)
         return _accepted_or_raise(response)
+
+    @property
+    def can_look_up(self) -> bool:
+        """Twilio lists messages (ListMessage)."""
+        return True
+
+    async def find_submissions(self, sms: OutboundSms, since: datetime) -> list[Submission]:
+        """Messages Twilio holds that could be `sms`: ListMessage filtered by `To`, `From` and
+        `DateSent>` (the day of the claim), matched on the body and the creation time.
+
+        A message Twilio holds but has not sent yet (queued behind the sender's rate) has no
+        `date_sent`, which a DateSent filter may skip, so the newest page for `To` and `From`
+        without a date is read as well. The Message resource does not echo our StatusCallback
+        URL, so our message id cannot be matched; the caller tells identical bodies apart by
+        the SIDs its other messages already hold.
+        """
+        account_sid = self._settings.account_sid
+        if not ACCOUNT_SID_PATTERN.fullmatch(account_sid):
+            raise ProviderError(ErrorKind.PERMANENT, "TWILIO__ACCOUNT_SID is not an Account SID")
+        base_url = self._settings.base_url.rstrip("/")
+        url = base_url + MESSAGES_PATH.format(account_sid=account_sid)
+        auth = httpx.BasicAuth(account_sid, self._settings.auth_token.get_secret_value())
+        earliest = since.astimezone(UTC) - LOOKUP_CLOCK_SKEW
+        common = {"To": sms.to, "From": sms.sender, "PageSize": str(LIST_PAGE_SIZE)}
+        found: dict[str, Submission] = {}
+        for params, max_pages in (
+            ({**common, "DateSent>": earliest.date().isoformat()}, LIST_MAX_PAGES),
+            (common, 1),
+        ):
+            page_url: str | None = url
+            query: dict[str, str] | None = params
+            for _ in range(max_pages):
+                if page_url is None:
+                    break
+                page = await self._get_json(page_url, query, auth)
+                query = None  # next_page_uri carries the query
+                messages = page.get("messages")
+                if not isinstance(messages, list):
+                    break
+                oldest: datetime | None = None
+                for item in messages:
+                    if not isinstance(item, dict):
+                        continue
+                    created = _rfc2822(item.get("date_created"))
+                    if created is not None:
+                        oldest = created if oldest is None else min(oldest, created)
+                    submission = _matching(item, sms, created, earliest)
+                    if submission is not None:
+                        found[submission.provider_message_id] = submission
+                next_uri = page.get("next_page_uri")
+                if (oldest is not None and oldest < earliest) or not isinstance(next_uri, str):
+                    break
+                page_url = base_url + next_uri if next_uri.startswith("/2010-04-01/") else None
+        return sorted(
+            found.values(),
+            key=lambda item: item.created_at or datetime.max.replace(tzinfo=UTC),
+        )
+
+    async def _get_json(
+        self, url: str, params: Mapping[str, str] | None, auth: httpx.Auth
+    ) -> dict[str, Any]:
+        try:
+            response = await self._http.get(
+                url, params=params, auth=auth, headers={"Accept": "application/json"}
+            )
+        except httpx.TransportError as exc:
+            raise ProviderError(
+                ErrorKind.RETRYABLE, f"Twilio message list failed: {exc!r}", provider_fault=True
+            ) from exc
+        if response.status_code != 200:
+            code, message = _error_body(response)
+            raise ProviderError(
+                ErrorKind.RETRYABLE if response.status_code >= 429 else ErrorKind.PERMANENT,
+                message or f"Twilio answered HTTP {response.status_code} to a message list",
+                code=str(code) if code is not None else f"http_{response.status_code}",
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ProviderError(ErrorKind.RETRYABLE, "unreadable Twilio message list")
+        return body
 
     def _form(self, sms: OutboundSms) -> dict[str, str]:
         # No SmartEncoded: the body's encoding and segment count were decided upstream, and
@@ -270,6 +366,43 @@ def _url_variants(url: str) -> list[str]:
     return [url, other]
 
 
+def _rfc2822(value: object) -> datetime | None:
+    """A Twilio timestamp (`Fri, 24 May 2019 17:44:46 +0000`), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _matching(
+    item: Mapping[str, Any], sms: OutboundSms, created: datetime | None, earliest: datetime
+) -> Submission | None:
+    """The listed message as a `Submission` when it could be `sms`, else None."""
+    sid = item.get("sid")
+    body = item.get("body")
+    direction = item.get("direction")
+    if not isinstance(sid, str) or not sid or not isinstance(body, str):
+        return None
+    if isinstance(direction, str) and not direction.startswith("outbound"):
+        return None
+    if item.get("to") != sms.to or item.get("from") != sms.sender:
+        return None
+    if body != sms.body and body.removeprefix(TRIAL_PREFIX) != sms.body:
+        return None
+    if created is None or created < earliest:
+        return None
+    provider_status = str(item.get("status") or "")
+    return Submission(
+        provider_message_id=sid,
+        provider_status=provider_status,
+        status=TWILIO_STATUSES.get(provider_status),
+        created_at=created,
+    )
+
+
 def _is_opt_out_code(error_code: str | None) -> bool:
     """True when a callback's `ErrorCode` is one of `OPT_OUT_ERROR_CODES`."""
     if error_code is None or not _SMALL_INT.fullmatch(error_code):
@@ -321,6 +454,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         retry_after=retry_after_seconds(response.headers) if kind is ErrorKind.RETRYABLE else None,
         recipient_opted_out=twilio_code in OPT_OUT_ERROR_CODES,
         throttled=status_code == 429 or twilio_code == THROTTLED_ERROR_CODE,
+        provider_fault=status_code >= 500,
     )
 
 

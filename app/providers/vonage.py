@@ -57,6 +57,8 @@ TTL_MAX_MS: Final = 604_800_000
 # a non-zero status means Vonage did not accept that part, so nothing is "unknown outcome" here.
 # Send status "1", Throttled: faster than the account's messages-per-second limit.
 THROTTLED_STATUS: Final = "1"
+# Send status "5", Internal Error: Vonage's platform is failing (counts against its circuit).
+INTERNAL_ERROR_STATUS: Final = "5"
 
 SEND_STATUS_KINDS: Final[Mapping[str, ErrorKind]] = {
     "1": ErrorKind.RETRYABLE,  # Throttled: sending faster than the account limit
@@ -319,7 +321,12 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
     status_code = response.status_code
     if status_code == 504:
         # A gateway timeout may come after Vonage took the message: never resend blindly.
-        raise ProviderError(ErrorKind.UNKNOWN_OUTCOME, "Vonage answered HTTP 504", code="http_504")
+        raise ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME,
+            "Vonage answered HTTP 504",
+            code="http_504",
+            provider_fault=True,
+        )
     if status_code == 429 or status_code >= 500:
         raise ProviderError(
             ErrorKind.RETRYABLE,
@@ -327,6 +334,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
             code=f"http_{status_code}",
             retry_after=retry_after_seconds(response.headers),
             throttled=status_code == 429,
+            provider_fault=status_code >= 500,
         )
     if status_code != 200:
         raise ProviderError(
@@ -365,7 +373,11 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
     # An undocumented non-zero status still means "not accepted"; failing is the safe default.
     kind = SEND_STATUS_KINDS.get(status, ErrorKind.PERMANENT)
     raise ProviderError(
-        kind, f"status {status}: {text}", code=status, throttled=status == THROTTLED_STATUS
+        kind,
+        f"status {status}: {text}",
+        code=status,
+        throttled=status == THROTTLED_STATUS,
+        provider_fault=status == INTERNAL_ERROR_STATUS,
     )
 
 

@@ -6,32 +6,40 @@ Run a worker with `smsgate worker` (or `arq app.worker.tasks.WorkerSettings`).
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, ClassVar
 
 from arq import Retry, cron
-from arq.connections import RedisSettings
 from prometheus_client import start_http_server
 
 from app.db.session import create_engine, create_session_factory
 from app.domain.delivery import RetryPolicy, deliver_message
+from app.domain.events import scheduled
 from app.domain.messages import apply_status_report
 from app.domain.sweep import sweep_once
 from app.logs import message_context
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
-from app.settings import get_settings, provider_call_budget_seconds
+from app.settings import get_settings
+from app.worker.event_queue import enqueue_events
+from app.worker.guarantees import (
+    RedisFakeLedger,
+    build_dispatcher,
+    delivery_job_timeout_seconds,
+    reconcile,
+    reconcile_sweep,
+    worker_redis_settings,
+)
 from app.worker.queue import FAKE_REPORT_JOB, enqueue_deliveries
 
 log = logging.getLogger(__name__)
 
 # A delivery job is one provider call plus two short transactions: its timeout is the provider
 # call's budget plus a margin, so a call is never cut short by the job timeout (which would leave
-# its outcome unknown), yet a dead worker's job is picked up again soon.
-JOB_TIMEOUT_SECONDS = math.ceil(provider_call_budget_seconds(get_settings())) + 10
+# its outcome unknown), yet a dead worker's claim is reconciled soon (app.worker.guarantees).
+JOB_TIMEOUT_SECONDS = delivery_job_timeout_seconds(get_settings())
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -48,7 +56,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     async def schedule_fake_report(params: Mapping[str, str], delay: float) -> None:
         await queue.enqueue_job(FAKE_REPORT_JOB, dict(params), _defer_by=timedelta(seconds=delay))
 
-    ctx["providers"] = build_providers(settings, ctx["http"], schedule_fake_report)
+    ctx["providers"] = build_providers(
+        settings, ctx["http"], schedule_fake_report, fake_ledger=RedisFakeLedger(queue)
+    )
+    ctx["dispatcher"] = build_dispatcher(queue, settings, ctx["providers"])
     if settings.worker_metrics_port:
         try:
             start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
@@ -74,8 +85,13 @@ async def deliver(ctx: dict[str, Any], message_id: str) -> str | None:
     """Deliver one message; ask arq to run the job again later when a retry is due."""
     with message_context(message_id):
         outcome = await deliver_message(
-            uuid.UUID(message_id), ctx["session_factory"], ctx["providers"], ctx["retry_policy"]
+            uuid.UUID(message_id),
+            ctx["session_factory"],
+            ctx["providers"],
+            ctx["retry_policy"],
+            dispatcher=ctx["dispatcher"],
         )
+    await enqueue_events(ctx["redis"], outcome.events)  # on the events queue, after commit
     if outcome.retry_in is not None:
         raise Retry(defer=timedelta(seconds=outcome.retry_in))
     return outcome.status.value if outcome.status else None
@@ -88,6 +104,7 @@ async def fake_status_report(ctx: dict[str, Any], params: dict[str, str]) -> boo
     )
     async with ctx["session_factory"].begin() as session:
         applied: bool = await apply_status_report(session, "fake", report)
+    await enqueue_events(ctx["redis"], scheduled(session))
     return applied
 
 
@@ -105,13 +122,16 @@ async def sweep(ctx: dict[str, Any]) -> int:
 class WorkerSettings:
     """arq's configuration for the delivery worker."""
 
-    functions: ClassVar[list[Any]] = [deliver, fake_status_report]
+    functions: ClassVar[list[Any]] = [deliver, fake_status_report, reconcile]
     cron_jobs: ClassVar[list[Any]] = [
-        cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True)
+        cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True),
+        # Claims a dead worker left behind, every 5 s: recovery takes the job timeout plus that.
+        cron(reconcile_sweep, second=set(range(2, 60, 5)), run_at_startup=True),
     ]
     on_startup = startup
     on_shutdown = shutdown
-    redis_settings = RedisSettings.from_dsn(get_settings().redis_url)
+    # Retries Redis commands through a restart or a dropped connection (app.worker.guarantees).
+    redis_settings = worker_redis_settings(get_settings().redis_url)
     job_timeout = JOB_TIMEOUT_SECONDS
     keep_result = 0  # results are in PostgreSQL; a kept result would block re-enqueueing by id
     # Our own attempt count in PostgreSQL decides when to give up; arq's counter also grows when a
@@ -121,3 +141,6 @@ class WorkerSettings:
     allow_abort_jobs = False
     # On SIGTERM (a deploy), let running jobs finish their provider call instead of cancelling it.
     job_completion_wait = JOB_TIMEOUT_SECONDS
+    # `smsgate worker --check` passes while a worker refreshed its key within this (+1 s); each
+    # refresh logs a line when the job counts changed (the sweep runs every 10 s).
+    health_check_interval = 30

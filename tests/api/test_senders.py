@@ -96,6 +96,8 @@ async def test_creates_a_long_code_normalised_to_e164(
         "address",
         "kind",
         "provider",
+        "fallback_provider",
+        "rate_per_second",
         "description",
         "keywords",
         "missing_replies",
@@ -105,6 +107,7 @@ async def test_creates_a_long_code_normalised_to_e164(
     assert sender["address"] == "+14155550142"  # national format read in the default region (US)
     assert sender["kind"] == "long_code"
     assert sender["provider"] == "vonage"
+    assert (sender["rate_per_second"], sender["fallback_provider"]) == (1.0, None)
     assert sender["description"] == "US support line"
     stored = await load_sender(session_factory, sender["id"])
     assert (stored.address, stored.kind, stored.provider, stored.description) == (

@@ -1,0 +1,1 @@
+"""Development helpers: embedded PostgreSQL and Redis, and `smsgate dev` (everything in one)."""

@@ -1,0 +1,294 @@
+"""Reconciliation: settling messages left `sending` with no known outcome.
+
+A message is `sending` from its claim until the worker records the provider's answer. It stays
+there when that answer never came: a read timeout or a 504 (the provider may have the message), a
+provider call cut short, or a worker killed mid-call. Once its claim is older than a delivery job
+can last (`JOB_TIMEOUT_SECONDS`: past it arq has cancelled the job, or its worker is gone), no
+worker will record anything more, so the periodic sweep hands it here. A callback that arrives
+first settles it the ordinary way and it never gets here.
+
+Here the message's provider is asked whether it has the message:
+- it does: the message is recorded as the provider holds it (`sent`, or already `delivered` ...),
+  with the provider's id, through the same path as a status callback;
+- it does not: the message is queued again and resubmitted, a new attempt like any other
+  (counted in `attempts` and `resubmissions`, with an event saying why), unless it has used all
+  of `SEND_MAX_ATTEMPTS`: then it fails as `not_submitted`;
+- it cannot be asked (Vonage has no lookup API; the fake without its ledger): resending could
+  text the customer twice, so the message waits for the provider's delivery report until
+  `UNKNOWN_OUTCOME_GIVE_UP_SECONDS` after its claim, then fails as `outcome_unknown`;
+- it does not answer: asked again later.
+
+Every decision is a conditional UPDATE on (status = 'sending', attempts = the attempt being
+reconciled), so a callback, another reconciler or a late worker racing it changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Final
+
+from sqlalchemy import ColumnElement, and_, func, select, update
+
+from app.db.models import Message, MessageEvent
+from app.db.session import SessionFactory
+from app.domain.delivery import RetryPolicy
+from app.domain.events import EventJob, emit_message_status, scheduled
+from app.domain.messages import apply_status_report
+from app.domain.status import MessageStatus
+from app.metrics import count_status
+from app.providers.base import (
+    Encoding,
+    OutboundSms,
+    Provider,
+    ProviderError,
+    StatusReport,
+    Submission,
+)
+
+log = logging.getLogger(__name__)
+
+RECONCILE_BATCH: Final = 500
+# A provider that could not answer a lookup is asked again after this long.
+LOOKUP_RETRY_SECONDS: Final = 15.0
+
+
+class Decision(StrEnum):
+    """What reconciliation did with a message."""
+
+    NOTHING = "nothing"  # not `sending`, or not stale (settled meanwhile)
+    SETTLED = "settled"  # the provider has it: recorded as the provider holds it
+    RESUBMIT = "resubmit"  # the provider has no record of it: queued again (enqueue it)
+    FAILED = "failed"  # given up: attempts used up, or an unknown outcome nobody can resolve
+    LATER = "later"  # ask again in `retry_in` seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """The decision, when to look again (LATER), and event deliveries to enqueue."""
+
+    decision: Decision
+    retry_in: float | None = None
+    events: tuple[EventJob, ...] = ()
+
+
+async def stale_claims(
+    session_factory: SessionFactory, older_than: timedelta, *, limit: int = RECONCILE_BATCH
+) -> list[uuid.UUID]:
+    """Ids of `sending` messages claimed longer ago than `older_than` (database clock)."""
+    async with session_factory() as session:
+        rows = await session.scalars(
+            select(Message.id)
+            .where(
+                Message.status == MessageStatus.SENDING.value,
+                Message.claimed_at < func.now() - older_than,
+            )
+            .order_by(Message.claimed_at)
+            .limit(limit)
+        )
+        return list(rows)
+
+
+async def reconcile_message(
+    message_id: uuid.UUID,
+    session_factory: SessionFactory,
+    providers: dict[str, Provider],
+    policy: RetryPolicy,
+    *,
+    older_than: timedelta,
+    give_up_after: timedelta,
+) -> Reconciled:
+    """Settle one stale `sending` message with its provider's help (see the module doc)."""
+    async with session_factory() as session:
+        row = (
+            await session.execute(
+                select(Message, func.now()).where(
+                    Message.id == message_id,
+                    Message.status == MessageStatus.SENDING.value,
+                    Message.claimed_at < func.now() - older_than,
+                )
+            )
+        ).one_or_none()
+    if row is None:
+        return Reconciled(Decision.NOTHING)
+    message: Message = row[0]
+    now: datetime = row[1]
+    assert message.claimed_at is not None  # the query required it
+    provider = providers.get(message.provider)
+    if provider is None or not provider.can_look_up:
+        waited = now - message.claimed_at
+        if waited < give_up_after:
+            return Reconciled(Decision.LATER, (give_up_after - waited).total_seconds())
+        return await _fail(
+            session_factory,
+            message,
+            "outcome_unknown",
+            f"the outcome of attempt {message.attempts} is unknown and {message.provider} "
+            f"cannot be asked; no delivery report came within {give_up_after}",
+        )
+    sms = OutboundSms(
+        message_id=message.id,
+        to=message.to,
+        sender=message.from_,
+        body=message.body,
+        encoding=Encoding(message.encoding),
+    )
+    try:
+        found = await provider.find_submissions(sms, since=message.claimed_at)
+    except ProviderError as error:
+        log.warning(
+            "reconciliation lookup failed",
+            extra={"message_id": str(message.id), "error": error.detail},
+        )
+        return Reconciled(Decision.LATER, LOOKUP_RETRY_SECONDS)
+    submission = await _first_unclaimed(session_factory, message, found)
+    if submission is not None:
+        return await _settle(session_factory, message, submission)
+    if message.attempts >= policy.max_attempts:
+        return await _fail(
+            session_factory,
+            message,
+            "not_submitted",
+            f"gave up after {message.attempts} attempts: {message.provider} has no record of "
+            f"attempt {message.attempts}, whose outcome was unknown",
+        )
+    return await _resubmit(session_factory, message)
+
+
+async def _first_unclaimed(
+    session_factory: SessionFactory, message: Message, found: list[Submission]
+) -> Submission | None:
+    """The oldest candidate no other message of ours holds (two identical bodies to the same
+    number are told apart by the ids already recorded)."""
+    if not found:
+        return None
+    async with session_factory() as session:
+        taken = set(
+            await session.scalars(
+                select(Message.provider_message_id).where(
+                    Message.provider == message.provider,
+                    Message.provider_message_id.in_([s.provider_message_id for s in found]),
+                    Message.id != message.id,
+                )
+            )
+        )
+    return next((s for s in found if s.provider_message_id not in taken), None)
+
+
+def _still_pending(message: Message) -> ColumnElement[bool]:
+    """The condition every decision is conditional on: nothing moved the message meanwhile."""
+    return and_(
+        Message.id == message.id,
+        Message.status == MessageStatus.SENDING.value,
+        Message.attempts == message.attempts,
+    )
+
+
+async def _settle(
+    session_factory: SessionFactory, message: Message, submission: Submission
+) -> Reconciled:
+    async with session_factory.begin() as session:
+        locked = await session.scalar(
+            select(Message.id).where(_still_pending(message)).with_for_update()
+        )
+        if locked is None:
+            return Reconciled(Decision.NOTHING)
+        session.add(
+            MessageEvent(
+                message_id=message.id,
+                status=None,
+                applied=False,
+                source="reconcile",
+                detail=(
+                    f"attempt {message.attempts} found at {message.provider} as "
+                    f"{submission.provider_message_id} ({submission.provider_status})"
+                ),
+            )
+        )
+        await apply_status_report(
+            session,
+            message.provider,
+            StatusReport(
+                provider_message_id=submission.provider_message_id,
+                provider_status=submission.provider_status,
+                # A status we do not map (none today) still means the provider has it.
+                status=submission.status or MessageStatus.SENT,
+                message_id=message.id,
+                raw={
+                    "source": "reconciliation",
+                    "provider_message_id": submission.provider_message_id,
+                    "status": submission.provider_status,
+                },
+            ),
+        )
+    log.info(
+        "unknown outcome settled: the provider has the message",
+        extra={
+            "message_id": str(message.id),
+            "provider_message_id": submission.provider_message_id,
+        },
+    )
+    return Reconciled(Decision.SETTLED, events=scheduled(session))
+
+
+async def _resubmit(session_factory: SessionFactory, message: Message) -> Reconciled:
+    detail = (
+        f"{message.provider} has no record of attempt {message.attempts}, whose outcome was "
+        "unknown: submitting again"
+    )
+    async with session_factory.begin() as session:
+        requeued = await session.scalar(
+            update(Message)
+            .where(_still_pending(message))
+            .values(
+                status=MessageStatus.QUEUED.value,
+                next_attempt_at=func.now(),
+                resubmissions=Message.resubmissions + 1,
+            )
+            .returning(Message.id)
+        )
+        if requeued is None:
+            return Reconciled(Decision.NOTHING)
+        session.add(
+            MessageEvent(
+                message_id=message.id,
+                status=MessageStatus.QUEUED.value,
+                applied=True,
+                source="reconcile",
+                error_code="outcome_unknown",
+                detail=detail,
+            )
+        )
+    log.warning("unknown outcome: resubmitting", extra={"message_id": str(message.id)})
+    return Reconciled(Decision.RESUBMIT)
+
+
+async def _fail(
+    session_factory: SessionFactory, message: Message, code: str, detail: str
+) -> Reconciled:
+    async with session_factory.begin() as session:
+        failed = await session.scalar(
+            update(Message)
+            .where(_still_pending(message))
+            .values(status=MessageStatus.FAILED.value, error_code=code, error_message=detail)
+            .returning(Message.id)
+        )
+        if failed is None:
+            return Reconciled(Decision.NOTHING)
+        session.add(
+            MessageEvent(
+                message_id=message.id,
+                status=MessageStatus.FAILED.value,
+                applied=True,
+                source="reconcile",
+                error_code=code,
+                detail=detail,
+            )
+        )
+        await emit_message_status(session, message.id)
+    count_status(MessageStatus.FAILED.value, message.provider, message.from_)
+    log.warning("unknown outcome: given up", extra={"message_id": str(message.id), "code": code})
+    return Reconciled(Decision.FAILED, events=scheduled(session))
