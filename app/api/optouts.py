@@ -18,6 +18,7 @@ from app.api.schemas import (
     OptOutStatus,
 )
 from app.domain import optouts as domain
+from app.domain.auth import Principal
 from app.domain.optout_import import import_opt_outs
 from app.domain.pagination import decode_cursor, encode_cursor
 from app.domain.senders import get_sender
@@ -51,6 +52,28 @@ async def _status(session: SessionDep, phone: str, sender_id: uuid.UUID | None) 
         opted_out=opted_out,
         history=[OptOutEvent.model_validate(row) for row in rows],
     )
+
+
+async def _record(
+    session: SessionDep,
+    phone: str,
+    sender_id: uuid.UUID | None,
+    action: domain.OptAction,
+    principal: Principal,
+) -> OptOutStatus:
+    if sender_id is not None:
+        await get_sender(session, sender_id)  # 404 for an unknown sender
+    await domain.record_change(
+        session,
+        domain.OptChange(
+            phone=phone,
+            sender_id=sender_id,
+            action=action,
+            source=domain.OptSource.API,
+            actor=f"client:{principal.client_name}",
+        ),
+    )
+    return await _status(session, phone, sender_id)
 
 
 @router.get(
@@ -106,19 +129,7 @@ async def put_opt_out(
     phone: PhonePath, session: SessionDep, principal: PrincipalDep, sender_id: SenderQuery = None
 ) -> OptOutStatus:
     """Record an opt-out (any client may: stopping messages is always safe)."""
-    if sender_id is not None:
-        await get_sender(session, sender_id)
-    await domain.record_change(
-        session,
-        domain.OptChange(
-            phone=phone,
-            sender_id=sender_id,
-            action=domain.OptAction.OPT_OUT,
-            source=domain.OptSource.API,
-            actor=f"client:{principal.client_name}",
-        ),
-    )
-    return await _status(session, phone, sender_id)
+    return await _record(session, phone, sender_id, domain.OptAction.OPT_OUT, principal)
 
 
 @router.delete(
@@ -130,19 +141,7 @@ async def delete_opt_out(
     phone: PhonePath, session: SessionDep, admin: AdminDep, sender_id: SenderQuery = None
 ) -> OptOutStatus:
     """Opt a number back in (admin key): recorded as an opt-in; history is never deleted."""
-    if sender_id is not None:
-        await get_sender(session, sender_id)
-    await domain.record_change(
-        session,
-        domain.OptChange(
-            phone=phone,
-            sender_id=sender_id,
-            action=domain.OptAction.OPT_IN,
-            source=domain.OptSource.API,
-            actor=f"client:{admin.client_name}",
-        ),
-    )
-    return await _status(session, phone, sender_id)
+    return await _record(session, phone, sender_id, domain.OptAction.OPT_IN, admin)
 
 
 @router.post(

@@ -22,14 +22,7 @@ from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
 from app.domain.dispatch import Dispatcher, Go, Wait
 from app.domain.events import EventJob, emit_message_status, scheduled
-from app.domain.optouts import (
-    OptAction,
-    OptChange,
-    OptSource,
-    is_opted_out,
-    lock_recipients,
-    record_change,
-)
+from app.domain.optouts import is_opted_out, lock_recipients, record_provider_opt_out
 from app.domain.status import MessageStatus
 from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS, count_status
 from app.providers.base import Encoding, ErrorKind, OutboundSms, Provider, ProviderError
@@ -293,16 +286,13 @@ async def _record_failure(
     )
     async with session_factory.begin() as session:
         if error.recipient_opted_out:
-            await record_change(
+            await record_provider_opt_out(
                 session,
-                OptChange(
-                    phone=message.to,
-                    sender_id=message.sender_id,
-                    action=OptAction.OPT_OUT,
-                    source=OptSource.PROVIDER_ERROR,
-                    actor=f"provider:{message.provider}",
-                    detail=f"{message.provider} error {error.code}: {error.detail}",
-                ),
+                phone=message.to,
+                sender_id=message.sender_id,
+                provider=message.provider,
+                code=error.code,
+                detail=error.detail,
             )
         if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
             retry_in = policy.delay(message.attempts, error.retry_after)

@@ -16,7 +16,7 @@ from app.domain.auth import Principal
 from app.domain.encoding import BodyAnalysis, analyze_body
 from app.domain.events import emit_message_status
 from app.domain.keywords import KeywordConfig, missing_replies
-from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
+from app.domain.optouts import is_opted_out, record_provider_opt_out
 from app.domain.pagination import as_utc, decode_cursor, encode_cursor
 from app.domain.senders import resolve_sender
 from app.domain.status import MessageStatus, can_advance, statuses_before
@@ -264,16 +264,13 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
         if applied:
             count_status(report.status.value, provider, message.from_)
     if report.recipient_opted_out:
-        await record_change(
+        await record_provider_opt_out(
             session,
-            OptChange(
-                phone=message.to,
-                sender_id=message.sender_id,
-                action=OptAction.OPT_OUT,
-                source=OptSource.PROVIDER_ERROR,
-                actor=f"provider:{provider}",
-                detail=f"{provider} error {report.error_code}: {report.error_message}",
-            ),
+            phone=message.to,
+            sender_id=message.sender_id,
+            provider=provider,
+            code=report.error_code,
+            detail=report.error_message,
         )
     if message.provider_message_id is None:
         # The report may beat the worker's own record of the provider's id.

@@ -117,6 +117,44 @@ class OptChange:
     detail: str | None = None
 
 
+def _history_row(change: OptChange) -> OptOut:
+    return OptOut(
+        phone=change.phone,
+        sender_id=change.sender_id,
+        action=change.action.value,
+        source=change.source.value,
+        actor=change.actor,
+        detail=change.detail,
+        # The time of the insert, under the lock, not of the transaction's start (now()): the
+        # newest row decides, so rows must be ordered as the lock serialised them.
+        created_at=func.clock_timestamp(),
+    )
+
+
+async def record_provider_opt_out(
+    session: AsyncSession,
+    *,
+    phone: str,
+    sender_id: uuid.UUID,
+    provider: str,
+    code: str | None,
+    detail: str | None,
+) -> None:
+    """The provider refused a send because the recipient opted out there: record it here too,
+    for that sender (the provider refused that pair of numbers, whatever OPT_OUT_SCOPE says)."""
+    await record_change(
+        session,
+        OptChange(
+            phone=phone,
+            sender_id=sender_id,
+            action=OptAction.OPT_OUT,
+            source=OptSource.PROVIDER_ERROR,
+            actor=f"provider:{provider}",
+            detail=f"{provider} error {code}: {detail}",
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeResult:
     """What recording a change did, seen from one sender (or one scope)."""
@@ -141,19 +179,7 @@ async def record_change(
             session, change.phone, change.sender_id, with_service_wide=False
         )
     before = previous is not None and previous[0] == OptAction.OPT_OUT
-    session.add(
-        OptOut(
-            phone=change.phone,
-            sender_id=change.sender_id,
-            action=change.action.value,
-            source=change.source.value,
-            actor=change.actor,
-            detail=change.detail,
-            # The time of the insert, under the lock, not of the transaction's start (now()):
-            # the newest row decides, so rows must be ordered as the lock serialised them.
-            created_at=func.clock_timestamp(),
-        )
-    )
+    session.add(_history_row(change))
     await session.flush()
     changed = before != (change.action is OptAction.OPT_OUT)
     if changed:  # events out: the sender's endpoint hears of it (after commit)
@@ -172,18 +198,7 @@ async def record_change(
 async def record_changes(session: AsyncSession, changes: list[OptChange]) -> None:
     """Record many changes in one statement (bulk import), under the numbers' locks."""
     await lock_recipients(session, [change.phone for change in changes])
-    session.add_all(
-        OptOut(
-            phone=change.phone,
-            sender_id=change.sender_id,
-            action=change.action.value,
-            source=change.source.value,
-            actor=change.actor,
-            detail=change.detail,
-            created_at=func.clock_timestamp(),  # as in record_change
-        )
-        for change in changes
-    )
+    session.add_all(_history_row(change) for change in changes)
     await session.flush()
 
 
