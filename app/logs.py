@@ -81,7 +81,10 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         "loggers": {
             name: {"handlers": [], "propagate": True, "level": level.upper()}
             for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq")
-        },
+        }
+        # httpx logs every request's full URL at INFO: clients' webhook URLs carry tokens and
+        # provider lookups carry phone numbers.
+        | {name: {"level": "WARNING"} for name in ("httpx", "httpcore")},
     }
 
 

@@ -3,7 +3,9 @@ worker on `WORKER_METRICS_PORT`; Prometheus adds them up."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 MESSAGES = Counter(
     "smsgate_messages",
@@ -48,6 +50,19 @@ OLDEST_QUEUED_AGE = Gauge(
     "smsgate_oldest_queued_message_age_seconds",
     "Age of the oldest message still queued (0 when none).",
 )
+
+
+def serve_metrics(port: int) -> None:
+    """Serve this process's metrics on `port` (0: not at all); a busy port is logged, not fatal
+    (another worker on the host serves its own there)."""
+    if not port:
+        return
+    try:
+        start_http_server(port, addr="0.0.0.0")
+    except OSError as error:
+        logging.getLogger(__name__).warning(
+            "metrics port busy", extra={"port": port, "error": repr(error)}
+        )
 
 
 def count_status(status: str, provider: str, sender: str) -> None:

@@ -59,6 +59,9 @@ class EventsSettings(BaseModel):
     retry_window_seconds: int = Field(default=86400, ge=0)
     # Attempts in flight to one endpoint at once, across all event workers.
     max_in_flight_per_endpoint: int = Field(default=4, ge=1)
+    # And per owner (a client, or a sender) across all its endpoints: a client giving every
+    # message its own callback_url must not take every slot either.
+    max_in_flight_per_owner: int = Field(default=8, ge=1)
     # After a rotation, the previous signing secret keeps signing for this long.
     secret_grace_seconds: int = Field(default=86400, ge=0)
 
@@ -94,15 +97,20 @@ class Settings(BaseSettings):
     # After a 429 without Retry-After, no worker calls that provider for this long.
     throttle_pause_seconds: float = Field(default=1.0, ge=0)
     # A message whose submission had an unknown outcome at a provider that cannot be asked
-    # (Vonage) waits this long after its claim for the provider's report, then fails as
-    # `outcome_unknown` (it is never resent blindly).
+    # (Vonage), or whose lookup keeps failing, waits this long after its claim for the provider's
+    # report, then fails as `outcome_unknown` (it is never resent blindly).
     unknown_outcome_give_up_seconds: int = Field(default=900, ge=0)
+    # A `sent` message without news for this long (its final callback may be lost) is checked
+    # with its provider, if the provider can be asked (Twilio, fake), at most once per period.
+    status_check_after_seconds: int = Field(default=600, ge=1)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # Message bodies are customers' data: kept out of logs unless an operator turns this on.
     log_message_bodies: bool = False
     # The worker serves its Prometheus metrics here (0: not at all). The API serves /metrics.
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    # The same for the events worker (`smsgate worker --queue events`).
+    events_worker_metrics_port: int = Field(default=9102, ge=0, le=65535)
     # The largest request body accepted (a bulk opt-out import is the largest legitimate one).
     max_request_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     # A sender may send only once its opt-out and help replies are configured; with this set,

@@ -67,6 +67,7 @@ def make_settings(**overrides: Any) -> Settings:
         "fake": FakeProviderSettings(delivery_delay_seconds=0.0),
         "retry_base_delay_seconds": 0.01,
         "worker_metrics_port": 0,
+        "events_worker_metrics_port": 0,
         "retry_max_delay_seconds": 0.05,
     }
     values.update(overrides)

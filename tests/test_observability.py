@@ -18,7 +18,7 @@ from sqlalchemy import update
 from app.db.models import Message
 from app.db.session import SessionFactory
 from app.domain.delivery import deliver_message
-from app.logs import JsonFormatter
+from app.logs import JsonFormatter, logging_config
 from app.main import create_app
 from tests.api.test_status_callbacks import TWILIO_PATH
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
@@ -211,3 +211,11 @@ async def test_provider_throttling_is_counted_as_a_rate_limit_deferral(
         "smsgate_rate_limit_deferrals_total", provider="twilio", reason="provider_throttled"
     )
     assert after == before + 1  # the 500 is a retry, but not a rate limit
+
+
+def test_request_urls_from_httpx_stay_out_of_the_logs() -> None:
+    config = logging_config("INFO", "json")
+
+    # Webhook URLs carry clients' tokens; provider lookups carry phone numbers.
+    assert config["loggers"]["httpx"]["level"] == "WARNING"
+    assert config["loggers"]["httpcore"]["level"] == "WARNING"

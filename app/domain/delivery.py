@@ -91,12 +91,14 @@ async def deliver_message(
             wait = await dispatcher.pace(route, message)
         except BaseException:  # cancelled before the provider was called: undo the claim
             await asyncio.shield(
-                dispatcher.release(session_factory, message, "cancelled before the provider call")
+                dispatcher.release(
+                    session_factory, message, "cancelled before the provider call", route
+                )
             )
             raise
         if wait > 0:
             await dispatcher.release(
-                session_factory, message, f"the sender's pace; next turn in {wait:.1f}s"
+                session_factory, message, f"the sender's pace; next turn in {wait:.1f}s", route
             )
             return Outcome(MessageStatus.QUEUED, retry_in=wait)
     provider = providers.get(message.provider)
@@ -140,7 +142,11 @@ async def deliver_message(
         # provider's id is recorded.
         sent = await session.scalar(
             update(Message)
-            .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
+            .where(
+                Message.id == message.id,
+                Message.status == MessageStatus.SENDING.value,
+                Message.attempts == message.attempts,  # this attempt, not a later one
+            )
             .values(status=MessageStatus.SENT.value)
             .returning(Message.id)
         )
@@ -302,7 +308,11 @@ async def _record_failure(
                 ).inc()
             released = await session.scalar(
                 update(Message)
-                .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
+                .where(
+                    Message.id == message.id,
+                    Message.status == MessageStatus.SENDING.value,
+                    Message.attempts == message.attempts,
+                )
                 .values(
                     status=MessageStatus.QUEUED.value,
                     next_attempt_at=datetime.now(UTC) + timedelta(seconds=retry_in),
@@ -345,7 +355,11 @@ async def _record_failure(
             detail = f"gave up after {message.attempts} attempts: {detail}"
         failed: uuid.UUID | None = await session.scalar(
             update(Message)
-            .where(Message.id == message.id, Message.status == MessageStatus.SENDING.value)
+            .where(
+                Message.id == message.id,
+                Message.status == MessageStatus.SENDING.value,
+                Message.attempts == message.attempts,
+            )
             .values(
                 status=MessageStatus.FAILED.value,
                 error_code=error.code or error.kind.value,

@@ -20,9 +20,11 @@ Teredo) are checked as the IPv4 address they carry. Networks listed in
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -47,6 +49,13 @@ REFUSED_NETWORKS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("an unspecified address", ("0.0.0.0/8", "::/128")),
     ("a multicast address", ("224.0.0.0/4", "ff00::/8")),
     ("a reserved address", ("240.0.0.0/4",)),
+    # IPv6 forms that carry or translate to an IPv4 address some networks route internally:
+    # IPv4-compatible (::a.b.c.d), SIIT (::ffff:0:a.b.c.d), local-use NAT64, Teredo, and the
+    # deprecated site-local range.
+    (
+        "an IPv6 address that embeds or translates to another address",
+        ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "2001::/32", "fec0::/10"),
+    ),
 )
 _REFUSED: tuple[tuple[str, IPNetwork], ...] = tuple(
     (reason, ipaddress.ip_network(network))
@@ -59,10 +68,11 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 class DestinationRefused(Exception):
     """A URL we will not send to. `temporary` when it may work later (DNS did not answer)."""
 
-    def __init__(self, reason: str, *, temporary: bool = False) -> None:
+    def __init__(self, reason: str, *, temporary: bool = False, unresolved: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.temporary = temporary
+        self.unresolved = unresolved  # the name does not resolve (at all, or for now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +109,10 @@ def refusal_reason(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> str
     candidates: list[IPAddress] = [address]
     if isinstance(address, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            candidates = [embedded]  # judged by the IPv4 address it carries
+        if address.ipv4_mapped is not None:
+            candidates = [address.ipv4_mapped]  # ::ffff:a.b.c.d is that IPv4 address
+        elif embedded is not None:
+            candidates.append(embedded)  # judged as itself and as the IPv4 address it carries
     for candidate in candidates:
         if any(candidate.version == net.version and candidate in net for net in allowed):
             continue
@@ -130,10 +142,19 @@ def parse_destination_url(url: str, *, allow_http: bool) -> httpx.URL:
     return parsed
 
 
+# Webhook lookups get threads of their own: a lookup that times out keeps its thread until the
+# system resolver gives up, and names whose servers never answer must not take the default
+# pool's threads from everything else (database and Redis connections resolve names too).
+_DNS_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook-dns")
+
+
 async def system_resolver(host: str, port: int) -> list[IPAddress]:
     """The host's addresses, from the operating system's resolver."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _DNS_THREADS,
+        functools.partial(
+            socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        ),
     )
     addresses: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
@@ -182,7 +203,9 @@ async def _resolve(resolver: Resolver, host: str, port: int, timeout: float) -> 
         # NONAME: the name does not exist (a typo), which will not get better by itself.
         permanent = error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
         raise DestinationRefused(
-            f"{host} cannot be resolved ({error.strerror})", temporary=not permanent
+            f"{host} cannot be resolved ({error.strerror})",
+            temporary=not permanent,
+            unresolved=True,
         ) from None
     except (OSError, UnicodeError) as error:
         raise DestinationRefused(f"{host} cannot be resolved ({error})", temporary=True) from None

@@ -57,6 +57,7 @@ class Go:
     provider: str
     probe: bool = False
     rate: float | None = None
+    home: str | None = None  # the message's own provider, when `provider` is its fallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ class Dispatcher:
         sender_id: uuid.UUID,
         rate: float,
     ) -> Go | Wait:
+        home = provider
         health = await self.health.check(provider)
         if health.state is CircuitState.OPEN and fallback and fallback in self._providers:
             fallback_health = await self.health.check(fallback)
@@ -141,7 +143,12 @@ class Dispatcher:
         wait = await self.pacer.wait_turn(sender_id, message_id, rate, provider=provider)
         if wait > 0:
             return Wait(wait, "sender_rate")
-        return Go(provider=provider, probe=health.state is CircuitState.PROBE, rate=rate)
+        return Go(
+            provider=provider,
+            probe=health.state is CircuitState.PROBE,
+            rate=rate,
+            home=home if provider != home else None,
+        )
 
     async def pace(self, route: Go, message: Message) -> float:
         """After the claim, immediately before the provider call: take the sender's slot.
@@ -157,9 +164,11 @@ class Dispatcher:
             return REDIS_DOWN_RETRY_SECONDS
 
     @staticmethod
-    async def release(session_factory: SessionFactory, message: Message, reason: str) -> None:
+    async def release(
+        session_factory: SessionFactory, message: Message, reason: str, route: Go
+    ) -> None:
         """Undo a claim before the provider was called (its turn has passed, or the job was
-        cancelled): back to `queued` as it was, the attempt not counted."""
+        cancelled): back to `queued` as it was, on its own provider, the attempt not counted."""
         async with session_factory.begin() as session:
             released = await session.scalar(
                 update(Message)
@@ -168,7 +177,11 @@ class Dispatcher:
                     Message.status == MessageStatus.SENDING.value,
                     Message.attempts == message.attempts,
                 )
-                .values(status=MessageStatus.QUEUED.value, attempts=Message.attempts - 1)
+                .values(
+                    status=MessageStatus.QUEUED.value,
+                    attempts=Message.attempts - 1,
+                    provider=route.home or message.provider,
+                )
                 .returning(Message.id)
             )
             if released is not None:

@@ -16,7 +16,12 @@ Here the message's provider is asked whether it has the message:
 - it cannot be asked (Vonage has no lookup API; the fake without its ledger): resending could
   text the customer twice, so the message waits for the provider's delivery report until
   `UNKNOWN_OUTCOME_GIVE_UP_SECONDS` after its claim, then fails as `outcome_unknown`;
-- it does not answer: asked again later.
+- it does not answer (an error, bad credentials, an outage): asked again later, until
+  `UNKNOWN_OUTCOME_GIVE_UP_SECONDS` after the claim; then the message fails as `outcome_unknown`
+  like one whose provider cannot be asked (it is never resent blindly).
+
+A resubmission is enqueued under its own job id (`deliver:{id}:r{n}`): the first attempt's job
+key may outlive a dead worker, and arq would drop a new job under the same id.
 
 Every decision is a conditional UPDATE on (status = 'sending', attempts = the attempt being
 reconciled), so a callback, another reconciler or a late worker racing it changes nothing twice.
@@ -26,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Final
@@ -73,6 +79,8 @@ class Reconciled:
     decision: Decision
     retry_in: float | None = None
     events: tuple[EventJob, ...] = ()
+    # RESUBMIT: the message's resubmission count, which names its new delivery job.
+    resubmission: int | None = None
 
 
 async def stale_claims(
@@ -118,16 +126,15 @@ async def reconcile_message(
     now: datetime = row[1]
     assert message.claimed_at is not None  # the query required it
     provider = providers.get(message.provider)
+    waited = now - message.claimed_at
     if provider is None or not provider.can_look_up:
-        waited = now - message.claimed_at
-        if waited < give_up_after:
-            return Reconciled(Decision.LATER, (give_up_after - waited).total_seconds())
-        return await _fail(
+        return await _wait_or_give_up(
             session_factory,
             message,
-            "outcome_unknown",
-            f"the outcome of attempt {message.attempts} is unknown and {message.provider} "
-            f"cannot be asked; no delivery report came within {give_up_after}",
+            waited,
+            give_up_after,
+            retry_in=(give_up_after - waited).total_seconds(),
+            reason=f"{message.provider} cannot be asked",
         )
     sms = OutboundSms(
         message_id=message.id,
@@ -138,12 +145,22 @@ async def reconcile_message(
     )
     try:
         found = await provider.find_submissions(sms, since=message.claimed_at)
-    except ProviderError as error:
+    except Exception as error:  # any failure to ask means "cannot be asked yet"
+        detail = error.detail if isinstance(error, ProviderError) else repr(error)
         log.warning(
             "reconciliation lookup failed",
-            extra={"message_id": str(message.id), "error": error.detail},
+            extra={"message_id": str(message.id), "error": detail},
         )
-        return Reconciled(Decision.LATER, LOOKUP_RETRY_SECONDS)
+        # The same rule as a provider that cannot be asked: a lookup failing for good (bad
+        # credentials, a provider down for hours) must not leave the message `sending` forever.
+        return await _wait_or_give_up(
+            session_factory,
+            message,
+            waited,
+            give_up_after,
+            retry_in=min(LOOKUP_RETRY_SECONDS, max((give_up_after - waited).total_seconds(), 0)),
+            reason=f"{message.provider} could not be asked ({detail[:200]})",
+        )
     submission = await _first_unclaimed(session_factory, message, found)
     if submission is not None:
         return await _settle(session_factory, message, submission)
@@ -156,6 +173,28 @@ async def reconcile_message(
             f"attempt {message.attempts}, whose outcome was unknown",
         )
     return await _resubmit(session_factory, message)
+
+
+async def _wait_or_give_up(
+    session_factory: SessionFactory,
+    message: Message,
+    waited: timedelta,
+    give_up_after: timedelta,
+    *,
+    retry_in: float,
+    reason: str,
+) -> Reconciled:
+    """Look again in `retry_in` seconds, or, once the claim is `give_up_after` old, fail the
+    message as `outcome_unknown` (never resent: the provider may have it)."""
+    if waited < give_up_after:
+        return Reconciled(Decision.LATER, retry_in)
+    return await _fail(
+        session_factory,
+        message,
+        "outcome_unknown",
+        f"the outcome of attempt {message.attempts} is unknown and {reason}; "
+        f"no delivery report came within {give_up_after}",
+    )
 
 
 async def _first_unclaimed(
@@ -248,7 +287,7 @@ async def _resubmit(session_factory: SessionFactory, message: Message) -> Reconc
                 next_attempt_at=func.now(),
                 resubmissions=Message.resubmissions + 1,
             )
-            .returning(Message.id)
+            .returning(Message.resubmissions)
         )
         if requeued is None:
             return Reconciled(Decision.NOTHING)
@@ -263,7 +302,7 @@ async def _resubmit(session_factory: SessionFactory, message: Message) -> Reconc
             )
         )
     log.warning("unknown outcome: resubmitting", extra={"message_id": str(message.id)})
-    return Reconciled(Decision.RESUBMIT)
+    return Reconciled(Decision.RESUBMIT, resubmission=requeued)
 
 
 async def _fail(
@@ -292,3 +331,114 @@ async def _fail(
     count_status(MessageStatus.FAILED.value, message.provider, message.from_)
     log.warning("unknown outcome: given up", extra={"message_id": str(message.id), "code": code})
     return Reconciled(Decision.FAILED, events=scheduled(session))
+
+
+# --- Status checks: `sent` messages whose final report never came. -------------------------
+#
+# A provider that took a message reports its final status in a callback; a lost callback
+# (Twilio does not retry them, e.g. while our API answered 503 during a PostgreSQL restart)
+# would leave the message `sent` forever. The periodic status-check sweep picks `sent` messages
+# not updated for `STATUS_CHECK_AFTER_SECONDS` and not checked within that time either (a check
+# is an event with source `status_check`), at providers that can be asked (`can_fetch_status`:
+# Twilio, the fake; not Vonage, whose messages keep waiting for their receipts), and asks the
+# provider; news goes through `apply_status_report`, the path callbacks take.
+
+STATUS_CHECK_BATCH: Final = 100
+STATUS_CHECK_SOURCE: Final = "status_check"
+
+
+async def overdue_sent(
+    session_factory: SessionFactory,
+    provider_names: Collection[str],
+    older_than: timedelta,
+    *,
+    limit: int = STATUS_CHECK_BATCH,
+) -> list[uuid.UUID]:
+    """Ids of `sent` messages at `provider_names` untouched and unchecked for `older_than`,
+    the longest-waiting first, at most `limit`."""
+    if not provider_names:
+        return []
+    checked_recently = (
+        select(MessageEvent.id)
+        .where(
+            MessageEvent.message_id == Message.id,
+            MessageEvent.source == STATUS_CHECK_SOURCE,
+            MessageEvent.created_at > func.now() - older_than,
+        )
+        .exists()
+    )
+    async with session_factory() as session:
+        rows = await session.scalars(
+            select(Message.id)
+            .where(
+                Message.status == MessageStatus.SENT.value,
+                Message.provider.in_(list(provider_names)),
+                Message.provider_message_id.is_not(None),
+                Message.updated_at < func.now() - older_than,
+                ~checked_recently,
+            )
+            .order_by(Message.updated_at)
+            .limit(limit)
+        )
+        return list(rows)
+
+
+async def check_status(
+    message_id: uuid.UUID,
+    session_factory: SessionFactory,
+    providers: dict[str, Provider],
+    *,
+    older_than: timedelta,
+) -> Reconciled:
+    """Ask the provider for the status of one overdue `sent` message and record what it says:
+    SETTLED when that moved it (through `apply_status_report`), else NOTHING (the check is
+    recorded, so the message is asked about again only after `older_than`)."""
+    async with session_factory() as session:
+        message = await session.scalar(
+            select(Message).where(
+                Message.id == message_id,
+                Message.status == MessageStatus.SENT.value,
+                Message.updated_at < func.now() - older_than,
+            )
+        )
+    if message is None or message.provider_message_id is None:
+        return Reconciled(Decision.NOTHING)
+    provider = providers.get(message.provider)
+    if provider is None or not provider.can_fetch_status:
+        return Reconciled(Decision.NOTHING)
+    report: StatusReport | None = None
+    try:
+        report = await provider.fetch_status(message.provider_message_id)
+    except Exception as error:  # asked again after `older_than`
+        detail = error.detail if isinstance(error, ProviderError) else repr(error)
+        log.warning("status check failed", extra={"message_id": str(message.id), "error": detail})
+        outcome = f"{message.provider} could not be asked: {detail[:200]}"
+    else:
+        if report is None:
+            outcome = f"{message.provider} has no status for {message.provider_message_id}"
+        else:
+            outcome = f"{message.provider} holds it as {report.provider_status}"
+    if report is not None and report.status not in (None, MessageStatus.SENT):
+        async with session_factory.begin() as session:
+            applied = await apply_status_report(
+                session, message.provider, replace(report, message_id=message.id)
+            )
+        if applied:
+            log.info(
+                "lost report recovered by a status check",
+                extra={"message_id": str(message.id), "status": report.provider_status},
+            )
+            return Reconciled(Decision.SETTLED, events=scheduled(session))
+        return Reconciled(Decision.NOTHING, events=scheduled(session))
+    async with session_factory.begin() as session:
+        session.add(
+            MessageEvent(
+                message_id=message.id,
+                status=None,
+                applied=False,
+                source=STATUS_CHECK_SOURCE,
+                provider_status=report.provider_status if report is not None else None,
+                detail=outcome,
+            )
+        )
+    return Reconciled(Decision.NOTHING)

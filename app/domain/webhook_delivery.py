@@ -28,6 +28,7 @@ nothing), the attempt runs, a second short transaction records it and decides wh
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -37,7 +38,6 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, cast
@@ -56,6 +56,7 @@ from app.domain.events import EventJob, EventStatus
 from app.domain.signing import active_secrets, webhook_headers
 from app.domain.text import storable
 from app.metrics import EVENT_DELIVERY_ATTEMPTS, EVENT_DELIVERY_SECONDS
+from app.providers.base import retry_after_seconds
 from app.settings import EventsSettings
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,16 @@ async def deliver_event(
         return claimed
     body = json.dumps(claimed.payload, separators=(",", ":"), ensure_ascii=False).encode()
     headers = webhook_headers(claimed.keys, str(claimed.event_id), int(time.time()), body)
-    result = await post_event(http, claimed.url, body, headers, settings, resolver)
+    try:
+        result = await post_event(http, claimed.url, body, headers, settings, resolver)
+    except Exception as error:  # a bug, or a receiver's answer we failed to read: recorded
+        log.exception("event attempt failed unexpectedly", extra={"event_id": str(event_id)})
+        result = AttemptResult(
+            kind=AttemptKind.RETRYABLE,
+            latency_ms=0,
+            error_code="internal_error",
+            error=repr(error)[:500],
+        )
     EVENT_DELIVERY_ATTEMPTS.labels(outcome=result.kind.value).inc()
     EVENT_DELIVERY_SECONDS.observe(result.latency_ms / 1000)
     log.info(
@@ -221,6 +231,13 @@ async def _claim(
             return EventOutcome(EventStatus.PENDING, retry_in=wait)  # early: keep the backoff
         if event.in_flight_until is not None and event.in_flight_until > now:
             return EventOutcome(EventStatus.PENDING)  # another run holds it and records it
+        overdue = timedelta(seconds=2 * attempt_budget_seconds(settings))
+        if event.retry_until is not None and now > event.retry_until + overdue:
+            # Long past its window, so its last attempts were never recorded (a run that kept
+            # crashing): give it up here, or it would be retried forever.
+            event.status = EventStatus.FAILED.value
+            event.last_error = "retry window over"
+            return EventOutcome(EventStatus.FAILED, jobs=await _next_in_line(session, event))
         # Locking the endpoint serialises claims against it, so the in-flight count is exact.
         endpoint = await session.scalar(
             select(WebhookEndpoint).where(WebhookEndpoint.id == event.endpoint_id).with_for_update()
@@ -238,9 +255,35 @@ async def _claim(
             .select_from(WebhookEvent)
             .where(WebhookEvent.endpoint_id == endpoint.id, WebhookEvent.in_flight_until > now)
         )
-        if (in_flight or 0) >= settings.max_in_flight_per_endpoint:
-            # Put off by about one attempt's length, when a slot is likely free again.
+        same_owner = (
+            WebhookEndpoint.client_id == endpoint.client_id
+            if endpoint.client_id is not None
+            else WebhookEndpoint.sender_id == endpoint.sender_id
+        )
+        # Claims against one owner's endpoints are serialised too, so its count is exact.
+        owner_key = f"event-owner:{endpoint.client_id or endpoint.sender_id}"
+        await session.execute(
+            select(
+                func.pg_advisory_xact_lock(
+                    int.from_bytes(
+                        hashlib.sha256(owner_key.encode()).digest()[:8], "big", signed=True
+                    )
+                )
+            )
+        )
+        owner_in_flight = await session.scalar(
+            select(func.count())
+            .select_from(WebhookEvent)
+            .join(WebhookEndpoint, WebhookEndpoint.id == WebhookEvent.endpoint_id)
+            .where(same_owner, WebhookEvent.in_flight_until > now)
+        )
+        if (in_flight or 0) >= settings.max_in_flight_per_endpoint or (
+            owner_in_flight or 0
+        ) >= settings.max_in_flight_per_owner:
+            # Put off by about one attempt's length, when a slot is likely free again; moving
+            # its due time keeps the sweep's oldest-due batch for events that can go now.
             pause = random.uniform(settings.timeout_seconds / 2, settings.timeout_seconds)
+            event.next_attempt_at = now + timedelta(seconds=pause)
             return EventOutcome(EventStatus.PENDING, retry_in=pause)
         event.attempts += 1
         event.in_flight_until = now + timedelta(seconds=attempt_budget_seconds(settings))
@@ -380,10 +423,13 @@ async def post_event(
             )
             response = await http.send(request, stream=True, follow_redirects=False)
     except DestinationRefused as refused:
+        # A name that stopped resolving may be a receiver's brief DNS mistake: retried, like a
+        # timeout. An address or URL we refuse stays refused.
+        retry = refused.temporary or refused.unresolved
         return AttemptResult(
-            AttemptKind.RETRYABLE if refused.temporary else AttemptKind.PERMANENT,
+            AttemptKind.RETRYABLE if retry else AttemptKind.PERMANENT,
             elapsed(),
-            error_code="dns_error" if refused.temporary else "destination_refused",
+            error_code="dns_error" if retry else "destination_refused",
             error=f"destination refused: {refused.reason}",
         )
     except (TimeoutError, httpx.TimeoutException):
@@ -424,7 +470,7 @@ async def post_event(
         response_status=status,
         response_body=storable(excerpt.decode("utf-8", "replace")),
         address=address,
-        retry_after=_retry_after(response.headers.get("retry-after")),
+        retry_after=retry_after_seconds(response.headers),
     )
 
 
@@ -448,22 +494,6 @@ async def _read_some(response: httpx.Response, limit: int, deadline: float) -> b
     except (TimeoutError, httpx.HTTPError):
         pass
     return bytes(received[:limit])
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (seconds or an HTTP date), if it has a usable one."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 async def sweep_events(session_factory: SessionFactory, grace: timedelta) -> list[EventJob]:

@@ -9,6 +9,7 @@ status callbacks into a `StatusReport`. Adapters hold no database state.
 from __future__ import annotations
 
 import abc
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -194,9 +195,11 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -244,3 +247,14 @@ class Provider(abc.ABC):
         provider cannot be asked.
         """
         raise NotImplementedError(f"{self.name} offers no way to look messages up")
+
+    @property
+    def can_fetch_status(self) -> bool:
+        """Whether `fetch_status` can ask the provider for a message's current status."""
+        return False
+
+    async def fetch_status(self, provider_message_id: str) -> StatusReport | None:
+        """The provider's current status of one message, as a status callback would report it;
+        None when it cannot say (no lookup, or no such message). Raises `ProviderError` when it
+        cannot answer now. Used for messages whose final callback never came."""
+        return None

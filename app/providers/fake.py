@@ -25,6 +25,8 @@ from app.providers.base import (
 )
 from app.settings import FakeProviderSettings
 
+FAKE_ID_PREFIX = "fake-"
+
 ReportScheduler = Callable[[Mapping[str, str], float], Awaitable[None]]
 
 
@@ -75,9 +77,25 @@ class FakeProvider(Provider):
             return []
         return [Submission(provider_message_id, "delivered", MessageStatus.DELIVERED)]
 
+    @property
+    def can_fetch_status(self) -> bool:
+        """The fake delivers everything it accepted."""
+        return True
+
+    async def fetch_status(self, provider_message_id: str) -> StatusReport | None:
+        """`delivered` for an id the fake gave out (it accepts and delivers everything)."""
+        if not provider_message_id.startswith(FAKE_ID_PREFIX):
+            return None
+        return StatusReport(
+            provider_message_id=provider_message_id,
+            provider_status="delivered",
+            status=MessageStatus.DELIVERED,
+            raw={"provider_message_id": provider_message_id, "status": "delivered"},
+        )
+
     async def send(self, sms: OutboundSms) -> Accepted:
         """Accept the message and schedule its delivery report."""
-        provider_message_id = f"fake-{uuid.uuid4().hex}"
+        provider_message_id = f"{FAKE_ID_PREFIX}{uuid.uuid4().hex}"
         if self._ledger is not None:
             await self._ledger.remember(sms.message_id, provider_message_id)
         if self._schedule_report is not None:

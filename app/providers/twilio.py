@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Literal, overload
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -47,6 +47,10 @@ from app.providers.base import (
 from app.settings import TwilioSettings
 
 MESSAGES_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Messages.json"
+# FetchMessage: one message's current status, for a message whose final callback never came.
+MESSAGE_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json"
+# The spec's pattern for the Sid path parameter.
+MESSAGE_SID_PATTERN: Final = re.compile(r"^(SM|MM)[0-9a-fA-F]{32}$")
 CALLBACK_PATH: Final = "/v1/webhooks/twilio/status"
 SIGNATURE_HEADER: Final = "x-twilio-signature"
 
@@ -237,22 +241,99 @@ class TwilioProvider(Provider):
             key=lambda item: item.created_at or datetime.max.replace(tzinfo=UTC),
         )
 
+    @property
+    def can_fetch_status(self) -> bool:
+        """Twilio returns one message's current status (FetchMessage)."""
+        return True
+
+    async def fetch_status(self, provider_message_id: str) -> StatusReport | None:
+        """FetchMessage (`GET .../Messages/{Sid}.json`) mapped like a status callback; None for
+        a SID Twilio does not know (404) or that is not a Message SID."""
+        account_sid = self._settings.account_sid
+        if not ACCOUNT_SID_PATTERN.fullmatch(account_sid):
+            raise ProviderError(ErrorKind.PERMANENT, "TWILIO__ACCOUNT_SID is not an Account SID")
+        if not MESSAGE_SID_PATTERN.fullmatch(provider_message_id):
+            return None
+        url = self._settings.base_url.rstrip("/") + MESSAGE_PATH.format(
+            account_sid=account_sid, sid=provider_message_id
+        )
+        auth = httpx.BasicAuth(account_sid, self._settings.auth_token.get_secret_value())
+        body = await self._get_json(url, None, auth, what="message fetch", missing_ok=True)
+        if body is None:
+            return None
+        provider_status = body.get("status")
+        if not isinstance(provider_status, str) or not provider_status:
+            raise ProviderError(ErrorKind.RETRYABLE, "Twilio message without a status")
+        raw_code = body.get("error_code")
+        error_code = (
+            str(raw_code)
+            if isinstance(raw_code, int | str) and not isinstance(raw_code, bool) and raw_code
+            else None
+        )
+        error_message = body.get("error_message")
+        return StatusReport(
+            provider_message_id=provider_message_id,
+            provider_status=provider_status,
+            status=TWILIO_STATUSES.get(provider_status),
+            error_code=error_code,
+            error_message=error_message
+            if isinstance(error_message, str) and error_message
+            else None,
+            raw={
+                "source": "status_check",
+                "MessageSid": provider_message_id,
+                "MessageStatus": provider_status,
+                **({"ErrorCode": error_code} if error_code else {}),
+            },
+            recipient_opted_out=_is_opt_out_code(error_code),
+        )
+
+    @overload
     async def _get_json(
-        self, url: str, params: Mapping[str, str] | None, auth: httpx.Auth
-    ) -> dict[str, Any]:
+        self,
+        url: str,
+        params: Mapping[str, str] | None,
+        auth: httpx.Auth,
+        *,
+        what: str = ...,
+        missing_ok: Literal[False] = ...,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def _get_json(
+        self,
+        url: str,
+        params: Mapping[str, str] | None,
+        auth: httpx.Auth,
+        *,
+        what: str = ...,
+        missing_ok: Literal[True],
+    ) -> dict[str, Any] | None: ...
+
+    async def _get_json(
+        self,
+        url: str,
+        params: Mapping[str, str] | None,
+        auth: httpx.Auth,
+        *,
+        what: str = "message list",
+        missing_ok: bool = False,
+    ) -> dict[str, Any] | None:
         try:
             response = await self._http.get(
                 url, params=params, auth=auth, headers={"Accept": "application/json"}
             )
         except httpx.TransportError as exc:
             raise ProviderError(
-                ErrorKind.RETRYABLE, f"Twilio message list failed: {exc!r}", provider_fault=True
+                ErrorKind.RETRYABLE, f"Twilio {what} failed: {exc!r}", provider_fault=True
             ) from exc
+        if missing_ok and response.status_code == 404:
+            return None
         if response.status_code != 200:
             code, message = _error_body(response)
             raise ProviderError(
                 ErrorKind.RETRYABLE if response.status_code >= 429 else ErrorKind.PERMANENT,
-                message or f"Twilio answered HTTP {response.status_code} to a message list",
+                message or f"Twilio answered HTTP {response.status_code} to a {what}",
                 code=str(code) if code is not None else f"http_{response.status_code}",
             )
         try:
@@ -260,7 +341,7 @@ class TwilioProvider(Provider):
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise ProviderError(ErrorKind.RETRYABLE, "unreadable Twilio message list")
+            raise ProviderError(ErrorKind.RETRYABLE, f"unreadable Twilio {what}")
         return body
 
     def _form(self, sms: OutboundSms) -> dict[str, str]:

@@ -20,6 +20,7 @@ from app.domain.webhook_delivery import (
     deliver_event,
     sweep_events,
 )
+from app.metrics import serve_metrics
 from app.settings import get_settings
 from app.worker.event_queue import DELIVER_EVENT_JOB, EVENTS_QUEUE, enqueue_events
 from app.worker.guarantees import worker_redis_settings
@@ -36,6 +37,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["engine"] = create_engine(settings.database_url)
     ctx["session_factory"] = create_session_factory(ctx["engine"])
     ctx["events_http"] = build_events_http_client(settings.events)
+    serve_metrics(settings.events_worker_metrics_port)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

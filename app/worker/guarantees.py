@@ -4,6 +4,10 @@ pauses, sender pacing), reconciliation of unknown outcomes, and the fake provide
 `reconcile_sweep` runs every few seconds on one worker (an arq cron job): it finds `sending`
 messages whose claim is older than a delivery job can last and enqueues one `reconcile` job per
 message (job id per message, so a message is reconciled by one job at a time, on any worker).
+
+`status_check_sweep` runs every minute: it finds `sent` messages whose final report is overdue
+(`STATUS_CHECK_AFTER_SECONDS`, at providers with `can_fetch_status`), at most
+`STATUS_CHECK_BATCH` per sweep, and enqueues one `status_check` job per message.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.domain.circuit import CircuitPolicy, ProviderHealth
 from app.domain.dispatch import Dispatcher
 from app.domain.pacing import MAX_INLINE_WAIT_SECONDS, SenderPacer
-from app.domain.reconcile import Decision, reconcile_message, stale_claims
+from app.domain.reconcile import (
+    Decision,
+    check_status,
+    overdue_sent,
+    reconcile_message,
+    stale_claims,
+)
 from app.logs import message_context
 from app.providers.base import Provider
 from app.settings import Settings, provider_call_budget_seconds
@@ -36,6 +46,7 @@ from app.worker.queue import Queue, enqueue_deliveries
 log = logging.getLogger(__name__)
 
 RECONCILE_JOB: Final = "reconcile"
+STATUS_CHECK_JOB: Final = "status_check"
 # What the fake "provider" remembers of what it accepted, for reconciliation to ask.
 FAKE_LEDGER_TTL_SECONDS: Final = 7 * 24 * 3600
 
@@ -137,7 +148,50 @@ async def reconcile(ctx: dict[str, Any], message_id: str) -> str:
         )
     await enqueue_events(ctx["redis"], result.events)
     if result.decision is Decision.RESUBMIT:
-        await enqueue_deliveries(ctx["redis"], [uuid.UUID(message_id)])
+        # Under its own job id: the reconciled attempt's job key may outlive its dead worker.
+        await enqueue_deliveries(
+            ctx["redis"], [uuid.UUID(message_id)], resubmission=result.resubmission or 1
+        )
     if result.decision is Decision.LATER and result.retry_in is not None:
         raise Retry(defer=timedelta(seconds=result.retry_in))
+    return result.decision.value
+
+
+def status_check_job_id(message_id: uuid.UUID) -> str:
+    """One status check per message at a time."""
+    return f"status-check:{message_id}"
+
+
+async def status_check_sweep(ctx: dict[str, Any]) -> int:
+    """Queue a status check for each `sent` message whose final report is overdue."""
+    settings: Settings = ctx["settings"]
+    providers: dict[str, Provider] = ctx["providers"]
+    overdue = await overdue_sent(
+        ctx["session_factory"],
+        [name for name, provider in providers.items() if provider.can_fetch_status],
+        timedelta(seconds=settings.status_check_after_seconds),
+    )
+    queued = 0
+    try:
+        for message_id in overdue:
+            job = await ctx["redis"].enqueue_job(
+                STATUS_CHECK_JOB, str(message_id), _job_id=status_check_job_id(message_id)
+            )
+            queued += job is not None
+    except (RedisError, OSError) as error:
+        log.warning("status check enqueue failed", extra={"error": repr(error)})
+    return queued
+
+
+async def status_check(ctx: dict[str, Any], message_id: str) -> str:
+    """Ask the provider about one `sent` message whose final report is overdue."""
+    settings: Settings = ctx["settings"]
+    with message_context(message_id):
+        result = await check_status(
+            uuid.UUID(message_id),
+            ctx["session_factory"],
+            ctx["providers"],
+            older_than=timedelta(seconds=settings.status_check_after_seconds),
+        )
+    await enqueue_events(ctx["redis"], result.events)
     return result.decision.value

@@ -39,19 +39,28 @@ async def close_queue(queue: Queue) -> None:
     await queue.aclose(close_connection_pool=True)
 
 
-def delivery_job_id(message_id: uuid.UUID) -> str:
-    """One job id per message, so enqueueing it twice queues it once."""
+def delivery_job_id(message_id: uuid.UUID, resubmission: int = 0) -> str:
+    """One job id per message, so enqueueing it twice queues it once.
+
+    A resubmission decided by reconciliation gets its own (`deliver:{id}:r{n}`): the job of the
+    attempt being reconciled may still have its key in Redis (a dead worker's), and arq silently
+    drops a job whose id exists. A stray second job is harmless: the claim is conditional.
+    """
+    if resubmission:
+        return f"deliver:{message_id}:r{resubmission}"
     return f"deliver:{message_id}"
 
 
-async def enqueue_deliveries(queue: Queue, message_ids: Iterable[uuid.UUID]) -> int:
+async def enqueue_deliveries(
+    queue: Queue, message_ids: Iterable[uuid.UUID], *, resubmission: int = 0
+) -> int:
     """Queue delivery jobs; returns how many were queued. Never raises: on a Redis error the
     messages stay `queued` in PostgreSQL and the periodic sweep enqueues them."""
     queued = 0
     try:
         for message_id in message_ids:
             job = await queue.enqueue_job(
-                DELIVER_JOB, str(message_id), _job_id=delivery_job_id(message_id)
+                DELIVER_JOB, str(message_id), _job_id=delivery_job_id(message_id, resubmission)
             )
             queued += job is not None
     except (RedisError, OSError) as error:

@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from arq import Retry, cron
-from prometheus_client import start_http_server
 
 from app.db.session import create_engine, create_session_factory
 from app.domain.delivery import RetryPolicy, deliver_message
@@ -20,6 +19,7 @@ from app.domain.events import scheduled
 from app.domain.messages import apply_status_report
 from app.domain.sweep import sweep_once
 from app.logs import message_context
+from app.metrics import serve_metrics
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
 from app.settings import get_settings
@@ -30,6 +30,8 @@ from app.worker.guarantees import (
     delivery_job_timeout_seconds,
     reconcile,
     reconcile_sweep,
+    status_check,
+    status_check_sweep,
     worker_redis_settings,
 )
 from app.worker.queue import FAKE_REPORT_JOB, enqueue_deliveries
@@ -60,14 +62,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings, ctx["http"], schedule_fake_report, fake_ledger=RedisFakeLedger(queue)
     )
     ctx["dispatcher"] = build_dispatcher(queue, settings, ctx["providers"])
-    if settings.worker_metrics_port:
-        try:
-            start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
-        except OSError as error:  # another worker on this host serves them already
-            log.warning(
-                "metrics port busy",
-                extra={"port": settings.worker_metrics_port, "error": repr(error)},
-            )
+    serve_metrics(settings.worker_metrics_port)
     ctx["retry_policy"] = RetryPolicy(
         max_attempts=settings.send_max_attempts,
         base_delay=settings.retry_base_delay_seconds,
@@ -122,11 +117,13 @@ async def sweep(ctx: dict[str, Any]) -> int:
 class WorkerSettings:
     """arq's configuration for the delivery worker."""
 
-    functions: ClassVar[list[Any]] = [deliver, fake_status_report, reconcile]
+    functions: ClassVar[list[Any]] = [deliver, fake_status_report, reconcile, status_check]
     cron_jobs: ClassVar[list[Any]] = [
         cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True),
         # Claims a dead worker left behind, every 5 s: recovery takes the job timeout plus that.
         cron(reconcile_sweep, second=set(range(2, 60, 5)), run_at_startup=True),
+        # `sent` messages whose final report is overdue (a lost callback): ask their provider.
+        cron(status_check_sweep, second={37}),
     ]
     on_startup = startup
     on_shutdown = shutdown

@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 from email.utils import format_datetime
 from typing import Any
+from unittest.mock import patch
 from urllib.parse import parse_qs
 
 import httpx
@@ -21,8 +22,10 @@ from app.domain.status import MessageStatus
 from app.providers.base import Provider
 from app.providers.fake import FakeProvider
 from app.settings import FakeProviderSettings
+from app.worker import guarantees
 from app.worker.guarantees import RedisFakeLedger
-from tests.conftest import TWILIO_SID, World
+from app.worker.queue import close_queue, create_queue, enqueue_deliveries
+from tests.conftest import TEST_REDIS_URL, TWILIO_SID, World, make_settings
 from tests.domain.test_delivery import (
     POLICY,
     RecordingProvider,
@@ -271,3 +274,79 @@ async def test_the_fake_provider_is_asked_through_its_ledger(
     assert await reconcile(sent, session_factory, providers) is Decision.SETTLED
     assert await reconcile(lost, session_factory, providers) is Decision.RESUBMIT
     assert (await load(session_factory, sent)).status == "delivered"
+
+
+async def test_a_lookup_that_keeps_failing_ends_outcome_unknown_and_never_resends(
+    session_factory: SessionFactory, world: World
+) -> None:
+    # Bad credentials: Twilio answers every lookup 401 (code 20003).
+    provider = RecordingProvider(
+        lambda r: httpx.Response(401, json={"code": 20003, "message": "Authenticate"})
+    )
+    providers = provider.providers()
+    recent = await stale_sending(session_factory, world, claimed_ago=timedelta(minutes=1))
+    old = await stale_sending(session_factory, world, claimed_ago=timedelta(minutes=20))
+
+    waiting = await reconcile_message(
+        recent, session_factory, providers, POLICY, older_than=STALE, give_up_after=GIVE_UP
+    )
+    again = await reconcile_message(
+        recent, session_factory, providers, POLICY, older_than=STALE, give_up_after=GIVE_UP
+    )
+    given_up = await reconcile(old, session_factory, providers)
+
+    assert waiting.decision is Decision.LATER and waiting.retry_in
+    assert again.decision is Decision.LATER
+    assert (await load(session_factory, recent)).status == "sending"
+    assert given_up is Decision.FAILED
+    message = await load(session_factory, old)
+    assert (message.status, message.error_code) == ("failed", "outcome_unknown")
+    assert message.error_message is not None and "could not be asked" in message.error_message
+    assert {r.method for r in provider.requests} == {"GET"}  # never resent
+    assert await history(session_factory, old) == ["failed"]
+
+
+async def test_an_unexpected_lookup_error_follows_the_same_rule(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    class Broken(FakeProvider):
+        async def find_submissions(self, sms: Any, since: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    fake = Broken(FakeProviderSettings(), ledger=RedisFakeLedger(redis))
+    message_id = await stale_sending(
+        session_factory, world, claimed_ago=timedelta(minutes=20), sender=world.fake_sender
+    )
+
+    assert await reconcile(message_id, session_factory, {"fake": fake}) is Decision.FAILED
+    assert (await load(session_factory, message_id)).error_code == "outcome_unknown"
+
+
+async def test_a_resubmission_is_enqueued_although_the_dead_workers_job_key_remains(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    provider = twilio_listing()
+    message_id = await stale_sending(session_factory, world, claimed_ago=timedelta(minutes=1))
+    # The first attempt's job, as a worker killed mid-job leaves it.
+    await redis.set(f"arq:job:deliver:{message_id}", b"stale", ex=3600)
+    queue = create_queue(TEST_REDIS_URL)
+    ctx: dict[str, Any] = {
+        "settings": make_settings(),
+        "session_factory": session_factory,
+        "providers": provider.providers(),
+        "retry_policy": POLICY,
+        "redis": queue,
+    }
+    try:
+        with patch("app.worker.guarantees.delivery_job_timeout_seconds", return_value=30):
+            decision = await guarantees.reconcile(ctx, str(message_id))
+        # Enqueueing it again under the same resubmission id queues nothing more.
+        again = await enqueue_deliveries(queue, [message_id], resubmission=1)
+    finally:
+        await close_queue(queue)
+
+    assert decision == Decision.RESUBMIT.value
+    assert await redis.zscore("arq:queue", f"deliver:{message_id}:r1") is not None
+    assert await redis.zscore("arq:queue", f"deliver:{message_id}") is None
+    assert again == 0
+    assert (await load(session_factory, message_id)).resubmissions == 1

@@ -691,3 +691,43 @@ async def test_the_body_sent_is_the_stored_payload(
     event = await load_event(session_factory, event_id)
     assert json.loads(receiver.received[0].body) == event.payload
     assert event.payload["data"]["metadata"] == {"order_id": "1042 ✓"}
+
+
+async def test_an_event_long_past_its_window_is_given_up_when_claimed(
+    session_factory: SessionFactory, world: World, receivers: StartReceiver, redis: Any
+) -> None:
+    # Its earlier attempts crashed before being recorded, so nothing gave it up: the claim does.
+    receiver = await receivers()
+    await client_endpoint(session_factory, world, receiver.url())
+    event_id = await message_event(session_factory, world)
+    async with session_factory.begin() as session:
+        await session.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id)
+            .values(retry_until=datetime.now(UTC) - timedelta(days=1), attempts=3)
+        )
+    await enqueue(event_id)
+
+    await run_events_worker(events_settings())
+
+    event = await load_event(session_factory, event_id)
+    assert (event.status, event.last_error) == ("failed", "retry window over")
+    assert receiver.received == []
+
+
+async def test_an_unreadable_retry_after_is_ignored_not_fatal(
+    session_factory: SessionFactory, world: World, receivers: StartReceiver, redis: Any
+) -> None:
+    receiver = await receivers(default=respond(503, headers={"Retry-After": "²"}))
+    await client_endpoint(session_factory, world, receiver.url())
+    event_id = await message_event(session_factory, world)
+    await enqueue(event_id)
+
+    await run_events_worker(
+        events_settings(
+            retry_window_seconds=1, retry_base_delay_seconds=0.1, retry_max_delay_seconds=0.3
+        )
+    )
+
+    event = await load_event(session_factory, event_id)
+    assert event.status == "failed" and event.attempts == len(receiver.received) >= 2

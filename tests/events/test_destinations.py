@@ -53,6 +53,15 @@ REFUSED = [
     ("::ffff:169.254.169.254", "a link-local address (cloud metadata lives there)"),
     ("64:ff9b::a9fe:a9fe", "a link-local address (cloud metadata lives there)"),  # NAT64
     ("2002:7f00:1::1", "a loopback address"),  # 6to4 of 127.0.0.1
+    # Forms some networks translate to IPv4 internally (found in review).
+    ("::127.0.0.1", "an IPv6 address that embeds or translates to another address"),
+    ("::ffff:0:127.0.0.1", "an IPv6 address that embeds or translates to another address"),
+    ("64:ff9b:1::a00:1", "an IPv6 address that embeds or translates to another address"),
+    ("fec0::1", "an IPv6 address that embeds or translates to another address"),
+    (
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "an IPv6 address that embeds or translates to another address",
+    ),
 ]
 PUBLIC = ["93.184.215.14", "8.8.8.8", "172.32.0.1", "192.169.0.1", "2606:4700::1111"]
 

@@ -117,18 +117,30 @@ async def _first_arrival_of_others(
     receivers: StartReceiver,
     *,
     limit: int,
+    owner_limit: int = 100,
+    url_per_message: bool = False,
 ) -> float:
     """Seconds until another client's events arrive while six events hang on a dead endpoint,
-    with four worker slots and at most `limit` attempts per endpoint."""
+    with four worker slots and at most `limit` attempts per endpoint (`owner_limit` per client);
+    `url_per_message`: each hanging event has its own URL (its own endpoint) on the dead host."""
     dead = await receivers(default=hang())
     alive = await receivers()
-    shop = await events_for(session_factory, world, world.client_id, dead.url(), 6)
+    if url_per_message:
+        shop = []
+        for order in range(6):
+            shop += await events_for(
+                session_factory, world, world.client_id, dead.url(f"/hook?order={order}"), 1
+            )
+    else:
+        shop = await events_for(session_factory, world, world.client_id, dead.url(), 6)
     other = await events_for(
         session_factory, world, await client_named(session_factory, "other-shop"), alive.url(), 2
     )
     await enqueue(shop)  # first in the queue
     await enqueue(other)
-    settings = events_settings(timeout_seconds=2.0, max_in_flight_per_endpoint=limit)
+    settings = events_settings(
+        timeout_seconds=2.0, max_in_flight_per_endpoint=limit, max_in_flight_per_owner=owner_limit
+    )
     started = time.monotonic()
     stop = asyncio.Event()
     worker = asyncio.create_task(run_events_worker(settings, max_jobs=4, stop=stop))
@@ -157,6 +169,17 @@ async def test_without_the_limit_the_dead_endpoint_would_take_every_slot(
     waited = await _first_arrival_of_others(session_factory, world, receivers, limit=100)
 
     assert waited >= 1.5  # the others waited for the first attempts to time out (2 s)
+
+
+async def test_a_url_per_message_cannot_take_every_slot_either(
+    session_factory: SessionFactory, world: World, receivers: StartReceiver, redis: Any
+) -> None:
+    # Six endpoints, one per message, all dead: the per-client limit still holds them to two.
+    waited = await _first_arrival_of_others(
+        session_factory, world, receivers, limit=2, owner_limit=2, url_per_message=True
+    )
+
+    assert waited < 1.0
 
 
 def test_events_have_a_queue_and_a_worker_of_their_own(capsys: pytest.CaptureFixture[str]) -> None:
