@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
             healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
             sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
             raise SystemExit(0 if healthy else 1)
+        # uvloop, as uvicorn uses for the API (arq takes the current loop).
+        import uvloop
+
+        asyncio.set_event_loop(uvloop.new_event_loop())
         run_worker(worker_settings)  # type: ignore[arg-type]
     elif args.command == "migrate":
         if args.create_database:

@@ -15,6 +15,7 @@ Each subclass fixes its status; `code` varies per case. Domain code raises these
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
@@ -120,6 +121,17 @@ class ValidationFailed(ServiceError):
         """A validation error about one field."""
         return cls(code, f"{field}: {reason}", errors=[FieldError(field=field, reason=reason)])
 
+    @classmethod
+    def from_pydantic(
+        cls, items: Iterable[Mapping[str, Any]], *, request: bool = True, whole: str = "body"
+    ) -> ValidationFailed:
+        """Pydantic's errors as one `validation_error` naming each field. With `request`, the
+        locations start with the part of the request (FastAPI's 'body', 'query', ...), which is
+        dropped; an error about the whole input (an empty location) names `whole`."""
+        errors = [_field_error(item, request=request, whole=whole) for item in items]
+        detail = "; ".join(f"{error.field}: {error.reason}" for error in errors)
+        return cls("validation_error", detail, errors=errors)
+
 
 class PolicyRefusal(ServiceError):
     """A well-formed request the service refuses to carry out (compliance rules)."""
@@ -138,6 +150,15 @@ class Unavailable(ServiceError):
         "service_unavailable",
         "the database is unreachable; nothing was stored, retry later",
     )
+
+
+def _field_error(item: Mapping[str, Any], *, request: bool, whole: str) -> FieldError:
+    """One pydantic error as {field, reason}."""
+    location = [str(part) for part in item.get("loc", ())]
+    if request and location and location[0] in ("body", "query", "path", "header"):
+        location = location[1:]
+    reason = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+    return FieldError(field=".".join(location) or whole, reason=reason)
 
 
 def problem_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:

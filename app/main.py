@@ -27,11 +27,17 @@ from app.api import (
 from app.api.limits import BodySizeLimit
 from app.db.migrations import head_revision
 from app.db.session import create_engine, create_session_factory
-from app.errors import PROBLEM_JSON, FieldError, Problem, ServiceError, problem_json_only
+from app.errors import (
+    PROBLEM_JSON,
+    Problem,
+    ServiceError,
+    ValidationFailed,
+    problem_json_only,
+)
 from app.logs import RequestIdMiddleware
 from app.providers.registry import build_http_client, build_providers
 from app.settings import Settings, get_settings
-from app.worker.queue import close_queue, create_queue
+from app.worker.queue import DeliveryBatcher, close_queue, create_queue
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,8 @@ Send transactional SMS through Twilio, Vonage or the built-in fake provider, and
 message to `delivered`.
 
 * Authenticate with `Authorization: Bearer <api key>` (create one with `smsgate create-api-key`).
-* Send with `POST /v1/messages`; add an `Idempotency-Key` header so retries never send twice.
+* Send with `POST /v1/messages` (up to 1,000 at once with `POST /v1/messages/batch`); add an
+  `Idempotency-Key` header so retries never send twice.
 * Errors are `application/problem+json` with a stable `code` and, for invalid input, the field.
 """
 
@@ -57,12 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = create_session_factory(engine)
         app.state.queue = create_queue(settings.redis_url)
+        app.state.delivery_batcher = DeliveryBatcher(app.state.queue)
         app.state.http = http
         app.state.providers = build_providers(settings, http)
         app.state.schema_head = head_revision()
         try:
             yield
         finally:
+            await app.state.delivery_batcher.close()
             await close_queue(app.state.queue)
             await http.aclose()
             await engine.dispose()
@@ -114,17 +123,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        errors = [_field_error(item) for item in error.errors()]
-        detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
-        return _problem(
-            Problem(
-                title="Invalid request",
-                status=422,
-                code="validation_error",
-                detail=detail,
-                errors=errors,
-            )
-        )
+        return _problem(ValidationFailed.from_pydantic(error.errors()).to_problem())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -177,13 +176,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         if error.connection_invalidated or sqlstate.startswith(("57", "08")):
             return await database_unavailable(request, error)
         raise error
-
-
-def _field_error(item: dict[str, Any]) -> FieldError:
-    """One pydantic error as {field, reason}; the location drops the 'body'/'query' prefix."""
-    location = [str(part) for part in item.get("loc", ())]
-    if location and location[0] in ("body", "query", "path", "header"):
-        location = location[1:]
-    reason = str(item.get("msg", "invalid"))
-    reason = reason.removeprefix("Value error, ")
-    return FieldError(field=".".join(location) or "body", reason=reason)

@@ -43,6 +43,15 @@ RATE_LIMIT_DEFERRALS = Counter(
     "Submissions put off because of a rate limit (`provider_throttled`: the provider said so).",
     ["provider", "reason"],
 )
+DB_STATEMENTS = Counter(
+    "smsgate_db_statements",
+    "SQL statements this process sent to PostgreSQL (transaction control not included).",
+)
+DB_TRANSACTIONS = Counter(
+    "smsgate_db_transactions",
+    "Transactions this process ended, by outcome.",
+    ["outcome"],
+)
 QUEUE_DEPTH = Gauge(
     "smsgate_queue_depth", "Delivery jobs in the arq queue, deferred retries included."
 )
@@ -65,6 +74,6 @@ def serve_metrics(port: int) -> None:
         )
 
 
-def count_status(status: str, provider: str, sender: str) -> None:
-    """One message entered `status`."""
-    MESSAGES.labels(status=status, provider=provider, sender=sender).inc()
+def count_status(status: str, provider: str, sender: str, amount: int = 1) -> None:
+    """`amount` messages (one, unless a batch) entered `status`."""
+    MESSAGES.labels(status=status, provider=provider, sender=sender).inc(amount)

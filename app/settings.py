@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     provider_connect_timeout_seconds: float = 3.0
     provider_read_timeout_seconds: float = 10.0
     send_max_attempts: int = Field(default=6, ge=1)
+    # Messages one delivery worker has between claim and provider answer at once (and its HTTP
+    # connections per provider host).
+    worker_concurrency: int = Field(default=100, ge=1, le=1000)
     retry_base_delay_seconds: float = 2.0
     retry_max_delay_seconds: float = 300.0
     # A queued message untouched for this long is enqueued again by the sweep.

@@ -16,7 +16,6 @@ from app.errors import Forbidden
 from app.providers.base import Provider
 from app.settings import Settings
 from app.worker.event_queue import enqueue_events
-from app.worker.queue import enqueue_deliveries
 
 
 async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
@@ -29,7 +28,7 @@ async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
         yield session
     to_enqueue = session.info.pop(ENQUEUE_AFTER_COMMIT, [])
     if to_enqueue:
-        await enqueue_deliveries(request.app.state.queue, to_enqueue)
+        await request.app.state.delivery_batcher.enqueue(to_enqueue)
     events = scheduled(session)
     if events:
         await enqueue_events(request.app.state.queue, events)
@@ -39,8 +38,8 @@ async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-def get_settings_dep(request: Request) -> Settings:
-    """The settings the app was built with."""
+async def get_settings_dep(request: Request) -> Settings:
+    """The settings the app was built with (async: FastAPI runs a plain function in a thread)."""
     settings: Settings = request.app.state.settings
     return settings
 
@@ -73,7 +72,7 @@ async def get_admin(principal: PrincipalDep) -> Principal:
 AdminDep = Annotated[Principal, Depends(get_admin)]
 
 
-def get_providers(request: Request) -> dict[str, Provider]:
+async def get_providers(request: Request) -> dict[str, Provider]:
     """Provider adapters, for verifying and parsing callbacks."""
     providers: dict[str, Provider] = request.app.state.providers
     return providers

@@ -1,13 +1,16 @@
-"""/v1/messages: send, preview, read and list messages."""
+"""/v1/messages: send (one or a batch), preview, read and list messages."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.api.params import (
@@ -19,15 +22,20 @@ from app.api.params import (
 )
 from app.api.schemas import (
     E164,
+    PHONE_CACHE,
+    BatchResult,
     MessageDetail,
     MessageOut,
     MessagePage,
     PreviewOut,
     PreviewRequest,
+    SendBatchRequest,
     SendMessageRequest,
     StatusChange,
 )
 from app.domain import messages as domain
+from app.domain.auth import Principal
+from app.domain.batch import accept_batch
 from app.domain.destinations import check_destination
 from app.domain.encoding import analyze_body
 from app.domain.idempotency import fingerprint, run_idempotently
@@ -36,10 +44,12 @@ from app.errors import (
     Conflict,
     NotFound,
     PolicyRefusal,
+    ServiceError,
     Unauthorized,
     ValidationFailed,
     problem_responses,
 )
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
@@ -75,14 +85,7 @@ async def send_message(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     """Accept a message for delivery."""
-    command = domain.SendCommand(
-        to=request.to,
-        body=request.body,
-        sender=request.from_,
-        callback_url=str(request.callback_url) if request.callback_url else None,
-        validity_period=request.validity_period,
-        metadata=request.metadata,
-    )
+    command = _command(request)
 
     async def accept() -> tuple[int, dict[str, Any]]:
         if command.callback_url is not None:  # https, and not into our own network (422)
@@ -99,16 +102,121 @@ async def send_message(
             log.info("message body", extra={"message_id": str(message.id), "body": message.body})
         return 202, MessageOut.model_validate(message).model_dump(mode="json", by_alias=True)
 
+    return await _respond(
+        session,
+        principal,
+        settings,
+        idempotency_key,
+        request.model_dump(mode="json", by_alias=True),
+        accept,
+    )
+
+
+@router.post(
+    "/batch",
+    response_model=BatchResult,
+    responses={
+        **problem_responses(Unauthorized, Conflict, ValidationFailed),
+        200: {
+            "description": "Every message was judged on its own: `data` holds, in request "
+            "order, each one's `accepted` message (queued, as `POST /v1/messages` answers) or "
+            "its `rejected` problem (as `POST /v1/messages` would have answered it). A replay "
+            "of an earlier request with the same Idempotency-Key carries the header "
+            "`Idempotent-Replayed: true`."
+        },
+    },
+)
+async def send_batch(
+    request: SendBatchRequest,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
+    """Accept up to 1,000 messages at once; each is accepted or refused on its own."""
+
+    async def accept() -> tuple[int, dict[str, Any]]:
+        outcome = await accept_batch(
+            session,
+            principal,
+            _commands(request.messages),
+            max_segments=settings.max_segments,
+            default_region=settings.default_region,
+            accept_default_replies=settings.accept_default_keyword_replies,
+            events=settings.events,
+            log_bodies=settings.log_message_bodies,
+        )
+        return 200, {
+            "data": [_batch_result(index, result) for index, result in enumerate(outcome.results)],
+            "accepted": outcome.accepted,
+            "rejected": len(outcome.results) - outcome.accepted,
+        }
+
+    # The body as sent: messages that fail validation have no normalised form to compare.
+    return await _respond(
+        session, principal, settings, idempotency_key, {"messages": request.messages}, accept
+    )
+
+
+def _command(request: SendMessageRequest) -> domain.SendCommand:
+    return domain.SendCommand(
+        to=request.to,
+        body=request.body,
+        sender=request.from_,
+        callback_url=str(request.callback_url) if request.callback_url else None,
+        validity_period=request.validity_period,
+        metadata=request.metadata,
+    )
+
+
+def _commands(messages: list[Any]) -> list[domain.SendCommand | ServiceError]:
+    """Each message validated on its own, as `POST /v1/messages` validates its body; a message
+    that fails gets the 422 that endpoint would give, naming the field within the message."""
+    context: dict[str, Any] = {PHONE_CACHE: {}}  # each distinct number is judged once
+    commands: list[domain.SendCommand | ServiceError] = []
+    for index, raw in enumerate(messages):
+        try:
+            request = SendMessageRequest.model_validate(raw, context=context)
+        except PydanticValidationError as error:
+            commands.append(
+                ValidationFailed.from_pydantic(
+                    error.errors(), request=False, whole=f"messages.{index}"
+                )
+            )
+        else:
+            commands.append(_command(request))
+    return commands
+
+
+def _batch_result(index: int, result: dict[str, Any] | ServiceError) -> dict[str, Any]:
+    """One entry of a batch's `data`, as `BatchAccepted` or `BatchRejected` documents it."""
+    if isinstance(result, ServiceError):
+        # As the problem+json handler renders it: absent fields are left out, not null.
+        error = result.to_problem().model_dump(exclude_none=True)
+        return {"index": index, "status": "rejected", "error": error}
+    message = MessageOut.model_validate(result).model_dump(mode="json", by_alias=True)
+    return {"index": index, "status": "accepted", "message": message}
+
+
+async def _respond(
+    session: AsyncSession,
+    principal: Principal,
+    settings: Settings,
+    idempotency_key: str | None,
+    payload: Any,
+    produce: Callable[[], Awaitable[tuple[int, dict[str, Any]]]],
+) -> JSONResponse:
+    """`produce`'s response; with an Idempotency-Key, at most once per key and body."""
     if idempotency_key is None:
-        status, body = await accept()
+        status, body = await produce()
         return JSONResponse(body, status_code=status)
     stored = await run_idempotently(
         session,
         client_id=principal.client_id,
         key=idempotency_key,
-        request_fingerprint=fingerprint(request.model_dump(mode="json", by_alias=True)),
+        request_fingerprint=fingerprint(payload),
         ttl=timedelta(hours=settings.idempotency_ttl_hours),
-        produce=accept,
+        produce=produce,
     )
     headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
     return JSONResponse(stored.body, status_code=stored.status, headers=headers)

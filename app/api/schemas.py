@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -13,20 +13,38 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
+    ValidationInfo,
     field_validator,
 )
 
 from app.db.models import Sender
 from app.domain.keywords import KeywordConfig, missing_replies
-from app.domain.phone import normalize_phone
+from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.domain.senders import ProviderName, SenderKind
 from app.domain.status import MessageStatus
 from app.domain.text import StorableStr
+from app.errors import Problem
 from app.settings import get_settings
 
+PHONE_CACHE = "phone_cache"
+"""Validation-context key of a dict in which `E164` keeps each number it judged (or why it
+refused it), so a batch validates each distinct number once."""
 
-def _to_e164(raw: str) -> str:
-    return normalize_phone(raw, get_settings().default_region)
+
+def _to_e164(raw: str, info: ValidationInfo) -> str:
+    cache = info.context.get(PHONE_CACHE) if isinstance(info.context, dict) else None
+    if cache is None:
+        return normalize_phone(raw, get_settings().default_region)
+    known: str | InvalidPhoneNumber | None = cache.get(raw)
+    if known is None:
+        try:
+            known = normalize_phone(raw, get_settings().default_region)
+        except InvalidPhoneNumber as error:
+            known = error
+        cache[raw] = known
+    if isinstance(known, InvalidPhoneNumber):
+        raise InvalidPhoneNumber(str(known))
+    return known
 
 
 E164 = Annotated[
@@ -302,6 +320,124 @@ class MessagePage(BaseModel):
     data: list[MessageOut]
     has_more: bool
     next_cursor: str | None
+
+
+MAX_BATCH_MESSAGES = 1000
+
+
+class SendBatchRequest(BaseModel):
+    """Up to 1,000 messages, each one what `POST /v1/messages` takes, each judged on its own."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {
+                            "to": "+14155550123",
+                            "body": "Your order #1042 has shipped.",
+                            "metadata": {"order_id": "1042"},
+                        },
+                        {
+                            "to": "+14155550124",
+                            "from": "+14155550100",
+                            "body": "Your order #1043 has shipped.",
+                            "validity_period": 3600,
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+
+    # Left as sent: the endpoint validates each message on its own, so that a bad one is refused
+    # alone rather than the batch. /docs shows each as what it must be: the single send's body.
+    messages: list[Any] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_MESSAGES,
+        description=f"1 to {MAX_BATCH_MESSAGES} messages, each a `POST /v1/messages` body; "
+        "results come back in this order.",
+        json_schema_extra={"items": {"$ref": "#/components/schemas/SendMessageRequest"}},
+    )
+
+
+class BatchAccepted(BaseModel):
+    """A message of the batch that was stored and queued."""
+
+    index: int = Field(description="Its position in `messages`, from 0.", examples=[0])
+    status: Literal["accepted"]
+    message: MessageOut
+
+
+class BatchRejected(BaseModel):
+    """A message of the batch that was refused; nothing was stored for it."""
+
+    index: int = Field(description="Its position in `messages`, from 0.", examples=[1])
+    status: Literal["rejected"]
+    error: Problem = Field(
+        description="Why: the problem `POST /v1/messages` would have answered for this message."
+    )
+
+
+class BatchResult(BaseModel):
+    """One result per message, in request order, and how many were accepted and rejected."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [
+                        {
+                            "index": 0,
+                            "status": "accepted",
+                            "message": {
+                                **_MESSAGE_EXAMPLE,
+                                "status": "queued",
+                                "provider_message_id": None,
+                                "updated_at": "2026-11-26T10:00:00Z",
+                            },
+                        },
+                        {
+                            "index": 1,
+                            "status": "rejected",
+                            "error": {
+                                "type": "about:blank",
+                                "title": "Refused",
+                                "status": 403,
+                                "code": "recipient_opted_out",
+                                "detail": "+14155550124 has opted out of messages from "
+                                "+14155550100",
+                            },
+                        },
+                        {
+                            "index": 2,
+                            "status": "rejected",
+                            "error": {
+                                "type": "about:blank",
+                                "title": "Invalid request",
+                                "status": 422,
+                                "code": "validation_error",
+                                "detail": "to: cannot receive SMS: it is a fixed-line number",
+                                "errors": [
+                                    {
+                                        "field": "to",
+                                        "reason": "cannot receive SMS: it is a fixed-line number",
+                                    }
+                                ],
+                            },
+                        },
+                    ],
+                    "accepted": 1,
+                    "rejected": 2,
+                }
+            ]
+        }
+    )
+
+    data: list[Annotated[BatchAccepted | BatchRejected, Field(discriminator="status")]]
+    accepted: int
+    rejected: int
 
 
 class PreviewRequest(BaseModel):

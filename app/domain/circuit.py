@@ -25,7 +25,8 @@ from redis.asyncio import Redis
 from app.providers.base import ErrorKind, ProviderError
 
 _CHECK: Final = """
--- KEYS[1]: the circuit (hash), KEYS[2]: the pause. ARGV[1]: how long a probe may take (ms).
+-- KEYS[1]: the circuit (hash), KEYS[2]: the pause. ARGV[1]: how long a probe may take (ms);
+-- ARGV[2]: '0' when the caller cannot be the probe (then a due probe reads as open, wait 0).
 -- Returns {state, wait_ms, pause_ms}: state 0 closed, 1 open (wait_ms: until a probe may go),
 -- 2 half-open and this caller is the probe.
 local t = redis.call('TIME')
@@ -36,6 +37,7 @@ if not opened_until then return {0, 0, pause} end
 if now < opened_until then return {1, opened_until - now, pause} end
 local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until')) or 0
 if now < probe_until then return {1, probe_until - now, pause} end
+if ARGV[2] == '0' then return {1, 0, pause} end
 redis.call('HSET', KEYS[1], 'probe_until', now + tonumber(ARGV[1]))
 return {2, 0, pause}
 """
@@ -138,12 +140,12 @@ class ProviderHealth:
     def _pause_key(provider: str) -> str:
         return f"smsgate:circuit:{{{provider}}}:paused"
 
-    async def check(self, provider: str) -> Health:
+    async def check(self, provider: str, *, may_probe: bool = True) -> Health:
         """The provider's state for a submission about to be made (may make the caller the
-        half-open probe)."""
+        half-open probe, unless `may_probe` is false: then a due probe reads as open)."""
         state, wait_ms, pause_ms = await self._check(
             keys=[self._circuit_key(provider), self._pause_key(provider)],
-            args=[int(self.policy.probe_timeout_seconds * 1000)],
+            args=[int(self.policy.probe_timeout_seconds * 1000), "1" if may_probe else "0"],
         )
         return Health(
             state=(CircuitState.CLOSED, CircuitState.OPEN, CircuitState.PROBE)[int(state)],

@@ -12,20 +12,29 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import SmallInteger, String, column, func, select, update, values
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
 from app.domain.dispatch import Dispatcher, Go, Wait
-from app.domain.events import EventJob, emit_message_status, scheduled
+from app.domain.events import EventJob, emit_message_status, emit_message_statuses, scheduled
 from app.domain.optouts import is_opted_out, lock_recipients, record_provider_opt_out
 from app.domain.status import MessageStatus
 from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS, count_status
-from app.providers.base import Encoding, ErrorKind, OutboundSms, Provider, ProviderError
+from app.providers.base import (
+    Accepted,
+    Encoding,
+    ErrorKind,
+    OutboundSms,
+    Provider,
+    ProviderError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,34 @@ async def deliver_message(
             code="provider_not_configured",
         )
         return await _record_failure(session_factory, message, error, policy)
+    submitted = await submit(message, provider, session_factory, policy, dispatcher)
+    if isinstance(submitted, Outcome):
+        return submitted
+    if dispatcher is not None:
+        await dispatcher.record(provider.name, None)
+    moved, events = await record_submissions(session_factory, [submitted])
+    return Outcome(MessageStatus.SENT if moved else None, events=events)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A claimed message the provider accepted, not yet recorded as `sent`."""
+
+    message: Message
+    provider: str
+    accepted: Accepted
+
+
+async def submit(
+    message: Message,
+    provider: Provider,
+    session_factory: SessionFactory,
+    policy: RetryPolicy,
+    dispatcher: Dispatcher | None,
+) -> Submitted | Outcome:
+    """Call the provider for a claimed message. A refusal or error is recorded here (retry,
+    failure or unknown outcome, and the circuit breaker told); an acceptance is returned for
+    `record_submissions`."""
     sms = OutboundSms(
         message_id=message.id,
         to=message.to,
@@ -135,45 +172,69 @@ async def deliver_message(
         )
         await asyncio.shield(_record_failure(session_factory, message, unknown, policy))
         raise
-    if dispatcher is not None:
-        await dispatcher.record(provider.name, None)
-    async with session_factory.begin() as session:
-        # A fast delivery report may already have moved the message past `sent`: then only the
-        # provider's id is recorded.
-        sent = await session.scalar(
-            update(Message)
-            .where(
-                Message.id == message.id,
-                Message.status == MessageStatus.SENDING.value,
-                Message.attempts == message.attempts,  # this attempt, not a later one
-            )
-            .values(status=MessageStatus.SENT.value)
-            .returning(Message.id)
-        )
-        await session.execute(
-            update(Message)
-            .where(Message.id == message.id)
-            .values(provider_message_id=accepted.provider_message_id)
-        )
-        session.add(
-            MessageEvent(
-                message_id=message.id,
-                status=MessageStatus.SENT.value,
-                applied=sent is not None,
-                source="worker",
-                detail=f"accepted by {provider.name} as {accepted.provider_message_id}",
-            )
-        )
-        if sent is not None:
-            await emit_message_status(session, message.id)
     _observe(provider.name, "accepted", started)
-    if sent is not None:
-        count_status(MessageStatus.SENT.value, message.provider, message.from_)
     log.info(
         "message submitted",
-        extra={"provider": provider.name, "provider_message_id": accepted.provider_message_id},
+        extra={
+            "message_id": str(message.id),
+            "provider": provider.name,
+            "provider_message_id": accepted.provider_message_id,
+        },
     )
-    return Outcome(MessageStatus.SENT if sent is not None else None, events=scheduled(session))
+    return Submitted(message, provider.name, accepted)
+
+
+async def record_submissions(
+    session_factory: SessionFactory, submitted: Sequence[Submitted]
+) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
+    """Record that the provider accepted these messages, in one transaction: the ids that moved
+    to `sent`, and the event deliveries written.
+
+    A fast delivery report may already have moved a message past `sent` (or a later attempt
+    may own it): then only the provider's id is recorded.
+    """
+    if not submitted:
+        return set(), ()
+    accepted = values(
+        column("id", UUID), column("attempts", SmallInteger), column("pid", String), name="accepted"
+    ).data([(s.message.id, s.message.attempts, s.accepted.provider_message_id) for s in submitted])
+    async with session_factory.begin() as session:
+        moved = set(
+            await session.scalars(
+                update(Message)
+                .where(
+                    Message.id == accepted.c.id,
+                    Message.status == MessageStatus.SENDING.value,
+                    Message.attempts == accepted.c.attempts,  # this attempt, not a later one
+                )
+                .values(status=MessageStatus.SENT.value, provider_message_id=accepted.c.pid)
+                .returning(Message.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
+        for late in (s for s in submitted if s.message.id not in moved):
+            await session.execute(
+                update(Message)
+                .where(Message.id == late.message.id)
+                .values(provider_message_id=late.accepted.provider_message_id)
+            )
+        session.add_all(
+            MessageEvent(
+                message_id=s.message.id,
+                status=MessageStatus.SENT.value,
+                applied=s.message.id in moved,
+                source="worker",
+                detail=f"accepted by {s.provider} as {s.accepted.provider_message_id}",
+            )
+            for s in submitted
+        )
+        await emit_message_statuses(
+            session, [s.message for s in submitted if s.message.id in moved]
+        )
+    for s in submitted:
+        if s.message.id in moved:
+            count_status(MessageStatus.SENT.value, s.message.provider, s.message.from_)
+    return moved, scheduled(session)
 
 
 def _observe(provider: str, outcome: str, started: float) -> None:

@@ -28,6 +28,7 @@ before was delivered or given up.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -299,6 +300,29 @@ async def _write(
     await session.flush()
     schedule(session, EventJob(event_id))
     return event
+
+
+async def emit_message_statuses(session: AsyncSession, messages: Sequence[Message]) -> None:
+    """`emit_message_status` for messages that just moved, after finding in one query which of
+    them can have an endpoint: most clients of a busy sender have none, and asking message by
+    message would cost two queries each."""
+    clients = {m.client_id for m in messages if m.client_id is not None and not m.callback_url}
+    with_default = (
+        set(
+            await session.scalars(
+                select(WebhookEndpoint.client_id).where(
+                    WebhookEndpoint.client_id.in_(clients), WebhookEndpoint.is_default.is_(True)
+                )
+            )
+        )
+        if clients
+        else set()
+    )
+    for message in messages:
+        if message.client_id is not None and (
+            message.callback_url or message.client_id in with_default
+        ):
+            await emit_message_status(session, message.id)
 
 
 async def emit_message_status(session: AsyncSession, message_id: uuid.UUID) -> None:

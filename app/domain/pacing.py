@@ -84,6 +84,45 @@ return {math.ceil(slot - now), 1}
 """
 
 
+_RESERVE: Final = """
+-- A run of consecutive slots for a batch of messages (app.domain.batch_delivery). KEYS[1]: the
+-- sender's TAT (ms), KEYS[2]: the last slot handed out to a waiting message (ms). ARGV[1]:
+-- emission interval (ms); ARGV[2]: how many slots are wanted; ARGV[3]: how far ahead a slot may
+-- be (ms); ARGV[4]: '1' to take them, '0' only to count them. Returns {count, first_ms}: slot i
+-- (0 <= i < count) begins first_ms + i * interval from now. None while messages wait in line
+-- with tickets: a batch never goes ahead of them (they take the per-message path's slots).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local line = tonumber(redis.call('GET', KEYS[2])) or 0
+if line > now then return {0, 0} end
+local tat = tonumber(redis.call('GET', KEYS[1])) or 0
+local first = math.max(tat, now)
+local fit = math.floor((now + tonumber(ARGV[3]) - first) / interval) + 1
+local count = math.max(math.min(tonumber(ARGV[2]), fit), 0)
+if count > 0 and ARGV[4] == '1' then
+  local next_tat = first + count * interval
+  redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX',
+             math.ceil(next_tat - now) + 1000)
+end
+return {count, string.format('%.3f', first - now)}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Consecutive slots of one sender: slot i begins `first + i * interval` seconds from the
+    moment the reservation was made."""
+
+    count: int
+    first: float
+    interval: float
+
+    def offset(self, index: int) -> float:
+        """Seconds from the reservation until slot `index` begins."""
+        return self.first + index * self.interval
+
+
 def default_rate(kind: str, address: str) -> float:
     """A new sender's rate when none is given: what carriers allow its kind by default."""
     if kind == "short_code":
@@ -113,7 +152,23 @@ class SenderPacer:
 
     def __init__(self, redis: Redis, *, max_inline_wait: float = MAX_INLINE_WAIT_SECONDS) -> None:
         self._script = redis.register_script(_GCRA)
+        self._reserve = redis.register_script(_RESERVE)
         self._max_inline_wait = max_inline_wait
+
+    async def reserve(
+        self, sender_id: uuid.UUID, rate: float, wanted: int, *, consume: bool
+    ) -> Reservation:
+        """Up to `wanted` consecutive slots of the sender that begin within the inline wait, in
+        one step (`consume=False`: only count them). None while the sender has a line."""
+        prefix = f"smsgate:pace:{{{sender_id}}}"
+        interval_ms = 1000.0 / rate
+        count, first_ms = await self._reserve(
+            keys=[f"{prefix}:tat", f"{prefix}:line"],
+            args=[interval_ms, wanted, int(self._max_inline_wait * 1000), "1" if consume else "0"],
+        )
+        return Reservation(
+            count=int(count), first=max(float(first_ms), 0.0) / 1000.0, interval=interval_ms / 1000
+        )
 
     async def take(
         self, sender_id: uuid.UUID, message_id: uuid.UUID, rate: float, *, consume: bool = True

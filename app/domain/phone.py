@@ -42,9 +42,12 @@ def normalize_phone(raw: str, default_region: str) -> str:
         raise InvalidPhoneNumber(f"impossible number: {_IMPOSSIBLE.get(reason, 'invalid')}")
     if reason == ValidationResult.IS_POSSIBLE_LOCAL_ONLY:
         raise InvalidPhoneNumber("impossible number: it lacks an area code")
-    if not phonenumbers.is_valid_number(number):
+    # number_type() is UNKNOWN exactly when is_valid_number() is false; asking once halves the
+    # cost of the slowest step (batches validate up to 1,000 numbers per request).
+    kind = phonenumbers.number_type(number)
+    if kind == PhoneNumberType.UNKNOWN:
         raise InvalidPhoneNumber("invalid number: no such range is assigned in its region")
-    not_capable = _NOT_SMS_CAPABLE.get(phonenumbers.number_type(number))
+    not_capable = _NOT_SMS_CAPABLE.get(kind)
     if not_capable is not None:
         raise InvalidPhoneNumber(f"cannot receive SMS: it is {not_capable}")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

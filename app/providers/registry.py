@@ -21,7 +21,13 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
             # connect, so the whole call stays within `provider_call_budget_seconds`.
             pool=settings.provider_connect_timeout_seconds,
         ),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        # Every connection may stay open: a worker keeps up to `worker_concurrency` calls in
+        # flight, and closing the extra ones after each call would mean a new TCP and TLS
+        # handshake each.
+        limits=httpx.Limits(
+            max_connections=settings.worker_concurrency,
+            max_keepalive_connections=settings.worker_concurrency,
+        ),
         follow_redirects=False,
     )
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Final
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
@@ -13,6 +15,12 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 DELIVER_JOB = "deliver"
+DELIVER_BATCH_JOB = "deliver_batch"
+# The most messages one batch job carries: larger batches are split, so that several workers
+# share a bulk send. A job costs about twenty Redis commands, whatever it carries.
+BATCH_JOB_MAX: Final = 50
+# How long the API lets the messages of concurrent requests gather before queueing them.
+BATCH_LINGER_SECONDS: Final = 0.002
 FAKE_REPORT_JOB = "fake_status_report"
 
 Queue = ArqRedis
@@ -66,3 +74,61 @@ async def enqueue_deliveries(
     except (RedisError, OSError) as error:
         log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
     return queued
+
+
+async def enqueue_batches(queue: Queue, message_ids: Sequence[uuid.UUID]) -> int:
+    """Queue messages as batch jobs of up to `BATCH_JOB_MAX`; returns how many messages were
+    queued. Never raises (as `enqueue_deliveries`: the sweep catches up after a Redis error)."""
+    queued = 0
+    try:
+        for start in range(0, len(message_ids), BATCH_JOB_MAX):
+            chunk = [str(message_id) for message_id in message_ids[start : start + BATCH_JOB_MAX]]
+            job = await queue.enqueue_job(DELIVER_BATCH_JOB, chunk, _job_id=f"batch:{uuid.uuid4()}")
+            queued += len(chunk) if job is not None else 0
+    except (RedisError, OSError) as error:
+        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+    return queued
+
+
+class DeliveryBatcher:
+    """Queues the messages that concurrent requests accepted as shared batch jobs.
+
+    Each request's messages wait `BATCH_LINGER_SECONDS` for others', then go on the queue
+    together; the request answers once its messages are queued, as it would alone (a 202 means
+    stored and queued, unless Redis is down: then the sweep queues them).
+    """
+
+    def __init__(self, queue: Queue, *, linger: float = BATCH_LINGER_SECONDS) -> None:
+        self._queue = queue
+        self._linger = linger
+        self._pending: list[uuid.UUID] = []
+        self._queued: asyncio.Future[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def enqueue(self, message_ids: Sequence[uuid.UUID]) -> None:
+        """Queue these messages with the others accepted meanwhile; never raises."""
+        if not message_ids:
+            return
+        self._pending.extend(message_ids)
+        if self._queued is None:
+            self._queued = asyncio.get_running_loop().create_future()
+            flush = asyncio.create_task(self._flush_soon(self._queued))
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        # Shielded: one request going away must not cancel the others' enqueue.
+        await asyncio.shield(self._queued)
+
+    async def _flush_soon(self, queued: asyncio.Future[None]) -> None:
+        try:
+            await asyncio.sleep(self._linger)
+        finally:
+            message_ids, self._pending, self._queued = self._pending, [], None
+            try:
+                await enqueue_batches(self._queue, message_ids)
+            finally:
+                queued.set_result(None)
+
+    async def close(self) -> None:
+        """Wait for the flushes in progress (on shutdown)."""
+        if self._flushes:
+            await asyncio.wait(set(self._flushes))

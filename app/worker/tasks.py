@@ -5,18 +5,23 @@ Run a worker with `smsgate worker` (or `arq app.worker.tasks.WorkerSettings`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from arq import Retry, cron
+from arq import Retry, cron, func
+from redis.exceptions import RedisError
 
 from app.db.session import create_engine, create_session_factory
-from app.domain.delivery import RetryPolicy, deliver_message
+from app.domain.batch_delivery import deliver_batch as deliver_batch_of_messages
+from app.domain.delivery import Outcome, RetryPolicy, deliver_message
 from app.domain.events import scheduled
 from app.domain.messages import apply_status_report
+from app.domain.status import MessageStatus
 from app.domain.sweep import sweep_once
 from app.logs import message_context
 from app.metrics import serve_metrics
@@ -34,7 +39,13 @@ from app.worker.guarantees import (
     status_check_sweep,
     worker_redis_settings,
 )
-from app.worker.queue import FAKE_REPORT_JOB, enqueue_deliveries
+from app.worker.queue import (
+    DELIVER_JOB,
+    FAKE_REPORT_JOB,
+    delivery_job_id,
+    enqueue_batches,
+    enqueue_deliveries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,9 @@ log = logging.getLogger(__name__)
 # call's budget plus a margin, so a call is never cut short by the job timeout (which would leave
 # its outcome unknown), yet a dead worker's claim is reconciled soon (app.worker.guarantees).
 JOB_TIMEOUT_SECONDS = delivery_job_timeout_seconds(get_settings())
+# A batch job waits at most this long for room in the worker (`InFlightLimit`) before it puts
+# its remaining messages back on the queue; its timeout is a delivery job's plus this wait.
+BATCH_WAIT_SECONDS = 5.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -62,6 +76,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings, ctx["http"], schedule_fake_report, fake_ledger=RedisFakeLedger(queue)
     )
     ctx["dispatcher"] = build_dispatcher(queue, settings, ctx["providers"])
+    ctx["in_flight"] = InFlightLimit(settings.worker_concurrency)
     serve_metrics(settings.worker_metrics_port)
     ctx["retry_policy"] = RetryPolicy(
         max_attempts=settings.send_max_attempts,
@@ -76,20 +91,102 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["engine"].dispose()
 
 
+class InFlightLimit:
+    """At most `limit` messages of this worker between claim and provider answer at once: the
+    HTTP client's connections, and the provider's patience, are finite. Taken in chunks: a
+    batch takes what is free (at least one) and waits for more only for its remaining messages,
+    so batches never wait on each other while holding a part."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._changed = asyncio.Condition()
+
+    async def take(self, wanted: int) -> int:
+        """Wait until something is free; take up to `wanted` of it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free > 0)
+            taken = min(wanted, self._free)
+            self._free -= taken
+            return taken
+
+    async def give(self, count: int) -> None:
+        """Return what `take` gave."""
+        async with self._changed:
+            self._free += count
+            self._changed.notify_all()
+
+
 async def deliver(ctx: dict[str, Any], message_id: str) -> str | None:
     """Deliver one message; ask arq to run the job again later when a retry is due."""
-    with message_context(message_id):
-        outcome = await deliver_message(
-            uuid.UUID(message_id),
-            ctx["session_factory"],
-            ctx["providers"],
-            ctx["retry_policy"],
-            dispatcher=ctx["dispatcher"],
-        )
+    in_flight: InFlightLimit = ctx["in_flight"]
+    await in_flight.take(1)
+    try:
+        with message_context(message_id):
+            outcome = await deliver_message(
+                uuid.UUID(message_id),
+                ctx["session_factory"],
+                ctx["providers"],
+                ctx["retry_policy"],
+                dispatcher=ctx["dispatcher"],
+            )
+    finally:
+        await in_flight.give(1)
     await enqueue_events(ctx["redis"], outcome.events)  # on the events queue, after commit
     if outcome.retry_in is not None:
         raise Retry(defer=timedelta(seconds=outcome.retry_in))
     return outcome.status.value if outcome.status else None
+
+
+async def deliver_batch(ctx: dict[str, Any], message_ids: list[str]) -> int:
+    """Deliver newly accepted messages together (app.domain.batch_delivery), in chunks of what
+    the in-flight limit allows; a message that must wait gets a job of its own, deferred.
+    Returns how many were sent."""
+    in_flight: InFlightLimit = ctx["in_flight"]
+    pending = [uuid.UUID(message_id) for message_id in message_ids]
+
+    async def chunk(ids: list[uuid.UUID]) -> dict[uuid.UUID, Outcome]:
+        try:
+            result = await deliver_batch_of_messages(
+                ids,
+                ctx["session_factory"],
+                ctx["providers"],
+                ctx["retry_policy"],
+                ctx["dispatcher"],
+            )
+        finally:
+            await in_flight.give(len(ids))
+        await enqueue_events(ctx["redis"], result.events)
+        return result.outcomes
+
+    running = []
+    deadline = time.monotonic() + BATCH_WAIT_SECONDS
+    while pending:
+        try:
+            async with asyncio.timeout_at(
+                asyncio.get_running_loop().time() + max(deadline - time.monotonic(), 0.0)
+            ):
+                taken = await in_flight.take(len(pending))
+        except TimeoutError:
+            # The worker is full: the rest go back on the queue for any worker, unclaimed.
+            await enqueue_batches(ctx["redis"], pending)
+            break
+        running.append(asyncio.create_task(chunk(pending[:taken])))
+        pending = pending[taken:]
+    outcomes: dict[uuid.UUID, Outcome] = {}
+    for done in await asyncio.gather(*running):
+        outcomes |= done
+    try:
+        for message_id, outcome in outcomes.items():
+            if outcome.retry_in is not None:
+                await ctx["redis"].enqueue_job(
+                    DELIVER_JOB,
+                    str(message_id),
+                    _job_id=delivery_job_id(message_id),
+                    _defer_by=timedelta(seconds=outcome.retry_in),
+                )
+    except (RedisError, OSError) as error:  # still queued in PostgreSQL: the sweep retries them
+        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+    return sum(outcome.status is MessageStatus.SENT for outcome in outcomes.values())
 
 
 async def fake_status_report(ctx: dict[str, Any], params: dict[str, str]) -> bool:
@@ -117,7 +214,13 @@ async def sweep(ctx: dict[str, Any]) -> int:
 class WorkerSettings:
     """arq's configuration for the delivery worker."""
 
-    functions: ClassVar[list[Any]] = [deliver, fake_status_report, reconcile, status_check]
+    functions: ClassVar[list[Any]] = [
+        deliver,
+        func(deliver_batch, timeout=JOB_TIMEOUT_SECONDS + BATCH_WAIT_SECONDS),
+        fake_status_report,
+        reconcile,
+        status_check,
+    ]
     cron_jobs: ClassVar[list[Any]] = [
         cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True),
         # Claims a dead worker left behind, every 5 s: recovery takes the job timeout plus that.

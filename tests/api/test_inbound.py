@@ -26,6 +26,7 @@ from tests.domain.test_delivery import (
     twilio_created,
     twilio_error,
 )
+from tests.queueing import queued_message_ids
 from tests.test_end_to_end import run_worker
 
 CUSTOMER = "+14155550123"
@@ -103,7 +104,7 @@ async def test_stop_records_the_opt_out_confirms_once_and_blocks_sends(
     async with session_factory() as session:
         reply = await session.scalar(select(Message).where(Message.client_id.is_(None)))
         assert reply is not None and reply.from_ == "+14155550100"
-    assert await redis.exists(f"arq:job:deliver:{reply.id}") == 1
+    assert await queued_message_ids(redis) == [str(reply.id)]
     assert_problem(await send(api, world), 403, "recipient_opted_out")
     # Another sender was not asked to stop.
     assert (await send(api, world, **{"from": "+14155550199"})).status_code == 202

@@ -16,12 +16,13 @@ from app.db.models import Message
 from app.db.session import SessionFactory
 from app.domain.messages import ENQUEUE_AFTER_COMMIT
 from app.main import create_app
-from app.worker.queue import close_queue, create_queue
+from app.worker.queue import DeliveryBatcher, close_queue, create_queue
 from app.worker.tasks import WorkerSettings, sweep
 from tests.api.test_send import assert_problem
 from tests.api.test_status_callbacks import SID, twilio_signature
 from tests.conftest import PUBLIC_BASE_URL, TEST_REDIS_URL, World, make_settings
 from tests.domain.test_delivery import load, queued_message
+from tests.queueing import queued_message_ids
 
 
 @pytest.mark.parametrize(
@@ -139,9 +140,10 @@ async def test_jobs_are_enqueued_only_after_the_commit(
     session_factory: SessionFactory, redis: Redis, world: World
 ) -> None:
     queue = create_queue(TEST_REDIS_URL)
-    request: Any = SimpleNamespace(
-        app=SimpleNamespace(state=SimpleNamespace(session_factory=session_factory, queue=queue))
+    state = SimpleNamespace(
+        session_factory=session_factory, queue=queue, delivery_batcher=DeliveryBatcher(queue)
     )
+    request: Any = SimpleNamespace(app=SimpleNamespace(state=state))
     committed_id, rolled_back_id = uuid.uuid4(), uuid.uuid4()
     try:
         failing = get_session(request)
@@ -158,8 +160,7 @@ async def test_jobs_are_enqueued_only_after_the_commit(
     finally:
         await close_queue(queue)
 
-    assert await redis.exists(f"arq:job:deliver:{rolled_back_id}") == 0
-    assert await redis.exists(f"arq:job:deliver:{committed_id}") == 1
+    assert await queued_message_ids(redis) == [str(committed_id)]
 
 
 async def test_the_sweep_is_scheduled_every_ten_seconds_on_the_worker() -> None:

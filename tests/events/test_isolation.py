@@ -183,7 +183,7 @@ async def test_a_url_per_message_cannot_take_every_slot_either(
 
 
 def test_events_have_a_queue_and_a_worker_of_their_own(capsys: pytest.CaptureFixture[str]) -> None:
-    sms_jobs = {function.__name__ for function in WorkerSettings.functions}
+    sms_jobs = {getattr(f, "name", None) or f.__name__ for f in WorkerSettings.functions}
     event_jobs = {function.name for function in EventsWorkerSettings.functions}
 
     assert EventsWorkerSettings.queue_name == "arq:events"
