@@ -283,7 +283,7 @@ class Benchmark:
         stats: dict[str, Any] = httpx.get(f"{self.fake}/control/stats", timeout=5).json()
         return stats
 
-    def fake_control(self, action: str, timeout: float = 10) -> Any:
+    def fake_control(self, action: str, timeout: float = 60) -> Any:
         """A control request to the fake provider."""
         return httpx.post(f"{self.fake}/control/{action}", timeout=timeout).json()
 
@@ -755,10 +755,10 @@ def main() -> None:
         default=50,
         help="jobs in flight per worker (WorkerSettings.max_jobs)",
     )
-    parser.add_argument("--batches", type=int, default=30, help="batch requests of 1,000")
+    parser.add_argument("--batches", type=int, default=10, help="batch requests of 1,000")
     parser.add_argument("--batch-concurrency", type=int, default=2)
     parser.add_argument(
-        "--loop-messages", type=int, default=20_000, help="messages the plain delivery loop sends"
+        "--loop-messages", type=int, default=10_000, help="messages the plain delivery loop sends"
     )
     parser.add_argument("--slow-messages", type=int, default=3000)
     parser.add_argument("--redis-db", type=int, default=11)

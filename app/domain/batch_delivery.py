@@ -3,11 +3,11 @@
 The API puts the messages its concurrent requests accepted into one job (app.worker.queue).
 Delivered one by one, each would cost a dozen database round trips and as many Redis commands
 besides its provider call; here the batch shares them:
-1. one read of the messages and their senders;
-2. per provider, one look at its circuit and pause; per sender, one count of the slots free now;
-3. one claim transaction (recipients' locks, opt-out check, conditional UPDATE, history rows);
-4. per sender, one reservation of consecutive slots, then each message is submitted at its slot;
-5. one transaction recording the acceptances; per provider, one success for its breaker.
+1. one transaction: a read of the messages and their senders; per provider, one look at its
+   circuit and pause, and per sender one count of the slots free now (in Redis); then the claim
+   (recipients' locks, opt-out check, conditional UPDATE, history rows);
+2. per sender, one reservation of consecutive slots, then each message is submitted at its slot;
+3. one transaction recording the acceptances; per provider, one success for its breaker.
 
 Only the common case takes this path: a healthy provider (circuit closed, not paused), a sender
 whose line is empty, a message that is queued, due, unexpired and not opted out. Every other
@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
 from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent, Sender
 from app.db.session import SessionFactory
@@ -61,6 +62,8 @@ class Candidate:
     provider: str
     sender_id: uuid.UUID
     rate: float
+    to: str
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +82,10 @@ async def deliver_batch(
     dispatcher: Dispatcher,
 ) -> BatchResult:
     """Deliver these messages: the common case together, the rest one by one (concurrently)."""
-    candidates, others = await _read(session_factory, message_ids, providers)
-    ready, waiting = await _gate(dispatcher, candidates)
-    claimed, unclaimed = await _claim(session_factory, ready)
+    async with session_factory.begin() as session:
+        candidates, others = await _read(session, message_ids, providers)
+        ready, waiting = await _gate(dispatcher, candidates)
+        claimed, unclaimed = await _claim(session, ready)
     others += waiting + unclaimed
 
     async def one_by_one(ids: list[uuid.UUID]) -> dict[uuid.UUID, Outcome]:
@@ -118,28 +122,27 @@ async def deliver_batch(
 
 
 async def _read(
-    session_factory: SessionFactory,
-    message_ids: Sequence[uuid.UUID],
-    providers: dict[str, Provider],
+    session: AsyncSession, message_ids: Sequence[uuid.UUID], providers: dict[str, Provider]
 ) -> tuple[list[Candidate], list[uuid.UUID]]:
     """The messages that may take the batch path, and the others."""
     now = datetime.now(UTC)
-    async with session_factory() as session:
-        rows = (
-            await session.execute(
-                select(
-                    Message.id,
-                    Message.status,
-                    Message.provider,
-                    Message.sender_id,
-                    Message.next_attempt_at,
-                    Message.expires_at,
-                    Sender.rate_per_second,
-                )
-                .join(Sender, Sender.id == Message.sender_id)
-                .where(Message.id.in_(message_ids))
+    rows = (
+        await session.execute(
+            select(
+                Message.id,
+                Message.status,
+                Message.provider,
+                Message.sender_id,
+                Message.to,
+                Message.kind,
+                Message.next_attempt_at,
+                Message.expires_at,
+                Sender.rate_per_second,
             )
-        ).all()
+            .join(Sender, Sender.id == Message.sender_id)
+            .where(Message.id.in_(message_ids))
+        )
+    ).all()
     candidates, others = [], []
     for row in rows:
         usual = (
@@ -149,7 +152,11 @@ async def _read(
             and (row.expires_at is None or row.expires_at > now)
         )
         if usual:
-            candidates.append(Candidate(row.id, row.provider, row.sender_id, row.rate_per_second))
+            candidates.append(
+                Candidate(
+                    row.id, row.provider, row.sender_id, row.rate_per_second, row.to, row.kind
+                )
+            )
         elif row.status == MessageStatus.QUEUED.value:
             others.append(row.id)
         # Not queued (already sent, or gone): nothing to do, as `deliver_message` would find.
@@ -193,65 +200,53 @@ def _by_sender(candidates: Sequence[Candidate]) -> dict[uuid.UUID, list[Candidat
 
 
 async def _claim(
-    session_factory: SessionFactory, ready: list[Candidate]
+    session: AsyncSession, ready: list[Candidate]
 ) -> tuple[list[Message], list[uuid.UUID]]:
-    """Move the ready messages from queued to sending in one transaction, as `_claim` in
-    app.domain.delivery does one: under the recipients' locks, after the opt-out check. Returns
-    the claimed messages and the ids left for the one-by-one path."""
+    """Move the ready messages from queued to sending, as `_claim` in app.domain.delivery does
+    one: under the recipients' locks, after the opt-out check (in the caller's transaction).
+    Returns the claimed messages and the ids left for the one-by-one path."""
     if not ready:
         return [], []
-    ids = [c.id for c in ready]
     now = datetime.now(UTC)
-    async with session_factory.begin() as session:
-        recipients = (
-            await session.execute(
-                select(Message.id, Message.to, Message.sender_id, Message.kind).where(
-                    Message.id.in_(ids)
-                )
+    await lock_recipients(session, [c.to for c in ready])
+    # Checked after the locks are held: a STOP recorded before this point is seen, and one
+    # recorded after it finds the message already claimed.
+    opted_out = await opted_out_pairs(
+        session, [(c.to, c.sender_id) for c in ready if c.kind not in PASSES_OPT_OUT]
+    )
+    allowed = [
+        c.id for c in ready if c.kind in PASSES_OPT_OUT or (c.to, c.sender_id) not in opted_out
+    ]
+    claimed = list(
+        await session.scalars(
+            update(Message)
+            .where(
+                Message.id.in_(allowed),
+                Message.status == MessageStatus.QUEUED.value,
+                Message.next_attempt_at <= now + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
+                or_(Message.expires_at.is_(None), Message.expires_at > now),
             )
-        ).all()
-        await lock_recipients(session, [row.to for row in recipients])
-        # Checked after the locks are held: a STOP recorded before this point is seen, and one
-        # recorded after it finds the message already claimed.
-        opted_out = await opted_out_pairs(
-            session,
-            [(row.to, row.sender_id) for row in recipients if row.kind not in PASSES_OPT_OUT],
-        )
-        allowed = [
-            row.id
-            for row in recipients
-            if row.kind in PASSES_OPT_OUT or (row.to, row.sender_id) not in opted_out
-        ]
-        claimed = list(
-            await session.scalars(
-                update(Message)
-                .where(
-                    Message.id.in_(allowed),
-                    Message.status == MessageStatus.QUEUED.value,
-                    Message.next_attempt_at <= now + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
-                    or_(Message.expires_at.is_(None), Message.expires_at > now),
-                )
-                .values(
-                    status=MessageStatus.SENDING.value,
-                    attempts=Message.attempts + 1,
-                    claimed_at=now,
-                )
-                .returning(Message)
-                .execution_options(synchronize_session=False)
-            )
-        )
-        session.add_all(
-            MessageEvent(
-                message_id=message.id,
+            .values(
                 status=MessageStatus.SENDING.value,
-                applied=True,
-                source="worker",
-                detail=f"attempt {message.attempts}",
+                attempts=Message.attempts + 1,
+                claimed_at=now,
             )
-            for message in claimed
+            .returning(Message)
+            .execution_options(synchronize_session=False)
         )
+    )
+    session.add_all(
+        MessageEvent(
+            message_id=message.id,
+            status=MessageStatus.SENDING.value,
+            applied=True,
+            source="worker",
+            detail=f"attempt {message.attempts}",
+        )
+        for message in claimed
+    )
     taken = {message.id for message in claimed}
-    return claimed, [message_id for message_id in ids if message_id not in taken]
+    return claimed, [c.id for c in ready if c.id not in taken]
 
 
 async def _submit_all(

@@ -55,7 +55,10 @@ def analyze_body(body: str) -> BodyAnalysis:
     # dict.fromkeys de-duplicates in C while keeping first-appearance order, so the membership
     # tests below run once per distinct character rather than once per character.
     distinct = dict.fromkeys(body)
-    non_gsm = tuple(char for char in distinct if char not in _GSM7_ALL)
+    # issuperset runs in C: most bodies are plain GSM-7 and never need the per-character loop.
+    non_gsm = (
+        () if _GSM7_ALL.issuperset(distinct) else tuple(c for c in distinct if c not in _GSM7_ALL)
+    )
 
     if not non_gsm:
         escaped = [char for char in distinct if char in _GSM7_EXTENSION_SET]

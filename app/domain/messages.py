@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import DateTime, and_, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent, Sender
 from app.domain.auth import Principal
 from app.domain.encoding import BodyAnalysis, analyze_body
-from app.domain.events import emit_message_status
+from app.domain.events import emit_message_statuses
 from app.domain.keywords import KeywordConfig, missing_replies
 from app.domain.optouts import is_opted_out, record_provider_opt_out
 from app.domain.pagination import as_utc, decode_cursor, encode_cursor
@@ -116,38 +116,55 @@ async def queue_message(
     keyword replies through `app.domain.inbound`.
     """
     now = datetime.now(UTC)
-    message = Message(
-        id=uuid.uuid4(),
-        client_id=client_id,
-        sender_id=sender.id,
-        kind=kind,
-        to=to,
-        from_=sender.address,
-        body=body,
-        encoding=analysis.encoding.value,
-        segments=analysis.segments,
-        status=MessageStatus.QUEUED.value,
-        provider=sender.provider,
-        callback_url=callback_url,
-        metadata_=metadata or {},
-        validity_period=validity_period,
-        expires_at=now + timedelta(seconds=validity_period) if validity_period else None,
-        attempts=0,
-        created_at=now,
-        updated_at=now,
-        next_attempt_at=now,
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "client_id": client_id,
+        "sender_id": sender.id,
+        "kind": kind,
+        "to": to,
+        "from_": sender.address,
+        "body": body,
+        "encoding": analysis.encoding.value,
+        "segments": analysis.segments,
+        "status": MessageStatus.QUEUED.value,
+        "provider": sender.provider,
+        "callback_url": callback_url,
+        "metadata_": metadata or {},
+        "validity_period": validity_period,
+        "expires_at": now + timedelta(seconds=validity_period) if validity_period else None,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+        "next_attempt_at": now,
+    }
+    # The message and its first history row in one statement (one round trip, no unit of work);
+    # the other columns take their defaults. The object is for the caller and the response: it is
+    # not added to the session.
+    message = Message(**values)
+    inserted = (
+        insert(Message)
+        .values({getattr(Message, key): value for key, value in values.items()})
+        .returning(Message.id)
+        .cte("inserted")
     )
-    session.add(message)
-    session.add(
-        MessageEvent(
-            message_id=message.id,
-            status=message.status,
-            applied=True,
-            source=source,
-            created_at=now,
+    await session.execute(
+        insert(MessageEvent).from_select(
+            [
+                MessageEvent.message_id,
+                MessageEvent.status,
+                MessageEvent.applied,
+                MessageEvent.source,
+                MessageEvent.created_at,
+            ],
+            select(
+                inserted.c.id,
+                literal(message.status),
+                literal(True),
+                literal(source),
+                literal(now, DateTime(timezone=True)),
+            ),
         )
     )
-    await session.flush()
     session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).append(message.id)
     count_status(MessageStatus.QUEUED.value, sender.provider, sender.address)
     log.info("message accepted", extra={"message_id": str(message.id), "kind": kind})
@@ -293,7 +310,7 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
     )
     await session.flush()
     if applied:
-        await emit_message_status(session, message.id)  # events out (after commit)
+        await emit_message_statuses(session, [message])  # events out (after commit)
     return True
 
 

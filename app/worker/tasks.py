@@ -238,6 +238,9 @@ class WorkerSettings:
     # worker dies mid-job, and reaching it would strand the message as `queued`.
     max_tries = 1000
     max_jobs = 50
+    # How often an idle worker looks for due jobs (arq's default, 0.5 s, would be most of a
+    # message's time from acceptance to the provider): one ZRANGEBYSCORE each time.
+    poll_delay = 0.02
     allow_abort_jobs = False
     # On SIGTERM (a deploy), let running jobs finish their provider call instead of cancelling it.
     job_completion_wait = JOB_TIMEOUT_SECONDS

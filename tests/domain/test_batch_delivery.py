@@ -1,0 +1,547 @@
+"""deliver_batch: the common case of a batch of fresh messages goes together (one read, one
+claim, one record); every unusual message falls back to `deliver_message`. Real PostgreSQL and
+Redis; Twilio's CreateMessage faked at the HTTP boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from app.db.models import Message, MessageEvent, OptOut, Sender
+from app.db.session import SessionFactory
+from app.domain.batch_delivery import deliver_batch
+from app.domain.circuit import CircuitState
+from app.domain.delivery import Outcome, deliver_message
+from app.domain.dispatch import Dispatcher
+from app.domain.status import MessageStatus
+from app.metrics import DB_STATEMENTS
+from app.providers.base import ErrorKind, Provider, ProviderError
+from app.providers.twilio import TwilioProvider
+from app.worker.guarantees import build_dispatcher
+from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, World, make_settings
+from tests.domain.test_delivery import POLICY, history, load, twilio_error
+from tests.domain.test_dispatch import open_circuit, set_sender
+
+Answer = Callable[[httpx.Request], httpx.Response]
+
+
+class FakeTwilio:
+    """Twilio's CreateMessage at the HTTP boundary: answers per recipient (201 with a fresh
+    `sid` unless told otherwise), and keeps each request with the time it arrived."""
+
+    def __init__(
+        self,
+        answers: dict[str, Answer] | None = None,
+        *,
+        delay: float = 0.0,
+        during: Callable[[httpx.Request], Awaitable[None]] | None = None,
+    ) -> None:
+        self.answers = answers or {}
+        self.delay = delay
+        self.during = during
+        self.requests: list[httpx.Request] = []
+        self.times: list[float] = []
+        self.sids: dict[str, str] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.times.append(time.monotonic())
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            form = parse_qs(request.content.decode())
+            answer = self.answers.get(form["To"][0])
+            sid = "SM" + uuid.uuid4().hex
+            if answer is None:
+                self.sids[form["To"][0]] = sid
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.during is not None:
+                await self.during(request)
+            if answer is not None:
+                return answer(request)
+            return httpx.Response(
+                201,
+                json={
+                    "sid": sid,
+                    "account_sid": TWILIO_SID,
+                    "status": "queued",
+                    "to": form["To"][0],
+                    "from": form["From"][0],
+                    "body": form["Body"][0],
+                },
+            )
+        finally:
+            self.in_flight -= 1
+
+    def providers(self) -> dict[str, Provider]:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(self))
+        return {"twilio": TwilioProvider(make_settings().twilio, http, PUBLIC_BASE_URL)}
+
+    def recipients(self) -> list[str]:
+        return [parse_qs(r.content.decode())["To"][0] for r in self.requests]
+
+
+def number(n: int) -> str:
+    return f"+1415555{n:04d}"
+
+
+async def fresh(
+    session_factory: SessionFactory,
+    world: World,
+    to: str,
+    sender: Sender | None = None,
+    **fields: Any,
+) -> uuid.UUID:
+    """A message as the API stores it: queued, due now."""
+    sender = sender or world.twilio_sender
+    message = Message(
+        id=uuid.uuid4(),
+        client_id=world.client_id,
+        sender_id=sender.id,
+        to=to,
+        from_=sender.address,
+        body="Your code is 1042.",
+        encoding="GSM-7",
+        segments=1,
+        provider=sender.provider,
+        **{"status": "queued", **fields},
+    )
+    async with session_factory.begin() as session:
+        session.add(message)
+    return message.id
+
+
+async def fresh_batch(
+    session_factory: SessionFactory, world: World, count: int, first: int = 100
+) -> dict[uuid.UUID, str]:
+    """`count` fresh messages to distinct recipients: id -> recipient."""
+    batch = {}
+    for n in range(first, first + count):
+        batch[await fresh(session_factory, world, number(n))] = number(n)
+    return batch
+
+
+def dispatcher_for(redis: Redis, providers: dict[str, Provider], **settings: Any) -> Dispatcher:
+    return build_dispatcher(redis, make_settings(**settings), providers)
+
+
+@pytest.fixture
+def alone(monkeypatch: pytest.MonkeyPatch) -> list[uuid.UUID]:
+    """The ids that went through `deliver_message` one by one (the real one still runs)."""
+    calls: list[uuid.UUID] = []
+    real = deliver_message
+
+    async def spy(message_id: uuid.UUID, *args: Any, **kwargs: Any) -> Outcome:
+        calls.append(message_id)
+        return await real(message_id, *args, **kwargs)
+
+    monkeypatch.setattr("app.domain.batch_delivery.deliver_message", spy)
+    return calls
+
+
+async def test_a_batch_goes_together_each_message_sent_once_with_its_own_sid(
+    session_factory: SessionFactory, world: World, redis: Redis, alone: list[uuid.UUID]
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 8)
+
+    result = await deliver_batch(
+        list(batch), session_factory, providers, POLICY, dispatcher_for(redis, providers)
+    )
+
+    assert alone == []  # the common case never took the one-by-one path
+    assert {i: o.status for i, o in result.outcomes.items()} == dict.fromkeys(
+        batch, MessageStatus.SENT
+    )
+    assert all(o.retry_in is None for o in result.outcomes.values())
+    assert sorted(twilio.recipients()) == sorted(batch.values())  # each called exactly once
+    for message_id, to in batch.items():
+        message = await load(session_factory, message_id)
+        assert (message.status, message.attempts) == ("sent", 1)
+        # The batched UPDATE gave each message the sid its own request got back.
+        assert message.provider_message_id == twilio.sids[to]
+        assert await history(session_factory, message_id) == ["sending", "sent"]
+
+
+async def test_the_batch_costs_the_same_statements_whatever_its_size(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """What the batch path is for: one read, one claim, one record, not a dozen per message."""
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    small = await fresh_batch(session_factory, world, 2, first=100)
+    large = await fresh_batch(session_factory, world, 12, first=200)
+
+    costs = []
+    for batch in (small, large):
+        before = DB_STATEMENTS._value.get()
+        await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+        costs.append(DB_STATEMENTS._value.get() - before)
+
+    assert len(twilio.requests) == 14
+    assert costs[0] == costs[1]
+
+
+async def test_an_opted_out_recipient_is_canceled_while_the_others_go(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 4)
+    stopped_id, stopped = next(iter(batch.items()))
+    async with session_factory.begin() as session:
+        session.add(
+            OptOut(
+                phone=stopped, sender_id=world.twilio_sender.id, action="opt_out", source="keyword"
+            )
+        )
+
+    result = await deliver_batch(
+        list(batch), session_factory, providers, POLICY, dispatcher_for(redis, providers)
+    )
+
+    assert stopped not in twilio.recipients()
+    assert sorted(twilio.recipients()) == sorted(to for to in batch.values() if to != stopped)
+    assert result.outcomes[stopped_id].status is MessageStatus.CANCELED
+    message = await load(session_factory, stopped_id)
+    assert (message.status, message.error_code, message.attempts) == (
+        "canceled",
+        "recipient_opted_out",
+        0,
+    )
+    assert await history(session_factory, stopped_id) == ["canceled"]
+    for message_id in batch.keys() - {stopped_id}:
+        assert (await load(session_factory, message_id)).status == "sent"
+
+
+async def test_unusual_messages_take_the_one_by_one_path_and_end_as_it_decides(
+    session_factory: SessionFactory, world: World, redis: Redis, alone: list[uuid.UUID]
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    usual = await fresh(session_factory, world, number(1))
+    expired = await fresh(
+        session_factory,
+        world,
+        number(2),
+        validity_period=60,
+        expires_at=datetime.now(UTC) - timedelta(seconds=1),
+    )
+    backing_off = await fresh(
+        session_factory, world, number(3), next_attempt_at=datetime.now(UTC) + timedelta(seconds=30)
+    )
+
+    result = await deliver_batch(
+        [usual, expired, backing_off],
+        session_factory,
+        providers,
+        POLICY,
+        dispatcher_for(redis, providers),
+    )
+
+    assert twilio.recipients() == [number(1)]
+    assert sorted(alone) == sorted([expired, backing_off])
+    assert result.outcomes[usual].status is MessageStatus.SENT
+    assert result.outcomes[expired].status is MessageStatus.EXPIRED
+    assert (await load(session_factory, expired)).status == "expired"
+    assert await history(session_factory, expired) == ["expired"]
+    waits = result.outcomes[backing_off]
+    assert waits.status is MessageStatus.QUEUED
+    assert waits.retry_in is not None and 29 <= waits.retry_in <= 30
+    assert (await load(session_factory, backing_off)).attempts == 0
+
+
+async def test_messages_that_are_not_queued_are_not_sent_again(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    queued = await fresh(session_factory, world, number(1))
+    sent = await fresh(
+        session_factory, world, number(2), status="sent", attempts=1, provider_message_id="SMold"
+    )
+    in_flight = await fresh(session_factory, world, number(3), status="sending", attempts=1)
+    delivered = await fresh(session_factory, world, number(4), status="delivered", attempts=1)
+    missing = uuid.uuid4()
+
+    result = await deliver_batch(
+        [queued, sent, in_flight, delivered, missing],
+        session_factory,
+        providers,
+        POLICY,
+        dispatcher_for(redis, providers),
+    )
+
+    assert twilio.recipients() == [number(1)]
+    assert result.outcomes[queued].status is MessageStatus.SENT
+    for message_id in (sent, in_flight, delivered, missing):
+        outcome = result.outcomes.get(message_id)
+        assert outcome is None or outcome.status is None
+    assert [
+        (m.status, m.attempts, m.provider_message_id)
+        for m in [await load(session_factory, i) for i in (sent, in_flight, delivered)]
+    ] == [("sent", 1, "SMold"), ("sending", 1, None), ("delivered", 1, None)]
+
+
+async def test_two_runs_of_the_same_batch_at_once_send_each_message_once(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio(delay=0.02)  # keeps both runs' provider calls overlapping
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 10)
+    ids = list(batch)
+
+    first, second = await asyncio.gather(
+        deliver_batch(ids, session_factory, providers, POLICY, dispatcher_for(redis, providers)),
+        deliver_batch(
+            ids[::-1], session_factory, providers, POLICY, dispatcher_for(redis, providers)
+        ),
+    )
+
+    assert Counter(twilio.recipients()) == Counter(batch.values())  # once each
+    for message_id in ids:
+        message = await load(session_factory, message_id)
+        assert (message.status, message.attempts) == ("sent", 1)
+        assert await history(session_factory, message_id) == ["sending", "sent"]
+        statuses = [
+            outcome.status
+            for outcome in (first.outcomes.get(message_id), second.outcomes.get(message_id))
+            if outcome is not None
+        ]
+        assert statuses.count(MessageStatus.SENT) == 1
+
+
+async def test_a_provider_error_fails_or_retries_only_its_own_message(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio(
+        {
+            number(101): twilio_error(400, 21211, "The 'To' number is not valid."),
+            number(102): twilio_error(503, 20503, "Service Unavailable"),
+        }
+    )
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 5)
+    by_number = {to: message_id for message_id, to in batch.items()}
+    before = datetime.now(UTC)
+
+    result = await deliver_batch(
+        list(batch), session_factory, providers, POLICY, dispatcher_for(redis, providers)
+    )
+
+    assert sorted(twilio.recipients()) == sorted(batch.values())
+    invalid, unavailable = by_number[number(101)], by_number[number(102)]
+    assert result.outcomes[invalid] == Outcome(MessageStatus.FAILED)
+    failed = await load(session_factory, invalid)
+    assert (failed.status, failed.error_code, failed.attempts) == ("failed", "21211", 1)
+    assert await history(session_factory, invalid) == ["sending", "failed"]
+    retry = result.outcomes[unavailable]
+    assert retry.status is MessageStatus.QUEUED
+    assert retry.retry_in is not None and 0.5 <= retry.retry_in <= 1.0  # attempt 1: base delay
+    requeued = await load(session_factory, unavailable)
+    assert (requeued.status, requeued.error_code, requeued.attempts) == ("queued", "20503", 1)
+    assert requeued.next_attempt_at >= before + timedelta(seconds=0.5)
+    for to in (number(100), number(103), number(104)):
+        assert result.outcomes[by_number[to]].status is MessageStatus.SENT
+        assert (await load(session_factory, by_number[to])).status == "sent"
+
+
+async def test_an_open_circuit_sends_nothing_and_the_messages_wait_unclaimed(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    await open_circuit(dispatcher, "twilio")
+    batch = await fresh_batch(session_factory, world, 3)
+
+    result = await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+
+    assert twilio.requests == []
+    for message_id in batch:
+        outcome = result.outcomes[message_id]
+        assert outcome.status is MessageStatus.QUEUED
+        assert outcome.retry_in is not None and outcome.retry_in > 0
+        message = await load(session_factory, message_id)
+        assert (message.status, message.attempts) == ("queued", 0)
+        assert await history(session_factory, message_id) == []
+
+
+async def test_when_the_open_period_is_over_exactly_one_message_goes_as_the_probe(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """The batch's own look at the circuit must not use up the probe: one of the batch's
+    messages, on the one-by-one path, becomes it."""
+    twilio = FakeTwilio(delay=0.2)  # the others look while the probe is still out
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers, circuit_open_seconds=0.2)
+    await open_circuit(dispatcher, "twilio")
+    batch = await fresh_batch(session_factory, world, 3)
+    await asyncio.sleep(0.25)
+
+    result = await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+
+    assert len(twilio.requests) == 1
+    statuses = Counter(outcome.status for outcome in result.outcomes.values())
+    assert statuses == {MessageStatus.SENT: 1, MessageStatus.QUEUED: 2}
+    assert all(
+        outcome.retry_in is not None
+        for outcome in result.outcomes.values()
+        if outcome.status is MessageStatus.QUEUED
+    )
+
+
+async def test_a_batch_never_goes_ahead_of_messages_waiting_in_their_senders_line(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    await set_sender(session_factory, world.twilio_sender, rate_per_second=2.0)
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    sender = world.twilio_sender.id
+    # One message just went; another holds a ticket for the next slot (in 0.5 s).
+    await dispatcher.pacer.take(sender, uuid.uuid4(), 2.0)
+    ticket = await dispatcher.pacer.take(sender, uuid.uuid4(), 2.0, consume=False)
+    assert ticket.queued
+    started = time.monotonic()
+    batch = await fresh_batch(session_factory, world, 2)
+
+    await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+
+    assert len(twilio.times) == 2
+    # Behind the ticket holder's slot (0.5 s): the slots at 1.0 s and 1.5 s.
+    first, second = sorted(twilio.times)
+    assert first - started >= 1.0 - 0.05
+    assert second - first >= 0.5 - 0.02
+    for message_id in batch:  # claimed once, when their turn came: never claimed and released
+        assert await history(session_factory, message_id) == ["sending", "sent"]
+
+
+async def test_a_slow_sender_sends_only_the_slots_within_the_inline_wait(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    rate = 1.0
+    await set_sender(session_factory, world.twilio_sender, rate_per_second=rate)
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 5)
+
+    result = await deliver_batch(
+        list(batch), session_factory, providers, POLICY, dispatcher_for(redis, providers)
+    )
+
+    # Slots at 0, 1 and 2 s fit in the inline wait (2 s); the other two wait on the queue.
+    assert len(twilio.requests) == 3
+    gaps = [b - a for a, b in itertools.pairwise(sorted(twilio.times))]
+    assert min(gaps) >= 1 / rate - 0.02
+    sent = [i for i, o in result.outcomes.items() if o.status is MessageStatus.SENT]
+    waiting = [i for i, o in result.outcomes.items() if o.status is MessageStatus.QUEUED]
+    assert (len(sent), len(waiting)) == (3, 2)
+    assert sorted(twilio.recipients()) == sorted(batch[i] for i in sent)
+    for message_id in waiting:
+        retry_in = result.outcomes[message_id].retry_in
+        assert retry_in is not None and retry_in >= 1.0
+        message = await load(session_factory, message_id)
+        assert (message.status, message.attempts) == ("queued", 0)
+        assert await history(session_factory, message_id) == []  # not even claimed
+
+
+async def test_cancelled_while_waiting_for_a_slot_releases_the_claim(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    await set_sender(session_factory, world.twilio_sender, rate_per_second=1.0)
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 3)
+
+    task = asyncio.create_task(
+        deliver_batch(
+            list(batch), session_factory, providers, POLICY, dispatcher_for(redis, providers)
+        )
+    )
+    while not twilio.requests:  # the first slot is now; the others are 1 s and 2 s away
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(1.0)  # past the second slot: nothing left behind sends it
+
+    (went,) = twilio.recipients()
+    for message_id, to in batch.items():
+        message = await load(session_factory, message_id)
+        if to == went:  # accepted before the cancellation: recorded on the way out
+            assert (message.status, message.attempts) == ("sent", 1)
+            assert message.provider_message_id == twilio.sids[to]
+            assert await history(session_factory, message_id) == ["sending", "sent"]
+        else:
+            assert (message.status, message.attempts) == ("queued", 0)
+            assert await history(session_factory, message_id) == ["sending", "queued"]
+            async with session_factory() as session:
+                detail = await session.scalar(
+                    select(MessageEvent.detail)
+                    .where(MessageEvent.message_id == message_id)
+                    .order_by(MessageEvent.id.desc())
+                    .limit(1)
+                )
+            assert detail == "not sent: cancelled before the provider call"
+
+
+async def test_with_redis_down_nothing_is_sent_and_every_message_waits(
+    session_factory: SessionFactory, world: World
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    down = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1.0)
+    batch = await fresh_batch(session_factory, world, 3)
+
+    try:
+        result = await deliver_batch(
+            list(batch), session_factory, providers, POLICY, dispatcher_for(down, providers)
+        )
+    finally:
+        await down.aclose()
+
+    assert twilio.requests == []
+    assert all(
+        outcome.status is MessageStatus.QUEUED and outcome.retry_in is not None
+        for outcome in result.outcomes.values()
+    )
+    assert set(result.outcomes) == set(batch)
+    for message_id in batch:
+        assert (await load(session_factory, message_id)).attempts == 0
+
+
+async def test_the_batchs_successes_reset_the_providers_failure_count(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers, circuit_failure_threshold=3)
+    fault = ProviderError(ErrorKind.RETRYABLE, "HTTP 500", provider_fault=True)
+    for _ in range(2):
+        await dispatcher.health.record("twilio", fault)
+    batch = await fresh_batch(session_factory, world, 2)
+
+    await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+    await dispatcher.health.record("twilio", fault)
+
+    # Two failures, then successes, then one failure: not three in a row.
+    assert (await dispatcher.health.check("twilio")).state is CircuitState.CLOSED

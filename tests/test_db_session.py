@@ -1,0 +1,129 @@
+"""app.db.session: idle pooled connections are pinged at checkout (busy ones are not), and every
+statement is counted in the process's metrics. Real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import exc, text
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db import session as db_session
+from app.db.session import create_engine
+
+IDLE = 0.2  # IDLE_PING_SECONDS for these tests
+
+
+@pytest.fixture
+async def small_engine(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[AsyncEngine]:
+    """The app's engine with one pooled connection, pinged after `IDLE` seconds unused."""
+    monkeypatch.setattr(db_session, "IDLE_PING_SECONDS", IDLE)
+    engine = create_engine(database, pool_size=1)
+    yield engine
+    await engine.dispose()
+
+
+async def backend_pid(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        pid: int = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    return pid
+
+
+async def terminate(admin: AsyncEngine, pid: int) -> None:
+    """What a PostgreSQL restart does to a pooled connection: the server side goes away."""
+    async with admin.connect() as connection:
+        assert (
+            await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        ).scalar_one()
+    for _ in range(100):  # terminating is asynchronous: wait until the backend is gone
+        async with admin.connect() as connection:
+            alive = await connection.execute(
+                text("SELECT 1 FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            )
+            if alive.first() is None:
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backend {pid} still alive")
+
+
+async def test_an_idle_connection_is_pinged_at_checkout_and_replaced_when_dead(
+    small_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    stale = await backend_pid(small_engine)
+    await terminate(engine, stale)
+    await asyncio.sleep(IDLE + 0.05)
+
+    # The ping finds the connection dead; the pool opens a new one; the statement works.
+    fresh = await backend_pid(small_engine)
+
+    assert fresh != stale
+
+
+async def test_a_connection_used_again_at_once_is_not_pinged(
+    small_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    stale = await backend_pid(small_engine)
+    await terminate(engine, stale)
+
+    # No ping within IDLE_PING_SECONDS of its last use: the statement itself finds the break.
+    with pytest.raises(exc.DBAPIError) as raised:
+        await backend_pid(small_engine)
+
+    assert raised.value.connection_invalidated
+    assert await backend_pid(small_engine) != stale  # and the pool replaced it
+
+
+async def test_pings_happen_only_after_idling(
+    small_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pings = 0
+    real_ping: Callable[[AsyncAdapt_asyncpg_connection], None] = AsyncAdapt_asyncpg_connection.ping
+
+    def counting_ping(self: AsyncAdapt_asyncpg_connection) -> None:
+        nonlocal pings
+        pings += 1
+        real_ping(self)
+
+    monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "ping", counting_ping)
+    first = await backend_pid(small_engine)  # a new connection: nothing to check
+    for _ in range(3):
+        assert await backend_pid(small_engine) == first  # in steady use
+    assert pings == 0
+
+    await asyncio.sleep(IDLE + 0.05)
+    assert await backend_pid(small_engine) == first  # alive: the same connection, kept
+
+    assert pings == 1
+
+
+def statements() -> float:
+    return REGISTRY.get_sample_value("smsgate_db_statements_total") or 0.0
+
+
+def transactions(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("smsgate_db_transactions_total", labels) or 0.0
+
+
+async def test_every_statement_and_transaction_is_counted(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:  # warmed up: no first-connect queries below
+        await connection.execute(text("SELECT 1"))
+    before = statements()
+    commits, rollbacks = transactions("commit"), transactions("rollback")
+
+    async with engine.begin() as connection:
+        for n in range(3):
+            await connection.execute(text("SELECT CAST(:n AS integer)"), {"n": n})
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 4"))
+        await connection.rollback()
+
+    assert statements() - before == 4  # BEGIN, COMMIT and ROLLBACK are not statements
+    assert transactions("commit") - commits == 1
+    assert transactions("rollback") - rollbacks == 1
