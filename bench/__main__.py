@@ -359,6 +359,13 @@ class Benchmark:
         self.accepted.extend(result.pop("ids"))
         return result
 
+    def load_batches(self, count: int, concurrency: int) -> dict[str, Any]:
+        """`count` requests of 1,000 messages to the batch endpoint."""
+        return self.load(
+            "--path", "/v1/messages/batch", "--batch", "1000", "--ids",
+            "--concurrency", str(concurrency), "--count", str(count), "--duration", "120",
+        )  # fmt: skip
+
     def statements(self) -> dict[str, float]:
         """SQL statements and transactions so far, API and workers together."""
         urls = [f"{self.api}/metrics"]
@@ -550,19 +557,7 @@ class Benchmark:
         args = self.args
         self.redis.config_resetstat()
         before = self.statements()
-        batch = self.load(
-            "--path",
-            "/v1/messages/batch",
-            "--batch",
-            "1000",
-            "--ids",
-            "--concurrency",
-            str(args.batch_concurrency),
-            "--count",
-            str(args.batches),
-            "--duration",
-            "120",
-        )
+        batch = self.load_batches(args.batches, args.batch_concurrency)
         self.cost("batch accept", batch["messages"], before)
         insert = run_json(
             [
@@ -592,19 +587,7 @@ class Benchmark:
         self.fake_control("delay?ms=100")
         self.fake_control("reset")
         previous = len(self.accepted)
-        self.load(
-            "--path",
-            "/v1/messages/batch",
-            "--batch",
-            "1000",
-            "--ids",
-            "--concurrency",
-            "1",
-            "--count",
-            str(max(1, self.args.slow_messages // 1000)),
-            "--duration",
-            "60",
-        )
+        self.load_batches(max(1, self.args.slow_messages // 1000), 1)
         slow_ids = self.accepted[previous:]
         stats = self.wait_submitted(len(slow_ids), timeout=120)
         slow = {"messages_per_second": stats["distinct"] / (stats["last"] - stats["first"])}

@@ -28,12 +28,17 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.type_api import TypeEngine
 
-from app.db.models import Message, MessageEvent, Sender
+from app.db.models import Message, Sender
 from app.domain.auth import Principal
 from app.domain.destinations import check_destination
 from app.domain.encoding import BodyAnalysis
 from app.domain.keywords import KeywordConfig, missing_replies
-from app.domain.messages import ENQUEUE_AFTER_COMMIT, SendCommand, check_body
+from app.domain.messages import (
+    ENQUEUE_AFTER_COMMIT,
+    SendCommand,
+    check_body,
+    first_history_rows,
+)
 from app.domain.optouts import opted_out_pairs
 from app.domain.senders import resolve_sender
 from app.domain.status import MessageStatus
@@ -311,21 +316,4 @@ async def _insert(
         )
     )
     queued = func.unnest(_array(ids, UUID())).table_valued("id").render_derived(name="queued")
-    await session.execute(
-        insert(MessageEvent).from_select(
-            [
-                MessageEvent.message_id,
-                MessageEvent.status,
-                MessageEvent.applied,
-                MessageEvent.source,
-                MessageEvent.created_at,
-            ],
-            select(
-                queued.c.id,
-                literal(MessageStatus.QUEUED.value),
-                literal(True),
-                literal("api"),
-                at,
-            ),
-        )
-    )
+    await session.execute(first_history_rows(queued.c.id, source="api", at=at))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, and_, insert, literal, or_, select, update
+from sqlalchemy import ColumnElement, DateTime, Insert, and_, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent, Sender
@@ -148,27 +148,29 @@ async def queue_message(
         .cte("inserted")
     )
     await session.execute(
-        insert(MessageEvent).from_select(
-            [
-                MessageEvent.message_id,
-                MessageEvent.status,
-                MessageEvent.applied,
-                MessageEvent.source,
-                MessageEvent.created_at,
-            ],
-            select(
-                inserted.c.id,
-                literal(message.status),
-                literal(True),
-                literal(source),
-                literal(now, DateTime(timezone=True)),
-            ),
-        )
+        first_history_rows(inserted.c.id, source=source, at=literal(now, DateTime(timezone=True)))
     )
     session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).append(message.id)
     count_status(MessageStatus.QUEUED.value, sender.provider, sender.address)
     log.info("message accepted", extra={"message_id": str(message.id), "kind": kind})
     return message
+
+
+def first_history_rows(
+    message_id: ColumnElement[uuid.UUID], *, source: str, at: ColumnElement[datetime]
+) -> Insert:
+    """An INSERT of the `queued` history row of each message `message_id` selects (a column of
+    an INSERT … RETURNING, or of a list of ids): the row every accepted message starts with."""
+    return insert(MessageEvent).from_select(
+        [
+            MessageEvent.message_id,
+            MessageEvent.status,
+            MessageEvent.applied,
+            MessageEvent.source,
+            MessageEvent.created_at,
+        ],
+        select(message_id, literal(MessageStatus.QUEUED.value), literal(True), literal(source), at),
+    )
 
 
 async def get_message(

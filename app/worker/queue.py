@@ -23,7 +23,7 @@ DELIVER_BATCH_JOB = "deliver_batch"
 # share a bulk send. A job costs about twenty Redis commands, whatever it carries.
 BATCH_JOB_MAX: Final = 50
 # How long the API lets the messages of concurrent requests gather before queueing them.
-BATCH_LINGER_SECONDS: Final = 0.01
+BATCH_LINGER_SECONDS: Final = 0.005
 FAKE_REPORT_JOB = "fake_status_report"
 
 Queue = ArqRedis

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from app.db.models import Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
@@ -25,6 +25,7 @@ from app.domain.batch_delivery import deliver_batch
 from app.domain.circuit import CircuitState
 from app.domain.delivery import Outcome, deliver_message
 from app.domain.dispatch import Dispatcher
+from app.domain.optouts import lock_recipients
 from app.domain.status import MessageStatus
 from app.metrics import DB_STATEMENTS
 from app.providers.base import ErrorKind, Provider, ProviderError
@@ -461,6 +462,70 @@ async def test_a_slow_sender_sends_only_the_slots_within_the_inline_wait(
         message = await load(session_factory, message_id)
         assert (message.status, message.attempts) == ("queued", 0)
         assert await history(session_factory, message_id) == []  # not even claimed
+
+
+async def test_slots_taken_by_another_worker_during_the_claim_are_not_used_twice(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """The first look saw three free slots; while the claim waited for a recipient's lock,
+    another worker took two of them. Only what is left is used; the rest is released."""
+    rate = 1.0
+    await set_sender(session_factory, world.twilio_sender, rate_per_second=rate)
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    batch = await fresh_batch(session_factory, world, 3)
+
+    async with session_factory.begin() as holder:  # e.g. a STOP being recorded for them
+        await lock_recipients(holder, batch.values())
+        started = time.monotonic()
+        task = asyncio.create_task(
+            deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+        )
+        await claim_waiting_for_a_lock(session_factory)
+        other = await dispatcher.pacer.reserve(world.twilio_sender.id, rate, 2, consume=True)
+        assert other.count == 2  # the slots at 0 and 1 s
+    result = await task
+
+    # The one slot left within the inline wait (2 s) is used by the batch; the two claimed
+    # beyond it are released unsent, then take the one-by-one path's turns.
+    assert max(Counter(twilio.recipients()).values()) == 1  # none sent twice
+    times = sorted(twilio.times)
+    assert times and times[0] - started >= 2 / rate - 0.05  # after the other worker's slots
+    assert all(b - a >= 1 / rate - 0.02 for a, b in itertools.pairwise(times))
+    histories = {i: await history(session_factory, i) for i in batch}
+    together = [i for i, steps in histories.items() if steps == ["sending", "sent"]]
+    assert len(together) == 1
+    for message_id in batch.keys() - set(together):
+        assert histories[message_id][:2] == ["sending", "queued"]
+        async with session_factory() as session:
+            released = await session.scalar(
+                select(MessageEvent.detail)
+                .where(MessageEvent.message_id == message_id, MessageEvent.status == "queued")
+                .order_by(MessageEvent.id)
+                .limit(1)
+            )
+        assert released == "not sent: the sender's pace"
+        message = await load(session_factory, message_id)
+        if histories[message_id] == ["sending", "queued"]:  # its turn is beyond the inline wait
+            assert (message.status, message.attempts) == ("queued", 0)
+            assert result.outcomes[message_id].retry_in is not None
+        else:
+            assert histories[message_id] == ["sending", "queued", "sending", "sent"]
+            assert (message.status, message.attempts) == ("sent", 1)
+
+
+async def claim_waiting_for_a_lock(session_factory: SessionFactory) -> None:
+    """Until some session waits for an advisory lock (the claim, on the recipients' locks)."""
+    for _ in range(500):
+        async with session_factory() as session:
+            waiting = await session.scalar(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the claim never waited for the recipients' locks")
 
 
 async def test_cancelled_while_waiting_for_a_slot_releases_the_claim(

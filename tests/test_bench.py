@@ -1,0 +1,114 @@
+"""The benchmark's own parts: its fake Twilio must be what our adapter expects of Twilio (the
+figures mean nothing otherwise), and its HTTP pooling must hand every connection back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from app.domain.status import MessageStatus
+from app.providers.base import CallbackRequest, Encoding, OutboundSms
+from app.providers.registry import PooledTransport
+from app.providers.twilio import MESSAGE_SID_PATTERN, TwilioProvider
+from app.settings import TwilioSettings
+from bench.fake_twilio import FakeTwilio
+from bench.load import percentile
+
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "f" * 32
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeTwilio, str]]:
+    twilio = FakeTwilio(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN)
+    server = await asyncio.start_server(twilio.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield twilio, f"http://127.0.0.1:{port}"
+
+
+def sms(message_id: uuid.UUID) -> OutboundSms:
+    return OutboundSms(
+        message_id=message_id,
+        to="+14155550123",
+        sender="72345",
+        body="Your order #1042 has shipped.",
+        encoding=Encoding.GSM7,
+    )
+
+
+async def test_the_adapter_sends_to_the_fake_as_to_twilio_and_its_callback_verifies(
+    fake: tuple[FakeTwilio, str],
+) -> None:
+    twilio, base_url = fake
+    settings = TwilioSettings(
+        account_sid=ACCOUNT_SID, auth_token=SecretStr(AUTH_TOKEN), base_url=base_url
+    )
+    message_id = uuid.uuid4()
+    async with httpx.AsyncClient() as http:
+        provider = TwilioProvider(settings, http, "http://127.0.0.1:8000")
+        accepted = await provider.send(sms(message_id))
+
+        assert MESSAGE_SID_PATTERN.fullmatch(accepted.provider_message_id)
+        assert twilio.stats()["received"] == 1 and twilio.stats()["duplicates"] == 0
+        assert twilio.receipts[0][0] == str(message_id)
+        url, form = twilio.held_callbacks[0]
+        request = CallbackRequest(
+            url=url,
+            method="POST",
+            params=form,
+            headers={"x-twilio-signature": twilio.signature(url, form)},
+        )
+        assert provider.verify_callback(request)
+        report = provider.parse_status_callback(request)
+        assert report.status is MessageStatus.DELIVERED
+        assert report.provider_message_id == accepted.provider_message_id
+        assert report.message_id == message_id
+
+        # The same message twice is counted as a duplicate (the benchmark fails on any).
+        await provider.send(sms(message_id))
+        assert twilio.stats()["duplicates"] == 1
+
+
+async def test_the_fake_refuses_another_account(fake: tuple[FakeTwilio, str]) -> None:
+    _, base_url = fake
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{base_url}/2010-04-01/Accounts/AC{'1' * 32}/Messages.json",
+            data={"To": "+14155550123", "From": "72345", "Body": "x"},
+        )
+    assert response.status_code == 404
+
+
+async def test_pooled_transport_spreads_requests_and_hands_connections_back(
+    fake: tuple[FakeTwilio, str],
+) -> None:
+    twilio, base_url = fake
+    transport = PooledTransport(25)
+    url = f"{base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+    async with httpx.AsyncClient(transport=transport) as http:
+
+        async def post(n: int) -> int:
+            response = await http.post(
+                url, data={"To": "+14155550123", "From": "1", "Body": f"{n}"}
+            )
+            return response.status_code
+
+        statuses = await asyncio.gather(*(post(n) for n in range(100)))
+
+        assert statuses == [201] * 100
+        assert twilio.stats()["received"] == 100
+        assert len(transport._pools) == 3  # 25 connections in pools of at most 10
+        assert transport._busy == [0, 0, 0]  # every response closed gave its connection back
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    values = [float(n) for n in range(1, 101)]
+    assert percentile(values, 0.5) == 51.0
+    assert percentile(values, 0.99) == 100.0
+    assert percentile([3.0, 1.0, 2.0], 0.0) == 1.0
