@@ -315,7 +315,10 @@ class Benchmark:
             self.processes.start(
                 f"worker-{number}",
                 [PYTHON, "-m", "app", "worker"],
-                self.env(WORKER_METRICS_PORT=str(port)),
+                self.env(
+                    WORKER_METRICS_PORT=str(port),
+                    WORKER_CONCURRENCY=str(self.args.worker_concurrency),
+                ),
             )
         for port in self.worker_metrics_ports:
             wait_until(
@@ -593,7 +596,7 @@ class Benchmark:
         slow = {"messages_per_second": stats["distinct"] / (stats["last"] - stats["first"])}
         slow_plain = self.plain_loop(slow_ids, concurrency)
         self.compare_rate(
-            f"Delivery, 100 ms provider (msg/s; bound {concurrency}/0.1 s = {concurrency * 10})",
+            f"Delivery, 100 ms provider (msg/s; bound {concurrency} / 0.1 s = {concurrency * 10})",
             slow,
             slow_plain,
             "messages_per_second",
@@ -715,7 +718,7 @@ def print_table(rows: list[Row], notes: list[str], args: argparse.Namespace) -> 
     out = sys.stdout
     out.write(
         f"\nsmsgate benchmark: {os.cpu_count()} CPUs, {args.api_processes} API process(es), "
-        f"{args.workers} worker process(es) x {args.worker_concurrency} jobs, "
+        f"{args.workers} worker process(es) x {args.worker_concurrency} in flight, "
         f"concurrency {args.concurrency}\n\n"
     )
     for row in [header, *rows]:
@@ -735,8 +738,8 @@ def main() -> None:
     parser.add_argument(
         "--worker-concurrency",
         type=int,
-        default=50,
-        help="jobs in flight per worker (WorkerSettings.max_jobs)",
+        default=100,
+        help="messages in flight per worker (WORKER_CONCURRENCY)",
     )
     parser.add_argument("--batches", type=int, default=10, help="batch requests of 1,000")
     parser.add_argument("--batch-concurrency", type=int, default=2)
