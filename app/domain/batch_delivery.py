@@ -102,9 +102,13 @@ async def deliver_batch(
         )
         moved, events = await _record(session_factory, submitted, dispatcher)
         outcomes |= await one_by_one(released)
-    finally:
-        outcomes_alone = await singles  # a cancellation reaches these through deliver_message
-    outcomes |= outcomes_alone
+    except BaseException:
+        # Cancelled (or failed): `deliver_message` undoes a claim whose call had not started and
+        # records an interrupted call as an unknown outcome.
+        singles.cancel()
+        await asyncio.gather(singles, return_exceptions=True)
+        raise
+    outcomes |= await singles
     for item in submitted:
         outcomes[item.message.id] = Outcome(
             MessageStatus.SENT if item.message.id in moved else None
