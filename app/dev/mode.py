@@ -136,8 +136,16 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
     return DevKey(raw_key, created)
 
 
+# Set by the signal handler. The KeyboardInterrupt it raises can land in a weakref or garbage
+# collection callback (SQLAlchemy's event registry has some), where Python prints and swallows
+# it; the main loop then sees this flag and stops anyway.
+_stop_requested = False
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT (Ctrl-C) and SIGTERM stop `smsgate dev`, through its `finally`."""
+    global _stop_requested
+    _stop_requested = True
     raise KeyboardInterrupt
 
 
@@ -230,6 +238,8 @@ def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = No
     """Run everything until Ctrl-C or SIGTERM; the exit status (0 when stopped on request)."""
     from app.cli import create_database_if_missing, migrate
 
+    global _stop_requested
+    _stop_requested = False
     settings = settings or get_settings()
     # SIGINT too: a shell starting us in the background makes us inherit SIGINT ignored.
     signal.signal(signal.SIGINT, _raise_interrupt)
@@ -282,9 +292,10 @@ def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = No
         children["events worker"] = _spawn(["worker", "--queue", "events"], env)
         _wait_until_serving(f"{base_url}/healthz", children, READY_TIMEOUT_SECONDS)
         say(_banner(base_url, key, data_dir, env))
-        while True:
+        while not _stop_requested:
             _check_children(children)
             time.sleep(0.5)
+        raise KeyboardInterrupt  # the handler's own was swallowed (see `_stop_requested`)
     except KeyboardInterrupt:
         say("\nStopping...")
     except (DevError, EmbeddedServiceError) as error:
