@@ -239,8 +239,8 @@ class Benchmark:
             raise SystemExit(f"benchmark: smsgate {args[0]} failed:\n{done.stderr}")
         return done.stdout
 
-    def psql(self, sql: str, dsn: str | None = None) -> str:
-        """One SQL command through psql-less asyncpg, synchronously: its first value."""
+    def sql(self, sql: str, dsn: str | None = None) -> str:
+        """One SQL command with asyncpg, synchronously: its first value."""
         import asyncio
 
         import asyncpg
@@ -256,8 +256,8 @@ class Benchmark:
 
     def set_up(self) -> None:
         """A new database at the latest migration, an empty Redis db, the fake provider."""
-        self.psql(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)", self.admin_dsn)
-        self.psql(f"CREATE DATABASE {self.database}", self.admin_dsn)
+        self.sql(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)", self.admin_dsn)
+        self.sql(f"CREATE DATABASE {self.database}", self.admin_dsn)
         self.smsgate("migrate")
         self.redis.flushdb()
         self.key = self.smsgate("create-api-key", "--client", "bench", "--admin").strip()

@@ -162,9 +162,7 @@ async def deliver_batch(ctx: dict[str, Any], message_ids: list[str]) -> int:
     deadline = time.monotonic() + BATCH_WAIT_SECONDS
     while pending:
         try:
-            async with asyncio.timeout_at(
-                asyncio.get_running_loop().time() + max(deadline - time.monotonic(), 0.0)
-            ):
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 taken = await in_flight.take(len(pending))
         except TimeoutError:
             # The worker is full: the rest go back on the queue for any worker, unclaimed.
