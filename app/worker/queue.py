@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Final, cast
 
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
@@ -19,12 +16,13 @@ log = logging.getLogger(__name__)
 
 DELIVER_JOB = "deliver"
 DELIVER_BATCH_JOB = "deliver_batch"
-# The most messages one batch job carries: larger batches are split, so that several workers
-# share a bulk send. A job costs about twenty Redis commands, whatever it carries.
-BATCH_JOB_MAX: Final = 50
-# How long the API lets the messages of concurrent requests gather before queueing them.
-BATCH_LINGER_SECONDS: Final = 0.005
+# How long the API lets the messages of concurrent requests gather before queueing them: none
+# beyond the event loop's current turn (one push is a single cheap command; a message's time to
+# the provider is what this would add to).
+BATCH_LINGER_SECONDS: Final = 0.0
 FAKE_REPORT_JOB = "fake_status_report"
+# The list of newly accepted messages that every worker's delivery feed pops (app.worker.feed).
+READY_KEY: Final = "smsgate:deliver:ready"
 
 Queue = ArqRedis
 
@@ -41,8 +39,13 @@ def create_queue(redis_url: str) -> Queue:
 
 
 async def queue_depth(queue: Queue) -> float:
-    """Jobs waiting in the default queue, deferred ones included."""
-    return float(await queue.zcard(queue.default_queue_name))
+    """What waits for a worker: ids on the delivery feed's list plus jobs in the default queue
+    (deferred ones included), in one round trip."""
+    async with queue.pipeline(transaction=False) as pipe:
+        pipe.llen(READY_KEY)
+        pipe.zcard(queue.default_queue_name)
+        ready, jobs = await pipe.execute()
+    return float(ready + jobs)
 
 
 async def close_queue(queue: Queue) -> None:
@@ -79,29 +82,13 @@ async def enqueue_deliveries(
     return queued
 
 
-async def enqueue_batches(queue: Queue, message_ids: Sequence[uuid.UUID]) -> int:
-    """Queue messages as batch jobs of up to `BATCH_JOB_MAX`, all in one round trip; returns how
-    many messages were queued. Never raises (as `enqueue_deliveries`: the sweep catches up after
-    a Redis error).
-
-    arq's `enqueue_job` first checks (WATCH, EXISTS) that no job has the id; a batch job's id is
-    new and random, so the jobs are written as arq writes them (the job under its key, its id in
-    the queue) in one MULTI/EXEC for all.
-    """
+async def push_ready(queue: Queue, message_ids: Sequence[uuid.UUID | str]) -> int:
+    """Hand newly accepted messages to the workers' feeds, in one command; returns how many.
+    Never raises (as `enqueue_deliveries`: after a Redis error the sweep queues them)."""
     if not message_ids:
         return 0
-    now_ms = int(time.time() * 1000)
     try:
-        async with queue.pipeline(transaction=True) as pipe:
-            for start in range(0, len(message_ids), BATCH_JOB_MAX):
-                chunk = [
-                    str(message_id) for message_id in message_ids[start : start + BATCH_JOB_MAX]
-                ]
-                job_id = f"batch:{uuid.uuid4()}"
-                job = serialize_job(DELIVER_BATCH_JOB, (chunk,), {}, None, now_ms)
-                pipe.psetex(job_key_prefix + job_id, queue.expires_extra_ms, job)
-                pipe.zadd(queue.default_queue_name, {job_id: now_ms})
-            await pipe.execute()
+        await cast(Awaitable[int], queue.rpush(READY_KEY, *(str(i) for i in message_ids)))
     except (RedisError, OSError) as error:
         log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
         return 0
@@ -109,11 +96,12 @@ async def enqueue_batches(queue: Queue, message_ids: Sequence[uuid.UUID]) -> int
 
 
 class DeliveryBatcher:
-    """Queues the messages that concurrent requests accepted as shared batch jobs.
+    """Hands the messages that concurrent requests accepted to the workers' feeds together.
 
-    Each request's messages wait `BATCH_LINGER_SECONDS` for others', then go on the queue
-    together; the request answers once its messages are queued, as it would alone (a 202 means
-    stored and queued, unless Redis is down: then the sweep queues them).
+    Each request's messages wait `BATCH_LINGER_SECONDS` (by default, the rest of the event loop's
+    turn) for others', then are pushed in one command; the request answers once its messages are
+    queued, as it would alone (a 202 means stored and queued, unless Redis is down: then the sweep
+    queues them).
     """
 
     def __init__(self, queue: Queue, *, linger: float = BATCH_LINGER_SECONDS) -> None:
@@ -142,7 +130,7 @@ class DeliveryBatcher:
         finally:
             message_ids, self._pending, self._queued = self._pending, [], None
             try:
-                await enqueue_batches(self._queue, message_ids)
+                await push_ready(self._queue, message_ids)
             finally:
                 queued.set_result(None)
 

@@ -29,6 +29,7 @@ from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
 from app.settings import get_settings
 from app.worker.event_queue import enqueue_events
+from app.worker.feed import DeliveryFeed
 from app.worker.guarantees import (
     RedisFakeLedger,
     build_dispatcher,
@@ -43,8 +44,8 @@ from app.worker.queue import (
     DELIVER_JOB,
     FAKE_REPORT_JOB,
     delivery_job_id,
-    enqueue_batches,
     enqueue_deliveries,
+    push_ready,
 )
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,14 @@ async def startup(ctx: dict[str, Any]) -> None:
         base_delay=settings.retry_base_delay_seconds,
         max_delay=settings.retry_max_delay_seconds,
     )
+    ctx["feed"] = DeliveryFeed(queue, lambda ids: deliver_ids(ctx, ids), ctx["in_flight"])
+    ctx["feed"].start()
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    """Close what startup opened."""
+    """Stop the feed (its deliveries under way get the job timeout to finish, as jobs do on
+    SIGTERM), then close what startup opened."""
+    await ctx["feed"].stop(wait=JOB_TIMEOUT_SECONDS)
     await ctx["http"].aclose()
     await ctx["engine"].dispose()
 
@@ -108,6 +113,12 @@ class InFlightLimit:
             taken = min(wanted, self._free)
             self._free -= taken
             return taken
+
+    async def wait_free(self) -> int:
+        """Wait until something is free; how much (nothing is taken: the delivery takes it)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free > 0)
+            return self._free
 
     async def give(self, count: int) -> None:
         """Return what `take` gave."""
@@ -138,6 +149,12 @@ async def deliver(ctx: dict[str, Any], message_id: str) -> str | None:
 
 
 async def deliver_batch(ctx: dict[str, Any], message_ids: list[str]) -> int:
+    """A job of newly accepted messages (queued by an API before the delivery feed existed, or
+    put back by a full worker): delivered as the feed delivers them."""
+    return await deliver_ids(ctx, message_ids)
+
+
+async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
     """Deliver newly accepted messages together (app.domain.batch_delivery), in chunks of what
     the in-flight limit allows; a message that must wait gets a job of its own, deferred.
     Returns how many were sent."""
@@ -165,8 +182,8 @@ async def deliver_batch(ctx: dict[str, Any], message_ids: list[str]) -> int:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 taken = await in_flight.take(len(pending))
         except TimeoutError:
-            # The worker is full: the rest go back on the queue for any worker, unclaimed.
-            await enqueue_batches(ctx["redis"], pending)
+            # The worker is full: the rest go back to the feed for any worker, unclaimed.
+            await push_ready(ctx["redis"], pending)
             break
         running.append(asyncio.create_task(chunk(pending[:taken])))
         pending = pending[taken:]

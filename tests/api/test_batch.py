@@ -404,7 +404,7 @@ async def test_a_malformed_batch_is_one_422_and_stores_nothing(
 
     assert_problem(response, 422, "validation_error", field=field)
     assert await count(session_factory, Message) == 0
-    assert await redis.zcard("arq:queue") == 0
+    assert await queued_message_ids(redis) == []
 
 
 async def test_a_thousand_messages_are_accepted_in_one_request(
@@ -543,7 +543,7 @@ async def test_every_accepted_message_is_delivered_through_the_fake_provider(
         assert message.status == "delivered", message.id
         assert message.provider_message_id is not None
     assert {str(m.id) for m in await stored(session_factory)} == set(accepted)
-    assert await redis.zcard("arq:queue") == 0
+    assert await queued_message_ids(redis) == []
 
 
 def test_docs_show_the_message_schema_examples_and_refusals() -> None:

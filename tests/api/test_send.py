@@ -185,7 +185,7 @@ async def test_refuses_a_recipient_who_opted_out_of_that_sender(
 
     assert_problem(response, 403, "recipient_opted_out")
     assert await message_count(session_factory) == 0
-    assert await redis.zcard("arq:queue") == 0
+    assert await queued_message_ids(redis) == []
     # Another sender is not affected by an opt-out from this one.
     other = await send(api, world, **{"from": "+14155550199"})
     assert other.status_code == 202, other.text

@@ -20,15 +20,15 @@ from app.db.session import SessionFactory
 from app.domain.dispatch import Dispatcher
 from app.providers.base import Provider
 from app.worker import tasks
-from app.worker.queue import DELIVER_BATCH_JOB, DELIVER_JOB, close_queue, create_queue
+from app.worker.queue import DELIVER_JOB, close_queue, create_queue
 from app.worker.tasks import InFlightLimit
 from tests.api.test_batch import item, post_batch, results
 from tests.conftest import TEST_REDIS_URL, World
 from tests.domain.test_batch_delivery import FakeTwilio, dispatcher_for, fresh_batch
 from tests.domain.test_delivery import POLICY, RecordingProvider, history, load, twilio_created
 from tests.domain.test_dispatch import open_circuit, set_sender
+from tests.queueing import queued_jobs, ready_ids
 from tests.test_end_to_end import run_worker
-from tests.worker.test_batch_queue import queued_jobs
 
 
 async def test_take_gives_what_is_free_at_least_one_at_most_wanted() -> None:
@@ -98,7 +98,7 @@ async def test_the_task_delivers_in_chunks_of_what_the_worker_has_room_for(
     assert sorted(twilio.recipients()) == sorted(batch.values())
     assert twilio.max_in_flight == 2  # never more than the limit at once
     assert await worker_ctx["in_flight"].take(10) == 2  # everything was given back
-    assert await redis.zcard("arq:queue") == 0
+    assert await redis.zcard("arq:queue") == 0 and await ready_ids(redis) == []
 
 
 async def test_messages_that_must_wait_get_deferred_jobs_of_their_own(
@@ -121,7 +121,7 @@ async def test_messages_that_must_wait_get_deferred_jobs_of_their_own(
     assert {function for function, _ in await queued_jobs(redis)} == {DELIVER_JOB}
 
 
-async def test_a_full_worker_puts_the_batch_back_on_the_queue_unclaimed(
+async def test_a_full_worker_puts_the_batch_back_on_the_feed_unclaimed(
     worker_ctx: dict[str, Any],
     session_factory: SessionFactory,
     world: World,
@@ -140,9 +140,8 @@ async def test_a_full_worker_puts_the_batch_back_on_the_queue_unclaimed(
 
     assert sent == 0 and twilio.requests == []
     assert 0.2 <= time.monotonic() - started < 1.0
-    jobs = await queued_jobs(redis)
-    assert [function for function, _ in jobs] == [DELIVER_BATCH_JOB]
-    assert sorted(jobs[0][1]) == sorted(str(i) for i in batch)
+    assert await queued_jobs(redis) == []
+    assert sorted(await ready_ids(redis)) == sorted(str(i) for i in batch)
     for message_id in batch:
         message = await load(session_factory, message_id)
         assert (message.status, message.attempts) == ("queued", 0)
@@ -154,7 +153,7 @@ async def test_a_batch_accepted_by_the_api_is_delivered_by_a_worker_each_message
     numbers = [f"+1415555{n:04d}" for n in range(300, 312)]
     response = await post_batch(api, world, [item(to) for to in numbers])
     accepted = [uuid.UUID(entry["message"]["id"]) for entry in results(response)]
-    assert {function for function, _ in await queued_jobs(redis)} == {DELIVER_BATCH_JOB}
+    assert await ready_ids(redis) == [str(i) for i in accepted]  # on the feed, in order
     provider = RecordingProvider(twilio_created)
 
     await run_worker(provider)
@@ -165,7 +164,7 @@ async def test_a_batch_accepted_by_the_api_is_delivered_by_a_worker_each_message
         message = await load(session_factory, message_id)
         assert (message.status, message.attempts) == ("sent", 1)
         assert await history(session_factory, message_id) == ["queued", "sending", "sent"]
-    assert await redis.zcard("arq:queue") == 0
+    assert await redis.zcard("arq:queue") == 0 and await ready_ids(redis) == []
 
 
 async def test_a_slow_senders_batch_is_spread_over_jobs_but_never_faster_than_its_rate(

@@ -1,0 +1,162 @@
+"""The delivery feed: newly accepted messages reach a worker the moment they are queued.
+
+The API pushes the ids of the messages it accepted onto one Redis list after its commit
+(`app.worker.queue.push_ready`); every worker keeps one blocking pop waiting on that list, so a
+message is picked up as soon as it is queued, by exactly one worker, with no polling and none of
+a job queue's bookkeeping (an arq job costs about twenty Redis commands to enqueue, start and
+finish; a message through the feed costs one push and its share of one pop).
+
+The list is only a doorbell: PostgreSQL holds the message as `queued`, and the sweep
+re-enqueues any queued message that nobody claimed within `SWEEP_GRACE_SECONDS` (a worker killed
+after its pop, Redis restarted without persistence). The delivery of what was popped is the one
+delivery road every job takes (`app.worker.tasks`); retries and waits for a later time go on the
+arq queue as deferred jobs, as before.
+
+A worker pops only what it has room for (`InFlightLimit`), so a busy worker leaves the list to
+the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, Protocol, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.worker.queue import READY_KEY
+
+log = logging.getLogger(__name__)
+
+# How long one blocking pop waits before it looks again (and notices a stop).
+POP_WAIT_SECONDS: Final = 1
+# After a Redis error, wait this long before popping again (Redis restarting, a dropped link).
+ERROR_BACKOFF_SECONDS: Final = 0.5
+# The most messages one pop hands to one delivery.
+CHUNK_MAX: Final = 50
+
+
+class Room(Protocol):
+    """How many more messages this worker may take on now (`InFlightLimit`)."""
+
+    async def wait_free(self) -> int:
+        """Wait until something is free; how much (nothing is taken)."""
+        ...
+
+
+Deliver = Callable[[list[str]], Coroutine[Any, Any, object]]
+
+
+class DeliveryFeed:
+    """One worker's consumer of the ready list: pop what there is room for, deliver it."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        deliver: Deliver,
+        room: Room,
+        *,
+        key: str = READY_KEY,
+        pop_wait: int = POP_WAIT_SECONDS,
+        chunk_max: int = CHUNK_MAX,
+    ) -> None:
+        self._redis = redis
+        self._deliver = deliver
+        self._room = room
+        self._key = key
+        self._pop_wait = pop_wait
+        self._chunk_max = chunk_max
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[object]] = set()
+
+    def start(self) -> None:
+        """Start popping in the background."""
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._run(), name="delivery-feed")
+
+    @property
+    def busy(self) -> int:
+        """Deliveries started by this feed that have not finished."""
+        return len(self._running)
+
+    async def stop(self, wait: float) -> None:
+        """Stop popping (a pop in progress, at most `pop_wait` long, is still delivered), and give
+        the deliveries under way until `wait` seconds after the call before cancelling them: a
+        cancelled delivery releases a claim whose provider call had not started and records an
+        interrupted one as unknown."""
+        deadline = asyncio.get_running_loop().time() + wait
+        self._stopping.set()
+        if self._loop is not None:
+            await self._loop
+            self._loop = None
+        if not self._running:
+            return
+        left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        _, pending = await asyncio.wait(set(self._running), timeout=left)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            free = await self._unless_stopped(self._room.wait_free())
+            if free is None:
+                return
+            try:
+                message_ids = await self._pop(min(free, self._chunk_max))
+            except (RedisError, OSError) as error:
+                log.warning("delivery feed: Redis unavailable", extra={"error": repr(error)})
+                await self._pause(ERROR_BACKOFF_SECONDS)
+                continue
+            if message_ids:
+                self._spawn(message_ids)
+
+    async def _pop(self, count: int) -> list[str]:
+        """Up to `count` ids: what is waiting, or else the next one to arrive (blocking up to
+        `pop_wait`). One command while there is a backlog, two when the list ran dry."""
+        # redis-py types its commands for both its clients; this one is asyncio's.
+        waiting = await cast(Awaitable[list[bytes] | None], self._redis.lpop(self._key, count))
+        if waiting:
+            return [_text(item) for item in waiting]
+        blpop = self._redis.blpop([self._key], timeout=self._pop_wait)
+        popped = await cast(Awaitable[tuple[bytes, bytes] | None], blpop)
+        return [_text(popped[1])] if popped else []
+
+    def _spawn(self, message_ids: list[str]) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(self._deliver(message_ids))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[object]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # The messages stay `queued` or `sending` in PostgreSQL: the sweep and reconciliation
+            # pick them up. Logged here because nothing awaits the task.
+            log.error("delivery from the feed failed", exc_info=error)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _unless_stopped(self, waiting: Awaitable[int]) -> int | None:
+        """What `waiting` gives, or None if the feed is stopped first (a full worker waits for
+        room, and must still stop promptly)."""
+        wanted = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({wanted, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not wanted.done():
+                wanted.cancel()
+        return wanted.result() if wanted.done() and not wanted.cancelled() else None
+
+
+def _text(item: bytes | str) -> str:
+    return item.decode() if isinstance(item, bytes) else item

@@ -1,0 +1,176 @@
+"""The delivery feed (app.worker.feed) on the real Redis: what the API pushes is popped at once,
+by one feed only, within the worker's room; a full worker pops nothing; stopping waits for the
+deliveries under way, then cancels them; Redis being down never stops a feed for good."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from app.worker.feed import POP_WAIT_SECONDS, DeliveryFeed
+from app.worker.queue import Queue, close_queue, create_queue, push_ready
+from app.worker.tasks import InFlightLimit
+from tests.conftest import TEST_REDIS_URL
+from tests.queueing import push_ids, ready_length
+
+
+@pytest.fixture
+async def queue(redis: Redis) -> AsyncIterator[Queue]:
+    queue = create_queue(TEST_REDIS_URL)
+    yield queue
+    await close_queue(queue)
+
+
+class Recorder:
+    """A delivery that records what it was given and holds the room as a real one does."""
+
+    def __init__(self, room: InFlightLimit, hold: float = 0.0) -> None:
+        self.room = room
+        self.hold = hold
+        self.chunks: list[list[str]] = []
+        self.cancelled = 0
+        self.at: list[float] = []
+
+    async def __call__(self, message_ids: list[str]) -> int:
+        taken = await self.room.take(len(message_ids))
+        self.chunks.append(message_ids)
+        self.at.append(time.monotonic())
+        try:
+            await asyncio.sleep(self.hold)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            await self.room.give(taken)
+        return len(message_ids)
+
+    @property
+    def delivered(self) -> list[str]:
+        return [message_id for chunk in self.chunks for message_id in chunk]
+
+
+async def eventually(check: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(check) and check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def ids(count: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(count)]
+
+
+async def test_a_pushed_message_is_delivered_at_once(queue: Queue, redis: Redis) -> None:
+    room = InFlightLimit(10)
+    recorder = Recorder(room)
+    feed = DeliveryFeed(queue, recorder, room)
+    feed.start()
+    await asyncio.sleep(0.05)  # the feed is now blocked in its pop
+    try:
+        message_id = ids(1)
+        pushed = time.monotonic()
+        assert await push_ready(queue, [uuid.UUID(message_id[0])]) == 1
+        await eventually(lambda: recorder.delivered == message_id)
+        # Woken by the push, not by a poll: well under the pop's 1 s wait.
+        assert recorder.at[0] - pushed < 0.5
+    finally:
+        await feed.stop(wait=1)
+    assert await ready_length(redis) == 0
+
+
+async def test_a_backlog_is_popped_in_chunks_no_larger_than_the_room(
+    queue: Queue, redis: Redis
+) -> None:
+    room = InFlightLimit(4)
+    recorder = Recorder(room, hold=0.02)
+    backlog = ids(10)
+    await push_ids(redis, backlog)
+    feed = DeliveryFeed(queue, recorder, room)
+    feed.start()
+    try:
+        await eventually(lambda: len(recorder.delivered) == 10)
+    finally:
+        await feed.stop(wait=1)
+    assert recorder.delivered == backlog  # in the order they were accepted
+    assert max(len(chunk) for chunk in recorder.chunks) <= 4
+    assert len(recorder.chunks) >= 3
+
+
+async def test_two_feeds_deliver_each_message_once(queue: Queue, redis: Redis) -> None:
+    rooms = [InFlightLimit(5), InFlightLimit(5)]
+    recorders = [Recorder(room, hold=0.005) for room in rooms]
+    feeds = [DeliveryFeed(queue, r, room) for r, room in zip(recorders, rooms, strict=True)]
+    for feed in feeds:
+        feed.start()
+    pushed = ids(200)
+    try:
+        for start in range(0, 200, 20):
+            await push_ids(redis, pushed[start : start + 20])
+            await asyncio.sleep(0.005)
+        await eventually(lambda: sum(len(r.delivered) for r in recorders) >= 200)
+    finally:
+        for feed in feeds:
+            await feed.stop(wait=1)
+    counts = Counter(message_id for r in recorders for message_id in r.delivered)
+    assert set(counts) == set(pushed) and set(counts.values()) == {1}
+
+
+async def test_a_full_worker_leaves_the_list_to_others_and_still_stops(
+    queue: Queue, redis: Redis
+) -> None:
+    room = InFlightLimit(1)
+    await room.take(1)  # busy with another job's message
+    recorder = Recorder(room)
+    feed = DeliveryFeed(queue, recorder, room)
+    feed.start()
+    await push_ids(redis, ids(3))
+    await asyncio.sleep(0.2)
+    assert recorder.chunks == []
+    assert await ready_length(redis) == 3  # still there for another worker
+
+    started = time.monotonic()
+    await feed.stop(wait=1)
+    assert time.monotonic() - started < 0.5  # it was waiting for room, not in a pop
+
+
+async def test_stop_waits_for_deliveries_then_cancels_what_overruns(
+    queue: Queue, redis: Redis
+) -> None:
+    room = InFlightLimit(10)
+    quick, slow = Recorder(room, hold=0.1), Recorder(room, hold=30)
+    for recorder, wait, expect_cancelled in ((quick, 1.0, 0), (slow, 0.2, 1)):
+        feed = DeliveryFeed(queue, recorder, room)
+        feed.start()
+        await push_ready(queue, [uuid.uuid4()])
+        await eventually(lambda r=recorder: len(r.chunks) == 1)
+        assert feed.busy == 1
+        started = time.monotonic()
+        await feed.stop(wait=wait)
+        assert feed.busy == 0
+        assert recorder.cancelled == expect_cancelled
+        # Its pop in progress may take up to POP_WAIT_SECONDS to end.
+        assert time.monotonic() - started < max(wait, POP_WAIT_SECONDS) + 0.5
+
+
+async def test_redis_down_is_survived_and_stop_still_works() -> None:
+    down = create_queue("redis://127.0.0.1:1/0")  # nothing listens there
+    room = InFlightLimit(2)
+    recorder = Recorder(room)
+    feed = DeliveryFeed(down, recorder, room)
+    feed.start()
+    await asyncio.sleep(0.3)  # several failed pops, each logged and backed off
+    assert feed.busy == 0 and recorder.chunks == []
+    started = time.monotonic()
+    await feed.stop(wait=1)
+    assert time.monotonic() - started < 1.0
+    # Pushing while Redis is down never raises: the sweep enqueues those messages later.
+    assert await push_ready(down, [uuid.uuid4()]) == 0
+    await close_queue(down)
