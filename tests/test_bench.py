@@ -13,11 +13,11 @@ from pydantic import SecretStr
 
 from app.domain.status import MessageStatus
 from app.providers.base import CallbackRequest, Encoding, OutboundSms
-from app.providers.registry import PooledTransport
 from app.providers.twilio import MESSAGE_SID_PATTERN, TwilioProvider
 from app.settings import TwilioSettings
 from bench.fake_twilio import FakeTwilio
 from bench.load import percentile
+from bench.transports import PooledTransport
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "f" * 32
