@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +28,7 @@ from app.providers.twilio import MESSAGE_SID_PATTERN, TwilioProvider
 from app.settings import TwilioSettings
 from bench.anchor import QUEUE_KEY, Anchor
 from bench.baselines import loop
+from bench.cpu import descendants, postgres_cpu, process_cpu, tree_cpu
 from bench.fake_twilio import FakeTwilio
 from bench.load import percentile
 from bench.transports import PooledTransport
@@ -144,6 +149,8 @@ async def test_the_accept_anchor_stores_and_enqueues_as_the_service_does(
     response = await anchor.post("/v1/messages", json=order(world), headers=world.auth())
 
     assert response.status_code == 202
+    # bench.load reads bodies by Content-Length (no chunked encoding)
+    assert response.headers["content-length"] == str(len(response.content))
     answer = response.json()
     assert answer["status"] == "queued" and answer["encoding"] == "GSM-7"
     message = await session.get(Message, uuid.UUID(answer["id"]))
@@ -226,3 +233,18 @@ async def test_the_delivery_anchor_claims_sends_and_records_each_message_once(
         {"id": message_id},
     )
     assert list(events) == ["queued", "sending", "sent"]
+
+
+def test_cpu_is_read_for_a_process_its_children_and_the_database_server() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert child.pid in descendants(os.getpid())
+        burn = time.process_time() + 0.05
+        while time.process_time() < burn:
+            pass
+        assert process_cpu(os.getpid()) >= 0.05
+        assert tree_cpu(os.getpid()) >= process_cpu(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert postgres_cpu() > 0  # the tests' PostgreSQL runs on this machine
