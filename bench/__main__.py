@@ -3,7 +3,10 @@
 Starts the service's real processes (uvicorn API, arq delivery workers) against the local
 PostgreSQL (a database of its own, made anew) and Redis (a database of its own, flushed), and a
 local fake Twilio (bench.fake_twilio). Load comes from other processes (bench.load,
-bench.baselines). Each figure is printed beside its baseline from the same run, with the ratio.
+bench.baselines). Each figure is printed beside its anchor from the same run (bare FastAPI,
+bench.anchor's plain asyncpg endpoint, a plain `unnest` insert, a plain delivery loop), with the
+ratio and the target. The service is reached only over HTTP, Redis, its metrics and its rows
+(never by importing its accept or delivery code), so the benchmark measures whatever they become.
 
 Every wait is bounded; every process started is stopped at the end (or on Ctrl-C), and the
 benchmark fails unless each message it sent reached a terminal state and none reached the
