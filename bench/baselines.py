@@ -4,8 +4,10 @@
   plain asyncpg, one multi-row INSERT per table per batch of 1,000, in one transaction per batch,
   from as many connections as the batch load uses. The rows go to the real tables (same
   indexes and foreign keys) under a client of their own, and are deleted afterwards.
-- `loop`: the delivery worker's job without the service: read the same rows and POST each to the
-  (fake) provider with httpx, as Twilio's API takes it, at the same concurrency.
+- `loop`: the delivery worker's job without the service, per message: the claim (one statement),
+  the POST to the (fake) provider with plain aiohttp, as Twilio's API takes it, the record of
+  its answer (one statement); at the workers' concurrency, on rows of its own (the accept
+  anchor's: `bench.anchor`).
 
 Each prints one JSON object with its rate.
 """
@@ -21,8 +23,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
-import httpx
 
 from bench.load import message
 
@@ -86,38 +88,82 @@ async def insert(args: argparse.Namespace) -> dict[str, Any]:
     return {"messages": rows, "elapsed": elapsed, "messages_per_second": rows / elapsed}
 
 
-async def loop(args: argparse.Namespace) -> dict[str, Any]:
-    """Read `ids`' rows and POST each to the provider at `concurrency`; messages a second."""
-    ids = [uuid.UUID(line) for line in sys.stdin.read().split()]
-    started = time.perf_counter()
-    connection = await asyncpg.connect(args.dsn)
-    rows = await connection.fetch(
-        'SELECT id, "to", "from", body FROM messages WHERE id = ANY($1::uuid[])', ids
+# The worker's writes for one message, each one statement: the claim (under the recipient's
+# advisory lock, then the row; the opt-out decision; the attempt's history row) and the record of
+# the provider's answer (conditional on this attempt; its history row).
+CLAIM = """
+WITH locked AS (
+    SELECT id, pg_advisory_xact_lock(hashtextextended('recipient:' || "to", 0) % 1024) AS held
+    FROM messages WHERE id = $1
+), claimed AS (
+    UPDATE messages m
+    SET status = 'sending', attempts = m.attempts + 1, claimed_at = now(), updated_at = now()
+    FROM locked
+    WHERE m.id = locked.id AND m.status = 'queued' AND NOT EXISTS (
+        SELECT FROM (
+            SELECT action FROM opt_outs o
+            WHERE o.phone = m."to" AND (o.sender_id = m.sender_id OR o.sender_id IS NULL)
+            ORDER BY o.created_at DESC, o.id DESC LIMIT 1
+        ) AS decision
+        WHERE action = 'opt_out'
     )
-    await connection.close()
+    RETURNING m.id, m."to", m."from", m.body, m.attempts
+), history AS (
+    INSERT INTO message_events (message_id, status, applied, source, detail, created_at)
+    SELECT id, 'sending', true, 'worker', 'attempt ' || attempts, now() FROM claimed
+)
+SELECT "to", "from", body, attempts FROM claimed
+"""
+RECORD = """
+WITH sent AS (
+    UPDATE messages SET status = 'sent', provider_message_id = $3, updated_at = now()
+    WHERE id = $1 AND status = 'sending' AND attempts = $2
+    RETURNING id
+)
+INSERT INTO message_events (message_id, status, applied, source, detail, created_at)
+SELECT $1, 'sent', EXISTS (SELECT FROM sent), 'worker', 'accepted by twilio as ' || $3, now()
+"""
+
+
+async def loop(args: argparse.Namespace, ids: list[uuid.UUID]) -> dict[str, Any]:
+    """The delivery anchor: per message of `ids`, claim it, POST it to the provider with plain
+    aiohttp (the fastest client `bench.transports` measures), record the answer; at
+    `concurrency` messages in flight. Messages a second, and this process's CPU per message."""
     url = f"{args.provider_url}/2010-04-01/Accounts/{args.account_sid}/Messages.json"
-    auth = httpx.BasicAuth(args.account_sid, args.auth_token)
-    pending = iter(rows)
+    headers = {"Authorization": aiohttp.encode_basic_auth(args.account_sid, args.auth_token)}
+    pool = await asyncpg.create_pool(args.dsn, min_size=args.pool, max_size=args.pool)
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    pending = iter(ids)
     failures = 0
-    limits = httpx.Limits(
-        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
-    )
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
+    cpu, started = time.process_time(), time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+        async def deliver(message_id: uuid.UUID) -> bool:
+            claimed = await pool.fetchrow(CLAIM, message_id)
+            if claimed is None:
+                return False
+            form = {"To": claimed["to"], "From": claimed["from"], "Body": claimed["body"]}
+            async with http.post(url, data=form) as response:
+                answer = json.loads(await response.read())
+                if response.status != 201:
+                    return False
+            await pool.execute(RECORD, message_id, claimed["attempts"], answer["sid"])
+            return True
 
         async def run() -> None:
             nonlocal failures
-            for row in pending:
-                form = {"To": row["to"], "From": row["from"], "Body": row["body"]}
-                response = await http.post(url, data=form, auth=auth)
-                failures += response.status_code != 201
+            for message_id in pending:
+                failures += not await deliver(message_id)
 
         await asyncio.gather(*(run() for _ in range(args.concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await pool.close()
     return {
-        "messages": len(rows),
+        "messages": len(ids),
         "failures": failures,
         "elapsed": elapsed,
-        "messages_per_second": len(rows) / elapsed,
+        "messages_per_second": len(ids) / elapsed if elapsed else 0.0,
+        "cpu_ms_per_message": cpu / len(ids) * 1000 if ids else 0.0,
     }
 
 
@@ -134,10 +180,14 @@ def main() -> None:
     parser.add_argument("--provider-url", default="")
     parser.add_argument("--account-sid", default="")
     parser.add_argument("--auth-token", default="")
+    parser.add_argument("--pool", type=int, default=20, help="database connections (loop)")
     args = parser.parse_args()
     import uvloop
 
-    result = uvloop.run(insert(args) if args.what == "insert" else loop(args))
+    if args.what == "insert":
+        result = uvloop.run(insert(args))
+    else:
+        result = uvloop.run(loop(args, [uuid.UUID(line) for line in sys.stdin.read().split()]))
     sys.stdout.write(json.dumps(result) + "\n")
 
 
