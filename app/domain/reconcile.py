@@ -43,8 +43,8 @@ from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
 from app.domain.delivery import RetryPolicy
 from app.domain.events import EventJob, emit_message_status, scheduled
-from app.domain.messages import apply_status_report
 from app.domain.status import MessageStatus
+from app.domain.transitions import apply_status_report
 from app.metrics import count_status
 from app.providers.base import (
     Encoding,

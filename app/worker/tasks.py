@@ -19,10 +19,9 @@ from redis.exceptions import RedisError
 from app.db.session import create_engine, create_session_factory
 from app.domain.batch_delivery import deliver_batch as deliver_batch_of_messages
 from app.domain.delivery import Outcome, RetryPolicy, deliver_message
-from app.domain.events import scheduled
-from app.domain.messages import apply_status_report
 from app.domain.status import MessageStatus
 from app.domain.sweep import sweep_once
+from app.domain.transitions import record_status_report
 from app.logs import message_context
 from app.metrics import serve_metrics
 from app.providers.base import CallbackRequest
@@ -192,9 +191,8 @@ async def fake_status_report(ctx: dict[str, Any], params: dict[str, str]) -> boo
     report = ctx["providers"]["fake"].parse_status_callback(
         CallbackRequest(url="", method="QUEUE", params=params, headers={})
     )
-    async with ctx["session_factory"].begin() as session:
-        applied: bool = await apply_status_report(session, "fake", report)
-    await enqueue_events(ctx["redis"], scheduled(session))
+    applied, events = await record_status_report(ctx["session_factory"], "fake", report)
+    await enqueue_events(ctx["redis"], events)
     return applied
 
 
