@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent, Sender
@@ -211,7 +211,6 @@ async def _claim(
     Returns the claimed messages and the ids left for the one-by-one path."""
     if not ready:
         return [], []
-    now = datetime.now(UTC)
     await lock_recipients(session, [c.to for c in ready])
     # Checked after the locks are held: a STOP recorded before this point is seen, and one
     # recorded after it finds the message already claimed.
@@ -227,13 +226,14 @@ async def _claim(
             .where(
                 Message.id.in_(allowed),
                 Message.status == MessageStatus.QUEUED.value,
-                Message.next_attempt_at <= now + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
-                or_(Message.expires_at.is_(None), Message.expires_at > now),
+                Message.next_attempt_at
+                <= func.now() + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
+                or_(Message.expires_at.is_(None), Message.expires_at > func.now()),
             )
             .values(
                 status=MessageStatus.SENDING.value,
                 attempts=Message.attempts + 1,
-                claimed_at=now,
+                claimed_at=func.now(),  # the database's clock, which reconciliation reads
             )
             .returning(Message)
             .execution_options(synchronize_session=False)
@@ -353,10 +353,5 @@ async def _submit_at(
 async def _record(
     session_factory: SessionFactory, submitted: list[Submitted], dispatcher: Dispatcher
 ) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
-    """Record the acceptances together; tell each provider's breaker of its successes once."""
-    if not submitted:
-        return set(), ()
-    for provider in {item.provider for item in submitted}:
-        await dispatcher.record(provider, None)
-    moved, events = await record_submissions(session_factory, submitted)
-    return moved, events
+    """Record the acceptances together (each breaker was told of each success as it came)."""
+    return await record_submissions(session_factory, submitted)

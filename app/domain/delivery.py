@@ -121,8 +121,6 @@ async def deliver_message(
     submitted = await submit(message, provider, session_factory, policy, dispatcher)
     if isinstance(submitted, Outcome):
         return submitted
-    if dispatcher is not None:
-        await dispatcher.record(provider.name, None)
     moved, events = await record_submissions(session_factory, [submitted])
     return Outcome(MessageStatus.SENT if moved else None, events=events)
 
@@ -143,9 +141,10 @@ async def submit(
     policy: RetryPolicy,
     dispatcher: Dispatcher | None,
 ) -> Submitted | Outcome:
-    """Call the provider for a claimed message. A refusal or error is recorded here (retry,
-    failure or unknown outcome, and the circuit breaker told); an acceptance is returned for
-    `record_submissions`."""
+    """Call the provider for a claimed message. The circuit breaker is told of each answer as
+    it arrives (so a success resets the failures before it, in the order they happened); a
+    refusal or error is recorded here (retry, failure or unknown outcome); an acceptance is
+    returned for `record_submissions`."""
     sms = OutboundSms(
         message_id=message.id,
         to=message.to,
@@ -173,6 +172,8 @@ async def submit(
         await asyncio.shield(_record_failure(session_factory, message, unknown, policy))
         raise
     _observe(provider.name, "accepted", started)
+    if dispatcher is not None:
+        await dispatcher.record(provider.name, None)
     log.info(
         "message submitted",
         extra={

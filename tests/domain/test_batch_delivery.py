@@ -610,3 +610,89 @@ async def test_the_batchs_successes_reset_the_providers_failure_count(
 
     # Two failures, then successes, then one failure: not three in a row.
     assert (await dispatcher.health.check("twilio")).state is CircuitState.CLOSED
+
+
+def every_fifth_fails() -> Answer:
+    """Twilio answering every 5th CreateMessage with a 500 (a 20% error rate), the rest 201."""
+    counter = itertools.count(1)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if next(counter) % 5 == 0:
+            return twilio_error(500, 20500, "Internal Server Error")(request)
+        form = parse_qs(request.content.decode())
+        return httpx.Response(
+            201,
+            json={
+                "sid": "SM" + uuid.uuid4().hex,
+                "account_sid": TWILIO_SID,
+                "status": "queued",
+                "to": form["To"][0],
+                "from": form["From"][0],
+                "body": form["Body"][0],
+            },
+        )
+
+    return answer
+
+
+async def test_a_provider_failing_one_request_in_five_never_opens_the_breaker(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """Each success is told to the breaker as it arrives, so it resets the failures before it:
+    20% of 500s spread among successes are not 5 failures in a row (default settings)."""
+    answer = every_fifth_fails()
+    batches = [await fresh_batch(session_factory, world, 50, first=1000 * n) for n in (1, 2, 3)]
+    twilio = FakeTwilio(dict.fromkeys(itertools.chain(*(b.values() for b in batches)), answer))
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+
+    for batch in batches:
+        result = await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+        health = await dispatcher.health.check("twilio", may_probe=False)
+        assert health.state is CircuitState.CLOSED
+        statuses = Counter(outcome.status for outcome in result.outcomes.values())
+        assert statuses == {MessageStatus.SENT: 40, MessageStatus.QUEUED: 10}
+
+    assert len(twilio.requests) == 150  # nothing held back by an open circuit
+
+
+class SkewedClock(datetime):
+    """The worker's clock an hour ahead of the database's."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> SkewedClock:
+        return super().now(tz) + timedelta(hours=1)
+
+
+@pytest.mark.parametrize("path", ["batch", "single"])
+async def test_claimed_at_is_the_databases_clock_not_the_workers(
+    session_factory: SessionFactory,
+    world: World,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    message_id = await fresh(session_factory, world, number(1))
+    monkeypatch.setattr("app.domain.batch_delivery.datetime", SkewedClock)
+    monkeypatch.setattr("app.domain.delivery.datetime", SkewedClock)
+    dispatcher = dispatcher_for(redis, providers)
+
+    if path == "batch":
+        await deliver_batch([message_id], session_factory, providers, POLICY, dispatcher)
+    else:
+        await deliver_message(message_id, session_factory, providers, POLICY, dispatcher)
+
+    async with session_factory() as session:
+        claimed_at = await session.scalar(
+            select(Message.claimed_at).where(Message.id == message_id)
+        )
+        claim_event_at = await session.scalar(
+            select(MessageEvent.created_at).where(
+                MessageEvent.message_id == message_id, MessageEvent.status == "sending"
+            )
+        )
+    assert (await load(session_factory, message_id)).status == "sent"
+    # Both written by the claim's transaction, from its `now()`.
+    assert claimed_at is not None and claimed_at == claim_event_at
