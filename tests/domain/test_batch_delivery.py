@@ -702,7 +702,7 @@ async def test_claimed_at_is_the_databases_clock_not_the_workers(
 def redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the Redis commands sent (any client of this process), in order."""
     sent: list[str] = []
-    real = Redis.execute_command
+    real: Callable[..., Awaitable[Any]] = Redis.execute_command
 
     async def counting(self: Redis, *args: Any, **options: Any) -> Any:
         sent.append(str(args[0]))
