@@ -21,6 +21,7 @@ from sqlalchemy import select, text
 
 from app.db.models import Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
+from app.domain import transitions
 from app.domain.batch_delivery import deliver_batch
 from app.domain.circuit import CircuitState
 from app.domain.delivery import Outcome, deliver_message
@@ -743,3 +744,31 @@ async def test_what_one_message_costs_in_statements_and_redis_commands(
     # breaker success), either way.
     assert statements <= 9
     assert len(redis_commands) <= 4
+
+
+async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(
+    session_factory: SessionFactory,
+    world: World,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One claim for 1..N messages (app.domain.transitions): the rules cannot drift apart."""
+    claims: list[int] = []
+    real = transitions._claim_rows
+
+    async def spy(session: Any, allowed: Any, routes: Any) -> list[Message]:
+        claims.append(len(allowed))
+        return await real(session, allowed, routes)
+
+    monkeypatch.setattr(transitions, "_claim_rows", spy)
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    single = await fresh(session_factory, world, number(1))
+    batch = await fresh_batch(session_factory, world, 3, first=10)
+
+    await deliver_message(single, session_factory, providers, POLICY, dispatcher)
+    await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
+
+    assert claims == [1, 3]
+    assert len(twilio.requests) == 4
