@@ -12,8 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.domain.auth import Principal, authenticate
 from app.domain.events import scheduled
 from app.domain.messages import ENQUEUE_AFTER_COMMIT
+from app.domain.transitions import record_status_report
 from app.errors import Forbidden
-from app.providers.base import Provider
+from app.providers.base import Provider, StatusReport
 from app.settings import Settings
 from app.worker.event_queue import enqueue_events
 
@@ -79,3 +80,26 @@ async def get_providers(request: Request) -> dict[str, Provider]:
 
 
 ProvidersDep = Annotated[dict[str, Provider], Depends(get_providers)]
+
+
+class StatusRecorder:
+    """Records a provider's status report in a transaction of its own (run again after a
+    deadlock: a callback answered 500 is lost), then enqueues the events it wrote."""
+
+    def __init__(self, request: Request) -> None:
+        self._state = request.app.state
+
+    async def __call__(self, provider: str, report: StatusReport) -> bool:
+        """Whether a message matched the report."""
+        matched, events = await record_status_report(self._state.session_factory, provider, report)
+        if events:
+            await enqueue_events(self._state.queue, events)
+        return matched
+
+
+async def get_status_recorder(request: Request) -> StatusRecorder:
+    """The status-report recorder, for callback endpoints (no request-wide transaction)."""
+    return StatusRecorder(request)
+
+
+StatusRecorderDep = Annotated[StatusRecorder, Depends(get_status_recorder)]

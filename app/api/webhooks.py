@@ -7,9 +7,8 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import ProvidersDep, SessionDep, SettingsDep
+from app.api.deps import ProvidersDep, SessionDep, SettingsDep, StatusRecorderDep
 from app.domain.inbound import receive_inbound
-from app.domain.messages import apply_status_report
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.metrics import WEBHOOK_VERIFICATION_FAILURES
 from app.providers.base import CallbackRequest, InvalidCallback, Provider
@@ -70,7 +69,7 @@ async def _verified(
 async def _handle_status(
     provider_name: str,
     request: Request,
-    session: SessionDep,
+    record: StatusRecorderDep,
     providers: dict[str, Provider],
     public_base_url: str,
 ) -> Response:
@@ -79,7 +78,7 @@ async def _handle_status(
         report = provider.parse_status_callback(callback)
     except InvalidCallback as error:
         raise ValidationFailed("invalid_callback", str(error)) from None
-    if not await apply_status_report(session, provider_name, report):
+    if not await record(provider_name, report):
         log.info(
             "status report for an unknown message",
             extra={"provider": provider_name, "provider_message_id": report.provider_message_id},
@@ -89,26 +88,26 @@ async def _handle_status(
 
 @router.post("/twilio/status", status_code=204, responses=_RESPONSES)
 async def twilio_status(
-    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+    request: Request, record: StatusRecorderDep, providers: ProvidersDep, settings: SettingsDep
 ) -> Response:
     """Twilio's StatusCallback (form-encoded, signed with X-Twilio-Signature)."""
-    return await _handle_status("twilio", request, session, providers, settings.public_base_url)
+    return await _handle_status("twilio", request, record, providers, settings.public_base_url)
 
 
 @router.get("/vonage/status", status_code=204, responses=_RESPONSES)
 async def vonage_status_get(
-    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+    request: Request, record: StatusRecorderDep, providers: ProvidersDep, settings: SettingsDep
 ) -> Response:
     """Vonage's delivery receipt as a GET (query parameters, signed with `sig`)."""
-    return await _handle_status("vonage", request, session, providers, settings.public_base_url)
+    return await _handle_status("vonage", request, record, providers, settings.public_base_url)
 
 
 @router.post("/vonage/status", status_code=204, responses=_RESPONSES)
 async def vonage_status_post(
-    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+    request: Request, record: StatusRecorderDep, providers: ProvidersDep, settings: SettingsDep
 ) -> Response:
     """Vonage's delivery receipt as a POST (form or JSON fields, signed with `sig`)."""
-    return await _handle_status("vonage", request, session, providers, settings.public_base_url)
+    return await _handle_status("vonage", request, record, providers, settings.public_base_url)
 
 
 async def _handle_inbound(

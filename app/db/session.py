@@ -25,10 +25,17 @@ SessionFactory = async_sessionmaker[AsyncSession]
 IDLE_PING_SECONDS: Final = 1.0
 
 
-def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(
+    database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
+) -> AsyncEngine:
     """An asyncpg engine that checks idle connections before use (PostgreSQL may have
-    restarted) and counts its statements."""
-    engine = create_async_engine(database_url, pool_size=pool_size, max_overflow=pool_size)
+    restarted) and counts its statements. Overflow connections (beyond `pool_size`; as many
+    again unless told) are closed when returned: a pool sized to the load should have none."""
+    engine = create_async_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
+    )
     ping_when_idle(engine)
     count_statements(engine)
     return engine

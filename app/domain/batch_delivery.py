@@ -3,17 +3,19 @@
 The API puts the messages its concurrent requests accepted into one job (app.worker.queue).
 Delivered one by one, each would cost a dozen database round trips and as many Redis commands
 besides its provider call; here the batch shares them:
-1. one transaction: a read of the messages and their senders; per provider, one look at its
-   circuit and pause, and per sender one count of the slots free now (in Redis); then the claim
-   (recipients' locks, opt-out check, conditional UPDATE, history rows);
-2. per sender, one reservation of consecutive slots, then each message is submitted at its slot;
-3. one transaction recording the acceptances; per provider, one success for its breaker.
+1. a read of the messages and their senders (its transaction ended before any Redis call);
+   per provider, one look at its circuit and pause, and per sender one count of the slots free
+   now (in Redis); then one claim transaction (`transitions.claim`, the claim of every delivery:
+   recipients' locks, opt-out check, expiry, conditional UPDATE, history rows);
+2. per sender, one reservation of consecutive slots, then each message is submitted at its slot
+   (each answer told to the provider's circuit breaker as it arrives);
+3. one transaction recording the acceptances.
 
 Only the common case takes this path: a healthy provider (circuit closed, not paused), a sender
-whose line is empty, a message that is queued, due, unexpired and not opted out. Every other
-message goes through `deliver_message`, one at a time, which handles each case (failover, the
-half-open probe, waiting in line, expiry, opt-out cancellation, Redis down). Both paths claim with
-the same conditional UPDATE, so a message is submitted once whichever path, or paths, see it.
+whose line is empty, a message that is queued, due and unexpired. Every other message goes
+through `deliver_message`, one at a time, which handles each case (failover, the half-open
+probe, waiting in line, Redis down). Both paths claim with the same function, so a message is
+submitted once whichever path, or paths, see it.
 """
 
 from __future__ import annotations
@@ -25,30 +27,30 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Message, MessageEvent, Sender
+from app.db.models import Message, Sender
 from app.db.session import SessionFactory
 from app.domain.circuit import CircuitState
 from app.domain.delivery import (
     NOT_DUE_TOLERANCE_SECONDS,
-    PASSES_OPT_OUT,
     Outcome,
     RetryPolicy,
     Submitted,
     deliver_message,
     record_submissions,
+    release_claim,
     submit,
 )
 from app.domain.dispatch import Dispatcher, Go
 from app.domain.events import EventJob
-from app.domain.optouts import lock_recipients, opted_out_pairs
 from app.domain.pacing import Reservation
 from app.domain.status import MessageStatus
+from app.domain.transitions import Claim, claim, run_transaction
 from app.providers.base import Provider
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,11 @@ async def deliver_batch(
     dispatcher: Dispatcher,
 ) -> BatchResult:
     """Deliver these messages: the common case together, the rest one by one (concurrently)."""
-    async with session_factory.begin() as session:
+    async with session_factory() as session:  # ended before the gate: no Redis call inside
         candidates, others = await _read(session, message_ids, providers)
-        ready, waiting = await _gate(dispatcher, candidates)
-        claimed, unclaimed = await _claim(session, ready)
-    others += waiting + unclaimed
+    ready, waiting = await _gate(dispatcher, candidates)
+    claimed, outcomes, events = await _claim(session_factory, ready)
+    others += waiting
 
     async def one_by_one(ids: list[uuid.UUID]) -> dict[uuid.UUID, Outcome]:
         results = await asyncio.gather(
@@ -97,10 +99,12 @@ async def deliver_batch(
     singles = asyncio.create_task(one_by_one(others))
     try:
         rates = {c.sender_id: c.rate for c in ready}
-        submitted, outcomes, released = await _submit_all(
+        submitted, refused, released = await _submit_all(
             claimed, rates, session_factory, providers, policy, dispatcher
         )
-        moved, events = await _record(session_factory, submitted, dispatcher)
+        outcomes |= refused
+        moved, recorded = await _record(session_factory, submitted, dispatcher)
+        events += recorded
         outcomes |= await one_by_one(released)
     except BaseException:
         # Cancelled (or failed): `deliver_message` undoes a claim whose call had not started and
@@ -204,53 +208,20 @@ def _by_sender(candidates: Sequence[Candidate]) -> dict[uuid.UUID, list[Candidat
 
 
 async def _claim(
-    session: AsyncSession, ready: list[Candidate]
-) -> tuple[list[Message], list[uuid.UUID]]:
-    """Move the ready messages from queued to sending, as `_claim` in app.domain.delivery does
-    one: under the recipients' locks, after the opt-out check (in the caller's transaction).
-    Returns the claimed messages and the ids left for the one-by-one path."""
+    session_factory: SessionFactory, ready: list[Candidate]
+) -> tuple[list[Message], dict[uuid.UUID, Outcome], tuple[EventJob, ...]]:
+    """Claim the ready messages with the one claim of every delivery (app.domain.transitions):
+    the claimed messages, the others' outcomes (expired, canceled for an opt-out, nothing to
+    do), and the event deliveries written."""
     if not ready:
-        return [], []
-    now = datetime.now(UTC)
-    await lock_recipients(session, [c.to for c in ready])
-    # Checked after the locks are held: a STOP recorded before this point is seen, and one
-    # recorded after it finds the message already claimed.
-    opted_out = await opted_out_pairs(
-        session, [(c.to, c.sender_id) for c in ready if c.kind not in PASSES_OPT_OUT]
-    )
-    allowed = [
-        c.id for c in ready if c.kind in PASSES_OPT_OUT or (c.to, c.sender_id) not in opted_out
-    ]
-    claimed = list(
-        await session.scalars(
-            update(Message)
-            .where(
-                Message.id.in_(allowed),
-                Message.status == MessageStatus.QUEUED.value,
-                Message.next_attempt_at <= now + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
-                or_(Message.expires_at.is_(None), Message.expires_at > now),
-            )
-            .values(
-                status=MessageStatus.SENDING.value,
-                attempts=Message.attempts + 1,
-                claimed_at=now,
-            )
-            .returning(Message)
-            .execution_options(synchronize_session=False)
-        )
-    )
-    session.add_all(
-        MessageEvent(
-            message_id=message.id,
-            status=MessageStatus.SENDING.value,
-            applied=True,
-            source="worker",
-            detail=f"attempt {message.attempts}",
-        )
-        for message in claimed
-    )
-    taken = {message.id for message in claimed}
-    return claimed, [c.id for c in ready if c.id not in taken]
+        return [], {}, ()
+    ids = [c.id for c in ready]
+
+    async def work(session: AsyncSession) -> Claim:
+        return await claim(session, ids)
+
+    claimed, events = await run_transaction(session_factory, work)
+    return claimed.claimed, claimed.outcomes, events
 
 
 async def _submit_all(
@@ -282,7 +253,7 @@ async def _submit_all(
                 slots = Reservation(count=0, first=0.0, interval=0.0)
             reserved_at = time.monotonic()
             for message in messages[slots.count :]:  # the turn moved on since the first look
-                await Dispatcher.release(
+                await release_claim(
                     session_factory, message, "the sender's pace", Go(message.provider)
                 )
                 released.append(message.id)
@@ -342,7 +313,7 @@ async def _submit_at(
             await asyncio.sleep(delay)
     except BaseException:  # cancelled before the provider was called: undo the claim
         await asyncio.shield(
-            Dispatcher.release(
+            release_claim(
                 session_factory, message, "cancelled before the provider call", Go(provider.name)
             )
         )
@@ -353,10 +324,5 @@ async def _submit_at(
 async def _record(
     session_factory: SessionFactory, submitted: list[Submitted], dispatcher: Dispatcher
 ) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
-    """Record the acceptances together; tell each provider's breaker of its successes once."""
-    if not submitted:
-        return set(), ()
-    for provider in {item.provider for item in submitted}:
-        await dispatcher.record(provider, None)
-    moved, events = await record_submissions(session_factory, submitted)
-    return moved, events
+    """Record the acceptances together (each breaker was told of each success as it came)."""
+    return await record_submissions(session_factory, submitted)

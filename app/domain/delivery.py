@@ -13,20 +13,32 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
-from sqlalchemy import SmallInteger, String, column, func, select, update, values
-from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Message, MessageEvent
+from app.db.models import Message
 from app.db.session import SessionFactory
 from app.domain.dispatch import Dispatcher, Go, Wait
-from app.domain.events import EventJob, emit_message_status, emit_message_statuses, scheduled
-from app.domain.optouts import is_opted_out, lock_recipients, record_provider_opt_out
+from app.domain.events import EventJob
+from app.domain.optouts import record_provider_opt_out
 from app.domain.status import MessageStatus
-from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS, count_status
+from app.domain.transitions import (
+    NOT_DUE_TOLERANCE_SECONDS,
+    PASSES_OPT_OUT,
+    Acceptance,
+    Claim,
+    Outcome,
+    claim,
+    fail,
+    mark_sent,
+    note_unknown_outcome,
+    release,
+    requeue,
+    run_transaction,
+)
+from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS
 from app.providers.base import (
     Accepted,
     Encoding,
@@ -38,12 +50,16 @@ from app.providers.base import (
 
 log = logging.getLogger(__name__)
 
-# The only messages sent to a recipient who opted out: the confirmation of that opt-out, and the
-# answer to HELP (which is always answered).
-PASSES_OPT_OUT = frozenset({"opt_out_confirmation", "help_reply"})
-
-# A job may start a little before the time it was deferred to (clocks, rounding): that is due.
-NOT_DUE_TOLERANCE_SECONDS = 0.1
+__all__ = [  # the claim's rules and a run's outcome live with the other state changes
+    "NOT_DUE_TOLERANCE_SECONDS",
+    "PASSES_OPT_OUT",
+    "Outcome",
+    "RetryPolicy",
+    "Submitted",
+    "deliver_message",
+    "record_submissions",
+    "submit",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +76,6 @@ class RetryPolicy:
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         delay = random.uniform(ceiling / 2, ceiling)
         return min(max(delay, retry_after or 0.0), self.max_delay)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one delivery run; `retry_in` is set when it must run again later, and
-    `events` are the event deliveries its committed transactions wrote (to enqueue)."""
-
-    status: MessageStatus | None
-    retry_in: float | None = None
-    events: tuple[EventJob, ...] = ()
 
 
 async def deliver_message(
@@ -100,13 +106,11 @@ async def deliver_message(
             wait = await dispatcher.pace(route, message)
         except BaseException:  # cancelled before the provider was called: undo the claim
             await asyncio.shield(
-                dispatcher.release(
-                    session_factory, message, "cancelled before the provider call", route
-                )
+                release_claim(session_factory, message, "cancelled before the provider call", route)
             )
             raise
         if wait > 0:
-            await dispatcher.release(
+            await release_claim(
                 session_factory, message, f"the sender's pace; next turn in {wait:.1f}s", route
             )
             return Outcome(MessageStatus.QUEUED, retry_in=wait)
@@ -121,8 +125,6 @@ async def deliver_message(
     submitted = await submit(message, provider, session_factory, policy, dispatcher)
     if isinstance(submitted, Outcome):
         return submitted
-    if dispatcher is not None:
-        await dispatcher.record(provider.name, None)
     moved, events = await record_submissions(session_factory, [submitted])
     return Outcome(MessageStatus.SENT if moved else None, events=events)
 
@@ -143,9 +145,10 @@ async def submit(
     policy: RetryPolicy,
     dispatcher: Dispatcher | None,
 ) -> Submitted | Outcome:
-    """Call the provider for a claimed message. A refusal or error is recorded here (retry,
-    failure or unknown outcome, and the circuit breaker told); an acceptance is returned for
-    `record_submissions`."""
+    """Call the provider for a claimed message. The circuit breaker is told of each answer as
+    it arrives (so a success resets the failures before it, in the order they happened); a
+    refusal or error is recorded here (retry, failure or unknown outcome); an acceptance is
+    returned for `record_submissions`."""
     sms = OutboundSms(
         message_id=message.id,
         to=message.to,
@@ -173,6 +176,8 @@ async def submit(
         await asyncio.shield(_record_failure(session_factory, message, unknown, policy))
         raise
     _observe(provider.name, "accepted", started)
+    if dispatcher is not None:
+        await dispatcher.record(provider.name, None)
     log.info(
         "message submitted",
         extra={
@@ -187,54 +192,18 @@ async def submit(
 async def record_submissions(
     session_factory: SessionFactory, submitted: Sequence[Submitted]
 ) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
-    """Record that the provider accepted these messages, in one transaction: the ids that moved
-    to `sent`, and the event deliveries written.
-
-    A fast delivery report may already have moved a message past `sent` (or a later attempt
-    may own it): then only the provider's id is recorded.
-    """
+    """Record that the provider accepted these messages, in one transaction
+    (`transitions.mark_sent`): the ids that moved to `sent`, and the event deliveries written."""
     if not submitted:
         return set(), ()
-    accepted = values(
-        column("id", UUID), column("attempts", SmallInteger), column("pid", String), name="accepted"
-    ).data([(s.message.id, s.message.attempts, s.accepted.provider_message_id) for s in submitted])
-    async with session_factory.begin() as session:
-        moved = set(
-            await session.scalars(
-                update(Message)
-                .where(
-                    Message.id == accepted.c.id,
-                    Message.status == MessageStatus.SENDING.value,
-                    Message.attempts == accepted.c.attempts,  # this attempt, not a later one
-                )
-                .values(status=MessageStatus.SENT.value, provider_message_id=accepted.c.pid)
-                .returning(Message.id)
-                .execution_options(synchronize_session=False)
-            )
-        )
-        for late in (s for s in submitted if s.message.id not in moved):
-            await session.execute(
-                update(Message)
-                .where(Message.id == late.message.id)
-                .values(provider_message_id=late.accepted.provider_message_id)
-            )
-        session.add_all(
-            MessageEvent(
-                message_id=s.message.id,
-                status=MessageStatus.SENT.value,
-                applied=s.message.id in moved,
-                source="worker",
-                detail=f"accepted by {s.provider} as {s.accepted.provider_message_id}",
-            )
-            for s in submitted
-        )
-        await emit_message_statuses(
-            session, [s.message for s in submitted if s.message.id in moved]
-        )
-    for s in submitted:
-        if s.message.id in moved:
-            count_status(MessageStatus.SENT.value, s.message.provider, s.message.from_)
-    return moved, scheduled(session)
+    accepted = [
+        Acceptance(s.message, s.provider, s.accepted.provider_message_id) for s in submitted
+    ]
+
+    async def work(session: AsyncSession) -> set[uuid.UUID]:
+        return await mark_sent(session, accepted)
+
+    return await run_transaction(session_factory, work)
 
 
 def _observe(provider: str, outcome: str, started: float) -> None:
@@ -246,96 +215,18 @@ def _observe(provider: str, outcome: str, started: float) -> None:
 async def _claim(
     session_factory: SessionFactory, message_id: uuid.UUID, route: Go | None = None
 ) -> Message | Outcome:
-    """Move the message from queued to sending, or say why there is nothing to do. With a
-    `route` to another provider (failover), the message moves to that provider as it is claimed,
-    so its callbacks and any reconciliation go there too."""
-    async with session_factory.begin() as session:
-        message = await session.scalar(select(Message).where(Message.id == message_id))
-        if message is None or message.status != MessageStatus.QUEUED.value:
-            return Outcome(None)
-        now = datetime.now(UTC)
-        if message.expires_at is not None and now >= message.expires_at:
-            return await _finish_unsent(
-                session, message, MessageStatus.EXPIRED, "validity period ended before sending"
-            )
-        wait = (message.next_attempt_at - now).total_seconds()
-        if wait > NOT_DUE_TOLERANCE_SECONDS:
-            # Picked up early (a duplicate job, a restarted worker): keep the backoff.
-            return Outcome(MessageStatus.QUEUED, retry_in=wait)
-        # Under the recipient's lock: a STOP recorded before this point is seen, and one
-        # recorded after it finds the message already claimed.
-        await lock_recipients(session, [message.to])
-        if message.kind not in PASSES_OPT_OUT and await is_opted_out(
-            session, message.to, message.sender_id
-        ):
-            return await _finish_unsent(
-                session,
-                message,
-                MessageStatus.CANCELED,
-                "recipient opted out after the message was accepted",
-                error_code="recipient_opted_out",
-            )
-        accepted_by = message.provider  # the RETURNING below refreshes `message` too
-        claimed: Message | None = await session.scalar(
-            update(Message)
-            .where(Message.id == message_id, Message.status == MessageStatus.QUEUED.value)
-            .values(
-                status=MessageStatus.SENDING.value,
-                attempts=Message.attempts + 1,
-                claimed_at=func.now(),
-                provider=route.provider if route is not None else message.provider,
-            )
-            .returning(Message)
-        )
-        if claimed is None:  # another run claimed it between our read and our update
-            return Outcome(None)
-        detail = f"attempt {claimed.attempts}"
-        if claimed.provider != accepted_by:
-            detail += f" via {claimed.provider}: {accepted_by}'s circuit is open (failover)"
-            log.warning(
-                "message failed over",
-                extra={"message_id": str(message_id), "from": accepted_by, "to": claimed.provider},
-            )
-        session.add(
-            MessageEvent(
-                message_id=message_id,
-                status=MessageStatus.SENDING.value,
-                applied=True,
-                source="worker",
-                detail=detail,
-            )
-        )
-        return claimed
+    """Claim the message through the one claim of every delivery (app.domain.transitions), or
+    say why there is nothing to send now. With a `route` to another provider (failover), the
+    message moves to that provider as it is claimed."""
+    routes = {message_id: route.provider} if route is not None else None
 
+    async def work(session: AsyncSession) -> Claim:
+        return await claim(session, [message_id], routes)
 
-async def _finish_unsent(
-    session: AsyncSession,
-    message: Message,
-    status: MessageStatus,
-    reason: str,
-    *,
-    error_code: str | None = None,
-) -> Outcome:
-    done = await session.scalar(
-        update(Message)
-        .where(Message.id == message.id, Message.status == MessageStatus.QUEUED.value)
-        .values(status=status.value, error_code=error_code or status.value, error_message=reason)
-        .returning(Message.id)
-    )
-    if done is not None:
-        count_status(status.value, message.provider, message.from_)
-        session.add(
-            MessageEvent(
-                message_id=message.id,
-                status=status.value,
-                applied=True,
-                source="worker",
-                error_code=error_code,
-                detail=reason,
-            )
-        )
-        await emit_message_status(session, message.id)
-    return Outcome(status if done is not None else None, events=scheduled(session))
+    claimed, events = await run_transaction(session_factory, work)
+    if claimed.claimed:
+        return claimed.claimed[0]
+    return replace(claimed.outcomes[message_id], events=events)
 
 
 async def _record_failure(
@@ -351,8 +242,16 @@ async def _record_failure(
             "detail": error.detail,
         },
     )
-    async with session_factory.begin() as session:
-        if error.recipient_opted_out:
+    retry_in: float | None = None
+    if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
+        retry_in = policy.delay(message.attempts, error.retry_after)
+        if error.throttled:
+            RATE_LIMIT_DEFERRALS.labels(
+                provider=message.provider, reason="provider_throttled"
+            ).inc()
+
+    async def work(session: AsyncSession) -> Outcome:
+        if error.recipient_opted_out:  # the recipient's lock before the message row
             await record_provider_opt_out(
                 session,
                 phone=message.to,
@@ -361,88 +260,39 @@ async def _record_failure(
                 code=error.code,
                 detail=error.detail,
             )
-        if error.kind is ErrorKind.RETRYABLE and message.attempts < policy.max_attempts:
-            retry_in = policy.delay(message.attempts, error.retry_after)
-            if error.throttled:
-                RATE_LIMIT_DEFERRALS.labels(
-                    provider=message.provider, reason="provider_throttled"
-                ).inc()
-            released = await session.scalar(
-                update(Message)
-                .where(
-                    Message.id == message.id,
-                    Message.status == MessageStatus.SENDING.value,
-                    Message.attempts == message.attempts,
-                )
-                .values(
-                    status=MessageStatus.QUEUED.value,
-                    next_attempt_at=datetime.now(UTC) + timedelta(seconds=retry_in),
-                    error_code=error.code,
-                    error_message=error.detail,
-                )
-                .returning(Message.id)
-            )
-            session.add(
-                MessageEvent(
-                    message_id=message.id,
-                    status=MessageStatus.QUEUED.value,
-                    applied=released is not None,
-                    source="worker",
-                    error_code=error.code,
-                    detail=f"retry in {retry_in:.1f}s after: {error.detail}",
-                )
-            )
-            return Outcome(
-                MessageStatus.QUEUED,
-                retry_in=retry_in if released else None,
-                events=scheduled(session),
-            )
+        if retry_in is not None:
+            requeued = await requeue(session, message, retry_in, error.code, error.detail)
+            return Outcome(MessageStatus.QUEUED, retry_in=retry_in if requeued else None)
         if error.kind is ErrorKind.UNKNOWN_OUTCOME:
             # The provider may have the message: resending could text the customer twice.
-            # It stays `sending` until a status report (or reconciliation) settles it.
-            session.add(
-                MessageEvent(
-                    message_id=message.id,
-                    status=None,
-                    applied=False,
-                    source="worker",
-                    error_code=error.code,
-                    detail=f"outcome unknown: {error.detail}",
-                )
-            )
-            return Outcome(MessageStatus.SENDING, events=scheduled(session))
+            note_unknown_outcome(session, message, error.code, error.detail)
+            return Outcome(MessageStatus.SENDING)
         detail = error.detail
         if error.kind is ErrorKind.RETRYABLE:
             detail = f"gave up after {message.attempts} attempts: {detail}"
-        failed: uuid.UUID | None = await session.scalar(
-            update(Message)
-            .where(
-                Message.id == message.id,
-                Message.status == MessageStatus.SENDING.value,
-                Message.attempts == message.attempts,
-            )
-            .values(
-                status=MessageStatus.FAILED.value,
-                error_code=error.code or error.kind.value,
-                error_message=detail,
-            )
-            .returning(Message.id)
+        await fail(
+            session,
+            message,
+            error_code=error.code or error.kind.value,
+            detail=detail,
+            event_code=error.code,
         )
-        if failed is not None:
-            count_status(MessageStatus.FAILED.value, message.provider, message.from_)
-        session.add(
-            MessageEvent(
-                message_id=message.id,
-                status=MessageStatus.FAILED.value,
-                applied=failed is not None,
-                source="worker",
-                error_code=error.code,
-                detail=detail,
-            )
-        )
-        if failed is not None:
-            await emit_message_status(session, message.id)
-        return Outcome(MessageStatus.FAILED, events=scheduled(session))
+        return Outcome(MessageStatus.FAILED)
+
+    outcome, events = await run_transaction(session_factory, work)
+    return replace(outcome, events=events)
+
+
+async def release_claim(
+    session_factory: SessionFactory, message: Message, reason: str, route: Go
+) -> None:
+    """Undo a claim before the provider was called (its turn has passed, or the job was
+    cancelled): back to `queued` on its own provider, the attempt not counted."""
+
+    async def work(session: AsyncSession) -> bool:
+        return await release(session, message, reason, route.home or message.provider)
+
+    await run_transaction(session_factory, work)
 
 
 def _remaining_validity(message: Message) -> int | None:

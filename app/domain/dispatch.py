@@ -12,7 +12,7 @@ Waiting is never an attempt and never a failure: the job is deferred and the mes
 `queued`. The checks are repeated by the claim (status, due time, expiry, opt-out) in its own
 transaction; the gate holds no database connection while it waits. After the claim, `pace`
 takes the sender's slot immediately before the provider call; in the rare case the turn has
-moved on meanwhile (more than a short wait), `release` puts the message back as it was.
+moved on meanwhile (more than a short wait), the claim is released (`transitions.release`).
 
 When Redis cannot be reached the gate says "wait": the arq queue lives there too, so nothing
 could be sent reliably anyway, and the sweep re-enqueues the message once Redis is back.
@@ -28,9 +28,9 @@ from datetime import UTC, datetime
 from typing import Final
 
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from app.db.models import Message, MessageEvent, Sender
+from app.db.models import Message, Sender
 from app.db.session import SessionFactory
 from app.domain.circuit import CircuitState, Health, ProviderHealth
 from app.domain.pacing import SenderPacer
@@ -162,38 +162,6 @@ class Dispatcher:
         except (RedisError, OSError) as error:
             log.warning("delivery gate unavailable", extra={"error": repr(error)})
             return REDIS_DOWN_RETRY_SECONDS
-
-    @staticmethod
-    async def release(
-        session_factory: SessionFactory, message: Message, reason: str, route: Go
-    ) -> None:
-        """Undo a claim before the provider was called (its turn has passed, or the job was
-        cancelled): back to `queued` as it was, on its own provider, the attempt not counted."""
-        async with session_factory.begin() as session:
-            released = await session.scalar(
-                update(Message)
-                .where(
-                    Message.id == message.id,
-                    Message.status == MessageStatus.SENDING.value,
-                    Message.attempts == message.attempts,
-                )
-                .values(
-                    status=MessageStatus.QUEUED.value,
-                    attempts=Message.attempts - 1,
-                    provider=route.home or message.provider,
-                )
-                .returning(Message.id)
-            )
-            if released is not None:
-                session.add(
-                    MessageEvent(
-                        message_id=message.id,
-                        status=MessageStatus.QUEUED.value,
-                        applied=True,
-                        source="worker",
-                        detail=f"not sent: {reason}",
-                    )
-                )
 
     @staticmethod
     def _wait_for(provider: str, health: Health) -> Wait:

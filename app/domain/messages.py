@@ -1,30 +1,26 @@
-"""Accepting, reading and listing messages, and applying status reports to them."""
+"""Accepting, reading and listing messages (status reports: app.domain.transitions)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, Insert, and_, insert, literal, or_, select, update
+from sqlalchemy import ColumnElement, DateTime, Insert, and_, insert, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent, Sender
 from app.domain.auth import Principal
 from app.domain.encoding import BodyAnalysis, analyze_body
-from app.domain.events import emit_message_statuses
 from app.domain.keywords import KeywordConfig, missing_replies
-from app.domain.optouts import is_opted_out, record_provider_opt_out
+from app.domain.optouts import is_opted_out
 from app.domain.pagination import as_utc, decode_cursor, encode_cursor
 from app.domain.senders import resolve_sender
-from app.domain.status import MessageStatus, can_advance, statuses_before
-from app.domain.text import storable, storable_mapping
+from app.domain.status import MessageStatus
 from app.errors import NotFound, PolicyRefusal, ValidationFailed
-from app.logs import message_id_var
 from app.metrics import count_status
-from app.providers.base import StatusReport
 
 log = logging.getLogger(__name__)
 
@@ -249,96 +245,4 @@ async def list_messages(
     return Page(
         items=items,
         next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if has_more else None,
-    )
-
-
-async def apply_status_report(session: AsyncSession, provider: str, report: StatusReport) -> bool:
-    """Record a provider's report and move the message forward if it is news.
-
-    Returns False when no message matches (the caller still acknowledges it). Duplicated and
-    late reports are stored as events with `applied` false and change nothing: the conditional
-    UPDATE only matches while the message is at an earlier stage, which also makes concurrent
-    reports for the same message safe.
-    """
-    report = _storable_report(report)
-    message = await _find_reported_message(session, provider, report)
-    if message is None:
-        return False
-    message_id_var.set(str(message.id))  # the rest of this request's log lines are about it
-    applied = False
-    if report.status is not None and can_advance(MessageStatus(message.status), report.status):
-        values: dict[str, Any] = {"status": report.status.value}
-        if report.error_code is not None:
-            values |= {"error_code": report.error_code, "error_message": report.error_message}
-        result = await session.execute(
-            update(Message)
-            .where(
-                Message.id == message.id,
-                Message.status.in_([s.value for s in statuses_before(report.status)]),
-            )
-            .values(**values)
-            .returning(Message.id)
-        )
-        applied = result.scalar_one_or_none() is not None
-        if applied:
-            count_status(report.status.value, provider, message.from_)
-    if report.recipient_opted_out:
-        await record_provider_opt_out(
-            session,
-            phone=message.to,
-            sender_id=message.sender_id,
-            provider=provider,
-            code=report.error_code,
-            detail=report.error_message,
-        )
-    if message.provider_message_id is None:
-        # The report may beat the worker's own record of the provider's id.
-        await session.execute(
-            update(Message)
-            .where(Message.id == message.id, Message.provider_message_id.is_(None))
-            .values(provider_message_id=report.provider_message_id)
-        )
-    session.add(
-        MessageEvent(
-            message_id=message.id,
-            status=report.status.value if report.status else None,
-            applied=applied,
-            source=provider,
-            provider_status=report.provider_status,
-            error_code=report.error_code,
-            detail=report.error_message,
-            payload=dict(report.raw),
-        )
-    )
-    await session.flush()
-    if applied:
-        await emit_message_statuses(session, [message])  # events out (after commit)
-    return True
-
-
-def _storable_report(report: StatusReport) -> StatusReport:
-    """The report cut to our columns' sizes and without NUL: a report is recorded, never
-    refused for its shape (the provider would retry it forever)."""
-    return replace(
-        report,
-        provider_message_id=storable(report.provider_message_id)[:64],
-        provider_status=storable(report.provider_status)[:32],
-        error_code=storable(report.error_code)[:32] if report.error_code else None,
-        error_message=storable(report.error_message) if report.error_message else None,
-        raw=storable_mapping(report.raw),
-    )
-
-
-async def _find_reported_message(
-    session: AsyncSession, provider: str, report: StatusReport
-) -> Message | None:
-    if report.message_id is not None:
-        message = await session.get(Message, report.message_id, populate_existing=True)
-        if message is not None and message.provider == provider:
-            return message
-    return await session.scalar(
-        select(Message).where(
-            Message.provider == provider,
-            Message.provider_message_id == report.provider_message_id,
-        )
     )

@@ -37,15 +37,23 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Final
 
-from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
 from app.domain.delivery import RetryPolicy
-from app.domain.events import EventJob, emit_message_status, scheduled
-from app.domain.messages import apply_status_report
+from app.domain.events import EventJob
+from app.domain.optouts import lock_recipients
 from app.domain.status import MessageStatus
-from app.metrics import count_status
+from app.domain.transitions import (
+    apply_status_report,
+    fail,
+    lock_pending,
+    record_status_report,
+    resubmit,
+    run_transaction,
+)
 from app.providers.base import (
     Encoding,
     OutboundSms,
@@ -217,24 +225,28 @@ async def _first_unclaimed(
     return next((s for s in found if s.provider_message_id not in taken), None)
 
 
-def _still_pending(message: Message) -> ColumnElement[bool]:
-    """The condition every decision is conditional on: nothing moved the message meanwhile."""
-    return and_(
-        Message.id == message.id,
-        Message.status == MessageStatus.SENDING.value,
-        Message.attempts == message.attempts,
-    )
-
-
 async def _settle(
     session_factory: SessionFactory, message: Message, submission: Submission
 ) -> Reconciled:
-    async with session_factory.begin() as session:
-        locked = await session.scalar(
-            select(Message.id).where(_still_pending(message)).with_for_update()
-        )
-        if locked is None:
-            return Reconciled(Decision.NOTHING)
+    report = StatusReport(
+        provider_message_id=submission.provider_message_id,
+        provider_status=submission.provider_status,
+        # A status we do not map (none today) still means the provider has it.
+        status=submission.status or MessageStatus.SENT,
+        message_id=message.id,
+        raw={
+            "source": "reconciliation",
+            "provider_message_id": submission.provider_message_id,
+            "status": submission.provider_status,
+        },
+    )
+
+    async def work(session: AsyncSession) -> bool:
+        # The recipient's lock before the row's, as everywhere (the report may record nothing
+        # of the kind today, but the order must not depend on it).
+        await lock_recipients(session, [message.to])
+        if not await lock_pending(session, message):
+            return False
         session.add(
             MessageEvent(
                 message_id=message.id,
@@ -247,22 +259,12 @@ async def _settle(
                 ),
             )
         )
-        await apply_status_report(
-            session,
-            message.provider,
-            StatusReport(
-                provider_message_id=submission.provider_message_id,
-                provider_status=submission.provider_status,
-                # A status we do not map (none today) still means the provider has it.
-                status=submission.status or MessageStatus.SENT,
-                message_id=message.id,
-                raw={
-                    "source": "reconciliation",
-                    "provider_message_id": submission.provider_message_id,
-                    "status": submission.provider_status,
-                },
-            ),
-        )
+        await apply_status_report(session, message.provider, report)
+        return True
+
+    settled, events = await run_transaction(session_factory, work)
+    if not settled:
+        return Reconciled(Decision.NOTHING)
     log.info(
         "unknown outcome settled: the provider has the message",
         extra={
@@ -270,7 +272,7 @@ async def _settle(
             "provider_message_id": submission.provider_message_id,
         },
     )
-    return Reconciled(Decision.SETTLED, events=scheduled(session))
+    return Reconciled(Decision.SETTLED, events=events)
 
 
 async def _resubmit(session_factory: SessionFactory, message: Message) -> Reconciled:
@@ -278,29 +280,13 @@ async def _resubmit(session_factory: SessionFactory, message: Message) -> Reconc
         f"{message.provider} has no record of attempt {message.attempts}, whose outcome was "
         "unknown: submitting again"
     )
-    async with session_factory.begin() as session:
-        requeued = await session.scalar(
-            update(Message)
-            .where(_still_pending(message))
-            .values(
-                status=MessageStatus.QUEUED.value,
-                next_attempt_at=func.now(),
-                resubmissions=Message.resubmissions + 1,
-            )
-            .returning(Message.resubmissions)
-        )
-        if requeued is None:
-            return Reconciled(Decision.NOTHING)
-        session.add(
-            MessageEvent(
-                message_id=message.id,
-                status=MessageStatus.QUEUED.value,
-                applied=True,
-                source="reconcile",
-                error_code="outcome_unknown",
-                detail=detail,
-            )
-        )
+
+    async def work(session: AsyncSession) -> int | None:
+        return await resubmit(session, message, detail)
+
+    requeued, _ = await run_transaction(session_factory, work)
+    if requeued is None:
+        return Reconciled(Decision.NOTHING)
     log.warning("unknown outcome: resubmitting", extra={"message_id": str(message.id)})
     return Reconciled(Decision.RESUBMIT, resubmission=requeued)
 
@@ -308,29 +294,22 @@ async def _resubmit(session_factory: SessionFactory, message: Message) -> Reconc
 async def _fail(
     session_factory: SessionFactory, message: Message, code: str, detail: str
 ) -> Reconciled:
-    async with session_factory.begin() as session:
-        failed = await session.scalar(
-            update(Message)
-            .where(_still_pending(message))
-            .values(status=MessageStatus.FAILED.value, error_code=code, error_message=detail)
-            .returning(Message.id)
+    async def work(session: AsyncSession) -> bool:
+        return await fail(
+            session,
+            message,
+            error_code=code,
+            detail=detail,
+            source="reconcile",
+            event_code=code,
+            note_if_moved_on=False,
         )
-        if failed is None:
-            return Reconciled(Decision.NOTHING)
-        session.add(
-            MessageEvent(
-                message_id=message.id,
-                status=MessageStatus.FAILED.value,
-                applied=True,
-                source="reconcile",
-                error_code=code,
-                detail=detail,
-            )
-        )
-        await emit_message_status(session, message.id)
-    count_status(MessageStatus.FAILED.value, message.provider, message.from_)
+
+    failed, events = await run_transaction(session_factory, work)
+    if not failed:
+        return Reconciled(Decision.NOTHING)
     log.warning("unknown outcome: given up", extra={"message_id": str(message.id), "code": code})
-    return Reconciled(Decision.FAILED, events=scheduled(session))
+    return Reconciled(Decision.FAILED, events=events)
 
 
 # --- Status checks: `sent` messages whose final report never came. -------------------------
@@ -419,17 +398,16 @@ async def check_status(
         else:
             outcome = f"{message.provider} holds it as {report.provider_status}"
     if report is not None and report.status not in (None, MessageStatus.SENT):
-        async with session_factory.begin() as session:
-            applied = await apply_status_report(
-                session, message.provider, replace(report, message_id=message.id)
-            )
+        applied, events = await record_status_report(
+            session_factory, message.provider, replace(report, message_id=message.id)
+        )
         if applied:
             log.info(
                 "lost report recovered by a status check",
                 extra={"message_id": str(message.id), "status": report.provider_status},
             )
-            return Reconciled(Decision.SETTLED, events=scheduled(session))
-        return Reconciled(Decision.NOTHING, events=scheduled(session))
+            return Reconciled(Decision.SETTLED, events=events)
+        return Reconciled(Decision.NOTHING, events=events)
     async with session_factory.begin() as session:
         session.add(
             MessageEvent(

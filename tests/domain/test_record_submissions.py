@@ -22,8 +22,8 @@ from app.domain.delivery import (
     record_submissions,
     submit,
 )
-from app.domain.messages import apply_status_report
 from app.domain.status import MessageStatus
+from app.domain.transitions import apply_status_report
 from app.providers.base import Accepted, StatusReport
 from tests.conftest import World
 from tests.domain.test_batch_delivery import FakeTwilio, dispatcher_for, fresh, number

@@ -16,9 +16,9 @@ from app.db.models import Message, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
 from app.domain.delivery import deliver_message
 from app.domain.endpoints import Owner, set_default
-from app.domain.messages import apply_status_report
 from app.domain.optouts import OptAction, OptChange, OptSource, record_change
 from app.domain.status import MessageStatus
+from app.domain.transitions import apply_status_report
 from app.providers.base import StatusReport
 from tests.api.test_inbound import twilio_inbound
 from tests.api.test_status_callbacks import twilio_callback

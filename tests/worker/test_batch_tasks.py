@@ -23,7 +23,7 @@ from app.worker import tasks
 from app.worker.queue import DELIVER_JOB, close_queue, create_queue
 from app.worker.tasks import InFlightLimit
 from tests.api.test_batch import item, post_batch, results
-from tests.conftest import TEST_REDIS_URL, World
+from tests.conftest import TEST_REDIS_URL, World, make_settings
 from tests.domain.test_batch_delivery import FakeTwilio, dispatcher_for, fresh_batch
 from tests.domain.test_delivery import POLICY, RecordingProvider, history, load, twilio_created
 from tests.domain.test_dispatch import open_circuit, set_sender
@@ -192,3 +192,23 @@ async def test_a_slow_senders_batch_is_spread_over_jobs_but_never_faster_than_it
     for message_id in accepted:
         message = await load(session_factory, message_id)
         assert (message.status, message.attempts) == ("sent", 1)
+
+
+async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_overflow(
+    database: str, redis: Redis
+) -> None:
+    """Overflow connections are closed when returned (about 2 ms of PostgreSQL CPU each to
+    open again): the worker's pool is as large as its concurrency and has none."""
+    queue = create_queue(TEST_REDIS_URL)
+    ctx: dict[str, Any] = {
+        "settings": make_settings(worker_concurrency=7),
+        "redis": queue,
+        "http": httpx.AsyncClient(),
+    }
+    await tasks.startup(ctx)
+    try:
+        pool = ctx["engine"].pool
+        assert (pool.size(), pool._max_overflow) == (7 + tasks.WORKER_POOL_SPARE, 0)
+    finally:
+        await tasks.shutdown(ctx)
+        await close_queue(queue)

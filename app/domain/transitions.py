@@ -1,0 +1,583 @@
+"""The changes of a message's state that follow its acceptance, and how their transactions run.
+
+Every change here is conditional (it matches only while the message is where the change expects
+it, so duplicates and races are harmless) and takes its locks in the one order used everywhere:
+the recipient's advisory lock (app.domain.optouts.lock_recipients) first, then the message row.
+Timestamps come from the database's clock.
+
+`run_transaction` runs a whole unit of work in a fresh transaction and runs it again, a bounded
+number of times, when PostgreSQL aborts it for a deadlock (40P01) or a serialization failure
+(40001): such an abort is about timing, not about the work, and the caller (a provider's status
+callback, which is never sent again; a worker's record of a provider's answer) has nobody to
+pass it on to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import (
+    ColumnElement,
+    SmallInteger,
+    String,
+    and_,
+    case,
+    column,
+    func,
+    or_,
+    select,
+    update,
+    values,
+)
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import Message, MessageEvent
+from app.db.session import SessionFactory
+from app.domain.events import EventJob, emit_message_status, emit_message_statuses, scheduled
+from app.domain.optouts import lock_recipients, opted_out_pairs, record_provider_opt_out
+from app.domain.status import MessageStatus, can_advance, statuses_before
+from app.domain.text import storable, storable_mapping
+from app.logs import message_id_var
+from app.metrics import count_status
+from app.providers.base import StatusReport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATEs after which the same transaction, run again, may well succeed.
+RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})  # deadlock, serialization failure
+# How many times a unit of work runs at most; between runs a short random pause (seconds, times
+# the run's number) lets the transaction that won finish first.
+TRANSACTION_ATTEMPTS: Final = 5
+RETRY_PAUSE_SECONDS: Final = 0.02
+
+# The only messages sent to a recipient who opted out: the confirmation of that opt-out, and the
+# answer to HELP (which is always answered).
+PASSES_OPT_OUT = frozenset({"opt_out_confirmation", "help_reply"})
+# A job may start a little before the time it was deferred to (clocks, rounding): that is due.
+NOT_DUE_TOLERANCE_SECONDS: Final = 0.1
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether PostgreSQL aborted the transaction for its timing (deadlock, serialization)."""
+    if not isinstance(error, DBAPIError):
+        return False
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    return sqlstate in RETRYABLE_SQLSTATES
+
+
+async def run_transaction(
+    session_factory: SessionFactory,
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = TRANSACTION_ATTEMPTS,
+) -> tuple[T, tuple[EventJob, ...]]:
+    """Run `work` in a transaction and commit; run it again in a new one after a deadlock or a
+    serialization failure (at most `attempts` runs). Returns its result and the event deliveries
+    the committed transaction scheduled (to enqueue after the commit)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with session_factory.begin() as session:
+                result = await work(session)
+        except DBAPIError as error:
+            if attempt == attempts or not is_retryable(error):
+                raise
+            log.warning(
+                "transaction aborted by the database; running it again",
+                extra={"attempt": attempt, "error": str(error.orig)[:200]},
+            )
+            await asyncio.sleep(random.uniform(0.5, 1.0) * RETRY_PAUSE_SECONDS * attempt)
+            continue
+        return result, scheduled(session)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one message in a delivery run; `retry_in` is set when it must run
+    again later, and `events` are the event deliveries its committed transactions wrote."""
+
+    status: MessageStatus | None
+    retry_in: float | None = None
+    events: tuple[EventJob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim did: the messages now `sending` (this attempt), and an outcome for every
+    other id (nothing to do, not due yet, expired, canceled for an opt-out)."""
+
+    claimed: list[Message]
+    outcomes: dict[uuid.UUID, Outcome] = field(default_factory=dict)
+
+
+async def claim(
+    session: AsyncSession,
+    message_ids: Collection[uuid.UUID],
+    routes: Mapping[uuid.UUID, str] | None = None,
+) -> Claim:
+    """Move 1..N queued, due messages to `sending` (attempts + 1, `claimed_at` the database's
+    now), in the caller's transaction: the one claim for a job of one message or of many.
+
+    The recipients' locks are taken first, then the opt-out check: a STOP recorded before this
+    point is seen, and one recorded after it finds the message already claimed. An expired
+    message ends `expired` and an opted-out one `canceled`, here. `routes` moves a message to
+    another provider as it is claimed (failover), so its callbacks and reconciliation go there.
+    """
+    rows = (
+        await session.execute(select(Message, func.now()).where(Message.id.in_(message_ids)))
+    ).all()
+    outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(message_ids, Outcome(None))
+    if not rows:
+        return Claim([], outcomes)
+    now: datetime = rows[0][1]
+    candidates = []
+    for message, _ in rows:
+        if message.status != MessageStatus.QUEUED.value:
+            continue
+        if message.expires_at is not None and now >= message.expires_at:
+            outcomes[message.id] = await finish_unsent(
+                session, message, MessageStatus.EXPIRED, "validity period ended before sending"
+            )
+        elif (wait := (message.next_attempt_at - now).total_seconds()) > NOT_DUE_TOLERANCE_SECONDS:
+            # Picked up early (a duplicate job, a restarted worker): keep the backoff.
+            outcomes[message.id] = Outcome(MessageStatus.QUEUED, retry_in=wait)
+        else:
+            candidates.append(message)
+    if not candidates:
+        return Claim([], outcomes)
+    await lock_recipients(session, [m.to for m in candidates])
+    opted_out = await opted_out_pairs(
+        session, [(m.to, m.sender_id) for m in candidates if m.kind not in PASSES_OPT_OUT]
+    )
+    allowed = []
+    for message in candidates:
+        if message.kind not in PASSES_OPT_OUT and (message.to, message.sender_id) in opted_out:
+            outcomes[message.id] = await finish_unsent(
+                session,
+                message,
+                MessageStatus.CANCELED,
+                "recipient opted out after the message was accepted",
+                error_code="recipient_opted_out",
+            )
+        else:
+            allowed.append(message)
+    claimed = await _claim_rows(session, allowed, routes or {})
+    for message in claimed:
+        del outcomes[message.id]
+    return Claim(claimed, outcomes)
+
+
+async def _claim_rows(
+    session: AsyncSession, allowed: Sequence[Message], routes: Mapping[uuid.UUID, str]
+) -> list[Message]:
+    """The conditional UPDATE queued -> sending, and a history row per message it moved."""
+    if not allowed:
+        return []
+    accepted_by = {m.id: m.provider for m in allowed}  # RETURNING refreshes the objects
+    changes: dict[str, Any] = {
+        "status": MessageStatus.SENDING.value,
+        "attempts": Message.attempts + 1,
+        "claimed_at": func.now(),
+    }
+    if routes:
+        changes["provider"] = case(dict(routes), value=Message.id, else_=Message.provider)
+    claimed = list(
+        await session.scalars(
+            update(Message)
+            .where(
+                Message.id.in_(list(accepted_by)),
+                Message.status == MessageStatus.QUEUED.value,
+                Message.next_attempt_at
+                <= func.now() + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
+                or_(Message.expires_at.is_(None), Message.expires_at > func.now()),
+            )
+            .values(**changes)
+            .returning(Message)
+            # The objects the read loaded are refreshed from RETURNING (attempts, provider).
+            .execution_options(synchronize_session=False, populate_existing=True)
+        )
+    )
+    for message in claimed:
+        detail = f"attempt {message.attempts}"
+        if message.provider != accepted_by[message.id]:
+            detail += (
+                f" via {message.provider}: {accepted_by[message.id]}'s circuit is open (failover)"
+            )
+            log.warning(
+                "message failed over",
+                extra={
+                    "message_id": str(message.id),
+                    "from": accepted_by[message.id],
+                    "to": message.provider,
+                },
+            )
+        session.add(_history(message.id, MessageStatus.SENDING, applied=True, detail=detail))
+    return claimed
+
+
+async def finish_unsent(
+    session: AsyncSession,
+    message: Message,
+    status: MessageStatus,
+    reason: str,
+    *,
+    error_code: str | None = None,
+) -> Outcome:
+    """End a queued message without sending it (expired, canceled); a no-op if it moved."""
+    done = await session.scalar(
+        update(Message)
+        .where(Message.id == message.id, Message.status == MessageStatus.QUEUED.value)
+        .values(status=status.value, error_code=error_code or status.value, error_message=reason)
+        .returning(Message.id)
+    )
+    if done is None:
+        return Outcome(None)
+    count_status(status.value, message.provider, message.from_)
+    session.add(_history(message.id, status, applied=True, detail=reason, error_code=error_code))
+    await emit_message_status(session, message.id)
+    return Outcome(status)
+
+
+def _pending(message: Message) -> ColumnElement[bool]:
+    """The condition every change of a claimed message is conditional on: it is still this
+    attempt's (no report, reconciliation or later attempt moved it meanwhile)."""
+    return and_(
+        Message.id == message.id,
+        Message.status == MessageStatus.SENDING.value,
+        Message.attempts == message.attempts,
+    )
+
+
+async def release(session: AsyncSession, message: Message, reason: str, home: str) -> bool:
+    """Undo a claim before the provider was called: back to `queued` on its own provider
+    (`home`), the attempt not counted. Whether it was still this attempt's to undo."""
+    released = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(status=MessageStatus.QUEUED.value, attempts=Message.attempts - 1, provider=home)
+        .returning(Message.id)
+    )
+    if released is not None:
+        session.add(
+            _history(message.id, MessageStatus.QUEUED, applied=True, detail=f"not sent: {reason}")
+        )
+    return released is not None
+
+
+async def requeue(
+    session: AsyncSession, message: Message, retry_in: float, code: str | None, detail: str
+) -> bool:
+    """A retryable failure: back to `queued`, due in `retry_in` seconds (database clock)."""
+    requeued = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(
+            status=MessageStatus.QUEUED.value,
+            next_attempt_at=func.now() + timedelta(seconds=retry_in),
+            error_code=code,
+            error_message=detail,
+        )
+        .returning(Message.id)
+    )
+    session.add(
+        _history(
+            message.id,
+            MessageStatus.QUEUED,
+            applied=requeued is not None,
+            detail=f"retry in {retry_in:.1f}s after: {detail}",
+            error_code=code,
+        )
+    )
+    return requeued is not None
+
+
+async def fail(
+    session: AsyncSession,
+    message: Message,
+    *,
+    error_code: str,
+    detail: str,
+    source: str = "worker",
+    event_code: str | None = None,
+    note_if_moved_on: bool = True,
+) -> bool:
+    """End a claimed message as `failed`. Whether it moved; when it had moved on already, the
+    attempt is still noted in its history unless `note_if_moved_on` is false."""
+    failed = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(status=MessageStatus.FAILED.value, error_code=error_code, error_message=detail)
+        .returning(Message.id)
+    )
+    if failed is None and not note_if_moved_on:
+        return False
+    session.add(
+        _history(
+            message.id,
+            MessageStatus.FAILED,
+            applied=failed is not None,
+            detail=detail,
+            error_code=event_code,
+            source=source,
+        )
+    )
+    if failed is not None:
+        count_status(MessageStatus.FAILED.value, message.provider, message.from_)
+        await emit_message_status(session, message.id)
+    return failed is not None
+
+
+def note_unknown_outcome(
+    session: AsyncSession, message: Message, code: str | None, detail: str
+) -> None:
+    """The provider may have the message: it stays `sending` (never resent blindly) until a
+    status report or reconciliation settles it; only its history says so."""
+    session.add(
+        MessageEvent(
+            message_id=message.id,
+            status=None,
+            applied=False,
+            source="worker",
+            error_code=code,
+            detail=f"outcome unknown: {detail}",
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """A claimed message its provider accepted, as `provider_message_id`."""
+
+    message: Message
+    provider: str
+    provider_message_id: str
+
+
+async def mark_sent(session: AsyncSession, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
+    """Record that the provider accepted these messages: the ids that moved to `sent`.
+
+    A fast delivery report may already have moved a message past `sent` (or a later attempt
+    may own it): then only the provider's id is recorded.
+    """
+    if not accepted:
+        return set()
+    rows = values(
+        column("id", UUID), column("attempts", SmallInteger), column("pid", String), name="accepted"
+    ).data([(a.message.id, a.message.attempts, a.provider_message_id) for a in accepted])
+    moved = set(
+        await session.scalars(
+            update(Message)
+            .where(
+                Message.id == rows.c.id,
+                Message.status == MessageStatus.SENDING.value,
+                Message.attempts == rows.c.attempts,  # this attempt, not a later one
+            )
+            .values(status=MessageStatus.SENT.value, provider_message_id=rows.c.pid)
+            .returning(Message.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    for late in (a for a in accepted if a.message.id not in moved):
+        await session.execute(
+            update(Message)
+            .where(Message.id == late.message.id)
+            .values(provider_message_id=late.provider_message_id)
+        )
+    session.add_all(
+        _history(
+            a.message.id,
+            MessageStatus.SENT,
+            applied=a.message.id in moved,
+            detail=f"accepted by {a.provider} as {a.provider_message_id}",
+        )
+        for a in accepted
+    )
+    await emit_message_statuses(session, [a.message for a in accepted if a.message.id in moved])
+    for a in accepted:
+        if a.message.id in moved:
+            count_status(MessageStatus.SENT.value, a.message.provider, a.message.from_)
+    return moved
+
+
+async def resubmit(session: AsyncSession, message: Message, detail: str) -> int | None:
+    """Reconciliation found no trace of an unknown outcome at the provider: queue the message
+    again, due now. Its new resubmission count, or None if it had moved on."""
+    requeued: int | None = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(
+            status=MessageStatus.QUEUED.value,
+            next_attempt_at=func.now(),
+            resubmissions=Message.resubmissions + 1,
+        )
+        .returning(Message.resubmissions)
+    )
+    if requeued is not None:
+        session.add(
+            _history(
+                message.id,
+                MessageStatus.QUEUED,
+                applied=True,
+                detail=detail,
+                error_code="outcome_unknown",
+                source="reconcile",
+            )
+        )
+    return requeued
+
+
+async def lock_pending(session: AsyncSession, message: Message) -> bool:
+    """Lock the claimed message's row while it is still this attempt's (reconciliation settles
+    it under this lock); whether it was."""
+    return (
+        await session.scalar(select(Message.id).where(_pending(message)).with_for_update())
+    ) is not None
+
+
+def _history(
+    message_id: uuid.UUID,
+    status: MessageStatus,
+    *,
+    applied: bool,
+    detail: str,
+    error_code: str | None = None,
+    source: str = "worker",
+) -> MessageEvent:
+    return MessageEvent(
+        message_id=message_id,
+        status=status.value,
+        applied=applied,
+        source=source,
+        error_code=error_code,
+        detail=detail,
+    )
+
+
+async def apply_status_report(session: AsyncSession, provider: str, report: StatusReport) -> bool:
+    """Record a provider's report and move the message forward if it is news.
+
+    Returns False when no message matches (the caller still acknowledges it). Duplicated and
+    late reports are stored as events with `applied` false and change nothing: the conditional
+    UPDATE only matches while the message is at an earlier stage, which also makes concurrent
+    reports for the same message safe. A report that the recipient opted out takes the
+    recipient's lock before it touches the message row, as a claim does.
+    """
+    report = _storable_report(report)
+    message = await _find_reported_message(session, provider, report)
+    if message is None:
+        return False
+    message_id_var.set(str(message.id))  # the rest of this request's log lines are about it
+    if report.recipient_opted_out:
+        # Before the row: a claim holds this lock while it updates the row (one lock order).
+        await lock_recipients(session, [message.to])
+    applied = await _advance(session, provider, message, report)
+    if report.recipient_opted_out:
+        await record_provider_opt_out(
+            session,
+            phone=message.to,
+            sender_id=message.sender_id,
+            provider=provider,
+            code=report.error_code,
+            detail=report.error_message,
+        )
+    if message.provider_message_id is None:
+        # The report may beat the worker's own record of the provider's id.
+        await session.execute(
+            update(Message)
+            .where(Message.id == message.id, Message.provider_message_id.is_(None))
+            .values(provider_message_id=report.provider_message_id)
+        )
+    session.add(
+        MessageEvent(
+            message_id=message.id,
+            status=report.status.value if report.status else None,
+            applied=applied,
+            source=provider,
+            provider_status=report.provider_status,
+            error_code=report.error_code,
+            detail=report.error_message,
+            payload=dict(report.raw),
+        )
+    )
+    await session.flush()
+    if applied:
+        await emit_message_statuses(session, [message])  # events out (after commit)
+    return True
+
+
+async def record_status_report(
+    session_factory: SessionFactory, provider: str, report: StatusReport
+) -> tuple[bool, tuple[EventJob, ...]]:
+    """`apply_status_report` in a transaction of its own, run again after a deadlock: a status
+    callback answered 500 is not sent again by Twilio. Returns whether a message matched, and
+    the event deliveries to enqueue."""
+
+    async def work(session: AsyncSession) -> bool:
+        return await apply_status_report(session, provider, report)
+
+    return await run_transaction(session_factory, work)
+
+
+async def _advance(
+    session: AsyncSession, provider: str, message: Message, report: StatusReport
+) -> bool:
+    """Move the message to the report's status if that is forward; whether it moved."""
+    if report.status is None or not can_advance(MessageStatus(message.status), report.status):
+        return False
+    values: dict[str, Any] = {"status": report.status.value}
+    if report.error_code is not None:
+        values |= {"error_code": report.error_code, "error_message": report.error_message}
+    moved = await session.scalar(
+        update(Message)
+        .where(
+            Message.id == message.id,
+            Message.status.in_([s.value for s in statuses_before(report.status)]),
+        )
+        .values(**values)
+        .returning(Message.id)
+    )
+    if moved is not None:
+        count_status(report.status.value, provider, message.from_)
+    return moved is not None
+
+
+def _storable_report(report: StatusReport) -> StatusReport:
+    """The report cut to our columns' sizes and without NUL: a report is recorded, never
+    refused for its shape (the provider would retry it forever)."""
+    return replace(
+        report,
+        provider_message_id=storable(report.provider_message_id)[:64],
+        provider_status=storable(report.provider_status)[:32],
+        error_code=storable(report.error_code)[:32] if report.error_code else None,
+        error_message=storable(report.error_message) if report.error_message else None,
+        raw=storable_mapping(report.raw),
+    )
+
+
+async def _find_reported_message(
+    session: AsyncSession, provider: str, report: StatusReport
+) -> Message | None:
+    if report.message_id is not None:
+        message = await session.get(Message, report.message_id, populate_existing=True)
+        if message is not None and message.provider == provider:
+            return message
+    return await session.scalar(
+        select(Message).where(
+            Message.provider == provider,
+            Message.provider_message_id == report.provider_message_id,
+        )
+    )

@@ -1,0 +1,183 @@
+"""The state module's transaction runner, and a status callback racing a claim for real."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import Message, OptOut
+from app.db.session import SessionFactory
+from app.domain.optouts import lock_recipients
+from app.domain.transitions import TRANSACTION_ATTEMPTS, is_retryable, run_transaction
+from tests.api.test_status_callbacks import sent_message, twilio_callback
+from tests.conftest import World
+from tests.domain.test_delivery import load, queued_message
+
+
+def raising(sqlstate: str) -> str:
+    """A statement that makes PostgreSQL itself raise an error with this SQLSTATE."""
+    return f"DO $$ BEGIN RAISE EXCEPTION 'forced' USING ERRCODE = '{sqlstate}'; END $$"
+
+
+async def test_a_deadlock_runs_the_whole_transaction_again(
+    session_factory: SessionFactory, world: World
+) -> None:
+    message_id = await queued_message(session_factory, world)
+    runs = 0
+
+    async def work(session: AsyncSession) -> int:
+        nonlocal runs
+        runs += 1
+        await session.execute(
+            text("UPDATE messages SET body = body || '!' WHERE id = :id"), {"id": message_id}
+        )
+        if runs == 1:
+            await session.execute(text(raising("40P01")))
+        return runs
+
+    result, events = await run_transaction(session_factory, work)
+
+    assert (result, events) == (2, ())
+    # The first run's write was rolled back with it: the change happened once.
+    assert (await load(session_factory, message_id)).body.endswith("shipped.!")
+
+
+async def test_a_serialization_failure_is_run_again_too(session_factory: SessionFactory) -> None:
+    runs = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            await session.execute(text(raising("40001")))
+
+    await run_transaction(session_factory, work)
+
+    assert runs == 3
+
+
+async def test_other_errors_are_not_retried(session_factory: SessionFactory) -> None:
+    runs = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal runs
+        runs += 1
+        await session.execute(text(raising("23505")))
+
+    with pytest.raises(DBAPIError) as caught:
+        await run_transaction(session_factory, work)
+
+    assert runs == 1 and not is_retryable(caught.value)
+
+
+async def test_the_retries_are_bounded(session_factory: SessionFactory) -> None:
+    runs = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal runs
+        runs += 1
+        await session.execute(text(raising("40P01")))
+
+    with pytest.raises(DBAPIError) as caught:
+        await run_transaction(session_factory, work)
+
+    assert runs == TRANSACTION_ATTEMPTS and is_retryable(caught.value)
+
+
+async def _waiting_on_a_lock(session_factory: SessionFactory, other_than: int) -> None:
+    """Until another backend waits on a lock (the callback, blocked by the claim)."""
+    for _ in range(500):
+        async with session_factory() as session:
+            waiting = await session.scalar(
+                select(func.count())
+                .select_from(text("pg_stat_activity"))
+                .where(
+                    text("wait_event_type = 'Lock'"),
+                    text("datname = current_database()"),
+                    text(f"pid <> {other_than}"),
+                )
+            )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the callback never waited for the claim's locks")
+
+
+async def test_an_opt_out_callback_racing_a_claim_waits_then_succeeds(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """The claim takes the recipient's lock, then the message row; the callback, arriving in
+    between, must queue behind it (same order), not take the row first and deadlock."""
+    message_id = await sent_message(session_factory, world)
+    async with session_factory() as claim, claim.begin():
+        claim_pid = await claim.scalar(select(func.pg_backend_pid()))
+        assert claim_pid is not None
+        await lock_recipients(claim, ["+14155550123"])
+        callback = asyncio.create_task(
+            twilio_callback(api, message_id, "undelivered", ErrorCode="21610")
+        )
+        await _waiting_on_a_lock(session_factory, other_than=claim_pid)
+        # The claim's UPDATE of the message row: with the callback holding the row (the old
+        # order), PostgreSQL would abort one of the two as a deadlock.
+        await claim.execute(
+            text("UPDATE messages SET updated_at = now() WHERE id = :id"), {"id": message_id}
+        )
+        assert not callback.done()  # still waiting for the claim to commit
+    response = await callback
+
+    assert response.status_code == 204, response.text
+    message = await load(session_factory, message_id)
+    assert (message.status, message.error_code) == ("undelivered", "21610")
+    async with session_factory() as session:
+        opt_outs = await session.scalar(
+            select(func.count()).select_from(OptOut).where(OptOut.phone == "+14155550123")
+        )
+    assert opt_outs == 1
+
+
+async def test_a_callback_aborted_by_a_deadlock_is_recorded_not_answered_500(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """PostgreSQL aborts the callback's transaction once (40P01, raised by a trigger on the
+    history table): the endpoint runs it again and acknowledges."""
+    message_id = await sent_message(session_factory, world)
+    name = f"deadlock_once_{uuid.uuid4().hex[:8]}"
+    async with session_factory.begin() as session:
+        await session.execute(text(f"CREATE SEQUENCE {name}"))
+        await session.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF nextval('{name}') = 1 THEN "
+                "RAISE EXCEPTION 'forced deadlock' USING ERRCODE = '40P01'; END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        await session.execute(
+            text(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON message_events "
+                f"FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
+        )
+    try:
+        response = await twilio_callback(api, message_id, "delivered")
+    finally:
+        async with session_factory.begin() as session:
+            await session.execute(text(f"DROP TRIGGER {name} ON message_events"))
+            await session.execute(text(f"DROP FUNCTION {name}()"))
+            await session.execute(text(f"DROP SEQUENCE {name}"))
+
+    assert response.status_code == 204, response.text
+    assert (await load(session_factory, message_id)).status == "delivered"
+    async with session_factory() as session:
+        assert (
+            await session.scalar(
+                select(func.count()).select_from(Message).where(Message.status == "delivered")
+            )
+            == 1
+        )
