@@ -1,8 +1,20 @@
-"""Delivering one queued message: claim it, call its provider, record the outcome.
+"""Delivering queued messages: one road for a job of one message or of many.
 
-Safe to run any number of times for the same message: the claim is a conditional UPDATE
-(queued -> sending), so only one run gets to call the provider. No database connection is held
-while the provider call is in flight.
+1. **Claim** (one transaction, `transitions.claim`): the recipients' locks, the opt-out check,
+   expiry and due time, then the conditional UPDATE queued -> sending. Only one run gets a
+   message, however many jobs carry it; an expired or opted-out message ends here.
+2. **Gate** (Redis, no transaction open: `Dispatcher.gate`): each provider's circuit and pause
+   once, failover to a sender's fallback provider, each sender's slots in one step. A message
+   that may not go now is put back (`transitions.release`, in one transaction for the job):
+   waiting is never an attempt.
+3. **Submit** each message at its slot, concurrently, with no database connection held; the
+   circuit breaker hears each answer as it arrives (`submit`).
+4. **Record** each result as it arrives: a refusal or error at once (retry, failure, unknown
+   outcome), an acceptance with the others that arrived in the same turn of the event loop.
+
+Cancelled (a job timeout, a shutdown past its grace), a message whose provider call had not
+started is put back, a call under way is recorded as an unknown outcome (never resent blindly),
+and every acceptance already made is recorded before the cancellation goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message
 from app.db.session import SessionFactory
-from app.domain.dispatch import Dispatcher, Go, Wait
+from app.domain.dispatch import Dispatcher, Go, Ticket, Verdict, Wait
 from app.domain.events import EventJob
 from app.domain.optouts import record_provider_opt_out
 from app.domain.status import MessageStatus
@@ -36,6 +48,7 @@ from app.domain.transitions import (
     note_unknown_outcome,
     release,
     requeue,
+    reroute,
     run_transaction,
 )
 from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS
@@ -53,9 +66,11 @@ log = logging.getLogger(__name__)
 __all__ = [  # the claim's rules and a run's outcome live with the other state changes
     "NOT_DUE_TOLERANCE_SECONDS",
     "PASSES_OPT_OUT",
+    "DeliveryResult",
     "Outcome",
     "RetryPolicy",
     "Submitted",
+    "deliver",
     "deliver_message",
     "record_submissions",
     "submit",
@@ -78,55 +93,13 @@ class RetryPolicy:
         return min(max(delay, retry_after or 0.0), self.max_delay)
 
 
-async def deliver_message(
-    message_id: uuid.UUID,
-    session_factory: SessionFactory,
-    providers: dict[str, Provider],
-    policy: RetryPolicy,
-    dispatcher: Dispatcher | None = None,
-) -> Outcome:
-    """Take a queued message through one provider submission.
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What became of a job's messages: each one's outcome (`retry_in` set when it must run
+    again later), and the event deliveries its committed transactions wrote (to enqueue)."""
 
-    With a `dispatcher` (the worker always has one), the message first passes its gate: the
-    provider's circuit breaker (and failover), the provider's pause, the sender's pace.
-    """
-    route: Go | None = None
-    if dispatcher is not None:
-        admitted = await dispatcher.admit(session_factory, message_id)
-        if isinstance(admitted, Wait):
-            return Outcome(MessageStatus.QUEUED, retry_in=admitted.seconds)
-        route = admitted
-    claimed = await _claim(session_factory, message_id, route)
-    if isinstance(claimed, Outcome):
-        return claimed
-    message = claimed
-    if dispatcher is not None and route is not None:
-        # The sender's slot is taken last, so a slow claim cannot bunch submissions together.
-        try:
-            wait = await dispatcher.pace(route, message)
-        except BaseException:  # cancelled before the provider was called: undo the claim
-            await asyncio.shield(
-                release_claim(session_factory, message, "cancelled before the provider call", route)
-            )
-            raise
-        if wait > 0:
-            await release_claim(
-                session_factory, message, f"the sender's pace; next turn in {wait:.1f}s", route
-            )
-            return Outcome(MessageStatus.QUEUED, retry_in=wait)
-    provider = providers.get(message.provider)
-    if provider is None:
-        error = ProviderError(
-            ErrorKind.PERMANENT,
-            f"provider {message.provider!r} is not configured on this worker",
-            code="provider_not_configured",
-        )
-        return await _record_failure(session_factory, message, error, policy)
-    submitted = await submit(message, provider, session_factory, policy, dispatcher)
-    if isinstance(submitted, Outcome):
-        return submitted
-    moved, events = await record_submissions(session_factory, [submitted])
-    return Outcome(MessageStatus.SENT if moved else None, events=events)
+    outcomes: dict[uuid.UUID, Outcome]
+    events: tuple[EventJob, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +109,226 @@ class Submitted:
     message: Message
     provider: str
     accepted: Accepted
+
+
+async def deliver(
+    message_ids: Sequence[uuid.UUID],
+    session_factory: SessionFactory,
+    providers: dict[str, Provider],
+    policy: RetryPolicy,
+    dispatcher: Dispatcher | None = None,
+) -> DeliveryResult:
+    """Take queued messages through one provider submission each (see the module's steps).
+    Without a `dispatcher` (tests) there is no gate: every claimed message goes at once."""
+    claimed, claim_events = await _claim(session_factory, message_ids)
+    outcomes = dict(claimed.outcomes)
+    events: list[EventJob] = list(claim_events)
+    unconfigured = [m for m in claimed.claimed if m.provider not in providers]
+    for message in unconfigured:
+        error = ProviderError(
+            ErrorKind.PERMANENT,
+            f"provider {message.provider!r} is not configured on this worker",
+            code="provider_not_configured",
+        )
+        outcomes[message.id] = await _record_failure(session_factory, message, error, policy)
+    messages = [m for m in claimed.claimed if m.provider in providers]
+    verdicts = await _gate(dispatcher, claimed, messages)
+    going, put_back, put_back_events = await _route(session_factory, messages, verdicts)
+    outcomes |= put_back
+    events += put_back_events
+    recorder = _Recorder(session_factory)
+    tasks = {
+        message.id: asyncio.create_task(
+            _submit_at(
+                go, message, providers[go.provider], session_factory, policy, dispatcher, recorder
+            )
+        )
+        for message, go in going
+    }
+    try:
+        if tasks:
+            await asyncio.wait(tasks.values())
+    except BaseException:
+        # Cancelled: each task undoes or records its own message; acceptances made are recorded.
+        for task in tasks.values():
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks.values())
+        await asyncio.shield(recorder.drained())
+        raise
+    for message_id, task in tasks.items():
+        outcomes[message_id] = task.result()
+    events += recorder.events
+    for outcome in outcomes.values():
+        events += outcome.events
+    if len(message_ids) > 1:
+        log.info("batch delivered", extra={"messages": len(message_ids), "submitted": len(tasks)})
+    return DeliveryResult(outcomes, tuple(events))
+
+
+async def deliver_message(
+    message_id: uuid.UUID,
+    session_factory: SessionFactory,
+    providers: dict[str, Provider],
+    policy: RetryPolicy,
+    dispatcher: Dispatcher | None = None,
+) -> Outcome:
+    """`deliver` for a job of one message: its outcome, with every event delivery written."""
+    result = await deliver([message_id], session_factory, providers, policy, dispatcher)
+    return replace(result.outcomes[message_id], events=result.events)
+
+
+async def _claim(
+    session_factory: SessionFactory, message_ids: Sequence[uuid.UUID]
+) -> tuple[Claim, tuple[EventJob, ...]]:
+    async def work(session: AsyncSession) -> Claim:
+        return await claim(session, message_ids)
+
+    return await run_transaction(session_factory, work)
+
+
+async def _gate(
+    dispatcher: Dispatcher | None, claimed: Claim, messages: list[Message]
+) -> dict[uuid.UUID, Verdict]:
+    if dispatcher is None or not messages:
+        return {m.id: Go(m.provider) for m in messages}
+    tickets = []
+    for message in messages:
+        terms = claimed.senders[message.sender_id]
+        fallback = terms.fallback_provider if message.resubmissions == 0 else None
+        tickets.append(
+            Ticket(message.id, message.provider, message.sender_id, terms.rate, fallback)
+        )
+    return await dispatcher.gate(tickets)
+
+
+async def _route(
+    session_factory: SessionFactory,
+    messages: list[Message],
+    verdicts: dict[uuid.UUID, Verdict],
+) -> tuple[list[tuple[Message, Go]], dict[uuid.UUID, Outcome], tuple[EventJob, ...]]:
+    """Put back the messages that must wait and move the failed-over ones to their fallback,
+    in one transaction (none in the common case); the messages to submit, with their verdicts."""
+    waiting = [(m, v) for m in messages if isinstance(v := verdicts[m.id], Wait)]
+    moving = [(m, v) for m in messages if isinstance(v := verdicts[m.id], Go) and v.home]
+    if not waiting and not moving:
+        return [(m, v) for m in messages if isinstance(v := verdicts[m.id], Go)], {}, ()
+
+    async def work(session: AsyncSession) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+        released = set()
+        for message, wait in waiting:
+            if await release(session, message, _reason(wait), message.provider, quiet=True):
+                released.add(message.id)
+        moved = set()
+        for message, go in moving:
+            reason = f"{message.provider}'s circuit is open"
+            if await reroute(session, message, go.provider, reason):
+                moved.add(message.id)
+        return released, moved
+
+    (released, moved), events = await run_transaction(session_factory, work)
+    outcomes = {
+        m.id: Outcome(MessageStatus.QUEUED, retry_in=w.seconds if m.id in released else None)
+        for m, w in waiting
+    }
+    going = []
+    for message in messages:
+        verdict = verdicts[message.id]
+        if not isinstance(verdict, Go):
+            continue
+        if verdict.home and message.id not in moved:
+            outcomes[message.id] = Outcome(None)  # it moved on meanwhile (a report, a sweep)
+            continue
+        if verdict.home:
+            message.provider = verdict.provider
+        going.append((message, verdict))
+    return going, outcomes, events
+
+
+def _reason(wait: Wait) -> str:
+    if wait.reason == "sender_rate":
+        return f"the sender's pace; next turn in {wait.seconds:.1f}s"
+    return f"{wait.reason.replace('_', ' ')}; again in {wait.seconds:.1f}s"
+
+
+async def _submit_at(
+    go: Go,
+    message: Message,
+    provider: Provider,
+    session_factory: SessionFactory,
+    policy: RetryPolicy,
+    dispatcher: Dispatcher | None,
+    recorder: _Recorder,
+) -> Outcome:
+    """Wait for the message's slot, submit it, and record what the provider said."""
+    try:
+        if (delay := go.at - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+        if go.in_line and dispatcher is not None:
+            wait = await dispatcher.take_turn(go, message.sender_id, message.id)
+            if wait > 0:
+                reason = f"the sender's pace; next turn in {wait:.1f}s"
+                await release_claim(session_factory, message, reason, go.home)
+                return Outcome(MessageStatus.QUEUED, retry_in=wait)
+    except BaseException:  # cancelled before the provider was called: put it back
+        await asyncio.shield(
+            release_claim(session_factory, message, "cancelled before the provider call", go.home)
+        )
+        raise
+    submitted = await submit(message, provider, session_factory, policy, dispatcher)
+    if isinstance(submitted, Outcome):
+        return submitted
+    # Shielded: an acceptance is recorded even when the job is cancelled meanwhile.
+    moved = await asyncio.shield(recorder.record(submitted))
+    return Outcome(MessageStatus.SENT if moved else None)
+
+
+class _Recorder:
+    """Records acceptances as they arrive, one transaction at a time (`transitions.mark_sent`):
+    an acceptance waits for no other, but those that arrive while a record is being written
+    share the next one, so a busy job writes few transactions and an idle one no later."""
+
+    def __init__(self, session_factory: SessionFactory) -> None:
+        self._session_factory = session_factory
+        self._pending: list[tuple[Submitted, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.events: list[EventJob] = []
+
+    def record(self, submitted: Submitted) -> asyncio.Future[bool]:
+        """Whether the message moved to `sent` (not when a report or later attempt owns it)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((submitted, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+        return done
+
+    async def drained(self) -> None:
+        """Wait for every record under way."""
+        if self._writer is not None:
+            await asyncio.wait({self._writer})
+
+    async def _write(self) -> None:
+        batch: list[tuple[Submitted, asyncio.Future[bool]]] = []
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # the rest of this turn's acceptances join
+                batch, self._pending = self._pending, []
+                try:
+                    moved, events = await record_submissions(
+                        self._session_factory, [s for s, _ in batch]
+                    )
+                except Exception as error:
+                    for _, done in batch:
+                        done.set_exception(error)
+                    continue
+                self.events += events
+                for submitted, done in batch:
+                    done.set_result(submitted.message.id in moved)
+        finally:
+            self._writer = None
+            for _, done in batch + self._pending:  # cancelled: nothing may wait forever
+                if not done.done():
+                    done.cancel()
 
 
 async def submit(
@@ -148,7 +341,7 @@ async def submit(
     """Call the provider for a claimed message. The circuit breaker is told of each answer as
     it arrives (so a success resets the failures before it, in the order they happened); a
     refusal or error is recorded here (retry, failure or unknown outcome); an acceptance is
-    returned for `record_submissions`."""
+    returned for the caller to record."""
     sms = OutboundSms(
         message_id=message.id,
         to=message.to,
@@ -212,23 +405,6 @@ def _observe(provider: str, outcome: str, started: float) -> None:
     )
 
 
-async def _claim(
-    session_factory: SessionFactory, message_id: uuid.UUID, route: Go | None = None
-) -> Message | Outcome:
-    """Claim the message through the one claim of every delivery (app.domain.transitions), or
-    say why there is nothing to send now. With a `route` to another provider (failover), the
-    message moves to that provider as it is claimed."""
-    routes = {message_id: route.provider} if route is not None else None
-
-    async def work(session: AsyncSession) -> Claim:
-        return await claim(session, [message_id], routes)
-
-    claimed, events = await run_transaction(session_factory, work)
-    if claimed.claimed:
-        return claimed.claimed[0]
-    return replace(claimed.outcomes[message_id], events=events)
-
-
 async def _record_failure(
     session_factory: SessionFactory, message: Message, error: ProviderError, policy: RetryPolicy
 ) -> Outcome:
@@ -284,13 +460,13 @@ async def _record_failure(
 
 
 async def release_claim(
-    session_factory: SessionFactory, message: Message, reason: str, route: Go
+    session_factory: SessionFactory, message: Message, reason: str, home: str | None = None
 ) -> None:
-    """Undo a claim before the provider was called (its turn has passed, or the job was
-    cancelled): back to `queued` on its own provider, the attempt not counted."""
+    """Undo a claim before the provider was called (the job was cancelled): back to `queued`
+    on its own provider (`home`, when it had failed over), the attempt not counted."""
 
     async def work(session: AsyncSession) -> bool:
-        return await release(session, message, reason, route.home or message.provider)
+        return await release(session, message, reason, home or message.provider)
 
     await run_transaction(session_factory, work)
 

@@ -1,40 +1,39 @@
-"""Before a queued message is claimed: which provider takes it, and may it go now.
+"""The delivery gate: which provider takes each claimed message, and when it may go.
 
-`Dispatcher.admit` is the gate `deliver_message` passes first, in this order:
+`Dispatcher.gate` answers for every message a delivery job claimed, at once, in this order:
 1. Routing: the message's provider, unless that provider's circuit is open and the sender names
    a fallback provider whose circuit is not: then the fallback. A message that was ever
    resubmitted after an unknown outcome stays where it is (its first submission may exist there:
    only that provider can say, and only it can keep the two from both reaching the handset).
-   Without a usable fallback, the message waits for the circuit's next probe.
+   Without a usable fallback, the message waits for the circuit's next probe; when the probe is
+   due, one message of the job is it and the others wait for its result.
 2. Pause: a provider that throttled us is left alone until its pause ends.
-3. Pacing: the sender's rate (app.domain.pacing): is it the message's turn?
-Waiting is never an attempt and never a failure: the job is deferred and the message stays
-`queued`. The checks are repeated by the claim (status, due time, expiry, opt-out) in its own
-transaction; the gate holds no database connection while it waits. After the claim, `pace`
-takes the sender's slot immediately before the provider call; in the rare case the turn has
-moved on meanwhile (more than a short wait), the claim is released (`transitions.release`).
+3. Pacing: the sender's rate (app.domain.pacing). Each sender's messages take a run of
+   consecutive slots in one step; a message beyond that run (the sender has a line) takes its
+   own place in line, waits for it when it is near, or is put back to wait for it.
+Each provider is asked once and each sender once, whatever the job carries. A message that
+waits is put back by the caller (`transitions.release`): waiting is never an attempt and never a
+failure. The gate runs between transactions: it holds no database connection.
 
-When Redis cannot be reached the gate says "wait": the arq queue lives there too, so nothing
-could be sent reliably anyway, and the sweep re-enqueues the message once Redis is back.
+When Redis cannot be reached the gate says "wait": the queue lives there too, so nothing could
+be sent reliably anyway, and the sweep re-enqueues the message once Redis is back.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Final
 
 from redis.exceptions import RedisError
-from sqlalchemy import select
 
-from app.db.models import Message, Sender
-from app.db.session import SessionFactory
 from app.domain.circuit import CircuitState, Health, ProviderHealth
-from app.domain.pacing import SenderPacer
-from app.domain.status import MessageStatus
+from app.domain.pacing import DEFER_LEAD_SECONDS, SenderPacer
 from app.metrics import RATE_LIMIT_DEFERRALS
 from app.providers.base import Provider, ProviderError
 
@@ -44,28 +43,43 @@ log = logging.getLogger(__name__)
 PROBE_RECHECK_SECONDS: Final = 2.0
 # When Redis does not answer, try again after this long.
 REDIS_DOWN_RETRY_SECONDS: Final = 5.0
-# A job may start a little before the time it was deferred to: that is due (as for the claim).
-DUE_TOLERANCE_SECONDS: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What the gate needs of one claimed message."""
+
+    message_id: uuid.UUID
+    provider: str
+    sender_id: uuid.UUID
+    rate: float
+    fallback: str | None  # None when it has none or was resubmitted after an unknown outcome
 
 
 @dataclass(frozen=True, slots=True)
 class Go:
-    """Claim the message and submit it to `provider` (a fallback when it differs from the
-    message's own provider); `probe` when this submission tests a half-open circuit. `rate` is
-    the sender's, for `Dispatcher.pace` (None: nothing to pace, the claim will say why)."""
+    """Submit the message to `provider` (its fallback when `home` is set: its own provider)
+    when `at` (`time.monotonic()`) has come; `probe` when it tests a half-open circuit. With
+    `in_line`, its sender has a line: it takes its own place in it first (`take_turn`), at
+    the sender's `rate`."""
 
     provider: str
+    at: float = 0.0
     probe: bool = False
-    rate: float | None = None
-    home: str | None = None  # the message's own provider, when `provider` is its fallback
+    home: str | None = None
+    in_line: bool = False
+    rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Not now: defer the job this long (the message stays queued; no attempt is counted)."""
+    """Not now: put the message back for this long (it stays queued; no attempt is counted)."""
 
     seconds: float
     reason: str
+
+
+Verdict = Go | Wait
 
 
 class Dispatcher:
@@ -78,87 +92,99 @@ class Dispatcher:
         self.pacer = pacer
         self._providers = providers
 
-    async def admit(self, session_factory: SessionFactory, message_id: uuid.UUID) -> Go | Wait:
-        """Where and whether the message may be submitted now."""
-        async with session_factory() as session:
-            row = (
-                await session.execute(
-                    select(
-                        Message.status,
-                        Message.provider,
-                        Message.sender_id,
-                        Message.resubmissions,
-                        Message.next_attempt_at,
-                        Message.expires_at,
-                        Sender.rate_per_second,
-                        Sender.fallback_provider,
-                    )
-                    .join(Sender, Sender.id == Message.sender_id)
-                    .where(Message.id == message_id)
-                )
-            ).one_or_none()
-        now = datetime.now(UTC)
-        if (
-            row is None
-            or row.status != MessageStatus.QUEUED.value
-            or (row.expires_at is not None and row.expires_at <= now)
-        ):
-            # Nothing to send: the claim says why (and records it), without taking a slot.
-            return Go(provider=row.provider if row is not None else "")
-        not_due_for = (row.next_attempt_at - now).total_seconds()
-        if not_due_for > DUE_TOLERANCE_SECONDS:  # picked up early: keep the backoff
-            return Wait(not_due_for, "not_due")
+    async def gate(self, tickets: Sequence[Ticket]) -> dict[uuid.UUID, Verdict]:
+        """Where and when each message may be submitted, or how long it must wait."""
         try:
-            return await self._admit(
-                message_id,
-                provider=row.provider,
-                fallback=row.fallback_provider if row.resubmissions == 0 else None,
-                sender_id=row.sender_id,
-                rate=row.rate_per_second,
-            )
+            routed = await self._route(tickets)
+            return await self._pace(tickets, routed)
         except (RedisError, OSError) as error:
             log.warning("delivery gate unavailable", extra={"error": repr(error)})
-            return Wait(REDIS_DOWN_RETRY_SECONDS, "redis_unavailable")
+            return {
+                t.message_id: Wait(REDIS_DOWN_RETRY_SECONDS, "redis_unavailable") for t in tickets
+            }
 
-    async def _admit(
-        self,
-        message_id: uuid.UUID,
-        *,
-        provider: str,
-        fallback: str | None,
-        sender_id: uuid.UUID,
-        rate: float,
-    ) -> Go | Wait:
-        home = provider
-        health = await self.health.check(provider)
-        if health.state is CircuitState.OPEN and fallback and fallback in self._providers:
-            fallback_health = await self.health.check(fallback)
-            if fallback_health.state is not CircuitState.OPEN:
-                provider, health = fallback, fallback_health
-        if health.state is CircuitState.OPEN:
-            return self._wait_for(provider, health)
-        if health.paused_for > 0:
-            RATE_LIMIT_DEFERRALS.labels(provider=provider, reason="provider_paused").inc()
-            return Wait(_jittered(health.paused_for), "provider_paused")
-        wait = await self.pacer.wait_turn(sender_id, message_id, rate, provider=provider)
-        if wait > 0:
-            return Wait(wait, "sender_rate")
-        return Go(
-            provider=provider,
-            probe=health.state is CircuitState.PROBE,
-            rate=rate,
-            home=home if provider != home else None,
+    async def _route(self, tickets: Sequence[Ticket]) -> dict[uuid.UUID, Verdict]:
+        """Each message's provider (its own or its fallback), or why it must wait."""
+        healths: dict[str, Health] = {}
+        probing: set[str] = set()  # providers whose probe this job already makes
+
+        async def health_of(provider: str) -> Health:
+            if provider not in healths:
+                healths[provider] = await self.health.check(provider)
+            return healths[provider]
+
+        def state_of(provider: str) -> CircuitState:
+            # A half-open circuit takes one probe: after this job's, it reads as open.
+            state = healths[provider].state
+            return CircuitState.OPEN if provider in probing else state
+
+        verdicts: dict[uuid.UUID, Verdict] = {}
+        for ticket in tickets:
+            provider = ticket.provider
+            await health_of(provider)
+            if (
+                state_of(provider) is CircuitState.OPEN
+                and ticket.fallback
+                and ticket.fallback in self._providers
+            ):
+                await health_of(ticket.fallback)
+                if state_of(ticket.fallback) is not CircuitState.OPEN:
+                    provider = ticket.fallback
+            health, state = healths[provider], state_of(provider)
+            if state is CircuitState.OPEN:
+                verdicts[ticket.message_id] = self._wait_for(provider, health)
+                continue
+            if health.paused_for > 0:
+                RATE_LIMIT_DEFERRALS.labels(provider=provider, reason="provider_paused").inc()
+                verdicts[ticket.message_id] = Wait(_jittered(health.paused_for), "provider_paused")
+                continue
+            if state is CircuitState.PROBE:
+                probing.add(provider)
+            home = ticket.provider if provider != ticket.provider else None
+            verdicts[ticket.message_id] = Go(provider, probe=state is CircuitState.PROBE, home=home)
+        return verdicts
+
+    async def _pace(
+        self, tickets: Sequence[Ticket], routed: dict[uuid.UUID, Verdict]
+    ) -> dict[uuid.UUID, Verdict]:
+        """Give every routed message its sender's next slot: a run of consecutive slots per
+        sender in one step; a message beyond the run takes its place in the sender's line
+        itself, just before its call (`take_turn`)."""
+        by_sender: defaultdict[uuid.UUID, list[Ticket]] = defaultdict(list)
+        for ticket in tickets:
+            if isinstance(routed[ticket.message_id], Go):
+                by_sender[ticket.sender_id].append(ticket)
+        verdicts = dict(routed)
+        for sender_id, group in by_sender.items():
+            slots = await self.pacer.reserve(sender_id, group[0].rate, len(group), consume=True)
+            reserved_at = time.monotonic()
+            for index, ticket in enumerate(group):
+                go = verdicts[ticket.message_id]
+                assert isinstance(go, Go)
+                if index < slots.count:
+                    verdicts[ticket.message_id] = replace(go, at=reserved_at + slots.offset(index))
+                else:
+                    verdicts[ticket.message_id] = await self._join_line(ticket, go)
+        return verdicts
+
+    async def _join_line(self, ticket: Ticket, go: Go) -> Verdict:
+        """A message beyond its sender's free run takes a place in the sender's line: it waits
+        for a near turn itself (`take_turn`), or is put back until just before a later one."""
+        slot = await self.pacer.take(
+            ticket.sender_id, ticket.message_id, ticket.rate, consume=False
         )
+        if slot.queued:
+            RATE_LIMIT_DEFERRALS.labels(provider=go.provider, reason="sender_rate").inc()
+        if slot.wait <= self.pacer.max_inline_wait:
+            return replace(go, in_line=True, rate=ticket.rate)
+        return Wait(max(slot.wait - DEFER_LEAD_SECONDS, DEFER_LEAD_SECONDS), "sender_rate")
 
-    async def pace(self, route: Go, message: Message) -> float:
-        """After the claim, immediately before the provider call: take the sender's slot.
-        0.0 to go; otherwise how long the message must wait (release the claim first)."""
-        if route.rate is None:
-            return 0.0
+    async def take_turn(self, go: Go, sender_id: uuid.UUID, message_id: uuid.UUID) -> float:
+        """For a message whose sender has a line, immediately before its call: take its slot,
+        sleeping through a short wait (0.0: go now); otherwise how long until its turn (put it
+        back; it keeps its place in line)."""
         try:
-            return await self.pacer.admit(
-                message.sender_id, message.id, route.rate, provider=message.provider
-            )
+            return await self.pacer.admit(sender_id, message_id, go.rate, provider=go.provider)
         except (RedisError, OSError) as error:
             log.warning("delivery gate unavailable", extra={"error": repr(error)})
             return REDIS_DOWN_RETRY_SECONDS
@@ -166,7 +192,8 @@ class Dispatcher:
     @staticmethod
     def _wait_for(provider: str, health: Health) -> Wait:
         RATE_LIMIT_DEFERRALS.labels(provider=provider, reason="circuit_open").inc()
-        return Wait(_jittered(min(health.open_for, PROBE_RECHECK_SECONDS * 5)), "circuit_open")
+        wait = health.open_for if health.state is CircuitState.OPEN else PROBE_RECHECK_SECONDS
+        return Wait(_jittered(min(wait, PROBE_RECHECK_SECONDS * 5)), "circuit_open")
 
     async def record(self, provider: str, error: ProviderError | None) -> None:
         """Tell the circuit breaker (and the pause) how a submission went; never raises."""

@@ -85,7 +85,7 @@ return {math.ceil(slot - now), 1}
 
 
 _RESERVE: Final = """
--- A run of consecutive slots for a batch of messages (app.domain.batch_delivery). KEYS[1]: the
+-- A run of consecutive slots for a job's messages (app.domain.dispatch). KEYS[1]: the
 -- sender's TAT (ms), KEYS[2]: the last slot handed out to a waiting message (ms). ARGV[1]:
 -- emission interval (ms); ARGV[2]: how many slots are wanted; ARGV[3]: how far ahead a slot may
 -- be (ms); ARGV[4]: '1' to take them, '0' only to count them. Returns {count, first_ms}: slot i
@@ -153,7 +153,7 @@ class SenderPacer:
     def __init__(self, redis: Redis, *, max_inline_wait: float = MAX_INLINE_WAIT_SECONDS) -> None:
         self._script = redis.register_script(_GCRA)
         self._reserve = redis.register_script(_RESERVE)
-        self._max_inline_wait = max_inline_wait
+        self.max_inline_wait = max_inline_wait
 
     async def reserve(
         self, sender_id: uuid.UUID, rate: float, wanted: int, *, consume: bool
@@ -164,7 +164,7 @@ class SenderPacer:
         interval_ms = 1000.0 / rate
         count, first_ms = await self._reserve(
             keys=[f"{prefix}:tat", f"{prefix}:line"],
-            args=[interval_ms, wanted, int(self._max_inline_wait * 1000), "1" if consume else "0"],
+            args=[interval_ms, wanted, int(self.max_inline_wait * 1000), "1" if consume else "0"],
         )
         return Reservation(
             count=int(count), first=max(float(first_ms), 0.0) / 1000.0, interval=interval_ms / 1000
@@ -212,7 +212,7 @@ class SenderPacer:
                 RATE_LIMIT_DEFERRALS.labels(provider=provider, reason="sender_rate").inc()
             if slot.wait <= 0:
                 return 0.0
-            if waited + slot.wait > self._max_inline_wait:
+            if waited + slot.wait > self.max_inline_wait:
                 return max(slot.wait - DEFER_LEAD_SECONDS, DEFER_LEAD_SECONDS)
             # A few ms more, so the slot has surely begun by Redis' clock when we ask again.
             await asyncio.sleep(slot.wait + 0.002)

@@ -25,22 +25,18 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
-    SmallInteger,
-    String,
     and_,
     case,
-    column,
     func,
     or_,
     select,
+    text,
     update,
-    values,
 )
-from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Message, MessageEvent
+from app.db.models import Message, MessageEvent, Sender
 from app.db.session import SessionFactory
 from app.domain.events import EventJob, emit_message_status, emit_message_statuses, scheduled
 from app.domain.optouts import lock_recipients, opted_out_pairs, record_provider_opt_out
@@ -116,12 +112,22 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class SenderTerms:
+    """What the delivery gate needs of a claimed message's sender: its rate, its fallback."""
+
+    rate: float
+    fallback_provider: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """What a claim did: the messages now `sending` (this attempt), and an outcome for every
-    other id (nothing to do, not due yet, expired, canceled for an opt-out)."""
+    other id (nothing to do, not due yet, expired, canceled for an opt-out); the claimed
+    messages' senders' terms, read with them."""
 
     claimed: list[Message]
     outcomes: dict[uuid.UUID, Outcome] = field(default_factory=dict)
+    senders: dict[uuid.UUID, SenderTerms] = field(default_factory=dict)
 
 
 async def claim(
@@ -138,14 +144,19 @@ async def claim(
     another provider as it is claimed (failover), so its callbacks and reconciliation go there.
     """
     rows = (
-        await session.execute(select(Message, func.now()).where(Message.id.in_(message_ids)))
+        await session.execute(
+            select(Message, func.now(), Sender.rate_per_second, Sender.fallback_provider)
+            .join(Sender, Sender.id == Message.sender_id)
+            .where(Message.id.in_(message_ids))
+        )
     ).all()
     outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(message_ids, Outcome(None))
     if not rows:
         return Claim([], outcomes)
     now: datetime = rows[0][1]
+    senders = {row[0].sender_id: SenderTerms(row[2], row[3]) for row in rows}
     candidates = []
-    for message, _ in rows:
+    for message, *_ in rows:
         if message.status != MessageStatus.QUEUED.value:
             continue
         if message.expires_at is not None and now >= message.expires_at:
@@ -178,7 +189,7 @@ async def claim(
     claimed = await _claim_rows(session, allowed, routes or {})
     for message in claimed:
         del outcomes[message.id]
-    return Claim(claimed, outcomes)
+    return Claim(claimed, outcomes, senders)
 
 
 async def _claim_rows(
@@ -262,20 +273,70 @@ def _pending(message: Message) -> ColumnElement[bool]:
     )
 
 
-async def release(session: AsyncSession, message: Message, reason: str, home: str) -> bool:
+async def release(
+    session: AsyncSession, message: Message, reason: str, home: str, *, quiet: bool = False
+) -> bool:
     """Undo a claim before the provider was called: back to `queued` on its own provider
-    (`home`), the attempt not counted. Whether it was still this attempt's to undo."""
+    (`home`), the attempt not counted. Whether it was still this attempt's to undo.
+
+    `quiet` for a message the delivery gate turned back (an open circuit, a paused provider, a
+    sender's line): its history reads as if it was never claimed (the claim's `sending` row no
+    longer counts as applied, and the reason is a note), as waiting is never an attempt."""
     released = await session.scalar(
         update(Message)
         .where(_pending(message))
         .values(status=MessageStatus.QUEUED.value, attempts=Message.attempts - 1, provider=home)
         .returning(Message.id)
     )
-    if released is not None:
+    if released is None:
+        return False
+    if not quiet:
         session.add(
             _history(message.id, MessageStatus.QUEUED, applied=True, detail=f"not sent: {reason}")
         )
-    return released is not None
+        return True
+    claim_row = (
+        select(func.max(MessageEvent.id))
+        .where(MessageEvent.message_id == message.id, MessageEvent.status == "sending")
+        .scalar_subquery()
+    )
+    await session.execute(
+        update(MessageEvent).where(MessageEvent.id == claim_row).values(applied=False)
+    )
+    session.add(
+        MessageEvent(
+            message_id=message.id,
+            status=None,
+            applied=False,
+            source="worker",
+            detail=f"not sent: {reason}",
+        )
+    )
+    return True
+
+
+async def reroute(session: AsyncSession, message: Message, provider: str, reason: str) -> bool:
+    """Send a claimed message through another provider (failover), before it is called: its
+    callbacks and any reconciliation go there too. Whether it was still this attempt's."""
+    moved = await session.scalar(
+        update(Message).where(_pending(message)).values(provider=provider).returning(Message.id)
+    )
+    if moved is not None:
+        log.warning(
+            "message failed over",
+            extra={"message_id": str(message.id), "from": message.provider, "to": provider},
+        )
+        # A note beside the attempt's `sending` row (the status does not change).
+        session.add(
+            MessageEvent(
+                message_id=message.id,
+                status=None,
+                applied=False,
+                source="worker",
+                detail=f"attempt {message.attempts} via {provider}: {reason} (failover)",
+            )
+        )
+    return moved is not None
 
 
 async def requeue(
@@ -367,44 +428,53 @@ class Acceptance:
     provider_message_id: str
 
 
-async def mark_sent(session: AsyncSession, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
-    """Record that the provider accepted these messages: the ids that moved to `sent`.
-
-    A fast delivery report may already have moved a message past `sent` (or a later attempt
-    may own it): then only the provider's id is recorded.
+# Record acceptances in one statement: each message still at this attempt moves to `sent` with
+# its provider id; one a report or a later attempt moved on keeps its status and gets the id only
+# if it has none (a report may have set it first); every acceptance gets its history row.
+_MARK_SENT: Final = text(
     """
+WITH accepted AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS uuid[]), CAST(:attempts AS smallint[]), CAST(:pids AS varchar[]),
+        CAST(:details AS text[])
+    ) AS a(id, attempts, pid, detail)
+), moved AS (
+    UPDATE messages AS m SET status = 'sent', provider_message_id = a.pid, updated_at = now()
+    FROM accepted AS a
+    WHERE m.id = a.id AND m.status = 'sending' AND m.attempts = a.attempts
+    RETURNING m.id
+), late AS (
+    UPDATE messages AS m SET provider_message_id = a.pid, updated_at = now()
+    FROM accepted AS a
+    WHERE m.id = a.id AND m.provider_message_id IS NULL
+      AND NOT (m.status = 'sending' AND m.attempts = a.attempts)
+), history AS (
+    INSERT INTO message_events (message_id, status, applied, source, detail)
+    SELECT a.id, 'sent', a.id IN (SELECT id FROM moved), 'worker', a.detail FROM accepted AS a
+)
+SELECT id FROM moved
+"""
+)
+
+
+async def mark_sent(session: AsyncSession, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
+    """Record that the provider accepted these messages (one statement): the ids that moved to
+    `sent`. A fast delivery report may already have moved a message past `sent` (or a later
+    attempt may own it): then only the provider's id is recorded, where it has none."""
     if not accepted:
         return set()
-    rows = values(
-        column("id", UUID), column("attempts", SmallInteger), column("pid", String), name="accepted"
-    ).data([(a.message.id, a.message.attempts, a.provider_message_id) for a in accepted])
     moved = set(
         await session.scalars(
-            update(Message)
-            .where(
-                Message.id == rows.c.id,
-                Message.status == MessageStatus.SENDING.value,
-                Message.attempts == rows.c.attempts,  # this attempt, not a later one
-            )
-            .values(status=MessageStatus.SENT.value, provider_message_id=rows.c.pid)
-            .returning(Message.id)
-            .execution_options(synchronize_session=False)
+            _MARK_SENT,
+            {
+                "ids": [a.message.id for a in accepted],
+                "attempts": [a.message.attempts for a in accepted],
+                "pids": [a.provider_message_id for a in accepted],
+                "details": [
+                    f"accepted by {a.provider} as {a.provider_message_id}" for a in accepted
+                ],
+            },
         )
-    )
-    for late in (a for a in accepted if a.message.id not in moved):
-        await session.execute(
-            update(Message)
-            .where(Message.id == late.message.id)
-            .values(provider_message_id=late.provider_message_id)
-        )
-    session.add_all(
-        _history(
-            a.message.id,
-            MessageStatus.SENT,
-            applied=a.message.id in moved,
-            detail=f"accepted by {a.provider} as {a.provider_message_id}",
-        )
-        for a in accepted
     )
     await emit_message_statuses(session, [a.message for a in accepted if a.message.id in moved])
     for a in accepted:

@@ -17,8 +17,8 @@ from arq import Retry, cron, func
 from redis.exceptions import RedisError
 
 from app.db.session import create_engine, create_session_factory
-from app.domain.batch_delivery import deliver_batch as deliver_batch_of_messages
 from app.domain.delivery import Outcome, RetryPolicy, deliver_message
+from app.domain.delivery import deliver as deliver_messages
 from app.domain.status import MessageStatus
 from app.domain.sweep import sweep_once
 from app.domain.transitions import record_status_report
@@ -167,15 +167,15 @@ async def deliver_batch(ctx: dict[str, Any], message_ids: list[str]) -> int:
 
 
 async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
-    """Deliver newly accepted messages together (app.domain.batch_delivery), in chunks of what
-    the in-flight limit allows; a message that must wait gets a job of its own, deferred.
+    """Deliver messages together (app.domain.delivery, the road every job takes), in chunks of
+    what the in-flight limit allows; a message that must wait gets a job of its own, deferred.
     Returns how many were sent."""
     in_flight: InFlightLimit = ctx["in_flight"]
     pending = [uuid.UUID(message_id) for message_id in message_ids]
 
     async def chunk(ids: list[uuid.UUID]) -> dict[uuid.UUID, Outcome]:
         try:
-            result = await deliver_batch_of_messages(
+            result = await deliver_messages(
                 ids,
                 ctx["session_factory"],
                 ctx["providers"],

@@ -14,7 +14,6 @@ from sqlalchemy import select, update
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
-from app.domain.batch_delivery import deliver_batch
 from app.domain.delivery import (
     Outcome,
     Submitted,
@@ -22,6 +21,7 @@ from app.domain.delivery import (
     record_submissions,
     submit,
 )
+from app.domain.delivery import deliver as deliver_batch
 from app.domain.status import MessageStatus
 from app.domain.transitions import apply_status_report
 from app.providers.base import Accepted, StatusReport
