@@ -1,0 +1,181 @@
+"""API keys and senders as the send path needs them, cached per process for a few seconds.
+
+Every send looks up its key and its sender; both change rarely. Each API process keeps what it
+read for `LOOKUP_CACHE_SECONDS` (0: not at all), so a revoked key or a changed sender is honoured
+by the other processes for at most that long, and by the process that made the change not at all
+(it forgets the entry when its transaction commits). Only what exists is cached: an unknown key or
+sender is looked up again every time, so a new one works at once. A sender's keyword readiness is
+computed once per lookup, not per message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from app.db.pg import Database, fetch
+from app.domain.auth import Principal, api_key_from_header, hash_key, unknown_key
+from app.domain.keywords import KeywordConfig, missing_replies
+from app.domain.phone import InvalidPhoneNumber, normalize_phone
+from app.domain.senders import PHONE_LIKE, no_default_sender, sender_not_found, unknown_sender
+from app.errors import PolicyRefusal
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# Beyond this many entries a cache starts afresh (a bound, not an eviction policy: real keys and
+# senders are few, and misses are never cached).
+MAX_ENTRIES: Final = 10_000
+
+
+class TtlCache(Generic[K, V]):
+    """Values kept for `ttl` seconds after they were read (0: never kept)."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        """The value, unless absent or older than the TTL."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        """Keep `value` for the TTL."""
+        if self._ttl <= 0:
+            return
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + self._ttl, value)
+
+    def discard_where(self, stale: Any) -> None:
+        """Forget every entry whose value `stale(value)` is true."""
+        for key in [key for key, (_, value) in self._entries.items() if stale(value)]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._entries.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class SenderInfo:
+    """What accepting a message needs of its sender."""
+
+    id: uuid.UUID
+    address: str
+    provider: str
+    # Keyword replies still to configure before it may send ([] when ready).
+    missing_replies: tuple[str, ...]
+
+    def refusal(self) -> PolicyRefusal | None:
+        """The refusal of a sender whose keyword replies are incomplete, else None."""
+        if not self.missing_replies:
+            return None
+        return PolicyRefusal(
+            "sender_keywords_incomplete",
+            f"sender {self.address} cannot send until its keyword replies are configured; "
+            f"missing: {', '.join(self.missing_replies)}",
+        )
+
+
+_PRINCIPAL_SQL: Final = """
+SELECT c.id, c.name, c.default_sender_id, k.is_admin
+FROM api_keys AS k JOIN clients AS c ON c.id = k.client_id
+WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+"""
+_SENDER_COLUMNS: Final = "id, address, provider, keywords::text AS keywords"
+_SENDER_BY_ID_SQL: Final = f"SELECT {_SENDER_COLUMNS} FROM senders WHERE id = $1"
+# The address as written first, then its canonical phone form (`find_sender_by_address`).
+_SENDER_BY_ADDRESS_SQL: Final = f"""
+SELECT {_SENDER_COLUMNS} FROM senders WHERE address = ANY($1::text[])
+ORDER BY array_position($1::text[], address::text) LIMIT 1
+"""
+
+
+class Lookups:
+    """The per-process caches of principals (by key hash) and senders (by id and address)."""
+
+    def __init__(self, db: Database, *, ttl: float, accept_default_replies: bool) -> None:
+        self._db = db
+        self._accept_defaults = accept_default_replies
+        self._principals: TtlCache[bytes, Principal] = TtlCache(ttl)
+        self._senders_by_id: TtlCache[uuid.UUID, SenderInfo] = TtlCache(ttl)
+        self._senders_by_address: TtlCache[str, SenderInfo] = TtlCache(ttl)
+
+    async def principal(self, authorization: str | None) -> Principal:
+        """The principal behind an `Authorization: Bearer <key>` header, or `Unauthorized`."""
+        key_hash = hash_key(api_key_from_header(authorization))
+        principal = self._principals.get(key_hash)
+        if principal is None:
+            async with self._db.connection() as connection:
+                rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
+            if not rows:
+                raise unknown_key()
+            client_id, name, default_sender_id, is_admin = rows[0]
+            principal = Principal(client_id, name, default_sender_id, is_admin)
+            self._principals.put(key_hash, principal)
+        return principal
+
+    async def sender(
+        self, address: str | None, default_sender_id: uuid.UUID | None, default_region: str
+    ) -> SenderInfo:
+        """The sender a message goes out from: the one named (`find_sender_by_address`'s rule),
+        or the client's default."""
+        if address is None:
+            if default_sender_id is None:
+                raise no_default_sender()
+            sender = self._senders_by_id.get(default_sender_id)
+            if sender is None:
+                sender = await self._load(_SENDER_BY_ID_SQL, default_sender_id)
+                if sender is None:
+                    raise sender_not_found(default_sender_id)
+            return sender
+        sender = self._senders_by_address.get(address)
+        if sender is None:
+            sender = await self._load(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region))
+            if sender is None:
+                raise unknown_sender(address)
+            self._senders_by_address.put(address, sender)
+        return sender
+
+    async def _load(self, sql: str, argument: Any) -> SenderInfo | None:
+        async with self._db.connection() as connection:
+            rows = await fetch(connection, sql, argument, autocommit=True)
+        if not rows:
+            return None
+        sender_id, address, provider, keywords = rows[0]
+        config = KeywordConfig.model_validate(json.loads(keywords))
+        sender = SenderInfo(
+            id=sender_id,
+            address=address,
+            provider=provider,
+            missing_replies=tuple(missing_replies(config, accept_defaults=self._accept_defaults)),
+        )
+        self._senders_by_id.put(sender_id, sender)
+        return sender
+
+    def forget_sender(self, sender_id: uuid.UUID) -> None:
+        """Drop a changed sender, under every address it was looked up by."""
+        self._senders_by_id.discard_where(lambda sender: sender.id == sender_id)
+        self._senders_by_address.discard_where(lambda sender: sender.id == sender_id)
+
+    def forget_principals(self) -> None:
+        """Drop every cached key (after a revocation, or a client's default sender changed)."""
+        self._principals.clear()
+
+
+def _spellings(address: str, default_region: str) -> list[str]:
+    """The address as written and, for a phone-like one, its canonical E.164 form."""
+    if not PHONE_LIKE.match(address):
+        return [address]
+    try:
+        return [address, normalize_phone(address, default_region)]
+    except InvalidPhoneNumber:
+        return [address]
