@@ -24,13 +24,14 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Final, Literal
 
+import asyncpg
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message
 from app.db.pg import Database, fetch
-from app.domain.auth import Principal
+from app.domain.auth import Principal, unknown_key
 from app.domain.destinations import check_destination
 from app.domain.encoding import BodyAnalysis, analyze_body
 from app.domain.idempotency import StoredResponse, key_in_use, key_reused, lock_id
@@ -109,7 +110,29 @@ async def accept_messages(
     batch: bool,
 ) -> StoredResponse:
     """Judge and store `items` (already validated one by one; an error there is that item's
-    result), then enqueue what was accepted. With an Idempotency-Key, at most once per key."""
+    result), then enqueue what was accepted. With an Idempotency-Key, at most once per key.
+
+    A cached sender deleted meanwhile fails the INSERT (nothing is stored): the caches are
+    dropped and the request judged again once; a cached client deleted meanwhile is a 401.
+    """
+    try:
+        return await _accept(acceptor, principal, items, render, idempotency, batch=batch)
+    except asyncpg.ForeignKeyViolationError as error:
+        acceptor.lookups.forget_all()
+        if "client" in (error.constraint_name or ""):
+            raise unknown_key() from None
+    return await _accept(acceptor, principal, items, render, idempotency, batch=batch)
+
+
+async def _accept(
+    acceptor: Acceptor,
+    principal: Principal,
+    items: Sequence[SendCommand | ServiceError],
+    render: Render,
+    idempotency: Idempotency | None,
+    *,
+    batch: bool,
+) -> StoredResponse:
     judged = await _judge(acceptor, principal, items)
     rows = [item for item in judged if isinstance(item, dict)]
     if idempotency is None:

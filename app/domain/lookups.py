@@ -170,6 +170,12 @@ class Lookups:
         """Drop every cached key (after a revocation, or a client's default sender changed)."""
         self._principals.clear()
 
+    def forget_all(self) -> None:
+        """Drop everything (what was cached turned out to be gone)."""
+        self._principals.clear()
+        self._senders_by_id.clear()
+        self._senders_by_address.clear()
+
 
 def _spellings(address: str, default_region: str) -> list[str]:
     """The address as written and, for a phone-like one, its canonical E.164 form."""
