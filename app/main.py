@@ -171,6 +171,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(asyncpg.InterfaceError)
+    # asyncpg's answer when a statement meets a connection the server has just closed.
+    @app.exception_handler(asyncpg.exceptions.InternalClientError)
     @app.exception_handler(OSError)
     async def database_unavailable(_: Request, error: Exception) -> JSONResponse:
         log.error("dependency unavailable", extra={"error": repr(error)})

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
 from app.metrics import DB_STATEMENTS, DB_TRANSACTIONS
+
+APPLICATION_NAME: Final = "smsgate-api-send"
 
 
 def asyncpg_dsn(database_url: str) -> str:
@@ -50,6 +52,8 @@ class Database:
                     min_size=self._size,
                     max_size=self._size,
                     max_inactive_connection_lifetime=0,
+                    # Named, so an operator (or a test) can tell the send path's connections apart.
+                    server_settings={"application_name": APPLICATION_NAME},
                 )
             return self._pool
 
