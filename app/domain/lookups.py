@@ -10,10 +10,11 @@ computed once per lookup, not per message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -38,6 +39,9 @@ class TtlCache(Generic[K, V]):
     def __init__(self, ttl: float) -> None:
         self._ttl = ttl
         self._entries: dict[K, tuple[float, V]] = {}
+        self._loading: dict[K, asyncio.Future[V | None]] = {}
+        # Bumped by every forgetting: a load that began before it is not kept.
+        self._generation = 0
 
     def get(self, key: K) -> V | None:
         """The value, unless absent or older than the TTL."""
@@ -54,14 +58,44 @@ class TtlCache(Generic[K, V]):
             self._entries.clear()
         self._entries[key] = (time.monotonic() + self._ttl, value)
 
-    def discard_where(self, stale: Any) -> None:
-        """Forget every entry whose value `stale(value)` is true."""
+    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """The cached value, else what `load()` finds (None: nothing, not kept). Concurrent misses
+        of one key share one load: an expiry under load costs one query, not one per request."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key, load, self._generation))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda done: self._loaded(key, done))
+        # Shielded: one waiter cancelled (its client gone) does not cancel the others' load.
+        return await asyncio.shield(pending)
+
+    async def _load(
+        self, key: K, load: Callable[[], Awaitable[V | None]], generation: int
+    ) -> V | None:
+        value = await load()
+        if value is not None and generation == self._generation:
+            self.put(key, value)
+        return value
+
+    def _loaded(self, key: K, done: asyncio.Future[V | None]) -> None:
+        if self._loading.get(key) is done:
+            del self._loading[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone
+
+    def discard_where(self, stale: Callable[[V], bool]) -> None:
+        """Forget every entry whose value `stale(value)` is true (and loads under way)."""
+        self._generation += 1
+        self._loading.clear()
         for key in [key for key, (_, value) in self._entries.items() if stale(value)]:
             del self._entries[key]
 
     def clear(self) -> None:
         """Forget everything."""
-        self._entries.clear()
+        self.discard_where(lambda _: True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,16 +146,20 @@ class Lookups:
     async def principal(self, authorization: str | None) -> Principal:
         """The principal behind an `Authorization: Bearer <key>` header, or `Unauthorized`."""
         key_hash = hash_key(api_key_from_header(authorization))
-        principal = self._principals.get(key_hash)
+        principal = await self._principals.get_or_load(
+            key_hash, lambda: self._load_principal(key_hash)
+        )
         if principal is None:
-            async with self._db.connection() as connection:
-                rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
-            if not rows:
-                raise unknown_key()
-            client_id, name, default_sender_id, is_admin = rows[0]
-            principal = Principal(client_id, name, default_sender_id, is_admin)
-            self._principals.put(key_hash, principal)
+            raise unknown_key()
         return principal
+
+    async def _load_principal(self, key_hash: bytes) -> Principal | None:
+        async with self._db.connection() as connection:
+            rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
+        if not rows:
+            return None
+        client_id, name, default_sender_id, is_admin = rows[0]
+        return Principal(client_id, name, default_sender_id, is_admin)
 
     async def sender(
         self, address: str | None, default_sender_id: uuid.UUID | None, default_region: str
@@ -131,21 +169,21 @@ class Lookups:
         if address is None:
             if default_sender_id is None:
                 raise no_default_sender()
-            sender = self._senders_by_id.get(default_sender_id)
+            sender = await self._senders_by_id.get_or_load(
+                default_sender_id, lambda: self._load_sender(_SENDER_BY_ID_SQL, default_sender_id)
+            )
             if sender is None:
-                sender = await self._load(_SENDER_BY_ID_SQL, default_sender_id)
-                if sender is None:
-                    raise sender_not_found(default_sender_id)
+                raise sender_not_found(default_sender_id)
             return sender
-        sender = self._senders_by_address.get(address)
+        sender = await self._senders_by_address.get_or_load(
+            address,
+            lambda: self._load_sender(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region)),
+        )
         if sender is None:
-            sender = await self._load(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region))
-            if sender is None:
-                raise unknown_sender(address)
-            self._senders_by_address.put(address, sender)
+            raise unknown_sender(address)
         return sender
 
-    async def _load(self, sql: str, argument: Any) -> SenderInfo | None:
+    async def _load_sender(self, sql: str, argument: Any) -> SenderInfo | None:
         async with self._db.connection() as connection:
             rows = await fetch(connection, sql, argument, autocommit=True)
         if not rows:
@@ -158,7 +196,6 @@ class Lookups:
             provider=provider,
             missing_replies=tuple(missing_replies(config, accept_defaults=self._accept_defaults)),
         )
-        self._senders_by_id.put(sender_id, sender)
         return sender
 
     def forget_sender(self, sender_id: uuid.UUID) -> None:
@@ -172,9 +209,8 @@ class Lookups:
 
     def forget_all(self) -> None:
         """Drop everything (what was cached turned out to be gone)."""
-        self._principals.clear()
-        self._senders_by_id.clear()
-        self._senders_by_address.clear()
+        for cache in (self._principals, self._senders_by_id, self._senders_by_address):
+            cache.clear()
 
 
 def _spellings(address: str, default_region: str) -> list[str]:
