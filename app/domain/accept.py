@@ -195,6 +195,8 @@ async def _judge(
 async def _refused_callbacks(urls: set[str], settings: Settings) -> dict[str, ServiceError]:
     """The callback URLs we will not call, each checked once (DNS lookups run concurrently, and
     before any database connection is taken: a slow resolver must not hold one)."""
+    if not urls:
+        return {}
 
     async def check(url: str) -> ServiceError | None:
         try:
@@ -478,11 +480,14 @@ def _is_json(kind: Any) -> bool:
 def _arguments(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[list[Any]]:
     """One array per column (JSON values as their text)."""
     return [
-        [json.dumps(row[name]) for row in rows]
-        if _is_json(_TABLE.c[name].type)
-        else [row[name] for row in rows]
-        for name in columns
+        [json.dumps(row[name]) for row in rows] if is_json else [row[name] for row in rows]
+        for name, is_json in zip(columns, _json_columns(columns), strict=True)
     ]
+
+
+@cache
+def _json_columns(columns: tuple[str, ...]) -> tuple[bool, ...]:
+    return tuple(_is_json(_TABLE.c[name].type) for name in columns)
 
 
 async def _insert(
