@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,7 +27,10 @@ from app.api import (
 )
 from app.api.limits import BodySizeLimit
 from app.db.migrations import head_revision
+from app.db.pg import Database
 from app.db.session import create_engine, create_session_factory
+from app.domain.accept import Acceptor
+from app.domain.lookups import Lookups
 from app.errors import (
     PROBLEM_JSON,
     Problem,
@@ -58,13 +62,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        db = Database(settings.database_url, size=settings.db_pool_size)
         http = build_http_client(settings)
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = create_session_factory(engine)
         app.state.queue = create_queue(settings.redis_url)
         app.state.delivery_batcher = DeliveryBatcher(app.state.queue)
+        app.state.lookups = Lookups(
+            db,
+            ttl=settings.lookup_cache_seconds,
+            accept_default_replies=settings.accept_default_keyword_replies,
+        )
+        app.state.acceptor = Acceptor(
+            db, app.state.lookups, settings, app.state.delivery_batcher.enqueue
+        )
         app.state.http = http
         app.state.providers = build_providers(settings, http)
         app.state.schema_head = head_revision()
@@ -74,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.delivery_batcher.close()
             await close_queue(app.state.queue)
             await http.aclose()
+            await db.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -140,9 +154,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(DataError)
-    async def unstorable(_: Request, error: DataError) -> JSONResponse:
+    async def unstorable(_: Request, error: Exception) -> JSONResponse:
         # Validation should have caught it; if not, the input (not the service) is at fault.
-        log.warning("input the database refused", extra={"error": repr(error.orig)})
+        log.warning(
+            "input the database refused", extra={"error": repr(getattr(error, "orig", error))}
+        )
         return _problem(
             Problem(
                 title="Invalid request",
@@ -154,6 +170,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(asyncpg.InterfaceError)
+    # asyncpg's answer when a statement meets a connection the server has just closed.
+    @app.exception_handler(asyncpg.exceptions.InternalClientError)
     @app.exception_handler(OSError)
     async def database_unavailable(_: Request, error: Exception) -> JSONResponse:
         log.error("dependency unavailable", extra={"error": repr(error)})
@@ -175,4 +194,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
         if error.connection_invalidated or sqlstate.startswith(("57", "08")):
             return await database_unavailable(request, error)
+        raise error
+
+    @app.exception_handler(asyncpg.PostgresError)
+    async def asyncpg_error(request: Request, error: asyncpg.PostgresError) -> JSONResponse:
+        # The send path's pool (app.db.pg) speaks asyncpg directly: the same answers as above.
+        sqlstate = str(getattr(error, "sqlstate", None) or "")
+        if sqlstate.startswith(("57", "08")):
+            return await database_unavailable(request, error)
+        if sqlstate.startswith("22"):
+            return await unstorable(request, error)
         raise error

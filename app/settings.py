@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     default_region: str = Field(default="US", min_length=2, max_length=2)
     max_segments: int = Field(default=10, ge=1, le=255)
     idempotency_ttl_hours: int = Field(default=24, ge=24)
+    # Connections each API process keeps open, in each of its two pools (asyncpg for the send
+    # path, SQLAlchemy for the rest): fixed, and at least the expected concurrency, so that load
+    # never opens new connections (each costs PostgreSQL about 2 ms of CPU).
+    db_pool_size: int = Field(default=32, ge=1, le=500)
+    # API keys and senders are cached per process for this long (0: not at all): a revoked key
+    # or a changed sender is honoured for at most this long by the other API processes.
+    lookup_cache_seconds: float = Field(default=5.0, ge=0)
     # Provider calls: the connect timeout is short because a failed connect is safe to retry.
     provider_connect_timeout_seconds: float = 3.0
     provider_read_timeout_seconds: float = 10.0

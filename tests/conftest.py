@@ -69,6 +69,8 @@ def make_settings(**overrides: Any) -> Settings:
         "worker_metrics_port": 0,
         "events_worker_metrics_port": 0,
         "retry_max_delay_seconds": 0.05,
+        # Every test builds its own app: a few connections each, not production's 32.
+        "db_pool_size": 4,
     }
     values.update(overrides)
     return Settings(**values)

@@ -146,7 +146,10 @@ SUBCOMMANDS = [
 
 def service_env(**values: str) -> dict[str, str]:
     """The environment of a service process on the test database and Redis."""
-    return clean_env(DATABASE_URL=owned_database_url(), REDIS_URL=TEST_REDIS_URL, **values)
+    # A few pooled connections, not production's 32: the test database is shared with the suite.
+    return clean_env(
+        DATABASE_URL=owned_database_url(), REDIS_URL=TEST_REDIS_URL, DB_POOL_SIZE="4", **values
+    )
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -9,9 +9,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.domain.auth import Principal, authenticate
+from app.domain.accept import Acceptor
+from app.domain.auth import Principal
 from app.domain.events import scheduled
-from app.domain.messages import ENQUEUE_AFTER_COMMIT
+from app.domain.lookups import Lookups
+from app.domain.messages import AFTER_COMMIT, ENQUEUE_AFTER_COMMIT
 from app.domain.transitions import record_status_report
 from app.errors import Forbidden
 from app.providers.base import Provider, StatusReport
@@ -27,6 +29,8 @@ async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
     """
     async with request.app.state.session_factory() as session, session.begin():
         yield session
+    for callback in session.info.pop(AFTER_COMMIT, []):
+        callback()
     to_enqueue = session.info.pop(ENQUEUE_AFTER_COMMIT, [])
     if to_enqueue:
         await request.app.state.delivery_batcher.enqueue(to_enqueue)
@@ -51,13 +55,22 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 _bearer = HTTPBearer(auto_error=False, description="Your API key, as `Bearer <key>`.")
 
 
+async def get_lookups(request: Request) -> Lookups:
+    """The process's cached lookups of API keys and senders."""
+    lookups: Lookups = request.app.state.lookups
+    return lookups
+
+
+LookupsDep = Annotated[Lookups, Depends(get_lookups)]
+
+
 async def get_principal(
-    session: SessionDep,
+    lookups: LookupsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The client behind the request's API key."""
+    """The client behind the request's API key (cached; no session: the send path has none)."""
     header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
-    return await authenticate(session, header)
+    return await lookups.principal(header)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -103,3 +116,12 @@ async def get_status_recorder(request: Request) -> StatusRecorder:
 
 
 StatusRecorderDep = Annotated[StatusRecorder, Depends(get_status_recorder)]
+
+
+async def get_acceptor(request: Request) -> Acceptor:
+    """What the send endpoints accept messages with."""
+    acceptor: Acceptor = request.app.state.acceptor
+    return acceptor
+
+
+AcceptorDep = Annotated[Acceptor, Depends(get_acceptor)]

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError as PydanticValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.deps import PrincipalDep, SessionDep, SettingsDep
+from app.api.deps import AcceptorDep, PrincipalDep, SessionDep, SettingsDep
 from app.api.params import (
     CreatedAfterQuery,
     CreatedBeforeQuery,
@@ -34,11 +32,9 @@ from app.api.schemas import (
     StatusChange,
 )
 from app.domain import messages as domain
-from app.domain.auth import Principal
-from app.domain.batch import accept_batch
-from app.domain.destinations import check_destination
+from app.domain.accept import Acceptor, Idempotency, Result, SendCommand, accept_messages
 from app.domain.encoding import analyze_body
-from app.domain.idempotency import fingerprint, run_idempotently
+from app.domain.idempotency import StoredResponse, check_key, fingerprint
 from app.domain.status import MessageStatus
 from app.errors import (
     Conflict,
@@ -49,7 +45,6 @@ from app.errors import (
     ValidationFailed,
     problem_responses,
 )
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
@@ -79,37 +74,29 @@ IdempotencyKeyHeader = Annotated[
 )
 async def send_message(
     request: SendMessageRequest,
-    session: SessionDep,
     principal: PrincipalDep,
-    settings: SettingsDep,
+    acceptor: AcceptorDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     """Accept a message for delivery."""
-    command = _command(request)
 
-    async def accept() -> tuple[int, dict[str, Any]]:
-        if command.callback_url is not None:  # https, and not into our own network (422)
-            await check_destination(command.callback_url, settings.events, field="callback_url")
-        message = await domain.accept_message(
-            session,
-            principal,
-            command,
-            max_segments=settings.max_segments,
-            default_region=settings.default_region,
-            accept_default_replies=settings.accept_default_keyword_replies,
-        )
-        if settings.log_message_bodies:
-            log.info("message body", extra={"message_id": str(message.id), "body": message.body})
-        return 202, MessageOut.model_validate(message).model_dump(mode="json", by_alias=True)
+    def render(results: list[Result]) -> tuple[int, dict[str, Any]]:
+        (result,) = results
+        if isinstance(result, ServiceError):
+            raise result
+        return 202, MessageOut.model_validate(result).model_dump(mode="json", by_alias=True)
 
-    return await _respond(
-        session,
+    response = await accept_messages(
+        acceptor,
         principal,
-        settings,
-        idempotency_key,
-        request.model_dump(mode="json", by_alias=True),
-        accept,
+        [_command(request)],
+        render=render,
+        idempotency=_idempotency(
+            acceptor, idempotency_key, request.model_dump(mode="json", by_alias=True)
+        ),
+        batch=False,
     )
+    return _respond(response)
 
 
 @router.post(
@@ -128,38 +115,35 @@ async def send_message(
 )
 async def send_batch(
     request: SendBatchRequest,
-    session: SessionDep,
     principal: PrincipalDep,
-    settings: SettingsDep,
+    acceptor: AcceptorDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     """Accept up to 1,000 messages at once; each is accepted or refused on its own."""
 
-    async def accept() -> tuple[int, dict[str, Any]]:
-        outcome = await accept_batch(
-            session,
-            principal,
-            _commands(request.messages),
-            max_segments=settings.max_segments,
-            default_region=settings.default_region,
-            accept_default_replies=settings.accept_default_keyword_replies,
-            events=settings.events,
-            log_bodies=settings.log_message_bodies,
-        )
+    def render(results: list[Result]) -> tuple[int, dict[str, Any]]:
+        accepted = sum(1 for result in results if not isinstance(result, ServiceError))
         return 200, {
-            "data": [_batch_result(index, result) for index, result in enumerate(outcome.results)],
-            "accepted": outcome.accepted,
-            "rejected": len(outcome.results) - outcome.accepted,
+            "data": [_batch_result(index, result) for index, result in enumerate(results)],
+            "accepted": accepted,
+            "rejected": len(results) - accepted,
         }
 
     # The body as sent: messages that fail validation have no normalised form to compare.
-    return await _respond(
-        session, principal, settings, idempotency_key, {"messages": request.messages}, accept
+    idempotency = _idempotency(acceptor, idempotency_key, {"messages": request.messages})
+    response = await accept_messages(
+        acceptor,
+        principal,
+        _commands(request.messages),
+        render=render,
+        idempotency=idempotency,
+        batch=True,
     )
+    return _respond(response)
 
 
-def _command(request: SendMessageRequest) -> domain.SendCommand:
-    return domain.SendCommand(
+def _command(request: SendMessageRequest) -> SendCommand:
+    return SendCommand(
         to=request.to,
         body=request.body,
         sender=request.from_,
@@ -169,11 +153,11 @@ def _command(request: SendMessageRequest) -> domain.SendCommand:
     )
 
 
-def _commands(messages: list[Any]) -> list[domain.SendCommand | ServiceError]:
+def _commands(messages: list[Any]) -> list[SendCommand | ServiceError]:
     """Each message validated on its own, as `POST /v1/messages` validates its body; a message
     that fails gets the 422 that endpoint would give, naming the field within the message."""
     context: dict[str, Any] = {PHONE_CACHE: {}}  # each distinct number is judged once
-    commands: list[domain.SendCommand | ServiceError] = []
+    commands: list[SendCommand | ServiceError] = []
     for index, raw in enumerate(messages):
         try:
             request = SendMessageRequest.model_validate(raw, context=context)
@@ -188,7 +172,7 @@ def _commands(messages: list[Any]) -> list[domain.SendCommand | ServiceError]:
     return commands
 
 
-def _batch_result(index: int, result: dict[str, Any] | ServiceError) -> dict[str, Any]:
+def _batch_result(index: int, result: Result) -> dict[str, Any]:
     """One entry of a batch's `data`, as `BatchAccepted` or `BatchRejected` documents it."""
     if isinstance(result, ServiceError):
         # As the problem+json handler renders it: absent fields are left out, not null.
@@ -198,28 +182,22 @@ def _batch_result(index: int, result: dict[str, Any] | ServiceError) -> dict[str
     return {"index": index, "status": "accepted", "message": message}
 
 
-async def _respond(
-    session: AsyncSession,
-    principal: Principal,
-    settings: Settings,
-    idempotency_key: str | None,
-    payload: Any,
-    produce: Callable[[], Awaitable[tuple[int, dict[str, Any]]]],
-) -> JSONResponse:
-    """`produce`'s response; with an Idempotency-Key, at most once per key and body."""
-    if idempotency_key is None:
-        status, body = await produce()
-        return JSONResponse(body, status_code=status)
-    stored = await run_idempotently(
-        session,
-        client_id=principal.client_id,
-        key=idempotency_key,
-        request_fingerprint=fingerprint(payload),
-        ttl=timedelta(hours=settings.idempotency_ttl_hours),
-        produce=produce,
+def _idempotency(acceptor: Acceptor, key: str | None, payload: Any) -> Idempotency | None:
+    """The request's Idempotency-Key (checked: 422 if unusable) and its body's fingerprint."""
+    if key is None:
+        return None
+    check_key(key)
+    return Idempotency(
+        key=key,
+        fingerprint=fingerprint(payload),
+        ttl=timedelta(hours=acceptor.settings.idempotency_ttl_hours),
     )
-    headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
-    return JSONResponse(stored.body, status_code=stored.status, headers=headers)
+
+
+def _respond(response: StoredResponse) -> JSONResponse:
+    """The response, marked when it replays an earlier one."""
+    headers = {"Idempotent-Replayed": "true"} if response.replayed else {}
+    return JSONResponse(response.body, status_code=response.status, headers=headers)
 
 
 @router.post(

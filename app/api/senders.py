@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import AdminDep, SessionDep, SettingsDep
+from app.api.deps import AdminDep, LookupsDep, SessionDep, SettingsDep
 from app.api.params import SenderIdPath
 from app.api.schemas import SenderIn, SenderList, SenderOut, SenderPatch
 from app.domain import senders as domain
+from app.domain.messages import AFTER_COMMIT
 from app.errors import (
     Conflict,
     Forbidden,
@@ -82,8 +83,11 @@ async def update_sender(
     session: SessionDep,
     _admin: AdminDep,
     settings: SettingsDep,
+    lookups: LookupsDep,
 ) -> SenderOut:
     """Change a sender's provider, fallback provider, rate, description or keywords."""
+    # This process sends with the change as soon as it is committed; others within the cache's TTL.
+    session.info.setdefault(AFTER_COMMIT, []).append(lambda: lookups.forget_sender(sender_id))
     sender = await domain.update_sender(
         session,
         sender_id,

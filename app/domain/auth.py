@@ -48,8 +48,8 @@ async def create_api_key(session: AsyncSession, client_name: str, *, is_admin: b
     return raw_key
 
 
-async def authenticate(session: AsyncSession, authorization: str | None) -> Principal:
-    """The principal behind an `Authorization: Bearer <key>` header, or `Unauthorized`."""
+def api_key_from_header(authorization: str | None) -> str:
+    """The raw key of an `Authorization: Bearer <key>` header, or `Unauthorized`."""
     scheme, _, raw_key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not raw_key.strip():
         raise Unauthorized(
@@ -57,19 +57,33 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
             "send your API key as 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return raw_key.strip()
+
+
+def unknown_key() -> Unauthorized:
+    """The refusal of a key that is unknown or revoked."""
+    return Unauthorized(
+        "invalid_api_key",
+        "the API key is unknown or revoked",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def authenticate(session: AsyncSession, authorization: str | None) -> Principal:
+    """The principal behind an `Authorization: Bearer <key>` header, or `Unauthorized`.
+
+    Uncached, for the command line; the API looks keys up through `app.domain.lookups`.
+    """
+    key_hash = hash_key(api_key_from_header(authorization))
     row = (
         await session.execute(
             select(Client.id, Client.name, Client.default_sender_id, ApiKey.is_admin)
             .join(ApiKey, ApiKey.client_id == Client.id)
-            .where(ApiKey.key_hash == hash_key(raw_key.strip()), ApiKey.revoked_at.is_(None))
+            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
         )
     ).one_or_none()
     if row is None:
-        raise Unauthorized(
-            "invalid_api_key",
-            "the API key is unknown or revoked",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unknown_key()
     return Principal(
         client_id=row[0], client_name=row[1], default_sender_id=row[2], is_admin=row[3]
     )

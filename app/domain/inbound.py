@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import InboundMessage, InboundPart, Sender
-from app.domain.encoding import analyze_body
+from app.domain.accept import queue_reply
 from app.domain.events import emit_inbound_received
 from app.domain.keywords import (
     KeywordCategory,
@@ -27,7 +27,6 @@ from app.domain.keywords import (
     match_keyword,
     reply_text,
 )
-from app.domain.messages import queue_message
 from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
 from app.domain.phone import canonical_phone
 from app.domain.senders import find_sender_by_address
@@ -155,17 +154,15 @@ async def _act_on_keyword(
         return None  # custom replies are not compliance messages: never to an opted-out number
     config = KeywordConfig.model_validate(sender.keywords)
     body = reply_text(config, match)
-    reply = await queue_message(
+    return await queue_reply(
         session,
-        client_id=None,
-        sender=sender,
+        sender_id=sender.id,
+        from_=sender.address,
+        provider=sender.provider,
         to=customer,
         body=body,
-        analysis=analyze_body(body),
         kind=REPLY_KINDS[match.category],
-        source="keyword",
     )
-    return reply.id
 
 
 def _storable(inbound: InboundSms) -> InboundSms:

@@ -14,20 +14,19 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Final
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    String,
     and_,
-    column,
     func,
     literal,
     or_,
     select,
-    true,
+    text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -107,35 +106,35 @@ async def is_opted_out(session: AsyncSession, phone: str, sender_id: uuid.UUID) 
     return row is not None and row[0] == OptAction.OPT_OUT
 
 
+# `is_opted_out`'s rule as an SQL condition on a (phone, sender id) pair, for statements written
+# in SQL (the send path's, on asyncpg): the newest of the sender's own and the service-wide rows
+# decides. Format it with the `phone` and `sender_id` expressions.
+OPTED_OUT_SQL: Final = """(
+    SELECT deciding.action = 'opt_out' FROM opt_outs AS deciding
+    WHERE deciding.phone = {phone}
+        AND (deciding.sender_id = {sender_id} OR deciding.sender_id IS NULL)
+    ORDER BY deciding.created_at DESC, deciding.id DESC
+    LIMIT 1
+) IS TRUE"""
+
+
 async def opted_out_pairs(
     session: AsyncSession, pairs: Collection[tuple[str, uuid.UUID]]
 ) -> set[tuple[str, uuid.UUID]]:
     """The (phone, sender id) pairs among `pairs` that `is_opted_out` refuses, in one query: a
-    batch send checks up to 1,000 pairs, and one round trip each would cost more than the rest."""
+    batch checks up to 1,000 pairs, and one round trip each would cost more than the rest."""
     if not pairs:
         return set()
-    phones = [phone for phone, _ in pairs]
-    sender_ids = [sender_id for _, sender_id in pairs]
-    wanted = (
-        func.unnest(literal(phones, ARRAY(String)), literal(sender_ids, ARRAY(UUID)))
-        .table_valued(column("phone", String), column("sender_id", UUID))
-        .render_derived(name="wanted")
-    )
-    # The same rule as `_deciding_row(..., with_service_wide=True)`, per pair.
-    deciding = (
-        select(OptOut.action)
-        .where(
-            OptOut.phone == wanted.c.phone,
-            or_(OptOut.sender_id == wanted.c.sender_id, OptOut.sender_id.is_(None)),
-        )
-        .order_by(OptOut.created_at.desc(), OptOut.id.desc())
-        .limit(1)
-        .lateral("deciding")
-    )
+    condition = OPTED_OUT_SQL.format(phone="wanted.phone", sender_id="wanted.sender_id")
     rows = await session.execute(
-        select(wanted.c.phone, wanted.c.sender_id)
-        .join(deciding, true())
-        .where(deciding.c.action == OptAction.OPT_OUT.value)
+        text(
+            "SELECT phone, sender_id FROM unnest(CAST(:phones AS text[]), CAST(:sender_ids AS "
+            f"uuid[])) AS wanted(phone, sender_id) WHERE {condition}"
+        ),
+        {
+            "phones": [phone for phone, _ in pairs],
+            "sender_ids": [sender_id for _, sender_id in pairs],
+        },
     )
     return {(phone, sender_id) for phone, sender_id in rows}
 

@@ -43,7 +43,7 @@ class ProviderName(StrEnum):
     FAKE = "fake"
 
 
-_PHONE_LIKE = re.compile(r"^\+?[0-9 ().-]+$")
+PHONE_LIKE = re.compile(r"^\+?[0-9 ().-]+$")
 _SHORT_CODE = re.compile(r"^[0-9]{3,8}$")
 # GSM sender IDs: up to 11 characters, letters, digits and spaces, at least one letter.
 _ALPHANUMERIC = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
@@ -115,8 +115,27 @@ async def get_sender(session: AsyncSession, sender_id: uuid.UUID) -> Sender:
     """One sender, or `NotFound`."""
     sender = await session.get(Sender, sender_id)
     if sender is None:
-        raise NotFound("sender_not_found", f"no sender with id {sender_id}")
+        raise sender_not_found(sender_id)
     return sender
+
+
+def sender_not_found(sender_id: uuid.UUID) -> NotFound:
+    """The error for a sender id that names no sender."""
+    return NotFound("sender_not_found", f"no sender with id {sender_id}")
+
+
+def no_default_sender() -> ValidationFailed:
+    """The refusal of a message without `from` from a client without a default sender."""
+    return ValidationFailed.for_field(
+        "no_default_sender", "from", "required: your client has no default sender"
+    )
+
+
+def unknown_sender(address: str) -> ValidationFailed:
+    """The refusal of a message from an address that is not one of our senders."""
+    return ValidationFailed.for_field(
+        "unknown_sender", "from", f"{address!r} is not one of this service's senders"
+    )
 
 
 async def list_senders(session: AsyncSession) -> list[Sender]:
@@ -165,33 +184,12 @@ async def find_sender_by_address(
 ) -> Sender | None:
     """The sender with this address; a long code may be written in any phone format."""
     sender = await session.scalar(select(Sender).where(Sender.address == address))
-    if sender is None and _PHONE_LIKE.match(address):
+    if sender is None and PHONE_LIKE.match(address):
         try:
             canonical = normalize_phone(address, default_region)
         except InvalidPhoneNumber:
             return None
         sender = await session.scalar(select(Sender).where(Sender.address == canonical))
-    return sender
-
-
-async def resolve_sender(
-    session: AsyncSession,
-    address: str | None,
-    default_sender_id: uuid.UUID | None,
-    default_region: str,
-) -> Sender:
-    """The sender a message goes out from: the one named, or the client's default."""
-    if address is None:
-        if default_sender_id is None:
-            raise ValidationFailed.for_field(
-                "no_default_sender", "from", "required: your client has no default sender"
-            )
-        return await get_sender(session, default_sender_id)
-    sender = await find_sender_by_address(session, address, default_region)
-    if sender is None:
-        raise ValidationFailed.for_field(
-            "unknown_sender", "from", f"{address!r} is not one of this service's senders"
-        )
     return sender
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from app.db.models import IdempotencyKey, Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
-from app.domain.idempotency import _lock_id
+from app.domain.idempotency import lock_id
 from app.domain.keywords import KeywordConfig
 from app.logs import JsonFormatter
 from app.main import create_app
@@ -461,7 +461,7 @@ async def test_a_key_still_in_flight_gets_409(
 ) -> None:
     async with session_factory() as holder, holder.begin():
         await holder.execute(
-            select(func.pg_advisory_xact_lock(_lock_id(world.client_id, "batch-busy")))
+            select(func.pg_advisory_xact_lock(lock_id(world.client_id, "batch-busy")))
         )
         response = await post_batch(api, world, [item()], key="batch-busy")
 

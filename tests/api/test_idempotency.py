@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text, update
 
 from app.db.models import IdempotencyKey, Message
 from app.db.session import SessionFactory
-from app.domain.idempotency import _lock_id
+from app.domain.idempotency import lock_id
 from tests.api.test_send import assert_problem
 from tests.conftest import World
 from tests.queueing import queued_message_ids
@@ -72,7 +72,7 @@ async def test_a_key_still_in_flight_gets_409(
     # Hold the key's lock as the first request's transaction would while it is running.
     async with session_factory() as holder, holder.begin():
         await holder.execute(
-            select(func.pg_advisory_xact_lock(_lock_id(world.client_id, "busy-key")))
+            select(func.pg_advisory_xact_lock(lock_id(world.client_id, "busy-key")))
         )
         response = await post(api, world, "busy-key")
 
