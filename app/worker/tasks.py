@@ -92,12 +92,12 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 def worker_pool_size(settings: Settings) -> int:
-    """Database connections a delivery worker keeps: one per message it may have in flight
-    (each records its provider's answer in a short transaction of its own), plus a few for the
-    periodic sweeps. No overflow: a connection opened for a burst and closed after it costs
-    PostgreSQL ~2 ms of CPU each time; the pool opens connections only as the load needs them
-    and keeps them."""
-    return settings.worker_concurrency + WORKER_POOL_SPARE
+    """Database connections a delivery worker keeps: `DB_POOL_SIZE`, or fewer when it may have
+    fewer messages in flight (each job holds one for its claim, then one per record at a time),
+    plus a few for the periodic sweeps. No overflow: a connection opened for a burst and closed
+    after it costs PostgreSQL ~2 ms of CPU each time; the pool opens connections only as the
+    load needs them and keeps them, and a burst beyond it waits for one briefly."""
+    return min(settings.worker_concurrency, settings.db_pool_size) + WORKER_POOL_SPARE
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

@@ -198,10 +198,11 @@ async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_
     database: str, redis: Redis
 ) -> None:
     """Overflow connections are closed when returned (about 2 ms of PostgreSQL CPU each to
-    open again): the worker's pool is as large as its concurrency and has none."""
+    open again): the worker's pool is as large as its concurrency (up to DB_POOL_SIZE) and has
+    none."""
     queue = create_queue(TEST_REDIS_URL)
     ctx: dict[str, Any] = {
-        "settings": make_settings(worker_concurrency=7),
+        "settings": make_settings(worker_concurrency=7, db_pool_size=32),
         "redis": queue,
         "http": httpx.AsyncClient(),
     }
@@ -212,3 +213,6 @@ async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_
     finally:
         await tasks.shutdown(ctx)
         await close_queue(queue)
+    assert tasks.worker_pool_size(make_settings(worker_concurrency=100, db_pool_size=20)) == (
+        20 + tasks.WORKER_POOL_SPARE
+    )
