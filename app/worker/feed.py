@@ -36,6 +36,10 @@ POP_WAIT_SECONDS: Final = 1
 ERROR_BACKOFF_SECONDS: Final = 0.5
 # The most messages one pop hands to one delivery.
 CHUNK_MAX: Final = 50
+# The most deliveries a feed runs at once. Under load, what arrives while they run waits on the
+# list and the next pop takes it together, so a job's fixed costs (its claim, its gate) are shared
+# by more messages the busier the worker is; when idle, a message still goes at once.
+RUNNING_MAX: Final = 4
 
 
 class Room(Protocol):
@@ -61,6 +65,7 @@ class DeliveryFeed:
         key: str = READY_KEY,
         pop_wait: int = POP_WAIT_SECONDS,
         chunk_max: int = CHUNK_MAX,
+        running_max: int = RUNNING_MAX,
     ) -> None:
         self._redis = redis
         self._deliver = deliver
@@ -68,6 +73,8 @@ class DeliveryFeed:
         self._key = key
         self._pop_wait = pop_wait
         self._chunk_max = chunk_max
+        self._running_max = running_max
+        self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[object]] = set()
@@ -103,6 +110,8 @@ class DeliveryFeed:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
+            if await self._unless_stopped(self._job_slot()) is None:
+                return
             free = await self._unless_stopped(self._room.wait_free())
             if free is None:
                 return
@@ -131,8 +140,16 @@ class DeliveryFeed:
         self._running.add(task)
         task.add_done_callback(self._finished)
 
+    async def _job_slot(self) -> int:
+        """Wait until fewer than `running_max` deliveries run; how many do."""
+        while len(self._running) >= self._running_max:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+        return len(self._running)
+
     def _finished(self, task: asyncio.Task[object]) -> None:
         self._running.discard(task)
+        self._slot_free.set()
         if not task.cancelled() and (error := task.exception()) is not None:
             # The messages stay `queued` or `sending` in PostgreSQL: the sweep and reconciliation
             # pick them up. Logged here because nothing awaits the task.

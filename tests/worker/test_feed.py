@@ -174,3 +174,23 @@ async def test_redis_down_is_survived_and_stop_still_works() -> None:
     # Pushing while Redis is down never raises: the sweep enqueues those messages later.
     assert await push_ready(down, [uuid.uuid4()]) == 0
     await close_queue(down)
+
+
+async def test_what_arrives_while_deliveries_run_is_popped_together(
+    queue: Queue, redis: Redis
+) -> None:
+    room = InFlightLimit(100)
+    recorder = Recorder(room, hold=0.2)
+    feed = DeliveryFeed(queue, recorder, room, running_max=1)
+    feed.start()
+    try:
+        first = ids(1)
+        await push_ids(redis, first)
+        await eventually(lambda: len(recorder.chunks) == 1)
+        later = ids(5)
+        for message_id in later:  # one request each, while the first delivery runs
+            await push_ids(redis, [message_id])
+        await eventually(lambda: len(recorder.delivered) == 6)
+    finally:
+        await feed.stop(wait=1)
+    assert recorder.chunks == [first, later]  # one job for the five, not five jobs
