@@ -303,15 +303,7 @@ async def release(
     await session.execute(
         update(MessageEvent).where(MessageEvent.id == claim_row).values(applied=False)
     )
-    session.add(
-        MessageEvent(
-            message_id=message.id,
-            status=None,
-            applied=False,
-            source="worker",
-            detail=f"not sent: {reason}",
-        )
-    )
+    session.add(_note(message.id, f"not sent: {reason}"))
     return True
 
 
@@ -327,15 +319,8 @@ async def reroute(session: AsyncSession, message: Message, provider: str, reason
             extra={"message_id": str(message.id), "from": message.provider, "to": provider},
         )
         # A note beside the attempt's `sending` row (the status does not change).
-        session.add(
-            MessageEvent(
-                message_id=message.id,
-                status=None,
-                applied=False,
-                source="worker",
-                detail=f"attempt {message.attempts} via {provider}: {reason} (failover)",
-            )
-        )
+        detail = f"attempt {message.attempts} via {provider}: {reason} (failover)"
+        session.add(_note(message.id, detail))
     return moved is not None
 
 
@@ -407,15 +392,18 @@ def note_unknown_outcome(
 ) -> None:
     """The provider may have the message: it stays `sending` (never resent blindly) until a
     status report or reconciliation settles it; only its history says so."""
-    session.add(
-        MessageEvent(
-            message_id=message.id,
-            status=None,
-            applied=False,
-            source="worker",
-            error_code=code,
-            detail=f"outcome unknown: {detail}",
-        )
+    session.add(_note(message.id, f"outcome unknown: {detail}", error_code=code))
+
+
+def _note(message_id: uuid.UUID, detail: str, *, error_code: str | None = None) -> MessageEvent:
+    """A history row that changes no status (it is not shown as a transition)."""
+    return MessageEvent(
+        message_id=message_id,
+        status=None,
+        applied=False,
+        source="worker",
+        error_code=error_code,
+        detail=detail,
     )
 
 
