@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from app.logs import configure_logging
         from app.worker.events import EventsWorkerSettings
-        from app.worker.tasks import WorkerSettings
+        from app.worker.tasks import WorkerSettings, run_delivery_worker
 
         worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
         configure_logging(get_settings().log_level, get_settings().log_format)
@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         import uvloop
 
         asyncio.set_event_loop(uvloop.new_event_loop())
-        run_worker(worker_settings)  # type: ignore[arg-type]
+        if args.queue == "events":
+            run_worker(worker_settings)  # type: ignore[arg-type]
+        else:
+            run_delivery_worker()
     elif args.command == "migrate":
         if args.create_database:
             asyncio.run(create_database_if_missing(get_settings().database_url))

@@ -186,13 +186,17 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
+    # SQLSTATE classes that say the database is unavailable, not the request wrong: 57 (starting,
+    # shutting down, restarted), 08 (connection lost), 53 (out of resources: too many
+    # connections, no memory or disk).
+    unavailable = ("57", "08", "53")
+
     @app.exception_handler(DBAPIError)
     async def database_error(request: Request, error: DBAPIError) -> JSONResponse:
-        # PostgreSQL starting, shutting down or restarted (SQLSTATE class 57: "the database
-        # system is not yet accepting connections"), or the connection lost mid-request: the
-        # database is unavailable, not the request wrong. Anything else stays a 500.
+        # PostgreSQL unavailable (above), or the connection lost mid-request: a 503. Anything
+        # else stays a 500.
         sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
-        if error.connection_invalidated or sqlstate.startswith(("57", "08")):
+        if error.connection_invalidated or sqlstate.startswith(unavailable):
             return await database_unavailable(request, error)
         raise error
 
@@ -200,7 +204,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def asyncpg_error(request: Request, error: asyncpg.PostgresError) -> JSONResponse:
         # The send path's pool (app.db.pg) speaks asyncpg directly: the same answers as above.
         sqlstate = str(getattr(error, "sqlstate", None) or "")
-        if sqlstate.startswith(("57", "08")):
+        if sqlstate.startswith(unavailable):
             return await database_unavailable(request, error)
         if sqlstate.startswith("22"):
             return await unstorable(request, error)

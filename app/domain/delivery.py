@@ -117,53 +117,140 @@ async def deliver(
     providers: dict[str, Provider],
     policy: RetryPolicy,
     dispatcher: Dispatcher | None = None,
+    *,
+    budget: float | None = None,
 ) -> DeliveryResult:
     """Take queued messages through one provider submission each (see the module's steps).
-    Without a `dispatcher` (tests) there is no gate: every claimed message goes at once."""
+    Without a `dispatcher` (tests) there is no gate: every claimed message goes at once.
+
+    `budget`: seconds from the claim until everything is cancelled (the job timeout; the claims
+    of a job that outlives it are what reconciliation takes for a dead worker's)."""
     claimed, claim_events = await _claim(session_factory, message_ids)
     outcomes = dict(claimed.outcomes)
     events: list[EventJob] = list(claim_events)
-    unconfigured = [m for m in claimed.claimed if m.provider not in providers]
-    for message in unconfigured:
-        error = ProviderError(
-            ErrorKind.PERMANENT,
-            f"provider {message.provider!r} is not configured on this worker",
-            code="provider_not_configured",
-        )
-        outcomes[message.id] = await _record_failure(session_factory, message, error, policy)
-    messages = [m for m in claimed.claimed if m.provider in providers]
-    verdicts = await _gate(dispatcher, claimed, messages)
-    going, put_back, put_back_events = await _route(session_factory, messages, verdicts)
-    outcomes |= put_back
-    events += put_back_events
-    recorder = _Recorder(session_factory)
-    tasks = {
-        message.id: asyncio.create_task(
-            _submit_at(
-                go, message, providers[go.provider], session_factory, policy, dispatcher, recorder
-            )
-        )
-        for message, go in going
-    }
+    if not claimed.claimed:
+        return DeliveryResult(outcomes, tuple(events))
+    run = _Run(session_factory, providers, policy, dispatcher)
     try:
-        if tasks:
-            await asyncio.wait(tasks.values())
+        async with asyncio.timeout(budget):
+            outcomes |= await run.submit_all(claimed)
     except BaseException:
-        # Cancelled: each task undoes or records its own message; acceptances made are recorded.
-        for task in tasks.values():
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks.values())
-        await asyncio.shield(recorder.drained())
+        # Cancelled, timed out or failed: a claim whose provider call had not started is put
+        # back; calls under way were recorded as unknown outcomes; acceptances are recorded.
+        await asyncio.shield(run.undo_unsubmitted(claimed.claimed))
         raise
-    for message_id, task in tasks.items():
-        outcomes[message_id] = task.result()
-    events += recorder.events
+    events += run.events
     for outcome in outcomes.values():
         events += outcome.events
     if len(message_ids) > 1:
-        log.info("batch delivered", extra={"messages": len(message_ids), "submitted": len(tasks)})
+        log.info("batch delivered", extra={"messages": len(message_ids), "submitted": run.calls})
     return DeliveryResult(outcomes, tuple(events))
+
+
+class _Run:
+    """One job's messages after their claim: gate, put back, submit, record."""
+
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        providers: dict[str, Provider],
+        policy: RetryPolicy,
+        dispatcher: Dispatcher | None,
+    ) -> None:
+        self.session_factory = session_factory
+        self.providers = providers
+        self.policy = policy
+        self.dispatcher = dispatcher
+        self.recorder = _Recorder(session_factory)
+        self.settled: set[uuid.UUID] = set()  # put back, or handed to the provider (or tried)
+        self.calls = 0
+        self.events: list[EventJob] = []
+        self._tasks: dict[uuid.UUID, asyncio.Task[Outcome]] = {}
+        self._homes: dict[uuid.UUID, str] = {}  # failed over: the provider to put it back on
+
+    async def submit_all(self, claimed: Claim) -> dict[uuid.UUID, Outcome]:
+        """Each claimed message's outcome."""
+        outcomes: dict[uuid.UUID, Outcome] = {}
+        for message in claimed.claimed:
+            if message.provider not in self.providers:
+                error = ProviderError(
+                    ErrorKind.PERMANENT,
+                    f"provider {message.provider!r} is not configured on this worker",
+                    code="provider_not_configured",
+                )
+                self.settled.add(message.id)
+                outcomes[message.id] = await _record_failure(
+                    self.session_factory, message, error, self.policy
+                )
+        messages = [m for m in claimed.claimed if m.provider in self.providers]
+        verdicts = await _gate(self.dispatcher, claimed, messages)
+        going, put_back, put_back_events = await _route(self.session_factory, messages, verdicts)
+        self.settled |= put_back.keys()
+        outcomes |= put_back
+        self.events += put_back_events
+        for message, go in going:
+            if go.home:
+                self._homes[message.id] = go.home
+            self._tasks[message.id] = asyncio.create_task(self._submit_at(go, message))
+        if self._tasks:
+            await asyncio.wait(self._tasks.values())
+        for message_id, task in self._tasks.items():
+            if (failure := task.exception()) is not None:
+                # Its message was recorded as far as it got (an interrupted call as an unknown
+                # outcome); the others' outcomes still count.
+                log.error("delivery of a message failed", exc_info=failure)
+                outcomes[message_id] = Outcome(None)
+            else:
+                outcomes[message_id] = task.result()
+        self.events += self.recorder.events
+        return outcomes
+
+    async def undo_unsubmitted(self, claimed: list[Message]) -> None:
+        """After a cancellation: stop the submissions, put back what was never handed to the
+        provider, and wait for the acceptances being recorded."""
+        for task in self._tasks.values():
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks.values())
+        for message in claimed:
+            if message.id not in self.settled:
+                reason = "cancelled before the provider call"
+                home = self._homes.get(message.id)
+                await release_claim(self.session_factory, message, reason, home)
+        await self.recorder.drained()
+
+    async def _submit_at(self, go: Go, message: Message) -> Outcome:
+        """Wait for the message's slot, submit it, and record what the provider said."""
+        if (delay := go.at - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+        if go.in_line and self.dispatcher is not None:
+            wait = await self.dispatcher.take_turn(go, message.sender_id, message.id)
+            if wait > 0:
+                reason = f"the sender's pace; next turn in {wait:.1f}s"
+                self.settled.add(message.id)
+                await asyncio.shield(
+                    release_claim(
+                        self.session_factory, message, reason, go.home, quiet=True, retry_in=wait
+                    )
+                )
+                return Outcome(MessageStatus.QUEUED, retry_in=wait)
+        self.settled.add(message.id)  # from here on the provider may have it
+        self.calls += 1
+        provider = self.providers[go.provider]
+        submitted = await submit(
+            message, provider, self.session_factory, self.policy, self.dispatcher
+        )
+        if isinstance(submitted, Outcome):
+            return submitted
+        # The record is queued at once and finished even if the job is cancelled meanwhile; the
+        # breaker hears the answer at once, in the order answers arrive.
+        recorded = self.recorder.record(submitted)
+        try:
+            if self.dispatcher is not None:
+                await self.dispatcher.record(provider.name, None)
+        finally:
+            moved = await asyncio.shield(recorded)
+        return Outcome(MessageStatus.SENT if moved else None)
 
 
 async def deliver_message(
@@ -217,7 +304,10 @@ async def _route(
     async def work(session: AsyncSession) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
         released = set()
         for message, wait in waiting:
-            if await release(session, message, _reason(wait), message.provider, quiet=True):
+            reason = _reason(wait)
+            if await release(
+                session, message, reason, message.provider, quiet=True, retry_in=wait.seconds
+            ):
                 released.add(message.id)
         moved = set()
         for message, go in moving:
@@ -249,38 +339,6 @@ def _reason(wait: Wait) -> str:
     if wait.reason == "sender_rate":
         return f"the sender's pace; next turn in {wait.seconds:.1f}s"
     return f"{wait.reason.replace('_', ' ')}; again in {wait.seconds:.1f}s"
-
-
-async def _submit_at(
-    go: Go,
-    message: Message,
-    provider: Provider,
-    session_factory: SessionFactory,
-    policy: RetryPolicy,
-    dispatcher: Dispatcher | None,
-    recorder: _Recorder,
-) -> Outcome:
-    """Wait for the message's slot, submit it, and record what the provider said."""
-    try:
-        if (delay := go.at - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-        if go.in_line and dispatcher is not None:
-            wait = await dispatcher.take_turn(go, message.sender_id, message.id)
-            if wait > 0:
-                reason = f"the sender's pace; next turn in {wait:.1f}s"
-                await release_claim(session_factory, message, reason, go.home)
-                return Outcome(MessageStatus.QUEUED, retry_in=wait)
-    except BaseException:  # cancelled before the provider was called: put it back
-        await asyncio.shield(
-            release_claim(session_factory, message, "cancelled before the provider call", go.home)
-        )
-        raise
-    submitted = await submit(message, provider, session_factory, policy, dispatcher)
-    if isinstance(submitted, Outcome):
-        return submitted
-    # Shielded: an acceptance is recorded even when the job is cancelled meanwhile.
-    moved = await asyncio.shield(recorder.record(submitted))
-    return Outcome(MessageStatus.SENT if moved else None)
 
 
 class _Recorder:
@@ -338,10 +396,10 @@ async def submit(
     policy: RetryPolicy,
     dispatcher: Dispatcher | None,
 ) -> Submitted | Outcome:
-    """Call the provider for a claimed message. The circuit breaker is told of each answer as
-    it arrives (so a success resets the failures before it, in the order they happened); a
-    refusal or error is recorded here (retry, failure or unknown outcome); an acceptance is
-    returned for the caller to record."""
+    """Call the provider for a claimed message. A refusal or error is recorded here (retry,
+    failure or unknown outcome) and told to the circuit breaker; an acceptance is returned for
+    the caller to record and tell the breaker of (each answer reaches the breaker as it arrives,
+    so a success resets the failures before it)."""
     sms = OutboundSms(
         message_id=message.id,
         to=message.to,
@@ -355,9 +413,15 @@ async def submit(
         accepted = await provider.send(sms)
     except ProviderError as error:
         _observe(provider.name, error.kind.value, started)
-        if dispatcher is not None:
-            await dispatcher.record(provider.name, error)
-        return await _record_failure(session_factory, message, error, policy)
+        # The record starts now and is finished even if the job is cancelled meanwhile; the
+        # breaker hears the answer at once, in the order answers arrive.
+        recording = asyncio.ensure_future(_record_failure(session_factory, message, error, policy))
+        try:
+            if dispatcher is not None:
+                await dispatcher.record(provider.name, error)
+        finally:
+            outcome = await asyncio.shield(recording)
+        return outcome
     except BaseException as error:
         _observe(provider.name, "interrupted", started)
         # Cancelled (worker shutdown, job timeout) or a bug: the request may have gone out, so
@@ -369,8 +433,6 @@ async def submit(
         await asyncio.shield(_record_failure(session_factory, message, unknown, policy))
         raise
     _observe(provider.name, "accepted", started)
-    if dispatcher is not None:
-        await dispatcher.record(provider.name, None)
     log.info(
         "message submitted",
         extra={
@@ -460,13 +522,21 @@ async def _record_failure(
 
 
 async def release_claim(
-    session_factory: SessionFactory, message: Message, reason: str, home: str | None = None
+    session_factory: SessionFactory,
+    message: Message,
+    reason: str,
+    home: str | None = None,
+    *,
+    quiet: bool = False,
+    retry_in: float | None = None,
 ) -> None:
-    """Undo a claim before the provider was called (the job was cancelled): back to `queued`
-    on its own provider (`home`, when it had failed over), the attempt not counted."""
+    """Undo a claim before the provider was called: back to `queued` on its own provider
+    (`home`, when it had failed over), the attempt not counted (`transitions.release`)."""
 
     async def work(session: AsyncSession) -> bool:
-        return await release(session, message, reason, home or message.provider)
+        return await release(
+            session, message, reason, home or message.provider, quiet=quiet, retry_in=retry_in
+        )
 
     await run_transaction(session_factory, work)
 

@@ -39,7 +39,8 @@ class StoredResponse:
 def fingerprint(payload: Any) -> bytes:
     """A stable hash of a request body: one JSON value gives one hash, in any key order."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).digest()
+    # "surrogatepass": a lone surrogate in the body (valid JSON, invalid UTF-8) still hashes.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()
 
 
 def lock_id(client_id: uuid.UUID, key: str) -> int:

@@ -155,10 +155,13 @@ async def claim(
         return Claim([], outcomes)
     now: datetime = rows[0][1]
     senders = {row[0].sender_id: SenderTerms(row[2], row[3]) for row in rows}
+    queued = [message for message, *_ in rows if message.status == MessageStatus.QUEUED.value]
+    if not queued:
+        return Claim([], outcomes)
+    # Before any row is changed (an expired one too): the one lock order, recipients first.
+    await lock_recipients(session, [m.to for m in queued])
     candidates = []
-    for message, *_ in rows:
-        if message.status != MessageStatus.QUEUED.value:
-            continue
+    for message in queued:
         if message.expires_at is not None and now >= message.expires_at:
             outcomes[message.id] = await finish_unsent(
                 session, message, MessageStatus.EXPIRED, "validity period ended before sending"
@@ -170,7 +173,6 @@ async def claim(
             candidates.append(message)
     if not candidates:
         return Claim([], outcomes)
-    await lock_recipients(session, [m.to for m in candidates])
     opted_out = await opted_out_pairs(
         session, [(m.to, m.sender_id) for m in candidates if m.kind not in PASSES_OPT_OUT]
     )
@@ -270,23 +272,38 @@ def _pending(message: Message) -> ColumnElement[bool]:
         Message.id == message.id,
         Message.status == MessageStatus.SENDING.value,
         Message.attempts == message.attempts,
+        # A claim put back and claimed again has the same attempt number (waiting is not an
+        # attempt) but a new claim time: what was decided about the old claim misses it.
+        Message.claimed_at.is_not_distinct_from(message.claimed_at),
     )
 
 
 async def release(
-    session: AsyncSession, message: Message, reason: str, home: str, *, quiet: bool = False
+    session: AsyncSession,
+    message: Message,
+    reason: str,
+    home: str,
+    *,
+    quiet: bool = False,
+    retry_in: float | None = None,
 ) -> bool:
     """Undo a claim before the provider was called: back to `queued` on its own provider
-    (`home`), the attempt not counted. Whether it was still this attempt's to undo.
+    (`home`), the attempt not counted, due again in `retry_in` seconds (database clock) when
+    its turn is known, so the lost-message sweep does not pick it up meanwhile. Whether it was
+    still this attempt's to undo.
 
     `quiet` for a message the delivery gate turned back (an open circuit, a paused provider, a
     sender's line): its history reads as if it was never claimed (the claim's `sending` row no
     longer counts as applied, and the reason is a note), as waiting is never an attempt."""
+    changes: dict[str, Any] = {
+        "status": MessageStatus.QUEUED.value,
+        "attempts": Message.attempts - 1,
+        "provider": home,
+    }
+    if retry_in is not None:
+        changes["next_attempt_at"] = func.now() + timedelta(seconds=retry_in)
     released = await session.scalar(
-        update(Message)
-        .where(_pending(message))
-        .values(status=MessageStatus.QUEUED.value, attempts=Message.attempts - 1, provider=home)
-        .returning(Message.id)
+        update(Message).where(_pending(message)).values(**changes).returning(Message.id)
     )
     if released is None:
         return False
@@ -423,19 +440,23 @@ _MARK_SENT: Final = text(
     """
 WITH accepted AS (
     SELECT * FROM unnest(
-        CAST(:ids AS uuid[]), CAST(:attempts AS smallint[]), CAST(:pids AS varchar[]),
-        CAST(:details AS text[])
-    ) AS a(id, attempts, pid, detail)
+        CAST(:ids AS uuid[]), CAST(:attempts AS smallint[]), CAST(:claimed AS timestamptz[]),
+        CAST(:pids AS varchar[]), CAST(:details AS text[])
+    ) AS a(id, attempts, claimed_at, pid, detail)
 ), moved AS (
     UPDATE messages AS m SET status = 'sent', provider_message_id = a.pid, updated_at = now()
     FROM accepted AS a
     WHERE m.id = a.id AND m.status = 'sending' AND m.attempts = a.attempts
+      AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
     RETURNING m.id
 ), late AS (
     UPDATE messages AS m SET provider_message_id = a.pid, updated_at = now()
     FROM accepted AS a
     WHERE m.id = a.id AND m.provider_message_id IS NULL
-      AND NOT (m.status = 'sending' AND m.attempts = a.attempts)
+      AND NOT (
+          m.status = 'sending' AND m.attempts = a.attempts
+          AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
+      )
 ), history AS (
     INSERT INTO message_events (message_id, status, applied, source, detail)
     SELECT a.id, 'sent', a.id IN (SELECT id FROM moved), 'worker', a.detail FROM accepted AS a
@@ -457,6 +478,7 @@ async def mark_sent(session: AsyncSession, accepted: Sequence[Acceptance]) -> se
             {
                 "ids": [a.message.id for a in accepted],
                 "attempts": [a.message.attempts for a in accepted],
+                "claimed": [a.message.claimed_at for a in accepted],
                 "pids": [a.provider_message_id for a in accepted],
                 "details": [
                     f"accepted by {a.provider} as {a.provider_message_id}" for a in accepted

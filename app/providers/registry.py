@@ -32,6 +32,10 @@ class AiohttpTransport(httpx_aiohttp.AiohttpTransport):
             response = await super().handle_async_request(request)
         except httpx.TransportError as exc:
             raise _reclassified(exc) from exc.__cause__
+        except aiohttp.ClientError as exc:
+            # Not mapped by the package (a bad status line, oversized headers): the request had
+            # gone out, so its outcome is unknown, as httpcore's protocol errors were.
+            raise httpx.RemoteProtocolError(str(exc)) from exc
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _Reclassified(response.stream)
         return response
@@ -65,6 +69,8 @@ class _Reclassified(httpx.AsyncByteStream):
                 yield chunk
         except httpx.TransportError as exc:
             raise _reclassified(exc) from exc.__cause__
+        except aiohttp.ClientError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from exc
 
     async def aclose(self) -> None:
         await self._stream.aclose()

@@ -75,6 +75,7 @@ class DeliveryFeed:
         self._chunk_max = chunk_max
         self._running_max = running_max
         self._slot_free = asyncio.Event()
+        self._closed_at = 0.0
         self._stopping = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[object]] = set()
@@ -89,13 +90,20 @@ class DeliveryFeed:
         """Deliveries started by this feed that have not finished."""
         return len(self._running)
 
+    def close(self) -> None:
+        """Stop popping now (a stop signal arrived); `stop` later waits for what is under way,
+        its `wait` counted from now."""
+        if not self._stopping.is_set():
+            self._closed_at = asyncio.get_running_loop().time()
+            self._stopping.set()
+
     async def stop(self, wait: float) -> None:
         """Stop popping (a pop in progress, at most `pop_wait` long, is still delivered), and give
         the deliveries under way until `wait` seconds after the call before cancelling them: a
         cancelled delivery releases a claim whose provider call had not started and records an
         interrupted one as unknown."""
-        deadline = asyncio.get_running_loop().time() + wait
-        self._stopping.set()
+        self.close()
+        deadline = self._closed_at + wait
         if self._loop is not None:
             await self._loop
             self._loop = None
@@ -119,6 +127,10 @@ class DeliveryFeed:
                 message_ids = await self._pop(min(free, self._chunk_max))
             except (RedisError, OSError) as error:
                 log.warning("delivery feed: Redis unavailable", extra={"error": repr(error)})
+                await self._pause(ERROR_BACKOFF_SECONDS)
+                continue
+            except Exception:  # a bug must not stop the feed for good: the sweep is slow
+                log.exception("delivery feed: pop failed")
                 await self._pause(ERROR_BACKOFF_SECONDS)
                 continue
             if message_ids:

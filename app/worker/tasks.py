@@ -11,9 +11,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
+from signal import Signals
 from typing import Any, ClassVar
 
 from arq import Retry, cron, func
+from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
 from app.db.session import create_engine, create_session_factory
@@ -181,26 +183,36 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
                 ctx["providers"],
                 ctx["retry_policy"],
                 ctx["dispatcher"],
+                budget=JOB_TIMEOUT_SECONDS,
             )
         finally:
             await in_flight.give(len(ids))
         await enqueue_events(ctx["redis"], result.events)
         return result.outcomes
 
-    running = []
+    running: list[asyncio.Task[dict[uuid.UUID, Outcome]]] = []
     deadline = time.monotonic() + BATCH_WAIT_SECONDS
-    while pending:
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                taken = await in_flight.take(len(pending))
-        except TimeoutError:
-            # The worker is full: the rest go back to the feed for any worker, unclaimed.
-            await push_ready(ctx["redis"], pending)
-            break
-        running.append(asyncio.create_task(chunk(pending[:taken])))
-        pending = pending[taken:]
+    try:
+        while pending:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    taken = await in_flight.take(len(pending))
+            except TimeoutError:
+                # The worker is full: the rest go back to the feed for any worker, unclaimed.
+                await push_ready(ctx["redis"], pending)
+                break
+            running.append(asyncio.create_task(chunk(pending[:taken])))
+            pending = pending[taken:]
+        finished = await asyncio.gather(*running)
+    except BaseException:
+        # Cancelled: the chunks under way are cancelled too (each puts back what it had not
+        # sent and records what it had), and awaited, before the worker closes its clients.
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
     outcomes: dict[uuid.UUID, Outcome] = {}
-    for done in await asyncio.gather(*running):
+    for done in finished:
         outcomes |= done
     try:
         for message_id, outcome in outcomes.items():
@@ -235,6 +247,25 @@ async def sweep(ctx: dict[str, Any]) -> int:
         idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
     )
     return await enqueue_deliveries(ctx["redis"], message_ids)
+
+
+class DeliveryWorker(Worker):
+    """arq's worker, which also stops its delivery feed the moment a stop signal arrives (arq
+    itself only stops taking jobs then): what the feed already started gets the rest of the
+    same grace period (`job_completion_wait`), not a second one after it."""
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        """Close the feed, then arq's own handling."""
+        feed: DeliveryFeed | None = self.ctx.get("feed")
+        if feed is not None:
+            feed.close()
+        super().handle_sig_wait_for_completion(signum)
+
+
+def run_delivery_worker() -> None:
+    """`smsgate worker`: a `DeliveryWorker` with `WorkerSettings`, as arq's `run_worker`."""
+    settings: dict[str, Any] = get_kwargs(WorkerSettings)  # type: ignore[arg-type]
+    DeliveryWorker(**settings).run()
 
 
 class WorkerSettings:

@@ -352,3 +352,36 @@ async def test_a_connection_the_database_dropped_is_never_a_500_and_is_replaced(
         assert_problem(lost, 503, "service_unavailable")
         assert lost.headers["retry-after"] == "5"
     assert again.status_code == 202, again.text
+
+
+async def test_a_database_out_of_connections_answers_503_not_500(
+    api: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLSTATE 53300 (too many connections) says the database is unavailable, not that the
+    request was wrong: 503 with Retry-After, as for a database that is down."""
+    import asyncpg
+
+    async def too_many(*args: Any, **kwargs: Any) -> Any:
+        raise asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already")
+
+    monkeypatch.setattr(accept, "fetch", too_many)
+    response = await send(api, world)
+
+    assert_problem(response, 503, "service_unavailable")
+    assert response.headers["retry-after"] == "5"
+
+
+async def test_a_lone_surrogate_with_an_idempotency_key_is_refused_not_a_500(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    response = await api.post(
+        "/v1/messages",
+        content=b'{"to": "+14155550123", "body": "hi", "metadata": {"order": "\\ud800"}}',
+        headers={
+            **world.auth(),
+            "Content-Type": "application/json",
+            "Idempotency-Key": "surrogate-1",
+        },
+    )
+
+    assert response.status_code == 422, response.text

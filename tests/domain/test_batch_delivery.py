@@ -752,3 +752,48 @@ async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(
 
     assert claims == [1, 3]
     assert len(twilio.requests) == 4
+
+
+async def test_a_job_cut_short_before_its_calls_puts_its_claims_back(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """A gate stalled (Redis slow) past the job's budget: nothing reached the provider, so
+    nothing may stay `sending` for reconciliation to resend."""
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    batch = await fresh_batch(session_factory, world, 2)
+
+    async def stalled(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+    dispatcher.gate = stalled  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher, budget=0.3)
+
+    assert twilio.requests == []
+    for message_id in batch:
+        message = await load(session_factory, message_id)
+        assert (message.status, message.attempts) == ("queued", 0)
+
+
+async def test_an_acceptance_is_recorded_even_when_the_job_is_cut_short_right_after_it(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    dispatcher = dispatcher_for(redis, providers)
+    message_id = await fresh(session_factory, world, number(1))
+
+    async def stalled(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(30)  # telling the breaker hangs
+
+    dispatcher.record = stalled  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await deliver_batch(
+            [message_id], session_factory, providers, POLICY, dispatcher, budget=0.5
+        )
+
+    assert len(twilio.requests) == 1
+    message = await load(session_factory, message_id)
+    assert message.status == "sent" and message.provider_message_id == twilio.sids[number(1)]

@@ -14,10 +14,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import Message, OptOut
 from app.db.session import SessionFactory
 from app.domain.optouts import lock_recipients
-from app.domain.transitions import TRANSACTION_ATTEMPTS, is_retryable, run_transaction
+from app.domain.transitions import (
+    TRANSACTION_ATTEMPTS,
+    claim,
+    is_retryable,
+    release,
+    resubmit,
+    run_transaction,
+)
 from tests.api.test_status_callbacks import sent_message, twilio_callback
 from tests.conftest import World
-from tests.domain.test_delivery import load, queued_message
+from tests.domain.test_delivery import history, load, queued_message
 
 
 def raising(sqlstate: str) -> str:
@@ -181,3 +188,58 @@ async def test_a_callback_aborted_by_a_deadlock_is_recorded_not_answered_500(
             )
             == 1
         )
+
+
+async def test_a_decision_about_a_claim_put_back_misses_the_claim_after_it(
+    session_factory: SessionFactory, world: World
+) -> None:
+    """A put-back does not count as an attempt, so the next claim has the same attempt number;
+    reconciliation's decision about the first claim must not hit the second (a resend)."""
+    message_id = await queued_message(session_factory, world)
+
+    async def claim_it(session: AsyncSession) -> Message:
+        claimed = await claim(session, [message_id])
+        return claimed.claimed[0]
+
+    first, _ = await run_transaction(session_factory, claim_it)
+
+    async def put_back(session: AsyncSession) -> bool:
+        return await release(session, first, "the sender's pace", first.provider, quiet=True)
+
+    assert (await run_transaction(session_factory, put_back))[0]
+    second, _ = await run_transaction(session_factory, claim_it)
+    assert second.attempts == first.attempts and second.claimed_at != first.claimed_at
+
+    async def stale_resubmit(session: AsyncSession) -> int | None:
+        return await resubmit(session, first, "reconcile found nothing")
+
+    assert (await run_transaction(session_factory, stale_resubmit))[0] is None
+    message = await load(session_factory, message_id)
+    assert (message.status, message.attempts, message.resubmissions) == ("sending", 1, 0)
+
+
+async def test_a_quiet_put_back_reads_as_never_claimed_and_is_not_due_until_its_turn(
+    session_factory: SessionFactory, world: World
+) -> None:
+    message_id = await queued_message(session_factory, world)
+
+    async def claim_it(session: AsyncSession) -> Message:
+        return (await claim(session, [message_id])).claimed[0]
+
+    claimed, _ = await run_transaction(session_factory, claim_it)
+
+    async def put_back(session: AsyncSession) -> bool:
+        reason = "the sender's pace; next turn in 30.0s"
+        return await release(session, claimed, reason, claimed.provider, quiet=True, retry_in=30)
+
+    await run_transaction(session_factory, put_back)
+    message = await load(session_factory, message_id)
+    assert (message.status, message.attempts) == ("queued", 0)
+    async with session_factory() as session:
+        due_in = await session.scalar(
+            select(func.extract("epoch", Message.next_attempt_at - func.now())).where(
+                Message.id == message_id
+            )
+        )
+    assert due_in is not None and 29 <= float(due_in) <= 30  # the sweep leaves it alone
+    assert await history(session_factory, message_id) == []  # no `sending` shown

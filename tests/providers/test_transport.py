@@ -145,3 +145,30 @@ async def test_a_body_cut_short_is_an_unknown_outcome(http: httpx.AsyncClient) -
         error = await send_error(http, url)
     assert error.kind is ErrorKind.UNKNOWN_OUTCOME
     assert isinstance(error.__cause__, httpx.ReadError)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"GARBAGE\r\n\r\n",  # not an HTTP status line
+        b"HTTP/1.1 201 Created\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["bad-status-line", "oversized-header"],
+)
+async def test_a_malformed_answer_after_the_request_went_out_is_an_unknown_outcome(
+    http: httpx.AsyncClient, answer: bytes
+) -> None:
+    """aiohttp raises these without the package mapping them: they must still be named as
+    httpx names a protocol error, so the message is never resent blindly (nor a 500/crash)."""
+
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    server, url = await serve(malformed)
+    try:
+        error = await send_error(http, url)
+    finally:
+        server.close()
+    assert error.kind is ErrorKind.UNKNOWN_OUTCOME

@@ -5,6 +5,7 @@ deliveries under way, then cancels them; Redis being down never stops a feed for
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections import Counter
@@ -194,3 +195,78 @@ async def test_what_arrives_while_deliveries_run_is_popped_together(
     finally:
         await feed.stop(wait=1)
     assert recorder.chunks == [first, later]  # one job for the five, not five jobs
+
+
+async def test_a_closed_feed_pops_nothing_more_and_its_grace_counts_from_the_close(
+    queue: Queue, redis: Redis
+) -> None:
+    """A stop signal closes the feed at once; the deliveries it started get what is left of
+    one grace period when the worker finally stops it, not a second one."""
+    room = InFlightLimit(10)
+    recorder = Recorder(room, hold=30)
+    feed = DeliveryFeed(queue, recorder, room)
+    feed.start()
+    await push_ready(queue, [uuid.uuid4()])
+    await eventually(lambda: len(recorder.chunks) == 1)
+    feed.close()
+    await asyncio.sleep(POP_WAIT_SECONDS + 0.2)  # its pop in progress has ended
+    await push_ids(redis, ids(2))
+    await asyncio.sleep(0.2)
+    assert len(recorder.chunks) == 1 and await ready_length(redis) == 2  # left for others
+
+    started = time.monotonic()
+    await feed.stop(wait=POP_WAIT_SECONDS + 0.5)  # counted from the close: mostly spent
+    assert time.monotonic() - started < 1.0
+    assert recorder.cancelled == 1
+
+
+async def test_an_unexpected_error_does_not_stop_the_feed(
+    queue: Queue, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room = InFlightLimit(10)
+    recorder = Recorder(room)
+    feed = DeliveryFeed(queue, recorder, room)
+    real_pop = feed._pop
+    failures = [RuntimeError("a bug")]
+
+    async def failing_once(count: int) -> list[str]:
+        if failures:
+            raise failures.pop()
+        return await real_pop(count)
+
+    monkeypatch.setattr(feed, "_pop", failing_once)
+    feed.start()
+    try:
+        message_id = ids(1)
+        await push_ids(redis, message_id)
+        await eventually(lambda: recorder.delivered == message_id)
+    finally:
+        await feed.stop(wait=1)
+    assert failures == []
+
+
+async def test_a_stop_signal_closes_the_workers_feed_at_once() -> None:
+    """arq only stops taking jobs on SIGTERM and runs `on_shutdown` after its grace period;
+    the feed must stop popping when the signal arrives, not a grace period later."""
+    from arq.connections import RedisSettings
+
+    from app.worker.tasks import DeliveryWorker, WorkerSettings
+
+    class Feed:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    worker = DeliveryWorker(
+        functions=WorkerSettings.functions,
+        redis_settings=RedisSettings.from_dsn(TEST_REDIS_URL),
+        handle_signals=False,
+        job_completion_wait=0,
+    )
+    feed = Feed()
+    worker.ctx["feed"] = feed
+    worker.handle_sig_wait_for_completion(signal.SIGTERM)
+    assert feed.closed
+    assert not worker.allow_pick_jobs  # and arq's own handling ran
+    await asyncio.sleep(0.05)  # its wait for running jobs (none) ends
