@@ -156,15 +156,23 @@ class SenderPacer:
         self.max_inline_wait = max_inline_wait
 
     async def reserve(
-        self, sender_id: uuid.UUID, rate: float, wanted: int, *, consume: bool
+        self,
+        sender_id: uuid.UUID,
+        rate: float,
+        wanted: int,
+        *,
+        consume: bool,
+        horizon: float | None = None,
     ) -> Reservation:
-        """Up to `wanted` consecutive slots of the sender that begin within the inline wait, in
-        one step (`consume=False`: only count them). None while the sender has a line."""
+        """Up to `wanted` consecutive slots of the sender that begin within `horizon` seconds
+        (by default the inline wait), in one step (`consume=False`: only count them). None while
+        the sender has a line."""
         prefix = f"smsgate:pace:{{{sender_id}}}"
         interval_ms = 1000.0 / rate
+        ahead_ms = int((self.max_inline_wait if horizon is None else horizon) * 1000)
         count, first_ms = await self._reserve(
             keys=[f"{prefix}:tat", f"{prefix}:line"],
-            args=[interval_ms, wanted, int(self.max_inline_wait * 1000), "1" if consume else "0"],
+            args=[interval_ms, wanted, ahead_ms, "1" if consume else "0"],
         )
         return Reservation(
             count=int(count), first=max(float(first_ms), 0.0) / 1000.0, interval=interval_ms / 1000

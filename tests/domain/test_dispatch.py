@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from app.db.models import MessageEvent, Sender
 from app.db.session import SessionFactory
 from app.domain.delivery import deliver_message
-from app.domain.dispatch import Dispatcher
+from app.domain.dispatch import RUN_HORIZON_SECONDS, Dispatcher, Go, Ticket, Wait
 from app.domain.pacing import Reservation
 from app.domain.status import MessageStatus
 from app.providers.base import Provider
@@ -201,3 +201,21 @@ async def test_a_claim_whose_turn_passed_is_released_without_an_attempt(
     message = await load(session_factory, message_id)
     assert (message.status, message.attempts) == ("queued", 0)
     assert provider.requests == []
+
+
+async def test_a_jobs_run_of_slots_reaches_only_a_quarter_second_ahead(redis: Redis) -> None:
+    """A run's messages go at their slots without asking Redis again; a Redis restart in the
+    middle of one lets the sender go early by what is left of it, so runs are short. The rest
+    of the job takes places in the sender's line (checked just before each call)."""
+    providers = RecordingProvider(twilio_created).providers()
+    dispatcher = gate(redis, providers)
+    sender = uuid.uuid4()
+    tickets = [Ticket(uuid.uuid4(), "twilio", sender, 10.0, None) for _ in range(10)]
+
+    verdicts = await dispatcher.gate(tickets)
+
+    goes = [v for v in verdicts.values() if isinstance(v, Go)]
+    in_run = [v for v in goes if not v.in_line]
+    assert len(in_run) == int(10.0 * RUN_HORIZON_SECONDS) + 1  # slots at 0, 0.1 and 0.2 s
+    assert all(v.in_line for v in goes if v not in in_run)
+    assert len(goes) + sum(isinstance(v, Wait) for v in verdicts.values()) == 10
