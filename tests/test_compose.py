@@ -25,6 +25,8 @@ def test_the_services_are_postgres_redis_a_migration_the_api_and_workers() -> No
         assert SERVICES[name]["healthcheck"]["test"][0] == "CMD"
         assert SERVICES[name]["volumes"]  # the data outlives the container
     assert "--appendonly" in SERVICES["redis"]["command"]
+    # The pools of an API process and a few workers fit (README, "Configuration": DB_POOL_SIZE).
+    assert "max_connections=300" in SERVICES["postgres"]["command"]
 
 
 @pytest.mark.parametrize("name", OURS)
