@@ -14,14 +14,15 @@ the waiting messages over distinct slots, so a backlog of N messages wakes N tim
 when the ticket is used, so a late or dead ticket holder never lets the rate be exceeded; tickets
 of messages that never come back expire with the line.
 
-Two steps per message: `wait_turn` before the claim only looks (and queues the message when its
-turn is not now), and `admit` takes the slot after the claim, immediately before the provider
-call. So the spacing holds at the provider even when the claim is slow (a PostgreSQL stall would
-otherwise let messages admitted meanwhile reach the provider all at once).
+Slots are taken after the claim (app.domain.dispatch): a job takes a short run of consecutive
+slots in one step (`reserve`), and a message beyond it looks for its place in line (`take`
+without consuming) and takes its slot immediately before its provider call (`admit`). So the
+spacing holds at the provider even when the claim is slow (a PostgreSQL stall would otherwise
+let messages admitted meanwhile reach the provider all at once).
 
 No burst allowance: admissions are spaced at least 1/rate apart, which is what carriers measure.
-If Redis loses the state (a restart without persistence), at most one extra message per sender
-can go early, once.
+If Redis loses the state (a restart without persistence), a sender can go early, once, by what
+is left of a run and one message.
 """
 
 from __future__ import annotations
@@ -190,32 +191,19 @@ class SenderPacer:
         )
         return Slot(wait=max(int(wait_ms), 0) / 1000.0, queued=bool(queued))
 
-    async def wait_turn(
-        self, sender_id: uuid.UUID, message_id: uuid.UUID, rate: float, *, provider: str
-    ) -> float:
-        """Before the claim: 0.0 when it is (about to be) the message's turn, having slept
-        through a short wait; otherwise how long to defer it (it keeps its place in line)."""
-        return await self._loop(sender_id, message_id, rate, provider, consume=False)
-
     async def admit(
         self, sender_id: uuid.UUID, message_id: uuid.UUID, rate: float, *, provider: str
     ) -> float:
         """Immediately before the provider call: take the slot (0.0), sleeping through a short
         wait; otherwise how long to defer the message (it keeps its place in line)."""
-        return await self._loop(sender_id, message_id, rate, provider, consume=True)
+        return await self._loop(sender_id, message_id, rate, provider)
 
     async def _loop(
-        self,
-        sender_id: uuid.UUID,
-        message_id: uuid.UUID,
-        rate: float,
-        provider: str,
-        *,
-        consume: bool,
+        self, sender_id: uuid.UUID, message_id: uuid.UUID, rate: float, provider: str
     ) -> float:
         waited = 0.0
         for _ in range(MAX_ROUNDS):
-            slot = await self.take(sender_id, message_id, rate, consume=consume)
+            slot = await self.take(sender_id, message_id, rate)
             if slot.queued:
                 RATE_LIMIT_DEFERRALS.labels(provider=provider, reason="sender_rate").inc()
             if slot.wait <= 0:

@@ -119,11 +119,12 @@ async def test_a_long_wait_is_deferred_not_slept(redis: Redis) -> None:
     assert 0 < defer <= 1.0
 
 
-async def test_looking_before_the_claim_does_not_take_the_slot(redis: Redis) -> None:
+async def test_looking_for_a_place_in_line_does_not_take_the_slot(redis: Redis) -> None:
     pacer = SenderPacer(redis)
     sender, message = uuid.uuid4(), uuid.uuid4()
 
-    looked = await pacer.wait_turn(sender, message, rate=1.0, provider="twilio")
+    look = await pacer.take(sender, message, rate=1.0, consume=False)
+    looked = look.wait
     taken = await pacer.admit(sender, message, rate=1.0, provider="twilio")
     other = await pacer.take(sender, uuid.uuid4(), rate=1.0, consume=False)
 
