@@ -179,8 +179,8 @@ class _Run:
                     code="provider_not_configured",
                 )
                 self.settled.add(message.id)
-                outcomes[message.id] = await _record_failure(
-                    self.session_factory, message, error, self.policy
+                outcomes[message.id] = await asyncio.shield(
+                    _record_failure(self.session_factory, message, error, self.policy)
                 )
         messages = [m for m in claimed.claimed if m.provider in self.providers]
         verdicts = await _gate(self.dispatcher, claimed, messages)

@@ -203,7 +203,7 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
                 break
             running.append(asyncio.create_task(chunk(pending[:taken])))
             pending = pending[taken:]
-        finished = await asyncio.gather(*running)
+        finished = await asyncio.gather(*running, return_exceptions=True)
     except BaseException:
         # Cancelled: the chunks under way are cancelled too (each puts back what it had not
         # sent and records what it had), and awaited, before the worker closes its clients.
@@ -213,6 +213,12 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
         raise
     outcomes: dict[uuid.UUID, Outcome] = {}
     for done in finished:
+        if isinstance(done, BaseException):
+            # That chunk put back or recorded its messages as far as it got (a chunk past its
+            # budget, a database error): the sweep and reconciliation take it from there. The
+            # other chunks' outcomes still count.
+            log.error("delivery of a chunk failed", exc_info=done)
+            continue
         outcomes |= done
     try:
         for message_id, outcome in outcomes.items():

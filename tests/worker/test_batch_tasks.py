@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.db.session import SessionFactory
+from app.domain.delivery import deliver
 from app.domain.dispatch import Dispatcher
 from app.providers.base import Provider
 from app.worker import tasks
@@ -216,3 +217,33 @@ async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_
     assert tasks.worker_pool_size(make_settings(worker_concurrency=100, db_pool_size=20)) == (
         20 + tasks.WORKER_POOL_SPARE
     )
+
+
+async def test_a_chunk_that_fails_does_not_cut_the_others_short(
+    worker_ctx: dict[str, Any],
+    session_factory: SessionFactory,
+    world: World,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One chunk past its budget (or meeting a database error) has put back or recorded its
+    own messages; the chunks beside it go on and are counted, and the room is given back."""
+    twilio = FakeTwilio(delay=0.05)
+    providers = twilio.providers()
+    equip(worker_ctx, providers, dispatcher_for(redis, providers), limit=2)
+    batch = await fresh_batch(session_factory, world, 4)
+    real = deliver
+    chunks: list[int] = []
+
+    async def first_chunk_fails(ids: list[uuid.UUID], *args: Any, **kwargs: Any) -> Any:
+        chunks.append(len(ids))
+        if len(chunks) == 1:
+            raise TimeoutError("past its budget")
+        return await real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "deliver_messages", first_chunk_fails)
+    sent = await tasks.deliver_batch(worker_ctx, [str(i) for i in batch])
+
+    assert chunks == [2, 2] and sent == 2
+    assert len(twilio.requests) == 2
+    assert await worker_ctx["in_flight"].take(10) == 2  # all the room was given back
