@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -26,20 +26,19 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import (
     ColumnElement,
     and_,
-    case,
     func,
-    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db.models import Message, MessageEvent, Sender
 from app.db.session import SessionFactory
 from app.domain.events import EventJob, emit_message_status, emit_message_statuses, scheduled
-from app.domain.optouts import lock_recipients, opted_out_pairs, record_provider_opt_out
+from app.domain.optouts import OPTED_OUT_SQL, lock_recipients, record_provider_opt_out
 from app.domain.status import MessageStatus, can_advance, statuses_before
 from app.domain.text import storable, storable_mapping
 from app.logs import message_id_var
@@ -130,18 +129,14 @@ class Claim:
     senders: dict[uuid.UUID, SenderTerms] = field(default_factory=dict)
 
 
-async def claim(
-    session: AsyncSession,
-    message_ids: Collection[uuid.UUID],
-    routes: Mapping[uuid.UUID, str] | None = None,
-) -> Claim:
+async def claim(session: AsyncSession, message_ids: Collection[uuid.UUID]) -> Claim:
     """Move 1..N queued, due messages to `sending` (attempts + 1, `claimed_at` the database's
     now), in the caller's transaction: the one claim for a job of one message or of many.
 
     The recipients' locks are taken first, then the opt-out check: a STOP recorded before this
     point is seen, and one recorded after it finds the message already claimed. An expired
-    message ends `expired` and an opted-out one `canceled`, here. `routes` moves a message to
-    another provider as it is claimed (failover), so its callbacks and reconciliation go there.
+    message ends `expired` and an opted-out one `canceled`, here. After the read and the locks,
+    the opt-out check, the claim and its history rows are one statement (`_CLAIM`).
     """
     rows = (
         await session.execute(
@@ -173,12 +168,9 @@ async def claim(
             candidates.append(message)
     if not candidates:
         return Claim([], outcomes)
-    opted_out = await opted_out_pairs(
-        session, [(m.to, m.sender_id) for m in candidates if m.kind not in PASSES_OPT_OUT]
-    )
-    allowed = []
+    claimed, refused = await _claim_rows(session, candidates)
     for message in candidates:
-        if message.kind not in PASSES_OPT_OUT and (message.to, message.sender_id) in opted_out:
+        if message.id in refused:
             outcomes[message.id] = await finish_unsent(
                 session,
                 message,
@@ -186,60 +178,73 @@ async def claim(
                 "recipient opted out after the message was accepted",
                 error_code="recipient_opted_out",
             )
-        else:
-            allowed.append(message)
-    claimed = await _claim_rows(session, allowed, routes or {})
     for message in claimed:
         del outcomes[message.id]
     return Claim(claimed, outcomes, senders)
 
 
+# The claim of every delivery, after the recipients' locks (so its snapshot sees every opt-out
+# recorded before them): the messages whose recipient opted out of their sender are refused
+# (the rule of `optouts.OPTED_OUT_SQL`; opt-out confirmations and HELP replies pass), the others
+# still queued, due and unexpired move to `sending` with the database's time, each with its
+# history row. Returns the claimed (id, attempts, claimed_at) and the refused ids.
+_CLAIM: Final = text(
+    f"""
+WITH wanted AS (
+    SELECT m.id, m.kind, m."to", m.sender_id FROM messages AS m
+    WHERE m.id = ANY(CAST(:ids AS uuid[]))
+), refused AS (
+    SELECT id FROM wanted
+    WHERE kind <> ALL(CAST(:passes AS varchar[]))
+        AND {OPTED_OUT_SQL.format(phone='wanted."to"', sender_id="wanted.sender_id")}
+), claimed AS (
+    UPDATE messages AS m
+    SET status = 'sending', attempts = m.attempts + 1, claimed_at = now(), updated_at = now()
+    FROM wanted
+    WHERE m.id = wanted.id AND wanted.id NOT IN (SELECT id FROM refused)
+        AND m.status = 'queued'
+        AND m.next_attempt_at <= now() + make_interval(secs => CAST(:tolerance AS float8))
+        AND (m.expires_at IS NULL OR m.expires_at > now())
+    RETURNING m.id, m.attempts, m.claimed_at
+), history AS (
+    INSERT INTO message_events (message_id, status, applied, source, detail)
+    SELECT id, 'sending', true, 'worker', 'attempt ' || attempts FROM claimed
+)
+SELECT id, attempts, claimed_at, false AS refused FROM claimed
+UNION ALL
+SELECT id, NULL, NULL, true FROM refused
+"""
+)
+
+
 async def _claim_rows(
-    session: AsyncSession, allowed: Sequence[Message], routes: Mapping[uuid.UUID, str]
-) -> list[Message]:
-    """The conditional UPDATE queued -> sending, and a history row per message it moved."""
-    if not allowed:
-        return []
-    accepted_by = {m.id: m.provider for m in allowed}  # RETURNING refreshes the objects
-    changes: dict[str, Any] = {
-        "status": MessageStatus.SENDING.value,
-        "attempts": Message.attempts + 1,
-        "claimed_at": func.now(),
-    }
-    if routes:
-        changes["provider"] = case(dict(routes), value=Message.id, else_=Message.provider)
-    claimed = list(
-        await session.scalars(
-            update(Message)
-            .where(
-                Message.id.in_(list(accepted_by)),
-                Message.status == MessageStatus.QUEUED.value,
-                Message.next_attempt_at
-                <= func.now() + timedelta(seconds=NOT_DUE_TOLERANCE_SECONDS),
-                or_(Message.expires_at.is_(None), Message.expires_at > func.now()),
-            )
-            .values(**changes)
-            .returning(Message)
-            # The objects the read loaded are refreshed from RETURNING (attempts, provider).
-            .execution_options(synchronize_session=False, populate_existing=True)
-        )
+    session: AsyncSession, candidates: Sequence[Message]
+) -> tuple[list[Message], set[uuid.UUID]]:
+    """Run `_CLAIM` for these (locked, due, unexpired) messages: the claimed ones, their
+    objects brought up to date without a second read, and the ids refused for an opt-out."""
+    if not candidates:
+        return [], set()
+    rows = await session.execute(
+        _CLAIM,
+        {
+            "ids": [m.id for m in candidates],
+            "passes": sorted(PASSES_OPT_OUT),
+            "tolerance": NOT_DUE_TOLERANCE_SECONDS,
+        },
     )
-    for message in claimed:
-        detail = f"attempt {message.attempts}"
-        if message.provider != accepted_by[message.id]:
-            detail += (
-                f" via {message.provider}: {accepted_by[message.id]}'s circuit is open (failover)"
-            )
-            log.warning(
-                "message failed over",
-                extra={
-                    "message_id": str(message.id),
-                    "from": accepted_by[message.id],
-                    "to": message.provider,
-                },
-            )
-        session.add(_history(message.id, MessageStatus.SENDING, applied=True, detail=detail))
-    return claimed
+    by_id = {m.id: m for m in candidates}
+    claimed, refused = [], set()
+    for message_id, attempts, claimed_at, was_refused in rows:
+        if was_refused:
+            refused.add(message_id)
+            continue
+        message = by_id[message_id]
+        # What the UPDATE wrote, set as loaded state: the session must not write it again.
+        set_committed_value(message, "status", MessageStatus.SENDING.value)
+        set_committed_value(message, "attempts", attempts)
+        set_committed_value(message, "claimed_at", claimed_at)
+        claimed.append(message)
+    return claimed, refused
 
 
 async def finish_unsent(

@@ -719,11 +719,11 @@ async def test_what_one_message_costs_in_statements_and_redis_commands(
     print(f"{path}: {statements:.0f} statements, Redis {redis_commands}")  # noqa: T201
     assert (await load(session_factory, message_id)).status == "sent"
     # BEGIN and COMMIT are not counted (asyncpg issues them without a cursor).
-    # Measured: 9 statements (read, claim: read, lock, opt-out, UPDATE, history; record: UPDATE,
-    # history, the client's event endpoint) and 4 EVALSHA (circuit, pace look, pace take,
-    # breaker success), either way.
-    assert statements <= 9
-    assert len(redis_commands) <= 4
+    # Measured: 5 statements (claim: read, locks, one statement for opt-out + UPDATE + history;
+    # record: one statement, then the client's event endpoint) and 3 EVALSHA (circuit, the
+    # sender's run of slots, breaker success), either way: one road.
+    assert statements <= 5
+    assert len(redis_commands) <= 3
 
 
 async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(
@@ -736,9 +736,9 @@ async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(
     claims: list[int] = []
     real = transitions._claim_rows
 
-    async def spy(session: Any, allowed: Any, routes: Any) -> list[Message]:
-        claims.append(len(allowed))
-        return await real(session, allowed, routes)
+    async def spy(session: Any, candidates: Any) -> tuple[list[Message], set[uuid.UUID]]:
+        claims.append(len(candidates))
+        return await real(session, candidates)
 
     monkeypatch.setattr(transitions, "_claim_rows", spy)
     twilio = FakeTwilio()
