@@ -64,13 +64,11 @@ class Ticket:
 @dataclass(frozen=True, slots=True)
 class Go:
     """Submit the message to `provider` (its fallback when `home` is set: its own provider)
-    when `at` (`time.monotonic()`) has come; `probe` when it tests a half-open circuit. With
-    `in_line`, its sender has a line: it takes its own place in it first (`take_turn`), at
-    the sender's `rate`."""
+    when `at` (`time.monotonic()`) has come. With `in_line`, its sender has a line: it takes
+    its own place in it first (`take_turn`), at the sender's `rate`."""
 
     provider: str
     at: float = 0.0
-    probe: bool = False
     home: str | None = None
     in_line: bool = False
     rate: float = 0.0
@@ -146,7 +144,7 @@ class Dispatcher:
             if state is CircuitState.PROBE:
                 probing.add(provider)
             home = ticket.provider if provider != ticket.provider else None
-            verdicts[ticket.message_id] = Go(provider, probe=state is CircuitState.PROBE, home=home)
+            verdicts[ticket.message_id] = Go(provider, home=home)
         return verdicts
 
     async def _pace(
