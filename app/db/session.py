@@ -4,10 +4,14 @@ objects stay readable after commit without another round trip."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import asyncpg
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -78,3 +82,95 @@ def count_statements(engine: AsyncEngine) -> None:
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     """Sessions that keep loaded objects usable after commit."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+class Tx:
+    """One transaction on a pooled connection, spoken to in plain asyncpg where the statements
+    are hot (`fetch`: 20-60 µs of CPU each instead of SQLAlchemy's 250-400), and through an ORM
+    session where they are not (`session()`: its work is a savepoint inside this transaction,
+    so both see and commit the same changes)."""
+
+    def __init__(self, connection: AsyncConnection, raw: asyncpg.Connection) -> None:
+        self._connection = connection
+        self.raw = raw
+        self._session: AsyncSession | None = None
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Run a statement on the transaction's connection (counted with the engine's)."""
+        DB_STATEMENTS.inc()
+        rows: list[asyncpg.Record] = await self.raw.fetch(sql, *args)
+        return rows
+
+    async def session(self) -> AsyncSession:
+        """An ORM session inside this transaction, for the cold paths."""
+        if self._session is None:
+            self._session = AsyncSession(
+                bind=self._connection, expire_on_commit=False, autoflush=False
+            )
+        return self._session
+
+    async def _commit_session(self) -> dict[str, Any]:
+        """Release the session's savepoint (before the transaction commits); its `info`."""
+        if self._session is None:
+            return {}
+        info = dict(self._session.info)
+        await self._session.commit()
+        await self._session.close()
+        return info
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+@asynccontextmanager
+async def raw_transaction(
+    session_factory: SessionFactory,
+) -> AsyncIterator[tuple[Tx, dict[str, Any]]]:
+    """A `Tx` on a connection of the session factory's engine (one pool for both roads). Yields
+    the Tx and a dict that receives the ORM session's `info` once it has committed (the event
+    deliveries it scheduled). A connection that broke, or whose statement was interrupted (a
+    cancellation), is closed rather than handed to the next user: the server rolls back."""
+    engine: AsyncEngine = session_factory.kw["bind"]
+    async with engine.connect() as connection:
+        raw = (await connection.get_raw_connection()).driver_connection
+        assert raw is not None  # a checked-out connection has its driver's
+        tx = Tx(connection, raw)
+        info: dict[str, Any] = {}
+        transaction = raw.transaction()
+        await transaction.start()
+        try:
+            yield tx, info
+            info |= await tx._commit_session()
+            await transaction.commit()
+        except BaseException as error:
+            DB_TRANSACTIONS.labels(outcome="rollback").inc()
+            if _connection_is_sound(raw, error):
+                await tx._close_session()
+                await transaction.rollback()
+            else:
+                await connection.invalidate()
+            raise
+        DB_TRANSACTIONS.labels(outcome="commit").inc()
+
+
+def _connection_is_sound(raw: asyncpg.Connection, error: BaseException) -> bool:
+    """Whether the connection can be rolled back and reused after `error`: PostgreSQL refused
+    a statement (class 08, a connection failure, aside), and nothing was interrupted half-way."""
+    if raw.is_closed():
+        return False
+    sqlstate = sqlstate_of(error)
+    return sqlstate is not None and not sqlstate.startswith("08")
+
+
+def sqlstate_of(error: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, raised by asyncpg directly or through SQLAlchemy."""
+    if isinstance(error, asyncpg.PostgresError):
+        return str(error.sqlstate)
+    if isinstance(error, exc.DBAPIError):
+        orig = error.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(
+            getattr(orig, "__cause__", None), "sqlstate", None
+        )
+        return str(sqlstate) if sqlstate else None
+    return None

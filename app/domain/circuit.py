@@ -24,23 +24,27 @@ from redis.asyncio import Redis
 
 from app.providers.base import ErrorKind, ProviderError
 
-_CHECK: Final = """
--- KEYS[1]: the circuit (hash), KEYS[2]: the pause. ARGV[1]: how long a probe may take (ms);
--- ARGV[2]: '0' when the caller cannot be the probe (then a due probe reads as open, wait 0).
--- Returns {state, wait_ms, pause_ms}: state 0 closed, 1 open (wait_ms: until a probe may go),
--- 2 half-open and this caller is the probe.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local pause = math.max(redis.call('PTTL', KEYS[2]), 0)
-local opened_until = tonumber(redis.call('HGET', KEYS[1], 'opened_until'))
-if not opened_until then return {0, 0, pause} end
-if now < opened_until then return {1, opened_until - now, pause} end
-local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until')) or 0
-if now < probe_until then return {1, probe_until - now, pause} end
-if ARGV[2] == '0' then return {1, 0, pause} end
-redis.call('HSET', KEYS[1], 'probe_until', now + tonumber(ARGV[1]))
-return {2, 0, pause}
+# `circuit_check(circuit, pause, probe_ms, may_probe)`: the circuit (a hash) and the pause of a
+# provider; how long a probe may take (ms); '0' when the caller cannot be the probe (then a due
+# probe reads as open, wait 0). Returns {state, wait_ms, pause_ms}: state 0 closed, 1 open
+# (wait_ms: until a probe may go), 2 half-open and this caller is the probe. A Lua function, so
+# the delivery gate can ask it and reserve slots in one script (app.domain.dispatch).
+CHECK_LUA: Final = """
+local function circuit_check(circuit, pause_key, probe_ms, may_probe)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local pause = math.max(redis.call('PTTL', pause_key), 0)
+  local opened_until = tonumber(redis.call('HGET', circuit, 'opened_until'))
+  if not opened_until then return {0, 0, pause} end
+  if now < opened_until then return {1, opened_until - now, pause} end
+  local probe_until = tonumber(redis.call('HGET', circuit, 'probe_until')) or 0
+  if now < probe_until then return {1, probe_until - now, pause} end
+  if may_probe == '0' then return {1, 0, pause} end
+  redis.call('HSET', circuit, 'probe_until', now + tonumber(probe_ms))
+  return {2, 0, pause}
+end
 """
+_CHECK: Final = CHECK_LUA + "return circuit_check(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n"
 
 _RECORD: Final = """
 -- KEYS[1]: the circuit (hash). ARGV: failed (1/0), threshold, window (ms), open for (ms).
@@ -127,10 +131,28 @@ class ProviderHealth:
     """Circuit breakers and pauses of every provider, in Redis."""
 
     def __init__(self, redis: Redis, policy: CircuitPolicy) -> None:
-        self._redis = redis
+        self.redis = redis
         self._check = redis.register_script(_CHECK)
         self._record = redis.register_script(_RECORD)
         self.policy = policy
+
+    def keys(self, provider: str) -> list[str]:
+        """`circuit_check`'s keys for `provider`: its circuit and its pause."""
+        return [self._circuit_key(provider), self._pause_key(provider)]
+
+    @property
+    def probe_timeout_ms(self) -> int:
+        """`circuit_check`'s `probe_ms`."""
+        return int(self.policy.probe_timeout_seconds * 1000)
+
+    @staticmethod
+    def health(state: int, wait_ms: int, pause_ms: int) -> Health:
+        """What `circuit_check` answered, as a `Health`."""
+        return Health(
+            state=(CircuitState.CLOSED, CircuitState.OPEN, CircuitState.PROBE)[int(state)],
+            open_for=int(wait_ms) / 1000.0,
+            paused_for=int(pause_ms) / 1000.0,
+        )
 
     @staticmethod
     def _circuit_key(provider: str) -> str:
@@ -144,14 +166,9 @@ class ProviderHealth:
         """The provider's state for a submission about to be made (may make the caller the
         half-open probe, unless `may_probe` is false: then a due probe reads as open)."""
         state, wait_ms, pause_ms = await self._check(
-            keys=[self._circuit_key(provider), self._pause_key(provider)],
-            args=[int(self.policy.probe_timeout_seconds * 1000), "1" if may_probe else "0"],
+            keys=self.keys(provider), args=[self.probe_timeout_ms, "1" if may_probe else "0"]
         )
-        return Health(
-            state=(CircuitState.CLOSED, CircuitState.OPEN, CircuitState.PROBE)[int(state)],
-            open_for=int(wait_ms) / 1000.0,
-            paused_for=int(pause_ms) / 1000.0,
-        )
+        return self.health(state, wait_ms, pause_ms)
 
     async def record(self, provider: str, error: ProviderError | None) -> int:
         """Count a submission's result: 1 when it opened the circuit, -1 when it closed it."""
@@ -172,4 +189,4 @@ class ProviderHealth:
     async def pause(self, provider: str, seconds: float) -> None:
         """Keep every worker from calling `provider` for `seconds` (it throttled us)."""
         if seconds > 0:
-            await self._redis.set(self._pause_key(provider), b"1", px=max(int(seconds * 1000), 1))
+            await self.redis.set(self._pause_key(provider), b"1", px=max(int(seconds * 1000), 1))

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message
-from app.db.session import SessionFactory
+from app.db.session import SessionFactory, Tx
 from app.domain.dispatch import Dispatcher, Go, Ticket, Verdict, Wait
 from app.domain.events import EventJob
 from app.domain.optouts import record_provider_opt_out
@@ -49,6 +49,7 @@ from app.domain.transitions import (
     release,
     requeue,
     reroute,
+    run_raw_transaction,
     run_transaction,
 )
 from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS
@@ -268,10 +269,10 @@ async def deliver_message(
 async def _claim(
     session_factory: SessionFactory, message_ids: Sequence[uuid.UUID]
 ) -> tuple[Claim, tuple[EventJob, ...]]:
-    async def work(session: AsyncSession) -> Claim:
-        return await claim(session, message_ids)
+    async def work(tx: Tx) -> Claim:
+        return await claim(tx, message_ids)
 
-    return await run_transaction(session_factory, work)
+    return await run_raw_transaction(session_factory, work)
 
 
 async def _gate(
@@ -455,10 +456,10 @@ async def record_submissions(
         Acceptance(s.message, s.provider, s.accepted.provider_message_id) for s in submitted
     ]
 
-    async def work(session: AsyncSession) -> set[uuid.UUID]:
-        return await mark_sent(session, accepted)
+    async def work(tx: Tx) -> set[uuid.UUID]:
+        return await mark_sent(tx, accepted)
 
-    return await run_transaction(session_factory, work)
+    return await run_raw_transaction(session_factory, work)
 
 
 def _observe(provider: str, outcome: str, started: float) -> None:

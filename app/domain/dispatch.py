@@ -11,7 +11,8 @@
 3. Pacing: the sender's rate (app.domain.pacing). Each sender's messages take a run of
    consecutive slots in one step; a message beyond that run (the sender has a line) takes its
    own place in line, waits for it when it is near, or is put back to wait for it.
-Each provider is asked once and each sender once, whatever the job carries. A message that
+Each provider is asked once and each sender once, whatever the job carries; a job of one provider
+and one sender (most jobs) asks both in one Redis round trip (`_GATE`). A message that
 waits is put back by the caller (`transitions.release`): waiting is never an attempt and never a
 failure. The gate runs between transactions: it holds no database connection.
 
@@ -32,8 +33,8 @@ from typing import Final
 
 from redis.exceptions import RedisError
 
-from app.domain.circuit import CircuitState, Health, ProviderHealth
-from app.domain.pacing import DEFER_LEAD_SECONDS, SenderPacer
+from app.domain.circuit import CHECK_LUA, CircuitState, Health, ProviderHealth
+from app.domain.pacing import DEFER_LEAD_SECONDS, RESERVE_LUA, Reservation, SenderPacer
 from app.metrics import RATE_LIMIT_DEFERRALS
 from app.providers.base import Provider, ProviderError
 
@@ -48,6 +49,21 @@ REDIS_DOWN_RETRY_SECONDS: Final = 5.0
 # the sender go faster by at most the rest of the run, once: kept short. Messages beyond it
 # take their own places in the sender's line, each checked just before its call.
 RUN_HORIZON_SECONDS: Final = 0.25
+
+# The common job (one provider, one sender) in one round trip: the provider's circuit and pause,
+# then, only if it is closed and not paused, the sender's run of slots. KEYS: circuit, pause,
+# TAT, line; ARGV: probe ms, interval ms, wanted, ahead ms. Returns the check's three values,
+# then the run's count and first ms, and 1 if the run was reserved.
+_GATE: Final = (
+    CHECK_LUA
+    + RESERVE_LUA
+    + """
+local health = circuit_check(KEYS[1], KEYS[2], ARGV[1], '1')
+if health[1] ~= 0 or health[3] ~= 0 then return {health[1], health[2], health[3], 0, '0', 0} end
+local run = reserve_run(KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], '1')
+return {health[1], health[2], health[3], run[1], run[2], 1}
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,21 +110,50 @@ class Dispatcher:
         self.health = health
         self.pacer = pacer
         self._providers = providers
+        self._gate_script = health.redis.register_script(_GATE)
 
     async def gate(self, tickets: Sequence[Ticket]) -> dict[uuid.UUID, Verdict]:
         """Where and when each message may be submitted, or how long it must wait."""
         try:
-            routed = await self._route(tickets)
-            return await self._pace(tickets, routed)
+            healths, reserved = await self._first_look(tickets)
+            routed = await self._route(tickets, healths)
+            return await self._pace(tickets, routed, reserved)
         except (RedisError, OSError) as error:
             log.warning("delivery gate unavailable", extra={"error": repr(error)})
             return {
                 t.message_id: Wait(REDIS_DOWN_RETRY_SECONDS, "redis_unavailable") for t in tickets
             }
 
-    async def _route(self, tickets: Sequence[Ticket]) -> dict[uuid.UUID, Verdict]:
-        """Each message's provider (its own or its fallback), or why it must wait."""
-        healths: dict[str, Health] = {}
+    async def _first_look(
+        self, tickets: Sequence[Ticket]
+    ) -> tuple[dict[str, Health], tuple[uuid.UUID, Reservation, float] | None]:
+        """For a job of one provider and one sender (most jobs): the provider's health and,
+        when it may be called now, the sender's run of slots (with when it was reserved), in
+        one round trip. Other jobs ask each provider and sender in turn."""
+        first = tickets[0]
+        if any(t.provider != first.provider or t.sender_id != first.sender_id for t in tickets):
+            return {}, None
+        answer = await self._gate_script(
+            keys=self.health.keys(first.provider) + self.pacer.run_keys(first.sender_id),
+            args=[
+                self.health.probe_timeout_ms,
+                *self.pacer.run_arguments(first.rate, len(tickets), RUN_HORIZON_SECONDS),
+            ],
+        )
+        reserved_at = time.monotonic()
+        state, wait_ms, pause_ms, count, first_ms, was_reserved = answer
+        healths = {first.provider: self.health.health(state, wait_ms, pause_ms)}
+        if not int(was_reserved):
+            return healths, None
+        run = self.pacer.reservation(first.rate, count, first_ms)
+        return healths, (first.sender_id, run, reserved_at)
+
+    async def _route(
+        self, tickets: Sequence[Ticket], known: dict[str, Health]
+    ) -> dict[uuid.UUID, Verdict]:
+        """Each message's provider (its own or its fallback), or why it must wait; `known`:
+        healths already asked for (not asked again: asking may make this job the probe)."""
+        healths = dict(known)
         probing: set[str] = set()  # providers whose probe this job already makes
 
         async def health_of(provider: str) -> Health:
@@ -148,21 +193,27 @@ class Dispatcher:
         return verdicts
 
     async def _pace(
-        self, tickets: Sequence[Ticket], routed: dict[uuid.UUID, Verdict]
+        self,
+        tickets: Sequence[Ticket],
+        routed: dict[uuid.UUID, Verdict],
+        reserved: tuple[uuid.UUID, Reservation, float] | None,
     ) -> dict[uuid.UUID, Verdict]:
         """Give every routed message its sender's next slot: a run of consecutive slots per
-        sender in one step; a message beyond the run takes its place in the sender's line
-        itself, just before its call (`take_turn`)."""
+        sender in one step (`reserved`: the run `_first_look` took); a message beyond the run
+        takes its place in the sender's line itself, just before its call (`take_turn`)."""
         by_sender: defaultdict[uuid.UUID, list[Ticket]] = defaultdict(list)
         for ticket in tickets:
             if isinstance(routed[ticket.message_id], Go):
                 by_sender[ticket.sender_id].append(ticket)
         verdicts = dict(routed)
         for sender_id, group in by_sender.items():
-            slots = await self.pacer.reserve(
-                sender_id, group[0].rate, len(group), consume=True, horizon=RUN_HORIZON_SECONDS
-            )
-            reserved_at = time.monotonic()
+            if reserved is not None and reserved[0] == sender_id:
+                _, slots, reserved_at = reserved
+            else:
+                slots = await self.pacer.reserve(
+                    sender_id, group[0].rate, len(group), consume=True, horizon=RUN_HORIZON_SECONDS
+                )
+                reserved_at = time.monotonic()
             for index, ticket in enumerate(group):
                 go = verdicts[ticket.message_id]
                 assert isinstance(go, Go)

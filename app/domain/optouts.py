@@ -62,9 +62,18 @@ def _lock_key(phone: str) -> int:
     return _LOCK_NAMESPACE + int.from_bytes(digest[:8], "big") % LOCK_BUCKETS
 
 
+# `recipient_lock_keys` taken in plain asyncpg (the delivery claim), in the order given.
+RECIPIENT_LOCKS_SQL: Final = "SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key"
+
+
+def recipient_lock_keys(phones: Iterable[str]) -> list[int]:
+    """The advisory lock keys of these numbers, in the one order everywhere: no deadlocks."""
+    return sorted({_lock_key(phone) for phone in phones})
+
+
 async def lock_recipients(session: AsyncSession, phones: Iterable[str]) -> None:
     """Serialise opt-out changes and sends for these numbers until the transaction ends."""
-    keys = sorted({_lock_key(phone) for phone in phones})  # one order everywhere: no deadlocks
+    keys = recipient_lock_keys(phones)
     if len(keys) == 1:
         await session.execute(select(func.pg_advisory_xact_lock(keys[0])))
     elif keys:

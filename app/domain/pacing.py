@@ -85,29 +85,36 @@ return {math.ceil(slot - now), 1}
 """
 
 
-_RESERVE: Final = """
--- A run of consecutive slots for a job's messages (app.domain.dispatch). KEYS[1]: the
--- sender's TAT (ms), KEYS[2]: the last slot handed out to a waiting message (ms). ARGV[1]:
--- emission interval (ms); ARGV[2]: how many slots are wanted; ARGV[3]: how far ahead a slot may
--- be (ms); ARGV[4]: '1' to take them, '0' only to count them. Returns {count, first_ms}: slot i
--- (0 <= i < count) begins first_ms + i * interval from now. None while messages wait in line
--- with tickets: a batch never goes ahead of them (they take the per-message path's slots).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = tonumber(ARGV[1])
-local line = tonumber(redis.call('GET', KEYS[2])) or 0
-if line > now then return {0, 0} end
-local tat = tonumber(redis.call('GET', KEYS[1])) or 0
-local first = math.max(tat, now)
-local fit = math.floor((now + tonumber(ARGV[3]) - first) / interval) + 1
-local count = math.max(math.min(tonumber(ARGV[2]), fit), 0)
-if count > 0 and ARGV[4] == '1' then
-  local next_tat = first + count * interval
-  redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX',
-             math.ceil(next_tat - now) + 1000)
+# `reserve_run(tat, line, interval, wanted, ahead, consume)`: a run of consecutive slots for a
+# job's messages (app.domain.dispatch). `tat`: the sender's TAT (ms); `line`: the last slot
+# handed out to a waiting message (ms); `interval`: emission interval (ms); `wanted`: how many
+# slots; `ahead`: how far ahead a slot may be (ms); `consume`: '1' to take them, '0' only to
+# count them. Returns {count, first_ms}: slot i (0 <= i < count) begins first_ms + i * interval
+# from now. None while messages wait in line with tickets: a batch never goes ahead of them
+# (they take the per-message path's slots). A Lua function, so the gate can check the provider's
+# circuit and reserve in one script.
+RESERVE_LUA: Final = """
+local function reserve_run(tat_key, line_key, interval_ms, wanted, ahead, consume)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local interval = tonumber(interval_ms)
+  local line = tonumber(redis.call('GET', line_key)) or 0
+  if line > now then return {0, 0} end
+  local tat = tonumber(redis.call('GET', tat_key)) or 0
+  local first = math.max(tat, now)
+  local fit = math.floor((now + tonumber(ahead) - first) / interval) + 1
+  local count = math.max(math.min(tonumber(wanted), fit), 0)
+  if count > 0 and consume == '1' then
+    local next_tat = first + count * interval
+    redis.call('SET', tat_key, string.format('%.3f', next_tat), 'PX',
+               math.ceil(next_tat - now) + 1000)
+  end
+  return {count, string.format('%.3f', first - now)}
 end
-return {count, string.format('%.3f', first - now)}
 """
+_RESERVE: Final = (
+    RESERVE_LUA + "return reserve_run(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,15 +175,28 @@ class SenderPacer:
         """Up to `wanted` consecutive slots of the sender that begin within `horizon` seconds
         (by default the inline wait), in one step (`consume=False`: only count them). None while
         the sender has a line."""
-        prefix = f"smsgate:pace:{{{sender_id}}}"
-        interval_ms = 1000.0 / rate
-        ahead_ms = int((self.max_inline_wait if horizon is None else horizon) * 1000)
         count, first_ms = await self._reserve(
-            keys=[f"{prefix}:tat", f"{prefix}:line"],
-            args=[interval_ms, wanted, ahead_ms, "1" if consume else "0"],
+            keys=self.run_keys(sender_id),
+            args=[*self.run_arguments(rate, wanted, horizon), "1" if consume else "0"],
         )
+        return self.reservation(rate, count, first_ms)
+
+    @staticmethod
+    def run_keys(sender_id: uuid.UUID) -> list[str]:
+        """`reserve_run`'s keys for this sender: its TAT and its line."""
+        prefix = f"smsgate:pace:{{{sender_id}}}"
+        return [f"{prefix}:tat", f"{prefix}:line"]
+
+    def run_arguments(self, rate: float, wanted: int, horizon: float | None) -> list[float | int]:
+        """`reserve_run`'s interval, wanted and ahead."""
+        ahead_ms = int((self.max_inline_wait if horizon is None else horizon) * 1000)
+        return [1000.0 / rate, wanted, ahead_ms]
+
+    @staticmethod
+    def reservation(rate: float, count: int, first_ms: str | float) -> Reservation:
+        """What `reserve_run` answered, as a `Reservation`."""
         return Reservation(
-            count=int(count), first=max(float(first_ms), 0.0) / 1000.0, interval=interval_ms / 1000
+            count=int(count), first=max(float(first_ms), 0.0) / 1000.0, interval=1 / rate
         )
 
     async def take(

@@ -28,17 +28,27 @@ from sqlalchemy import (
     and_,
     func,
     select,
-    text,
     update,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.attributes import set_committed_value
 
-from app.db.models import Message, MessageEvent, Sender
-from app.db.session import SessionFactory
-from app.domain.events import EventJob, emit_message_status, emit_message_statuses, scheduled
-from app.domain.optouts import OPTED_OUT_SQL, lock_recipients, record_provider_opt_out
+from app.db.models import Message, MessageEvent
+from app.db.session import SessionFactory, Tx, raw_transaction, sqlstate_of
+from app.domain.events import (
+    EVENTS_AFTER_COMMIT,
+    MAY_NOTIFY_SQL,
+    EventJob,
+    emit_message_status,
+    emit_message_statuses,
+    scheduled,
+)
+from app.domain.optouts import (
+    OPTED_OUT_SQL,
+    RECIPIENT_LOCKS_SQL,
+    lock_recipients,
+    recipient_lock_keys,
+    record_provider_opt_out,
+)
 from app.domain.status import MessageStatus, can_advance, statuses_before
 from app.domain.text import storable, storable_mapping
 from app.logs import message_id_var
@@ -65,13 +75,7 @@ NOT_DUE_TOLERANCE_SECONDS: Final = 0.1
 
 def is_retryable(error: BaseException) -> bool:
     """Whether PostgreSQL aborted the transaction for its timing (deadlock, serialization)."""
-    if not isinstance(error, DBAPIError):
-        return False
-    orig = error.orig
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(
-        getattr(orig, "__cause__", None), "sqlstate", None
-    )
-    return sqlstate in RETRYABLE_SQLSTATES
+    return sqlstate_of(error) in RETRYABLE_SQLSTATES
 
 
 async def run_transaction(
@@ -83,20 +87,44 @@ async def run_transaction(
     """Run `work` in a transaction and commit; run it again in a new one after a deadlock or a
     serialization failure (at most `attempts` runs). Returns its result and the event deliveries
     the committed transaction scheduled (to enqueue after the commit)."""
+
+    async def once() -> tuple[T, tuple[EventJob, ...]]:
+        async with session_factory.begin() as session:
+            result = await work(session)
+        return result, scheduled(session)
+
+    return await _retrying(once, attempts)
+
+
+async def run_raw_transaction(
+    session_factory: SessionFactory,
+    work: Callable[[Tx], Awaitable[T]],
+    *,
+    attempts: int = TRANSACTION_ATTEMPTS,
+) -> tuple[T, tuple[EventJob, ...]]:
+    """`run_transaction` for the hot state changes: `work` speaks plain asyncpg (`Tx.fetch`),
+    and an ORM session inside the same transaction (`Tx.session()`) where it needs one."""
+
+    async def once() -> tuple[T, tuple[EventJob, ...]]:
+        async with raw_transaction(session_factory) as (tx, info):
+            result = await work(tx)
+        return result, tuple(info.get(EVENTS_AFTER_COMMIT, ()))
+
+    return await _retrying(once, attempts)
+
+
+async def _retrying(once: Callable[[], Awaitable[T]], attempts: int) -> T:
     for attempt in range(1, attempts + 1):
         try:
-            async with session_factory.begin() as session:
-                result = await work(session)
-        except DBAPIError as error:
+            return await once()
+        except Exception as error:
             if attempt == attempts or not is_retryable(error):
                 raise
             log.warning(
                 "transaction aborted by the database; running it again",
-                extra={"attempt": attempt, "error": str(error.orig)[:200]},
+                extra={"attempt": attempt, "error": str(error)[:200]},
             )
             await asyncio.sleep(random.uniform(0.5, 1.0) * RETRY_PAUSE_SECONDS * attempt)
-            continue
-        return result, scheduled(session)
     raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
@@ -129,54 +157,66 @@ class Claim:
     senders: dict[uuid.UUID, SenderTerms] = field(default_factory=dict)
 
 
-async def claim(session: AsyncSession, message_ids: Collection[uuid.UUID]) -> Claim:
+# The claim's read: every column of the messages (as `_message` builds them) and their senders'
+# terms, with the database's now.
+_COLUMNS: Final = tuple((p.key, p.columns[0].name) for p in Message.__mapper__.column_attrs)
+_READ: Final = f"""
+SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
+    s.rate_per_second, s.fallback_provider, now()
+FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
+WHERE m.id = ANY($1::uuid[])
+"""
+
+
+def _message(row: Any) -> Message:
+    """A message read by `_READ`, as an object outside any session (the ORM's would cost more
+    than the read): changes go through the conditional statements here, never through it."""
+    return Message(**{key: row[i] for i, (key, _) in enumerate(_COLUMNS)})
+
+
+async def claim(tx: Tx, message_ids: Collection[uuid.UUID]) -> Claim:
     """Move 1..N queued, due messages to `sending` (attempts + 1, `claimed_at` the database's
     now), in the caller's transaction: the one claim for a job of one message or of many.
 
     The recipients' locks are taken first, then the opt-out check: a STOP recorded before this
     point is seen, and one recorded after it finds the message already claimed. An expired
-    message ends `expired` and an opted-out one `canceled`, here. After the read and the locks,
-    the opt-out check, the claim and its history rows are one statement (`_CLAIM`).
+    message ends `expired` and an opted-out one `canceled`, here. Three statements in the common
+    case: the read, the locks, and one statement for the opt-out check, the claim and its
+    history rows (`_CLAIM`).
     """
-    rows = (
-        await session.execute(
-            select(Message, func.now(), Sender.rate_per_second, Sender.fallback_provider)
-            .join(Sender, Sender.id == Message.sender_id)
-            .where(Message.id.in_(message_ids))
-        )
-    ).all()
+    rows = await tx.fetch(_READ, list(message_ids))
     outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(message_ids, Outcome(None))
     if not rows:
         return Claim([], outcomes)
-    now: datetime = rows[0][1]
-    senders = {row[0].sender_id: SenderTerms(row[2], row[3]) for row in rows}
-    queued = [message for message, *_ in rows if message.status == MessageStatus.QUEUED.value]
+    terms = len(_COLUMNS)
+    now: datetime = rows[0][terms + 2]
+    senders = {row["sender_id"]: SenderTerms(row[terms], row[terms + 1]) for row in rows}
+    queued = [_message(row) for row in rows if row["status"] == MessageStatus.QUEUED.value]
     if not queued:
         return Claim([], outcomes)
     # Before any row is changed (an expired one too): the one lock order, recipients first.
-    await lock_recipients(session, [m.to for m in queued])
+    await tx.fetch(RECIPIENT_LOCKS_SQL, recipient_lock_keys(m.to for m in queued))
     candidates = []
+    unsent: list[tuple[Message, MessageStatus, str, str | None]] = []
     for message in queued:
         if message.expires_at is not None and now >= message.expires_at:
-            outcomes[message.id] = await finish_unsent(
-                session, message, MessageStatus.EXPIRED, "validity period ended before sending"
-            )
+            reason = "validity period ended before sending"
+            unsent.append((message, MessageStatus.EXPIRED, reason, None))
         elif (wait := (message.next_attempt_at - now).total_seconds()) > NOT_DUE_TOLERANCE_SECONDS:
             # Picked up early (a duplicate job, a restarted worker): keep the backoff.
             outcomes[message.id] = Outcome(MessageStatus.QUEUED, retry_in=wait)
         else:
             candidates.append(message)
-    if not candidates:
-        return Claim([], outcomes)
-    claimed, refused = await _claim_rows(session, candidates)
+    claimed, refused = await _claim_rows(tx, candidates)
     for message in candidates:
         if message.id in refused:
+            reason = "recipient opted out after the message was accepted"
+            unsent.append((message, MessageStatus.CANCELED, reason, "recipient_opted_out"))
+    if unsent:  # rare: through the ORM, for the events these write
+        session = await tx.session()
+        for message, status, reason, code in unsent:
             outcomes[message.id] = await finish_unsent(
-                session,
-                message,
-                MessageStatus.CANCELED,
-                "recipient opted out after the message was accepted",
-                error_code="recipient_opted_out",
+                session, message, status, reason, error_code=code
             )
     for message in claimed:
         del outcomes[message.id]
@@ -188,14 +228,13 @@ async def claim(session: AsyncSession, message_ids: Collection[uuid.UUID]) -> Cl
 # (the rule of `optouts.OPTED_OUT_SQL`; opt-out confirmations and HELP replies pass), the others
 # still queued, due and unexpired move to `sending` with the database's time, each with its
 # history row. Returns the claimed (id, attempts, claimed_at) and the refused ids.
-_CLAIM: Final = text(
-    f"""
+_CLAIM: Final = f"""
 WITH wanted AS (
     SELECT m.id, m.kind, m."to", m.sender_id FROM messages AS m
-    WHERE m.id = ANY(CAST(:ids AS uuid[]))
+    WHERE m.id = ANY($1::uuid[])
 ), refused AS (
     SELECT id FROM wanted
-    WHERE kind <> ALL(CAST(:passes AS varchar[]))
+    WHERE kind <> ALL($2::varchar[])
         AND {OPTED_OUT_SQL.format(phone='wanted."to"', sender_id="wanted.sender_id")}
 ), claimed AS (
     UPDATE messages AS m
@@ -203,7 +242,7 @@ WITH wanted AS (
     FROM wanted
     WHERE m.id = wanted.id AND wanted.id NOT IN (SELECT id FROM refused)
         AND m.status = 'queued'
-        AND m.next_attempt_at <= now() + make_interval(secs => CAST(:tolerance AS float8))
+        AND m.next_attempt_at <= now() + make_interval(secs => $3::float8)
         AND (m.expires_at IS NULL OR m.expires_at > now())
     RETURNING m.id, m.attempts, m.claimed_at
 ), history AS (
@@ -214,23 +253,17 @@ SELECT id, attempts, claimed_at, false AS refused FROM claimed
 UNION ALL
 SELECT id, NULL, NULL, true FROM refused
 """
-)
 
 
 async def _claim_rows(
-    session: AsyncSession, candidates: Sequence[Message]
+    tx: Tx, candidates: Sequence[Message]
 ) -> tuple[list[Message], set[uuid.UUID]]:
-    """Run `_CLAIM` for these (locked, due, unexpired) messages: the claimed ones, their
-    objects brought up to date without a second read, and the ids refused for an opt-out."""
+    """Run `_CLAIM` for these (locked, due, unexpired) messages: the claimed ones, brought up
+    to date without a second read, and the ids refused for an opt-out."""
     if not candidates:
         return [], set()
-    rows = await session.execute(
-        _CLAIM,
-        {
-            "ids": [m.id for m in candidates],
-            "passes": sorted(PASSES_OPT_OUT),
-            "tolerance": NOT_DUE_TOLERANCE_SECONDS,
-        },
+    rows = await tx.fetch(
+        _CLAIM, [m.id for m in candidates], sorted(PASSES_OPT_OUT), NOT_DUE_TOLERANCE_SECONDS
     )
     by_id = {m.id: m for m in candidates}
     claimed, refused = [], set()
@@ -239,10 +272,9 @@ async def _claim_rows(
             refused.add(message_id)
             continue
         message = by_id[message_id]
-        # What the UPDATE wrote, set as loaded state: the session must not write it again.
-        set_committed_value(message, "status", MessageStatus.SENDING.value)
-        set_committed_value(message, "attempts", attempts)
-        set_committed_value(message, "claimed_at", claimed_at)
+        message.status = MessageStatus.SENDING.value
+        message.attempts = attempts
+        message.claimed_at = claimed_at
         claimed.append(message)
     return claimed, refused
 
@@ -440,20 +472,19 @@ class Acceptance:
 
 # Record acceptances in one statement: each message still at this attempt moves to `sent` with
 # its provider id; one a report or a later attempt moved on keeps its status and gets the id only
-# if it has none (a report may have set it first); every acceptance gets its history row.
-_MARK_SENT: Final = text(
-    """
+# if it has none (a report may have set it first); every acceptance gets its history row. The
+# moved ids, each with whether its client is to be told (`events.MAY_NOTIFY_SQL`).
+_MARK_SENT: Final = f"""
 WITH accepted AS (
     SELECT * FROM unnest(
-        CAST(:ids AS uuid[]), CAST(:attempts AS smallint[]), CAST(:claimed AS timestamptz[]),
-        CAST(:pids AS varchar[]), CAST(:details AS text[])
+        $1::uuid[], $2::smallint[], $3::timestamptz[], $4::varchar[], $5::text[]
     ) AS a(id, attempts, claimed_at, pid, detail)
 ), moved AS (
     UPDATE messages AS m SET status = 'sent', provider_message_id = a.pid, updated_at = now()
     FROM accepted AS a
     WHERE m.id = a.id AND m.status = 'sending' AND m.attempts = a.attempts
       AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
-    RETURNING m.id
+    RETURNING m.id, {MAY_NOTIFY_SQL.format(m="m")} AS notify
 ), late AS (
     UPDATE messages AS m SET provider_message_id = a.pid, updated_at = now()
     FROM accepted AS a
@@ -466,32 +497,31 @@ WITH accepted AS (
     INSERT INTO message_events (message_id, status, applied, source, detail)
     SELECT a.id, 'sent', a.id IN (SELECT id FROM moved), 'worker', a.detail FROM accepted AS a
 )
-SELECT id FROM moved
+SELECT id, notify FROM moved
 """
-)
 
 
-async def mark_sent(session: AsyncSession, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
-    """Record that the provider accepted these messages (one statement): the ids that moved to
-    `sent`. A fast delivery report may already have moved a message past `sent` (or a later
-    attempt may own it): then only the provider's id is recorded, where it has none."""
+async def mark_sent(tx: Tx, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
+    """Record that the provider accepted these messages (one statement, and the events of the
+    clients that have an endpoint): the ids that moved to `sent`. A fast delivery report may
+    already have moved a message past `sent` (or a later attempt may own it): then only the
+    provider's id is recorded, where it has none."""
     if not accepted:
         return set()
-    moved = set(
-        await session.scalars(
-            _MARK_SENT,
-            {
-                "ids": [a.message.id for a in accepted],
-                "attempts": [a.message.attempts for a in accepted],
-                "claimed": [a.message.claimed_at for a in accepted],
-                "pids": [a.provider_message_id for a in accepted],
-                "details": [
-                    f"accepted by {a.provider} as {a.provider_message_id}" for a in accepted
-                ],
-            },
-        )
+    rows = await tx.fetch(
+        _MARK_SENT,
+        [a.message.id for a in accepted],
+        [a.message.attempts for a in accepted],
+        [a.message.claimed_at for a in accepted],
+        [a.provider_message_id for a in accepted],
+        [f"accepted by {a.provider} as {a.provider_message_id}" for a in accepted],
     )
-    await emit_message_statuses(session, [a.message for a in accepted if a.message.id in moved])
+    moved = {message_id for message_id, _ in rows}
+    notify = [message_id for message_id, told in rows if told]
+    if notify:
+        session = await tx.session()
+        for message_id in notify:
+            await emit_message_status(session, message_id)
     for a in accepted:
         if a.message.id in moved:
             count_status(MessageStatus.SENT.value, a.message.provider, a.message.from_)

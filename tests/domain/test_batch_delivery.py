@@ -719,11 +719,12 @@ async def test_what_one_message_costs_in_statements_and_redis_commands(
     print(f"{path}: {statements:.0f} statements, Redis {redis_commands}")  # noqa: T201
     assert (await load(session_factory, message_id)).status == "sent"
     # BEGIN and COMMIT are not counted (asyncpg issues them without a cursor).
-    # Measured: 5 statements (claim: read, locks, one statement for opt-out + UPDATE + history;
-    # record: one statement, then the client's event endpoint) and 3 EVALSHA (circuit, the
-    # sender's run of slots, breaker success), either way: one road.
-    assert statements <= 5
-    assert len(redis_commands) <= 3
+    # Measured: 4 statements (claim: read, locks, one statement for opt-out + UPDATE + history;
+    # record: one statement, which also tells whether the client has an endpoint to tell) and 2
+    # EVALSHA (the gate: circuit and the sender's run of slots in one script; breaker success),
+    # either way: one road.
+    assert statements <= 4
+    assert len(redis_commands) <= 2
 
 
 async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(

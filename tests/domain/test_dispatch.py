@@ -14,7 +14,7 @@ from app.db.models import MessageEvent, Sender
 from app.db.session import SessionFactory
 from app.domain.delivery import deliver_message
 from app.domain.dispatch import RUN_HORIZON_SECONDS, Dispatcher, Go, Ticket, Wait
-from app.domain.pacing import Reservation
+from app.domain.pacing import SenderPacer
 from app.domain.status import MessageStatus
 from app.providers.base import Provider
 from app.worker.guarantees import build_dispatcher
@@ -187,13 +187,14 @@ async def test_a_claim_whose_turn_passed_is_released_without_an_attempt(
     dispatcher = gate(redis, providers)
     message_id = await queued_message(session_factory, world)
 
-    async def no_free_run(*args: Any, **kwargs: Any) -> Reservation:
-        return Reservation(count=0, first=0.0, interval=1.0)  # the sender has a line
+    # The sender has a line (a message waits for a slot a second from now): no free run.
+    seconds, micros = await redis.time()
+    _, line = SenderPacer.run_keys(world.twilio_sender.id)
+    await redis.set(line, f"{seconds * 1000 + micros / 1000 + 1000:.3f}", px=5000)
 
     async def too_late(*args: Any, **kwargs: Any) -> float:
         return 4.0  # e.g. the claim was slow and other messages took the next slots
 
-    dispatcher.pacer.reserve = no_free_run  # type: ignore[method-assign]
     dispatcher.pacer.admit = too_late  # type: ignore[method-assign]
     outcome = await deliver_message(message_id, session_factory, providers, POLICY, dispatcher)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import func, select, text
@@ -12,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, OptOut
-from app.db.session import SessionFactory
+from app.db.session import SessionFactory, Tx
 from app.domain.optouts import lock_recipients
 from app.domain.transitions import (
     TRANSACTION_ATTEMPTS,
@@ -20,6 +21,7 @@ from app.domain.transitions import (
     is_retryable,
     release,
     resubmit,
+    run_raw_transaction,
     run_transaction,
 )
 from tests.api.test_status_callbacks import sent_message, twilio_callback
@@ -197,17 +199,17 @@ async def test_a_decision_about_a_claim_put_back_misses_the_claim_after_it(
     reconciliation's decision about the first claim must not hit the second (a resend)."""
     message_id = await queued_message(session_factory, world)
 
-    async def claim_it(session: AsyncSession) -> Message:
-        claimed = await claim(session, [message_id])
+    async def claim_it(tx: Tx) -> Message:
+        claimed = await claim(tx, [message_id])
         return claimed.claimed[0]
 
-    first, _ = await run_transaction(session_factory, claim_it)
+    first, _ = await run_raw_transaction(session_factory, claim_it)
 
     async def put_back(session: AsyncSession) -> bool:
         return await release(session, first, "the sender's pace", first.provider, quiet=True)
 
     assert (await run_transaction(session_factory, put_back))[0]
-    second, _ = await run_transaction(session_factory, claim_it)
+    second, _ = await run_raw_transaction(session_factory, claim_it)
     assert second.attempts == first.attempts and second.claimed_at != first.claimed_at
 
     async def stale_resubmit(session: AsyncSession) -> int | None:
@@ -223,10 +225,10 @@ async def test_a_quiet_put_back_reads_as_never_claimed_and_is_not_due_until_its_
 ) -> None:
     message_id = await queued_message(session_factory, world)
 
-    async def claim_it(session: AsyncSession) -> Message:
-        return (await claim(session, [message_id])).claimed[0]
+    async def claim_it(tx: Tx) -> Message:
+        return (await claim(tx, [message_id])).claimed[0]
 
-    claimed, _ = await run_transaction(session_factory, claim_it)
+    claimed, _ = await run_raw_transaction(session_factory, claim_it)
 
     async def put_back(session: AsyncSession) -> bool:
         reason = "the sender's pace; next turn in 30.0s"
@@ -243,3 +245,99 @@ async def test_a_quiet_put_back_reads_as_never_claimed_and_is_not_due_until_its_
         )
     assert due_in is not None and 29 <= float(due_in) <= 30  # the sweep leaves it alone
     assert await history(session_factory, message_id) == []  # no `sending` shown
+
+
+# ---- The raw road: plain asyncpg statements and an ORM session in one transaction ----------
+
+
+async def test_a_raw_transaction_is_run_again_after_a_deadlock_with_its_writes_undone(
+    session_factory: SessionFactory, world: World
+) -> None:
+    message_id = await queued_message(session_factory, world)
+    runs = 0
+
+    async def work(tx: Tx) -> int:
+        nonlocal runs
+        runs += 1
+        await tx.fetch("UPDATE messages SET body = body || '!' WHERE id = $1", message_id)
+        if runs == 1:
+            await tx.fetch(raising("40P01"))
+        return runs
+
+    result, _ = await run_raw_transaction(session_factory, work)
+
+    assert result == 2
+    assert (await load(session_factory, message_id)).body.endswith("shipped.!")
+
+
+async def test_a_raw_transaction_and_its_orm_session_commit_or_roll_back_together(
+    session_factory: SessionFactory, world: World
+) -> None:
+    """The session's work is a savepoint inside the raw transaction: both are kept, or neither."""
+    message_id = await queued_message(session_factory, world)
+
+    async def both(tx: Tx, fail: bool) -> None:
+        await tx.fetch("UPDATE messages SET body = 'raw' WHERE id = $1", message_id)
+        session = await tx.session()
+        await session.execute(
+            text("UPDATE messages SET error_message = 'orm' WHERE id = :id"), {"id": message_id}
+        )
+        if fail:
+            await tx.fetch(raising("23505"))
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await run_raw_transaction(session_factory, lambda tx: both(tx, fail=True))
+    message = await load(session_factory, message_id)
+    assert (message.body, message.error_message) != ("raw", "orm")
+    assert message.body != "raw" and message.error_message != "orm"
+
+    await run_raw_transaction(session_factory, lambda tx: both(tx, fail=False))
+    message = await load(session_factory, message_id)
+    assert (message.body, message.error_message) == ("raw", "orm")
+
+
+async def test_a_raw_transactions_connection_that_died_is_not_handed_out_again(
+    session_factory: SessionFactory,
+) -> None:
+    """A backend killed under a raw transaction (a PostgreSQL restart) fails that transaction
+    once; the next one gets a live connection, not the dead one back from the pool."""
+
+    async def own_pid(tx: Tx) -> int:
+        pid: int = (await tx.fetch("SELECT pg_backend_pid()"))[0][0]
+        return pid
+
+    async def killed(tx: Tx) -> None:
+        pid = await own_pid(tx)
+        async with session_factory() as other:
+            await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        await asyncio.sleep(0.05)
+        await tx.fetch("SELECT 1")
+
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+        await run_raw_transaction(session_factory, killed)
+    for _ in range(3):  # whichever pooled connection comes next is alive
+        pid, _ = await run_raw_transaction(session_factory, own_pid)
+        assert pid > 0
+
+
+async def test_a_raw_transaction_cancelled_mid_statement_leaves_no_busy_connection_behind(
+    session_factory: SessionFactory,
+) -> None:
+    """Cancelled while PostgreSQL runs its statement (a job timeout): the connection is
+    closed, not returned to the pool mid-statement for the next job to trip on."""
+
+    async def slow(tx: Tx) -> None:
+        await tx.fetch("SELECT pg_sleep(5)")
+
+    task = asyncio.create_task(run_raw_transaction(session_factory, slow))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def ping(tx: Tx) -> int:
+        value: int = (await tx.fetch("SELECT 1"))[0][0]
+        return value
+
+    for _ in range(3):
+        assert (await asyncio.wait_for(run_raw_transaction(session_factory, ping), 2))[0] == 1

@@ -189,7 +189,9 @@ async def test_a_slow_senders_batch_is_spread_over_jobs_but_never_faster_than_it
     recipients = [parse_qs(r.content.decode())["To"][0] for r in provider.requests]
     assert Counter(recipients) == Counter(numbers)
     gaps = [b - a for a, b in itertools.pairwise(sorted(times))]
-    assert min(gaps) >= 1 / rate - 0.02
+    # A send never precedes its slot, but may follow it late (a busy event loop): the next one,
+    # on time, then follows it by a little less than the interval. Unpaced, gaps would be ~0.
+    assert min(gaps) >= 1 / rate - 0.1
     for message_id in accepted:
         message = await load(session_factory, message_id)
         assert (message.status, message.attempts) == ("sent", 1)
