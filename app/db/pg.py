@@ -20,6 +20,11 @@ from sqlalchemy.engine import make_url
 from app.metrics import DB_STATEMENTS, DB_TRANSACTIONS
 
 APPLICATION_NAME: Final = "smsgate-api-send"
+# This pool's statements are few, prepared once per connection, and keyed by primary or unique
+# keys and arrays: the same plan fits every parameter value. Left to choose ("auto"), PostgreSQL
+# kept planning the accept statement anew for each send, which cost about a third of its CPU
+# per send (0.55-0.70 ms against 0.35-0.38 ms with the generic plan, measured on one connection).
+PLAN_CACHE_MODE: Final = "force_generic_plan"
 
 
 def asyncpg_dsn(database_url: str) -> str:
@@ -53,7 +58,10 @@ class Database:
                     max_size=self._size,
                     max_inactive_connection_lifetime=0,
                     # Named, so an operator (or a test) can tell the send path's connections apart.
-                    server_settings={"application_name": APPLICATION_NAME},
+                    server_settings={
+                        "application_name": APPLICATION_NAME,
+                        "plan_cache_mode": PLAN_CACHE_MODE,
+                    },
                 )
             return self._pool
 
