@@ -154,6 +154,25 @@ async def raw_transaction(
         DB_TRANSACTIONS.labels(outcome="commit").inc()
 
 
+async def raw_statement(session_factory: SessionFactory, sql: str, *args: Any) -> list[Any]:
+    """One statement in plain asyncpg on a connection of the engine's pool, committed on its own
+    (no BEGIN and COMMIT round trips: a single statement is atomic by itself)."""
+    engine: AsyncEngine = session_factory.kw["bind"]
+    async with engine.connect() as connection:
+        raw = (await connection.get_raw_connection()).driver_connection
+        assert raw is not None  # a checked-out connection has its driver's
+        DB_STATEMENTS.inc()
+        try:
+            rows: list[Any] = await raw.fetch(sql, *args)
+        except BaseException as error:
+            DB_TRANSACTIONS.labels(outcome="rollback").inc()
+            if not _connection_is_sound(raw, error):
+                await connection.invalidate()
+            raise
+        DB_TRANSACTIONS.labels(outcome="commit").inc()
+        return rows
+
+
 def _connection_is_sound(raw: asyncpg.Connection, error: BaseException) -> bool:
     """Whether the connection can be rolled back and reused after `error`: PostgreSQL refused
     a statement (class 08, a connection failure, aside), and nothing was interrupted half-way."""

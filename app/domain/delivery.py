@@ -44,8 +44,8 @@ from app.domain.transitions import (
     Outcome,
     claim,
     fail,
-    mark_sent,
     note_unknown_outcome,
+    record_acceptances,
     release,
     requeue,
     reroute,
@@ -448,18 +448,12 @@ async def submit(
 async def record_submissions(
     session_factory: SessionFactory, submitted: Sequence[Submitted]
 ) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
-    """Record that the provider accepted these messages, in one transaction
-    (`transitions.mark_sent`): the ids that moved to `sent`, and the event deliveries written."""
-    if not submitted:
-        return set(), ()
+    """Record that the provider accepted these messages (`transitions.record_acceptances`): the
+    ids that moved to `sent`, and the event deliveries written."""
     accepted = [
         Acceptance(s.message, s.provider, s.accepted.provider_message_id) for s in submitted
     ]
-
-    async def work(tx: Tx) -> set[uuid.UUID]:
-        return await mark_sent(tx, accepted)
-
-    return await run_raw_transaction(session_factory, work)
+    return await record_acceptances(session_factory, accepted)
 
 
 def _observe(provider: str, outcome: str, started: float) -> None:

@@ -8,7 +8,6 @@ serialised, so no send is claimed after a STOP was recorded.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -17,16 +16,13 @@ from enum import StrEnum
 from typing import Final
 
 from sqlalchemy import (
-    BigInteger,
     ColumnElement,
     and_,
     func,
-    literal,
     or_,
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -53,34 +49,44 @@ class OptSource(StrEnum):
 # Numbers share this many locks: a bulk import of 100,000 numbers must take a bounded number of
 # advisory locks (each uses a slot of PostgreSQL's shared lock table); two numbers in one bucket
 # only wait for each other briefly.
-LOCK_BUCKETS = 1024
-_LOCK_NAMESPACE = 0x534D5300  # keeps our keys apart from other advisory locks ("SMS\0")
+LOCK_BUCKETS: Final = 1024
+_LOCK_NAMESPACE: Final = 0x534D5300  # keeps our keys apart from other advisory locks ("SMS\0")
 
+# A number's lock key, in SQL (`{phone}`: the expression of the number): the first 8 bytes of
+# sha256("recipient:" + number) taken modulo the buckets, in our namespace. Computed by the
+# database, so a statement can find its recipients and lock them in one round trip (the claim).
+RECIPIENT_LOCK_KEY_SQL: Final = (
+    f"({_LOCK_NAMESPACE} + (('x' || left(encode(sha256(convert_to('recipient:' || {{phone}}, "
+    f"'UTF8')), 'hex'), 16))::bit(64)::bigint & {LOCK_BUCKETS - 1}))"
+)
 
-def _lock_key(phone: str) -> int:
-    digest = hashlib.sha256(f"recipient:{phone}".encode()).digest()
-    return _LOCK_NAMESPACE + int.from_bytes(digest[:8], "big") % LOCK_BUCKETS
-
-
-# `recipient_lock_keys` taken in plain asyncpg (the delivery claim), in the order given.
-RECIPIENT_LOCKS_SQL: Final = "SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key"
-
-
-def recipient_lock_keys(phones: Iterable[str]) -> list[int]:
-    """The advisory lock keys of these numbers, in the one order everywhere: no deadlocks."""
-    return sorted({_lock_key(phone) for phone in phones})
+# Lock the numbers `{phones}` (a query of one column, `phone`) yields: each key once, in
+# ascending order (the one order everywhere: no deadlocks). One row: how many keys were taken.
+RECIPIENT_LOCKS_SQL: Final = f"""(
+    SELECT count(*) AS locked FROM (
+        SELECT pg_advisory_xact_lock(key) FROM (
+            SELECT DISTINCT {RECIPIENT_LOCK_KEY_SQL.format(phone="wanted.phone")} AS key
+            FROM ({{phones}}) AS wanted
+            ORDER BY key
+        ) AS keys
+    ) AS taken
+)"""
 
 
 async def lock_recipients(session: AsyncSession, phones: Iterable[str]) -> None:
     """Serialise opt-out changes and sends for these numbers until the transaction ends."""
-    keys = recipient_lock_keys(phones)
-    if len(keys) == 1:
-        await session.execute(select(func.pg_advisory_xact_lock(keys[0])))
-    elif keys:
-        # `unnest(...) AS key` names its one column `key`; the array is typed because
-        # PostgreSQL cannot pick an unnest() for an array of unknown type.
-        key = func.unnest(literal(keys, ARRAY(BigInteger))).column_valued("key")
-        await session.execute(select(func.pg_advisory_xact_lock(key)))
+    numbers = sorted(set(phones))
+    if numbers:
+        await session.execute(
+            text(
+                "SELECT locked FROM "
+                + RECIPIENT_LOCKS_SQL.format(
+                    phones="SELECT unnest(CAST(:phones AS text[])) AS phone"
+                )
+                + " AS held"
+            ),
+            {"phones": numbers},
+        )
 
 
 async def _deciding_row(

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
-from app.db.session import SessionFactory, Tx, raw_transaction, sqlstate_of
+from app.db.session import SessionFactory, Tx, raw_statement, raw_transaction, sqlstate_of
 from app.domain.events import (
     EVENTS_AFTER_COMMIT,
     MAY_NOTIFY_SQL,
@@ -46,7 +46,6 @@ from app.domain.optouts import (
     OPTED_OUT_SQL,
     RECIPIENT_LOCKS_SQL,
     lock_recipients,
-    recipient_lock_keys,
     record_provider_opt_out,
 )
 from app.domain.status import MessageStatus, can_advance, statuses_before
@@ -158,19 +157,24 @@ class Claim:
 
 
 # The claim's read: every column of the messages (as `_message` builds them) and their senders'
-# terms, with the database's now.
+# terms, with the database's now; and, in the same statement, the locks of the queued ones'
+# recipients (their order: `optouts.RECIPIENT_LOCKS_SQL`), held until the claim commits.
 _COLUMNS: Final = tuple((p.key, p.columns[0].name) for p in Message.__mapper__.column_attrs)
-_READ: Final = f"""
-SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
-    s.rate_per_second, s.fallback_provider, now()
-FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
-WHERE m.id = ANY($1::uuid[])
+_QUEUED_RECIPIENTS: Final = """SELECT "to" AS phone FROM found WHERE status = 'queued'"""
+_READ_AND_LOCK: Final = f"""
+WITH found AS (
+    SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
+        s.rate_per_second, s.fallback_provider
+    FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
+    WHERE m.id = ANY($1::uuid[])
+), held AS MATERIALIZED {RECIPIENT_LOCKS_SQL.format(phones=_QUEUED_RECIPIENTS)}
+SELECT found.*, now() FROM found, held
 """
 
 
 def _message(row: Any) -> Message:
-    """A message read by `_READ`, as an object outside any session (the ORM's would cost more
-    than the read): changes go through the conditional statements here, never through it."""
+    """A message read by `_READ_AND_LOCK`, as an object outside any session (the ORM's would
+    cost more than the read): changes go through the conditional statements here, never it."""
     return Message(**{key: row[i] for i, (key, _) in enumerate(_COLUMNS)})
 
 
@@ -180,22 +184,22 @@ async def claim(tx: Tx, message_ids: Collection[uuid.UUID]) -> Claim:
 
     The recipients' locks are taken first, then the opt-out check: a STOP recorded before this
     point is seen, and one recorded after it finds the message already claimed. An expired
-    message ends `expired` and an opted-out one `canceled`, here. Three statements in the common
-    case: the read, the locks, and one statement for the opt-out check, the claim and its
-    history rows (`_CLAIM`).
+    message ends `expired` and an opted-out one `canceled`, here. Two statements in the common
+    case: the read with the locks (`_READ_AND_LOCK`), then one statement for the opt-out check,
+    the claim and its history rows (`_CLAIM`), whose snapshot follows the locks.
     """
-    rows = await tx.fetch(_READ, list(message_ids))
+    rows = await tx.fetch(_READ_AND_LOCK, list(message_ids))
     outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(message_ids, Outcome(None))
     if not rows:
         return Claim([], outcomes)
     terms = len(_COLUMNS)
     now: datetime = rows[0][terms + 2]
     senders = {row["sender_id"]: SenderTerms(row[terms], row[terms + 1]) for row in rows}
+    # The queued ones' recipients are locked (by the read): the one lock order, recipients
+    # first, before any row is changed (an expired one too).
     queued = [_message(row) for row in rows if row["status"] == MessageStatus.QUEUED.value]
     if not queued:
         return Claim([], outcomes)
-    # Before any row is changed (an expired one too): the one lock order, recipients first.
-    await tx.fetch(RECIPIENT_LOCKS_SQL, recipient_lock_keys(m.to for m in queued))
     candidates = []
     unsent: list[tuple[Message, MessageStatus, str, str | None]] = []
     for message in queued:
@@ -472,22 +476,29 @@ class Acceptance:
 
 # Record acceptances in one statement: each message still at this attempt moves to `sent` with
 # its provider id; one a report or a later attempt moved on keeps its status and gets the id only
-# if it has none (a report may have set it first); every acceptance gets its history row. The
-# moved ids, each with whether its client is to be told (`events.MAY_NOTIFY_SQL`).
+# if it has none (a report may have set it first); every acceptance gets its history row. Returns
+# the moved ids, each with whether its client is to be told (`events.MAY_NOTIFY_SQL`).
+# With $6 ("quiet only"), the acceptances whose client is to be told are left alone and returned
+# as `deferred`: the statement then writes no event and can commit on its own.
 _MARK_SENT: Final = f"""
 WITH accepted AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::smallint[], $3::timestamptz[], $4::varchar[], $5::text[]
     ) AS a(id, attempts, claimed_at, pid, detail)
+), deferred AS (
+    SELECT a.id FROM accepted AS a JOIN messages AS m ON m.id = a.id
+    WHERE $6::boolean AND {MAY_NOTIFY_SQL.format(m="m")}
+), recorded AS (
+    SELECT * FROM accepted WHERE id NOT IN (SELECT id FROM deferred)
 ), moved AS (
     UPDATE messages AS m SET status = 'sent', provider_message_id = a.pid, updated_at = now()
-    FROM accepted AS a
+    FROM recorded AS a
     WHERE m.id = a.id AND m.status = 'sending' AND m.attempts = a.attempts
       AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
     RETURNING m.id, {MAY_NOTIFY_SQL.format(m="m")} AS notify
 ), late AS (
     UPDATE messages AS m SET provider_message_id = a.pid, updated_at = now()
-    FROM accepted AS a
+    FROM recorded AS a
     WHERE m.id = a.id AND m.provider_message_id IS NULL
       AND NOT (
           m.status = 'sending' AND m.attempts = a.attempts
@@ -495,37 +506,74 @@ WITH accepted AS (
       )
 ), history AS (
     INSERT INTO message_events (message_id, status, applied, source, detail)
-    SELECT a.id, 'sent', a.id IN (SELECT id FROM moved), 'worker', a.detail FROM accepted AS a
+    SELECT a.id, 'sent', a.id IN (SELECT id FROM moved), 'worker', a.detail FROM recorded AS a
 )
-SELECT id, notify FROM moved
+SELECT id, notify, false AS deferred FROM moved
+UNION ALL
+SELECT id, NULL, true FROM deferred
 """
 
 
-async def mark_sent(tx: Tx, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
-    """Record that the provider accepted these messages (one statement, and the events of the
-    clients that have an endpoint): the ids that moved to `sent`. A fast delivery report may
-    already have moved a message past `sent` (or a later attempt may own it): then only the
-    provider's id is recorded, where it has none."""
-    if not accepted:
-        return set()
-    rows = await tx.fetch(
-        _MARK_SENT,
+def _mark_sent_arguments(accepted: Sequence[Acceptance], *, quiet_only: bool) -> list[Any]:
+    return [
         [a.message.id for a in accepted],
         [a.message.attempts for a in accepted],
         [a.message.claimed_at for a in accepted],
         [a.provider_message_id for a in accepted],
         [f"accepted by {a.provider} as {a.provider_message_id}" for a in accepted],
-    )
-    moved = {message_id for message_id, _ in rows}
-    notify = [message_id for message_id, told in rows if told]
+        quiet_only,
+    ]
+
+
+async def record_acceptances(
+    session_factory: SessionFactory, accepted: Sequence[Acceptance]
+) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
+    """Record that the provider accepted these messages: the ids that moved to `sent`, and the
+    event deliveries written. Those whose client has no endpoint to tell (most, for a busy
+    sender) in one statement that commits on its own; the others in a transaction with their
+    events (`mark_sent`)."""
+    if not accepted:
+        return set(), ()
+
+    async def quietly() -> list[Any]:
+        arguments = _mark_sent_arguments(accepted, quiet_only=True)
+        return await raw_statement(session_factory, _MARK_SENT, *arguments)
+
+    rows = await _retrying(quietly, TRANSACTION_ATTEMPTS)
+    moved = {message_id for message_id, _, deferred in rows if not deferred}
+    _count_sent([a for a in accepted if a.message.id in moved])
+    deferred = {message_id for message_id, _, was_deferred in rows if was_deferred}
+    if not deferred:
+        return moved, ()
+
+    async def with_events(tx: Tx) -> set[uuid.UUID]:
+        return await mark_sent(tx, [a for a in accepted if a.message.id in deferred])
+
+    told, events = await run_raw_transaction(session_factory, with_events)
+    return moved | told, events
+
+
+async def mark_sent(tx: Tx, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
+    """Record that the provider accepted these messages, with the events of the clients that
+    have an endpoint, in the caller's transaction: the ids that moved to `sent`. A fast delivery
+    report may already have moved a message past `sent` (or a later attempt may own it): then
+    only the provider's id is recorded, where it has none."""
+    if not accepted:
+        return set()
+    rows = await tx.fetch(_MARK_SENT, *_mark_sent_arguments(accepted, quiet_only=False))
+    moved = {message_id for message_id, _, _ in rows}
+    notify = [message_id for message_id, told, _ in rows if told]
     if notify:
         session = await tx.session()
         for message_id in notify:
             await emit_message_status(session, message_id)
-    for a in accepted:
-        if a.message.id in moved:
-            count_status(MessageStatus.SENT.value, a.message.provider, a.message.from_)
+    _count_sent([a for a in accepted if a.message.id in moved])
     return moved
+
+
+def _count_sent(accepted: Sequence[Acceptance]) -> None:
+    for a in accepted:
+        count_status(MessageStatus.SENT.value, a.message.provider, a.message.from_)
 
 
 async def resubmit(session: AsyncSession, message: Message, detail: str) -> int | None:

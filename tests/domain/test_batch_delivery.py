@@ -19,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select, text
 
-from app.db.models import Message, MessageEvent, OptOut, Sender
+from app.db.models import Message, MessageEvent, OptOut, Sender, WebhookEndpoint
 from app.db.session import SessionFactory
 from app.domain import transitions
 from app.domain.circuit import CircuitState
@@ -417,7 +417,7 @@ async def test_a_batch_never_goes_ahead_of_messages_waiting_in_their_senders_lin
     # Behind the ticket holder's slot (0.5 s): the slots at 1.0 s and 1.5 s.
     first, second = sorted(twilio.times)
     assert first - started >= 1.0 - 0.05
-    assert second - first >= 0.5 - 0.02
+    assert second - first >= 0.5 - 0.1  # late by a busy event loop at most (never early)
     for message_id in batch:  # claimed once, when their turn came: never claimed and released
         assert await history(session_factory, message_id) == ["sending", "sent"]
 
@@ -438,7 +438,9 @@ async def test_a_slow_sender_sends_only_the_slots_within_the_inline_wait(
     # Slots at 0, 1 and 2 s fit in the inline wait (2 s); the other two wait on the queue.
     assert len(twilio.requests) == 3
     gaps = [b - a for a, b in itertools.pairwise(sorted(twilio.times))]
-    assert min(gaps) >= 1 / rate - 0.02
+    # A send never precedes its slot but may follow it late (a busy event loop): the next one,
+    # on time, then follows by a little less than the interval. Unpaced, gaps would be ~0.
+    assert min(gaps) >= 1 / rate - 0.1
     sent = [i for i, o in result.outcomes.items() if o.status is MessageStatus.SENT]
     waiting = [i for i, o in result.outcomes.items() if o.status is MessageStatus.QUEUED]
     assert (len(sent), len(waiting)) == (3, 2)
@@ -719,11 +721,11 @@ async def test_what_one_message_costs_in_statements_and_redis_commands(
     print(f"{path}: {statements:.0f} statements, Redis {redis_commands}")  # noqa: T201
     assert (await load(session_factory, message_id)).status == "sent"
     # BEGIN and COMMIT are not counted (asyncpg issues them without a cursor).
-    # Measured: 4 statements (claim: read, locks, one statement for opt-out + UPDATE + history;
-    # record: one statement, which also tells whether the client has an endpoint to tell) and 2
-    # EVALSHA (the gate: circuit and the sender's run of slots in one script; breaker success),
-    # either way: one road.
-    assert statements <= 4
+    # Measured: 3 statements (claim, in a transaction: the read with the recipients' locks, one
+    # statement for opt-out + UPDATE + history; record: one statement committed on its own, the
+    # client having no endpoint to tell) and 2 EVALSHA (the gate: circuit and the sender's run
+    # of slots in one script; breaker success), either way: one road.
+    assert statements <= 3
     assert len(redis_commands) <= 2
 
 
@@ -798,3 +800,42 @@ async def test_an_acceptance_is_recorded_even_when_the_job_is_cut_short_right_af
     assert len(twilio.requests) == 1
     message = await load(session_factory, message_id)
     assert message.status == "sent" and message.provider_message_id == twilio.sids[number(1)]
+
+
+async def test_a_job_records_acceptances_with_events_only_for_clients_with_an_endpoint(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """The record commits the acceptances of clients without an endpoint in one statement and
+    those of clients with one in a transaction with their `message.sent` events: in one job,
+    each message gets exactly the events its client asked for, and both are `sent`."""
+    told = await fresh(session_factory, world, number(1))
+    quiet = await fresh(session_factory, world, number(2))
+    async with session_factory.begin() as session:
+        other = await session.scalar(text("SELECT id FROM clients WHERE name = 'other-shop'"))
+        await session.execute(
+            text("UPDATE messages SET client_id = :other WHERE id = :id"),
+            {"other": other, "id": quiet},
+        )
+        session.add(
+            WebhookEndpoint(
+                client_id=world.client_id, url="https://hooks.example.com/sms", is_default=True
+            )
+        )
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+
+    result = await deliver_batch(
+        [told, quiet], session_factory, providers, POLICY, dispatcher_for(redis, providers)
+    )
+
+    assert {result.outcomes[told].status, result.outcomes[quiet].status} == {MessageStatus.SENT}
+    async with session_factory() as session:
+        events = (
+            await session.execute(
+                text("SELECT message_id, type FROM webhook_events ORDER BY created_at")
+            )
+        ).all()
+    assert [(row.message_id, row.type) for row in events] == [(told, "message.sent")]
+    assert len(result.events) == 1
+    for message_id in (told, quiet):
+        assert await history(session_factory, message_id) == ["sending", "sent"]
