@@ -30,7 +30,6 @@ from app.api.schemas import (
     SendBatchRequest,
     SendMessageRequest,
     StatusChange,
-    message_out_json,
 )
 from app.domain import messages as domain
 from app.domain.accept import Acceptor, Idempotency, Result, SendCommand, accept_messages
@@ -85,7 +84,7 @@ async def send_message(
         (result,) = results
         if isinstance(result, ServiceError):
             raise result
-        return 202, message_out_json(result)
+        return 202, MessageOut.model_validate(result).model_dump(mode="json", by_alias=True)
 
     response = await accept_messages(
         acceptor,
@@ -179,7 +178,8 @@ def _batch_result(index: int, result: Result) -> dict[str, Any]:
         # As the problem+json handler renders it: absent fields are left out, not null.
         error = result.to_problem().model_dump(exclude_none=True)
         return {"index": index, "status": "rejected", "error": error}
-    return {"index": index, "status": "accepted", "message": message_out_json(result)}
+    message = MessageOut.model_validate(result).model_dump(mode="json", by_alias=True)
+    return {"index": index, "status": "accepted", "message": message}
 
 
 def _idempotency(acceptor: Acceptor, key: str | None, payload: Any) -> Idempotency | None:

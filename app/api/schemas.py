@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
 from datetime import datetime
-from types import UnionType
-from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -256,40 +254,6 @@ class MessageOut(BaseModel):
     metadata: dict[str, Any] = Field(validation_alias="metadata_")
     created_at: datetime
     updated_at: datetime
-
-
-def _json_converter(annotation: Any) -> Callable[[Any], Any]:
-    """How `MessageOut` writes a value of this type in JSON (None stays None)."""
-    union = get_origin(annotation) in (Union, UnionType)
-    kinds = set(get_args(annotation)) - {type(None)} if union else {annotation}
-    if kinds <= {uuid.UUID}:
-        return lambda value: None if value is None else str(value)
-    if kinds <= {datetime}:
-        return lambda value: None if value is None else value.isoformat().replace("+00:00", "Z")
-    if kinds <= {MessageStatus}:
-        return lambda value: None if value is None else MessageStatus(value).value
-    if kinds <= {str, int} or (len(kinds) == 1 and get_origin(next(iter(kinds))) is dict):
-        return lambda value: value  # a dict of JSON values (the metadata), as it came
-    raise TypeError(f"message_out_json cannot write {annotation!r}: teach it, or use MessageOut")
-
-
-# (attribute read, JSON key, converter) for each of `MessageOut`'s fields, derived from the model.
-_MESSAGE_OUT_FIELDS: Final = tuple(
-    (
-        field.validation_alias if isinstance(field.validation_alias, str) else name,
-        field.serialization_alias or field.alias or name,
-        _json_converter(field.annotation),
-    )
-    for name, field in MessageOut.model_fields.items()
-)
-
-
-def message_out_json(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`MessageOut.model_validate(values).model_dump(mode="json", by_alias=True)` for a message
-    the service itself just built (its values already of the right types), without pydantic's
-    validation: a batch answers up to 1,000 of them, and that was a fifth of its CPU. The fields
-    and their JSON forms come from `MessageOut` (a test holds the two to the same output)."""
-    return {key: write(values[read]) for read, key, write in _MESSAGE_OUT_FIELDS}
 
 
 class MessageDetail(MessageOut):
