@@ -30,15 +30,27 @@ IDLE_PING_SECONDS: Final = 1.0
 
 
 def create_engine(
-    database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    generic_plans: bool = False,
 ) -> AsyncEngine:
     """An asyncpg engine that checks idle connections before use (PostgreSQL may have
     restarted) and counts its statements. Overflow connections (beyond `pool_size`; as many
-    again unless told) are closed when returned: a pool sized to the load should have none."""
+    again unless told) are closed when returned: a pool sized to the load should have none.
+
+    `generic_plans`: its sessions keep one plan per prepared statement (`plan_cache_mode`), for
+    an engine whose statements all find rows by key (the delivery road's claims and records):
+    left to choose, PostgreSQL re-planned them for every job, 40% of its CPU per message. Not
+    for queries on a value a partial index names (`status = 'queued'`): a generic plan cannot
+    use that index."""
+    settings = {"plan_cache_mode": "force_generic_plan"} if generic_plans else {}
     engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size if max_overflow is None else max_overflow,
+        connect_args={"server_settings": settings},
     )
     ping_when_idle(engine)
     count_statements(engine)

@@ -71,6 +71,15 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings.database_url, pool_size=worker_pool_size(settings), max_overflow=0
     )
     ctx["session_factory"] = create_session_factory(ctx["engine"])
+    # The delivery road's own pool: its statements find messages by key, so its sessions keep
+    # one plan per statement (see `create_engine`); the sweeps keep the other, planned anew.
+    ctx["delivery_engine"] = create_engine(
+        settings.database_url,
+        pool_size=delivery_pool_size(settings),
+        max_overflow=0,
+        generic_plans=True,
+    )
+    ctx["delivery_sessions"] = create_session_factory(ctx["delivery_engine"])
     if "http" not in ctx:
         ctx["http"] = build_http_client(settings)
     queue = ctx["redis"]
@@ -94,12 +103,19 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 def worker_pool_size(settings: Settings) -> int:
-    """Database connections a delivery worker keeps: `DB_POOL_SIZE`, or fewer when it may have
-    fewer messages in flight (each job holds one for its claim, then one per record at a time),
-    plus a few for the periodic sweeps. No overflow: a connection opened for a burst and closed
-    after it costs PostgreSQL ~2 ms of CPU each time; the pool opens connections only as the
-    load needs them and keeps them, and a burst beyond it waits for one briefly."""
+    """Database connections a worker keeps for its sweeps, reconciliation, status checks and
+    reports: `DB_POOL_SIZE`, or fewer when it may run fewer jobs, plus a few. No overflow: a
+    connection opened for a burst and closed after it costs PostgreSQL ~2 ms of CPU each time;
+    the pool opens connections only as the load needs them and keeps them, and a burst beyond
+    it waits for one briefly."""
     return min(settings.worker_concurrency, settings.db_pool_size) + WORKER_POOL_SPARE
+
+
+def delivery_pool_size(settings: Settings) -> int:
+    """Database connections of the delivery road: one per message in flight at most (a job
+    holds one for its claim, then one per record at a time), `DB_POOL_SIZE` at most; opened as
+    the load needs them, no overflow (as `worker_pool_size`)."""
+    return min(settings.worker_concurrency, settings.db_pool_size)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -108,6 +124,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["feed"].stop(wait=JOB_TIMEOUT_SECONDS)
     await ctx["http"].aclose()
     await ctx["engine"].dispose()
+    await ctx["delivery_engine"].dispose()
 
 
 class InFlightLimit:
@@ -149,7 +166,7 @@ async def deliver(ctx: dict[str, Any], message_id: str) -> str | None:
         with message_context(message_id):
             outcome = await deliver_message(
                 uuid.UUID(message_id),
-                ctx["session_factory"],
+                ctx["delivery_sessions"],
                 ctx["providers"],
                 ctx["retry_policy"],
                 dispatcher=ctx["dispatcher"],
@@ -179,7 +196,7 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
         try:
             result = await deliver_messages(
                 ids,
-                ctx["session_factory"],
+                ctx["delivery_sessions"],
                 ctx["providers"],
                 ctx["retry_policy"],
                 ctx["dispatcher"],

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import text
 
 from app.db.session import SessionFactory
 from app.domain.delivery import deliver
@@ -75,7 +76,12 @@ async def worker_ctx(
     """What the worker's startup puts in ctx, on the test database and Redis (providers and
     the dispatcher are set by each test)."""
     queue = create_queue(TEST_REDIS_URL)
-    yield {"session_factory": session_factory, "redis": queue, "retry_policy": POLICY}
+    yield {
+        "session_factory": session_factory,
+        "delivery_sessions": session_factory,
+        "redis": queue,
+        "retry_policy": POLICY,
+    }
     await close_queue(queue)
 
 
@@ -213,6 +219,14 @@ async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_
     try:
         pool = ctx["engine"].pool
         assert (pool.size(), pool._max_overflow) == (7 + tasks.WORKER_POOL_SPARE, 0)
+        delivery = ctx["delivery_engine"].pool
+        assert (delivery.size(), delivery._max_overflow) == (7, 0)
+        # The delivery road's sessions keep one plan per statement; the sweeps' do not (their
+        # queries name values that partial indexes are built on).
+        async with ctx["delivery_sessions"]() as session:
+            assert await session.scalar(text("SHOW plan_cache_mode")) == "force_generic_plan"
+        async with ctx["session_factory"]() as session:
+            assert await session.scalar(text("SHOW plan_cache_mode")) == "auto"
     finally:
         await tasks.shutdown(ctx)
         await close_queue(queue)
