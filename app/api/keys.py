@@ -41,7 +41,8 @@ async def list_api_keys(
     session: SessionDep,
     _admin: AdminDep,
     client: Annotated[
-        str | None, Query(max_length=200, description="Only this client's keys.")
+        str | None,
+        Query(max_length=200, description="Only this client's keys.", examples=["billing"]),
     ] = None,
 ) -> ApiKeyList:
     """Every key (name, prefix, created, last used, expiry), revoked and expired ones too."""

@@ -45,12 +45,13 @@ WORLD_ADDRESSES = {"+14155550100", "ACME", "+14155550199"}
     ("method", "path", "body"),
     [
         ("POST", "/v1/senders", {"address": "54321", "kind": "short_code", "provider": "fake"}),
-        ("GET", "/v1/senders", None),
-        ("GET", "/v1/senders/{id}", None),
         ("PATCH", "/v1/senders/{id}", {"provider": "fake"}),
+        ("GET", "/v1/senders/{id}/clients", None),
+        ("PUT", "/v1/senders/{id}/clients/other-shop", None),
+        ("DELETE", "/v1/senders/{id}/clients/shop", None),
     ],
 )
-async def test_every_sender_endpoint_needs_an_admin_key(
+async def test_every_sender_endpoint_but_reading_needs_an_admin_key(
     api: httpx.AsyncClient,
     world: World,
     session_factory: SessionFactory,
