@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     ValidationInfo,
     field_validator,
@@ -530,7 +531,7 @@ class SenderIn(BaseModel):
         description="Where this sender's messages go while its provider's circuit breaker is "
         "open (the provider is failing); none when omitted.",
     )
-    rate_per_second: float | None = Field(
+    rate_per_second: StrictFloat | None = Field(
         default=None,
         gt=0,
         le=10_000,
@@ -558,7 +559,7 @@ class SenderPatch(BaseModel):
     fallback_provider: ProviderName | None = Field(
         default=None, description="A fallback provider; `null` removes it, omitted keeps it."
     )
-    rate_per_second: float | None = Field(
+    rate_per_second: StrictFloat | None = Field(
         default=None, gt=0, le=10_000, description="Messages per second, across all workers."
     )
     description: StorableStr | None = Field(default=None, max_length=200)
