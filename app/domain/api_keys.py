@@ -50,7 +50,7 @@ async def list_keys(session: AsyncSession, client_name: str | None = None) -> li
     if client_name is not None:
         query = query.where(Client.name == client_name)
     rows = await session.execute(query.order_by(ApiKey.created_at, ApiKey.id))
-    return [KeyView(key, name) for key, name in rows.tuples()]
+    return [KeyView(key, name) for key, name in rows.all()]
 
 
 def _future(expires_at: datetime | None, field: str) -> datetime | None:
@@ -84,11 +84,11 @@ async def find(session: AsyncSession, reference: str) -> KeyView:
     try:
         key_id = uuid.UUID(reference)
     except ValueError:
-        rows = list((await session.execute(query.where(ApiKey.prefix == reference))).tuples())
+        rows = list((await session.execute(query.where(ApiKey.prefix == reference))).all())
         if len(rows) != 1:
             raise key_not_found(reference) from None
     else:
-        rows = list((await session.execute(query.where(ApiKey.id == key_id))).tuples())
+        rows = list((await session.execute(query.where(ApiKey.id == key_id))).all())
         if not rows:
             raise key_not_found(reference) from None
     key, name = rows[0]

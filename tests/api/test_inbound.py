@@ -211,6 +211,37 @@ async def test_start_reverses_the_opt_out_and_confirms(
     assert (await send(api, world)).status_code == 202
 
 
+@pytest.mark.parametrize("keyword", ["START", "YES", "unstop"])
+async def test_an_opt_in_keyword_from_a_number_not_opted_out_changes_nothing_and_gets_no_reply(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory, keyword: str
+) -> None:
+    response = await twilio_inbound(api, keyword)
+
+    assert response.status_code == 200, response.text
+    assert await replies(session_factory) == []
+    assert await opt_out_rows(session_factory) == []
+    # After an opt-in by someone else (an admin), the customer's START still changes nothing.
+    lifted = await api.delete(f"/v1/opt-outs/{CUSTOMER}", headers=world.auth(world.admin_key))
+    assert lifted.status_code == 200
+    await twilio_inbound(api, keyword)
+    assert await replies(session_factory) == []
+    assert (await send(api, world)).status_code == 202
+
+
+async def test_a_second_start_gets_no_second_confirmation_and_no_row(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    await twilio_inbound(api, "STOP")
+    await twilio_inbound(api, "START")
+    await twilio_inbound(api, "YES")
+
+    assert [row[2] for row in await opt_out_rows(session_factory)] == ["opt_out", "opt_in"]
+    assert [kind for kind, _, _ in await replies(session_factory)] == [
+        "opt_out_confirmation",
+        "opt_in_confirmation",
+    ]
+
+
 async def test_help_is_answered_while_opted_out_and_the_worker_sends_it(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
