@@ -8,10 +8,12 @@ sender is looked up again every time, so a new one works at once. A sender's key
 computed once per lookup, not per message.
 
 A sender carries the set of clients it is granted to, so the ownership check of a send is made
-on the cached sender, with no statement of its own; a grant or revocation is seen at once by the
-process that made it and within `LOOKUP_CACHE_SECONDS` by the others. A key's expiry is checked
-on every use, cached or not. Loading a key (at most once per TTL per process) also records its
-last use, written only when the stored one is a minute old: no request writes for it.
+on the cached sender, with no statement of its own. A send the cached sender refuses reads the
+sender again before refusing, so a new grant works at once everywhere; a revocation is seen at
+once by the process that made it and within `LOOKUP_CACHE_SECONDS` by the others. A key's
+expiry is checked on every use, cached or not. Loading a key (at most once per TTL per process)
+also records its last use, written only when the stored one is a minute old: no request writes
+for it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class TtlCache(Generic[K, V]):
             del self._loading[key]
         if not done.cancelled():
             done.exception()  # retrieved: every waiter may have gone
+
+    async def reload(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """What `load()` finds now, whatever was cached (kept as `get_or_load` keeps it)."""
+        self._entries.pop(key, None)
+        return await self.get_or_load(key, load)
 
     def discard_where(self, stale: Callable[[V], bool]) -> None:
         """Forget every entry whose value `stale(value)` is true (and loads under way)."""
@@ -200,18 +207,27 @@ class Lookups:
             default_sender_id = principal.default_sender_id
             if default_sender_id is None:
                 raise no_default_sender()
-            sender = await self._senders_by_id.get_or_load(
-                default_sender_id, lambda: self._load_sender(_SENDER_BY_ID_SQL, default_sender_id)
-            )
+
+            def by_id() -> Awaitable[SenderInfo | None]:
+                return self._load_sender(_SENDER_BY_ID_SQL, default_sender_id)
+
+            sender = await self._senders_by_id.get_or_load(default_sender_id, by_id)
+            if sender is not None and not sender.usable_by(principal):
+                sender = await self._senders_by_id.reload(default_sender_id, by_id)
             if sender is None:
                 raise sender_not_found(default_sender_id)
             if not sender.usable_by(principal):
                 raise no_default_sender()
             return sender
-        sender = await self._senders_by_address.get_or_load(
-            address,
-            lambda: self._load_sender(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region)),
-        )
+
+        def by_address() -> Awaitable[SenderInfo | None]:
+            return self._load_sender(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region))
+
+        sender = await self._senders_by_address.get_or_load(address, by_address)
+        if sender is not None and not sender.usable_by(principal):
+            # Refused by what was cached: read it again, so a new grant works at once (as a new
+            # sender does); a revocation waits for the cache entry to expire.
+            sender = await self._senders_by_address.reload(address, by_address)
         if sender is None or not sender.usable_by(principal):
             raise unknown_sender(address)
         return sender

@@ -171,6 +171,21 @@ async def test_another_process_honours_a_grant_change_within_the_cache_time(
     assert_problem(refused, 422, "unknown_sender")
 
 
+async def test_a_grant_made_elsewhere_works_at_once(
+    api: httpx.AsyncClient, tenants: Tenants, session_factory: SessionFactory
+) -> None:
+    assert_problem(await send(api, tenants.beta_key, ALPHA_SENDER), 422, "unknown_sender")
+
+    async with session_factory.begin() as session:  # granted by another process (the CLI)
+        session.add(
+            SenderClient(sender_id=tenants.alpha_sender, client_id=await client_id("beta", session))
+        )
+    allowed = await send(api, tenants.beta_key, ALPHA_SENDER)
+
+    # The cached sender refused, so it was read again before refusing.
+    assert allowed.status_code == 202, allowed.text
+
+
 async def client_id(name: str, session: Any) -> uuid.UUID:
     found = await session.scalar(select(Client.id).where(Client.name == name))
     assert found is not None
