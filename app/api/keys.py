@@ -14,6 +14,7 @@ from app.api.key_schemas import ApiKeyCreated, ApiKeyIn, ApiKeyList, ApiKeyOut, 
 from app.domain import api_keys as domain
 from app.domain.lookups import Lookups
 from app.domain.messages import AFTER_COMMIT
+from app.domain.text import StorableStr
 from app.errors import (
     Conflict,
     Forbidden,
@@ -41,7 +42,7 @@ async def list_api_keys(
     session: SessionDep,
     _admin: AdminDep,
     client: Annotated[
-        str | None,
+        StorableStr | None,
         Query(max_length=200, description="Only this client's keys.", examples=["billing"]),
     ] = None,
 ) -> ApiKeyList:

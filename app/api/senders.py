@@ -12,6 +12,7 @@ from app.api.params import SenderIdPath
 from app.api.schemas import SenderClients, SenderIn, SenderList, SenderOut, SenderPatch
 from app.domain import senders as domain
 from app.domain.messages import AFTER_COMMIT
+from app.domain.text import StorableStr
 from app.errors import (
     Conflict,
     Forbidden,
@@ -80,7 +81,7 @@ async def get_sender(
 
 
 ClientNamePath = Annotated[
-    str,
+    StorableStr,
     Path(min_length=1, max_length=200, description="The client's name.", examples=["billing"]),
 ]
 

@@ -243,3 +243,17 @@ async def test_an_unknown_key_is_a_404(api: httpx.AsyncClient, world: World) -> 
             f"/v1/api-keys/{unknown}/{action}", headers=world.auth(world.admin_key)
         )
         assert_problem(response, 404, "api_key_not_found")
+
+
+async def test_a_nul_in_a_client_name_is_a_422_not_a_500(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    admin = world.auth(world.admin_key)
+
+    listed = await api.get("/v1/api-keys", params={"client": "x\x00"}, headers=admin)
+    granted = await api.put(f"/v1/senders/{world.fake_sender.id}/clients/x%00y", headers=admin)
+    created = await api.post("/v1/api-keys", json={"client": "x\x00"}, headers=admin)
+
+    assert_problem(listed, 422, "validation_error", field="client")
+    assert_problem(granted, 422, "validation_error", field="client_name")
+    assert_problem(created, 422, "validation_error", field="client")
