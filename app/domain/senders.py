@@ -133,9 +133,10 @@ def no_default_sender() -> ValidationFailed:
 
 
 def unknown_sender(address: str) -> ValidationFailed:
-    """The refusal of a message from an address that is not one of our senders."""
+    """The refusal of a message from an address that is not one of the caller's senders (the
+    same whether it is another client's sender or no sender at all)."""
     return ValidationFailed.for_field(
-        "unknown_sender", "from", f"{address!r} is not one of this service's senders"
+        "unknown_sender", "from", f"{address!r} is not one of your senders"
     )
 
 
