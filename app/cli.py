@@ -8,6 +8,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from app.admin_commands import add_admin_commands
 from app.commands import add_commands
 from app.settings import get_settings
 
@@ -52,24 +53,29 @@ async def create_database_if_missing(database_url: str) -> bool:
         await server.dispose()
 
 
-async def _create_api_key(client: str, admin: bool, default_sender: str | None) -> str:
+async def _create_api_key(
+    client: str, admin: bool, default_sender: str | None, name: str | None = None
+) -> str:
     from sqlalchemy import select, update
 
     from app.db.models import Client, Sender
     from app.db.session import create_engine, create_session_factory
     from app.domain.auth import create_api_key
+    from app.domain.senders import grant_sender
 
     settings = get_settings()
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         async with create_session_factory(engine).begin() as session:
-            raw_key = await create_api_key(session, client, is_admin=admin)
+            raw_key = await create_api_key(session, client, is_admin=admin, name=name)
             if default_sender is not None:
                 sender_id = await session.scalar(
                     select(Sender.id).where(Sender.address == default_sender)
                 )
                 if sender_id is None:
                     raise SystemExit(f"no sender with address {default_sender!r}")
+                # A client's default sender is one of its senders.
+                await grant_sender(session, sender_id, client)
                 await session.execute(
                     update(Client).where(Client.name == client).values(default_sender_id=sender_id)
                 )
@@ -150,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     key = commands.add_parser("create-api-key", help="create an API key and print it once")
     key.add_argument("--client", required=True, help="client name (created if new)")
     key.add_argument("--admin", action="store_true", help="may manage senders")
-    key.add_argument("--default-sender", help="address of the client's default sender")
+    key.add_argument(
+        "--default-sender", help="address of the client's default sender (granted to it)"
+    )
+    key.add_argument("--name", help="what the key is for, shown by `smsgate api-keys list`")
 
     seed = commands.add_parser(
         "seed-senders",
@@ -159,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     seed.add_argument("file", type=Path, help="a JSON list of senders, as POST /v1/senders takes")
 
     add_commands(commands)  # dev, services, send, import-opt-outs
+    add_admin_commands(commands)  # api-keys, grant-sender, revoke-sender, sender-clients
 
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is not None:
@@ -206,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         created, updated = asyncio.run(_seed_senders(args.file))
         sys.stdout.write(f"{created} senders created, {updated} updated\n")
     elif args.command == "create-api-key":
-        raw_key = asyncio.run(_create_api_key(args.client, args.admin, args.default_sender))
+        raw_key = asyncio.run(
+            _create_api_key(args.client, args.admin, args.default_sender, args.name)
+        )
         sys.stdout.write(raw_key + "\n")
 
 

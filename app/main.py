@@ -20,6 +20,7 @@ from app.api import (
     events,
     health,
     inbound,
+    keys,
     messages,
     optouts,
     senders,
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health.router,
         events.router,
         event_endpoints.router,
+        keys.router,
     ):
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented

@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from app.cli import migrate
-from app.db.models import Base, Client, Sender
+from app.db.models import Base, Client, Sender, SenderClient
 from app.db.session import SessionFactory, create_engine, create_session_factory
 from app.domain.auth import create_api_key
 from app.domain.keywords import KeywordConfig
@@ -193,6 +193,16 @@ async def world(session_factory: SessionFactory) -> World:
         shop = await session.get(Client, client[0])
         assert shop is not None
         shop.default_sender_id = senders[0].id
+        # Both clients may send from every sender here; tests/api/test_isolation.py has
+        # clients with senders of their own.
+        client_ids = list(
+            await session.scalars(select(Client.id).where(Client.name.in_(["shop", "other-shop"])))
+        )
+        session.add_all(
+            SenderClient(sender_id=sender.id, client_id=client_id)
+            for sender in senders
+            for client_id in client_ids
+        )
     return World(senders[0], senders[1], senders[2], client_key, other_key, admin_key, shop.id)
 
 

@@ -127,6 +127,64 @@ async def test_create_api_key_prints_a_key_that_is_stored_hashed(
     assert key is not None and client is not None and key.client_id == client.id
     assert client.default_sender_id == world.vonage_sender.id
     assert raw_key.encode() not in key.key_hash  # only the hash is stored
+    # A client's default sender is one of its senders.
+    assert (await smsgate("sender-clients", "ACME")).stdout.splitlines() == [
+        "billing",
+        "other-shop",
+        "shop",
+    ]
+
+
+async def test_api_keys_are_listed_revoked_and_rotated_from_the_command_line(
+    world: World, session_factory: SessionFactory
+) -> None:
+    created = await smsgate(
+        "api-keys", "create", "--client", "billing", "--name", "billing backend",
+        "--expires-in", "3600",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    raw_key = created.stdout.strip()
+
+    listed = await smsgate("api-keys", "list", "--client", "billing")
+    assert listed.returncode == 0, listed.stderr
+    header, line = listed.stdout.splitlines()
+    assert header.split("\t") == [
+        "id", "client", "name", "prefix", "admin", "status", "created", "last used", "expires",
+    ]  # fmt: skip
+    fields = line.split("\t")
+    assert fields[1:6] == ["billing", "billing backend", raw_key[:10], "-", "active"]
+    assert fields[7] == "-" and fields[8] != "-"  # never used; expires in an hour
+    assert raw_key not in listed.stdout
+
+    rotated = await smsgate("api-keys", "rotate", raw_key[:10], "--overlap", "0")
+    assert rotated.returncode == 0, rotated.stderr
+    new_key = rotated.stdout.strip()
+    assert new_key.startswith("sk_") and new_key != raw_key
+    revoked = await smsgate("api-keys", "revoke", fields[0])
+    unknown = await smsgate("api-keys", "revoke", "sk_nothing")
+
+    assert revoked.returncode == 0, revoked.stderr
+    assert unknown.returncode == 1 and "no API key sk_nothing" in unknown.stderr
+    async with session_factory() as session:
+        old = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(raw_key)))
+        new = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(new_key)))
+    assert old is not None and old.revoked_at is not None and old.expires_at is not None
+    assert new is not None and new.revoked_at is None and new.name == "billing backend"
+
+
+async def test_senders_are_granted_and_revoked_from_the_command_line(world: World) -> None:
+    await smsgate("create-api-key", "--client", "billing")
+
+    granted = await smsgate("grant-sender", "(415) 555-0100", "--client", "billing")
+    revoked = await smsgate("revoke-sender", "+14155550100", "--client", "shop")
+    unknown = await smsgate("grant-sender", "+14155550177", "--client", "billing")
+    nobody = await smsgate("grant-sender", "ACME", "--client", "nobody")
+
+    assert granted.returncode == 0, granted.stderr
+    assert granted.stdout.splitlines() == ["billing", "other-shop", "shop"]
+    assert revoked.stdout.splitlines() == ["billing", "other-shop"]
+    assert unknown.returncode == 1 and "no sender with address" in unknown.stderr
+    assert nobody.returncode == 1 and "no client named 'nobody'" in nobody.stderr
 
 
 # The commands for people at a terminal, each run as a subprocess.
@@ -141,6 +199,10 @@ SUBCOMMANDS = [
     "services",
     "send",
     "import-opt-outs",
+    "api-keys",
+    "grant-sender",
+    "revoke-sender",
+    "sender-clients",
 ]
 
 

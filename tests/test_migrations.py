@@ -149,3 +149,56 @@ async def test_migrations_downgrade_to_base_and_upgrade_again(scratch_database: 
         assert await public_relations(engine) == migrated
     finally:
         await engine.dispose()
+
+
+async def test_existing_senders_are_granted_to_the_clients_that_used_them(
+    scratch_database: str,
+) -> None:
+    url = scratch_database
+    config = alembic_config(url)
+    engine = create_async_engine(url)
+    try:
+        await asyncio.to_thread(command.upgrade, config, "1c66deacd215")
+        senders = {name: uuid.uuid4() for name in ("used", "default", "unused")}
+        clients = {name: uuid.uuid4() for name in ("alpha", "beta", "idle")}
+        async with engine.begin() as connection:
+            for name, sender_id in senders.items():
+                await connection.execute(
+                    text(
+                        "INSERT INTO senders (id, address, kind, provider, keywords, "
+                        "rate_per_second) VALUES (:id, :address, 'alphanumeric', 'fake', "
+                        "'{}'::jsonb, 1)"
+                    ),
+                    {"id": sender_id, "address": name.upper()},
+                )
+            for name, client_id in clients.items():
+                await connection.execute(
+                    text("INSERT INTO clients (id, name, default_sender_id) VALUES (:id, :n, :d)"),
+                    {
+                        "id": client_id,
+                        "n": name,
+                        "d": senders["default"] if name == "beta" else None,
+                    },
+                )
+            for client in ("alpha", "beta", "alpha"):  # alpha twice: one grant
+                await connection.execute(
+                    text(
+                        'INSERT INTO messages (id, client_id, sender_id, "to", "from", body, '
+                        "encoding, segments, status, provider) VALUES (:id, :client, :sender, "
+                        "'+14155550123', 'USED', 'Hi', 'gsm7', 1, 'queued', 'fake')"
+                    ),
+                    {"id": uuid.uuid4(), "client": clients[client], "sender": senders["used"]},
+                )
+
+        await asyncio.to_thread(command.upgrade, config, "head")
+
+        async with engine.connect() as connection:
+            rows = await connection.execute(text("SELECT sender_id, client_id FROM sender_clients"))
+            grants = {(sender_id, client_id) for sender_id, client_id in rows}
+        assert grants == {
+            (senders["used"], clients["alpha"]),
+            (senders["used"], clients["beta"]),
+            (senders["default"], clients["beta"]),
+        }
+    finally:
+        await engine.dispose()

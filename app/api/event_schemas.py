@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictInt
 
 from app.db.models import SigningSecret, WebhookEndpoint
 from app.domain.events import EventStatus, EventType, EventView
@@ -244,7 +244,7 @@ class RotateIn(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"grace_period_seconds": 86400}]}
     )
 
-    grace_period_seconds: int | None = Field(
+    grace_period_seconds: StrictInt | None = Field(
         default=None,
         ge=0,
         le=30 * 86400,

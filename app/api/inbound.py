@@ -1,4 +1,5 @@
-"""/v1/inbound: messages customers sent to our senders (admin key: they are customers' words)."""
+"""/v1/inbound: messages customers sent to our senders. Admin keys read all of them; a client key
+reads those sent to its client's senders (they are customers' words: nobody else's)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import AdminDep, SessionDep
+from app.api.deps import PrincipalDep, SessionDep
 from app.api.params import (
     CreatedAfterQuery,
     CreatedBeforeQuery,
@@ -19,7 +20,7 @@ from app.api.schemas import E164, InboundOut, InboundPage
 from app.domain.inbound import InboundFilter, list_inbound
 from app.domain.keywords import KeywordCategory
 from app.domain.pagination import as_utc, decode_cursor, encode_cursor
-from app.errors import Forbidden, Unauthorized, ValidationFailed, problem_responses
+from app.errors import Unauthorized, ValidationFailed, problem_responses
 
 router = APIRouter(prefix="/v1/inbound", tags=["inbound"])
 
@@ -27,11 +28,11 @@ router = APIRouter(prefix="/v1/inbound", tags=["inbound"])
 @router.get(
     "",
     response_model=InboundPage,
-    responses=problem_responses(Unauthorized, Forbidden, ValidationFailed),
+    responses=problem_responses(Unauthorized, ValidationFailed),
 )
 async def list_inbound_messages(
     session: SessionDep,
-    _admin: AdminDep,
+    principal: PrincipalDep,
     from_: Annotated[
         E164 | None,
         Query(alias="from", description="Only from this number.", examples=["+14155550123"]),
@@ -46,7 +47,8 @@ async def list_inbound_messages(
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
 ) -> InboundPage:
-    """Inbound messages, newest first, with the keyword each matched and our reply."""
+    """Inbound messages (a client key: to its client's senders), newest first, with the keyword
+    each matched and our reply."""
     rows = await list_inbound(
         session,
         InboundFilter(
@@ -55,6 +57,7 @@ async def list_inbound_messages(
             keyword_category=keyword_category,
             created_after=as_utc(created_after, "created_after") if created_after else None,
             created_before=as_utc(created_before, "created_before") if created_before else None,
+            client_id=None if principal.is_admin else principal.client_id,
         ),
         after=decode_cursor(cursor, uuid.UUID) if cursor else None,
         limit=limit + 1,

@@ -16,12 +16,14 @@ from app.api.schemas import (
     OptOutImportResult,
     OptOutPage,
     OptOutStatus,
+    SenderOptOut,
 )
+from app.db.models import OptOut
 from app.domain import optouts as domain
 from app.domain.auth import Principal
 from app.domain.optout_import import import_opt_outs
 from app.domain.pagination import decode_cursor, encode_cursor
-from app.domain.senders import get_sender
+from app.domain.senders import client_sender_ids, get_owned_sender, get_sender
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
 
 router = APIRouter(prefix="/v1/opt-outs", tags=["opt-outs"])
@@ -33,13 +35,18 @@ PhonePath = Annotated[
 SenderQuery = Annotated[
     uuid.UUID | None,
     Query(
-        description="A sender's id; omitted, the service-wide state (every sender).",
+        description="A sender's id; omitted, the service-wide state (admin key) or every sender "
+        "of your client (client key).",
         examples=["0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b"],
     ),
 ]
 
 
-async def _status(session: SessionDep, phone: str, sender_id: uuid.UUID | None) -> OptOutStatus:
+async def _status(
+    session: SessionDep, phone: str, sender_id: uuid.UUID | None, principal: Principal
+) -> OptOutStatus:
+    if not principal.is_admin:
+        return await _client_status(session, phone, sender_id, principal)
     if sender_id is not None:
         await get_sender(session, sender_id)  # 404 for an unknown sender
         opted_out = await domain.is_opted_out(session, phone, sender_id)
@@ -54,6 +61,53 @@ async def _status(session: SessionDep, phone: str, sender_id: uuid.UUID | None) 
     )
 
 
+async def _client_senders(
+    session: SessionDep, sender_id: uuid.UUID | None, principal: Principal
+) -> list[uuid.UUID]:
+    """The senders a client key acts on: the one it names (404 unless it is the client's, as
+    for a sender that does not exist), else every sender of its client."""
+    if sender_id is not None:
+        await get_owned_sender(session, sender_id, principal.client_id)
+        return [sender_id]
+    owned = await client_sender_ids(session, principal.client_id)
+    if not owned:
+        raise ValidationFailed.for_field(
+            "no_senders", "sender_id", "your client has no senders: there is nothing to opt out of"
+        )
+    return owned
+
+
+async def _client_status(
+    session: SessionDep, phone: str, sender_id: uuid.UUID | None, principal: Principal
+) -> OptOutStatus:
+    """What a client key sees: its senders' states, and the rows that concern them."""
+    sender_ids = await _client_senders(session, sender_id, principal)
+    states = [
+        SenderOptOut(sender_id=owned, opted_out=await domain.is_opted_out(session, phone, owned))
+        for owned in sender_ids
+    ]
+    rows = await domain.history_of_senders(session, phone, sender_ids)
+    return OptOutStatus(
+        phone=phone,
+        sender_id=sender_id,
+        opted_out=all(state.opted_out for state in states),
+        history=[_as_seen_by(row, principal) for row in rows],
+        senders=states if sender_id is None else None,
+    )
+
+
+def _as_seen_by(row: OptOut, principal: Principal) -> OptOutEvent:
+    """A history row as a client key sees it: who else acted (another client, an operator) is
+    not its business, nor the detail of a service-wide row (it may name another's sender)."""
+    event = OptOutEvent.model_validate(row)
+    own = row.actor == f"client:{principal.client_name}"
+    if not own and not (row.actor == "recipient" or (row.actor or "").startswith("provider:")):
+        event.actor = None
+    if row.sender_id is None and not own:
+        event.detail = None
+    return event
+
+
 async def _record(
     session: SessionDep,
     phone: str,
@@ -61,19 +115,28 @@ async def _record(
     action: domain.OptAction,
     principal: Principal,
 ) -> OptOutStatus:
-    if sender_id is not None:
-        await get_sender(session, sender_id)  # 404 for an unknown sender
-    await domain.record_change(
-        session,
-        domain.OptChange(
-            phone=phone,
-            sender_id=sender_id,
-            action=action,
-            source=domain.OptSource.API,
-            actor=f"client:{principal.client_name}",
-        ),
-    )
-    return await _status(session, phone, sender_id)
+    """Record the change (a client key: for its own senders only), unless it would change
+    nothing: a repeated identical request adds no row."""
+    if principal.is_admin:
+        if sender_id is not None:
+            await get_sender(session, sender_id)  # 404 for an unknown sender
+        scopes: list[uuid.UUID | None] = [sender_id]
+    else:
+        scopes = list(await _client_senders(session, sender_id, principal))
+    for scope in scopes:
+        await domain.record_change(
+            session,
+            domain.OptChange(
+                phone=phone,
+                sender_id=scope,
+                action=action,
+                source=domain.OptSource.API,
+                actor=f"client:{principal.client_name}",
+            ),
+            seen_from=scope,
+            skip_unchanged=True,
+        )
+    return await _status(session, phone, sender_id, principal)
 
 
 @router.get(
@@ -111,13 +174,14 @@ async def list_opt_outs(
 @router.get(
     "/{phone}",
     response_model=OptOutStatus,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
+    responses=problem_responses(Unauthorized, NotFound, ValidationFailed),
 )
 async def get_opt_out(
-    phone: PhonePath, session: SessionDep, _admin: AdminDep, sender_id: SenderQuery = None
+    phone: PhonePath, session: SessionDep, principal: PrincipalDep, sender_id: SenderQuery = None
 ) -> OptOutStatus:
-    """Whether a number is opted out of a sender (or service-wide), with its history."""
-    return await _status(session, phone, sender_id)
+    """Whether a number is opted out of a sender (admin key: or service-wide, with the whole
+    history; client key: of its own senders, with the rows that concern them)."""
+    return await _status(session, phone, sender_id, principal)
 
 
 @router.put(
@@ -128,7 +192,8 @@ async def get_opt_out(
 async def put_opt_out(
     phone: PhonePath, session: SessionDep, principal: PrincipalDep, sender_id: SenderQuery = None
 ) -> OptOutStatus:
-    """Record an opt-out (any client may: stopping messages is always safe)."""
+    """Record an opt-out: a client key for the sender it names, or for every sender of its
+    client; an admin key for one sender or service-wide. Repeating it adds nothing."""
     return await _record(session, phone, sender_id, domain.OptAction.OPT_OUT, principal)
 
 

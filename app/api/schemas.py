@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     ValidationInfo,
     field_validator,
@@ -494,7 +495,7 @@ class SenderIn(BaseModel):
         description="Where this sender's messages go while its provider's circuit breaker is "
         "open (the provider is failing); none when omitted.",
     )
-    rate_per_second: float | None = Field(
+    rate_per_second: StrictFloat | None = Field(
         default=None,
         gt=0,
         le=10_000,
@@ -522,7 +523,7 @@ class SenderPatch(BaseModel):
     fallback_provider: ProviderName | None = Field(
         default=None, description="A fallback provider; `null` removes it, omitted keeps it."
     )
-    rate_per_second: float | None = Field(
+    rate_per_second: StrictFloat | None = Field(
         default=None, gt=0, le=10_000, description="Messages per second, across all workers."
     )
     description: StorableStr | None = Field(default=None, max_length=200)
@@ -582,6 +583,22 @@ class SenderList(BaseModel):
     data: list[SenderOut]
 
 
+class SenderClients(BaseModel):
+    """The clients a sender is granted to: they may send from it, name it in opt-outs and read
+    its inbound messages."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"sender_id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b", "clients": ["billing"]}
+            ]
+        }
+    )
+
+    sender_id: uuid.UUID
+    clients: list[str] = Field(description="Client names, alphabetically.")
+
+
 class InboundOut(BaseModel):
     """A message a customer sent to one of our addresses."""
 
@@ -639,6 +656,13 @@ class OptOutEvent(BaseModel):
     created_at: datetime
 
 
+class SenderOptOut(BaseModel):
+    """Whether a number is opted out of one sender (the service-wide rows included)."""
+
+    sender_id: uuid.UUID
+    opted_out: bool
+
+
 class OptOutStatus(BaseModel):
     """Whether a number is opted out (of one sender, or service-wide), and its history."""
 
@@ -657,8 +681,18 @@ class OptOutStatus(BaseModel):
 
     phone: str
     sender_id: uuid.UUID | None
-    opted_out: bool
-    history: list[OptOutEvent]
+    opted_out: bool = Field(
+        description="Of this sender; without `sender_id`, service-wide (admin key) or of every "
+        "one of your client's senders (client key)."
+    )
+    history: list[OptOutEvent] = Field(
+        description="Newest first. A client key sees the rows of its client's senders and the "
+        "service-wide rows, with actors other than itself, recipients and providers hidden."
+    )
+    senders: list[SenderOptOut] | None = Field(
+        default=None,
+        description="A client key without `sender_id`: the state for each of its senders.",
+    )
 
 
 class OptOutPage(BaseModel):

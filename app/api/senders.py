@@ -1,14 +1,18 @@
-"""/v1/senders: the addresses the service sends from (admin key required)."""
+"""/v1/senders: the addresses the service sends from. Admin keys manage them and grant them to
+clients; a client key reads the senders granted to its client, and no other."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from app.api.deps import AdminDep, LookupsDep, SessionDep, SettingsDep
+from fastapi import APIRouter, Path
+
+from app.api.deps import AdminDep, LookupsDep, PrincipalDep, SessionDep, SettingsDep
 from app.api.params import SenderIdPath
-from app.api.schemas import SenderIn, SenderList, SenderOut, SenderPatch
+from app.api.schemas import SenderClients, SenderIn, SenderList, SenderOut, SenderPatch
 from app.domain import senders as domain
 from app.domain.messages import AFTER_COMMIT
+from app.domain.text import StorableStr
 from app.errors import (
     Conflict,
     Forbidden,
@@ -45,14 +49,17 @@ async def create_sender(
     return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)
 
 
-@router.get("", response_model=SenderList, responses=problem_responses(Unauthorized, Forbidden))
-async def list_senders(session: SessionDep, _admin: AdminDep, settings: SettingsDep) -> SenderList:
-    """Every sender."""
+@router.get("", response_model=SenderList, responses=problem_responses(Unauthorized))
+async def list_senders(
+    session: SessionDep, principal: PrincipalDep, settings: SettingsDep
+) -> SenderList:
+    """Every sender (admin key), or the senders granted to your client."""
     accept = settings.accept_default_keyword_replies
+    client_id = None if principal.is_admin else principal.client_id
     return SenderList(
         data=[
             SenderOut.of(sender, accept_default_replies=accept)
-            for sender in await domain.list_senders(session)
+            for sender in await domain.list_senders(session, client_id)
         ]
     )
 
@@ -60,15 +67,83 @@ async def list_senders(session: SessionDep, _admin: AdminDep, settings: Settings
 @router.get(
     "/{sender_id}",
     response_model=SenderOut,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+    responses=problem_responses(Unauthorized, NotFound),
 )
 async def get_sender(
-    sender_id: SenderIdPath, session: SessionDep, _admin: AdminDep, settings: SettingsDep
+    sender_id: SenderIdPath, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ) -> SenderOut:
-    """One sender, with the replies it still lacks."""
+    """One sender (of your client's, unless admin), with the replies it still lacks."""
+    client_id = None if principal.is_admin else principal.client_id
     return SenderOut.of(
-        await domain.get_sender(session, sender_id),
+        await domain.get_owned_sender(session, sender_id, client_id),
         accept_default_replies=settings.accept_default_keyword_replies,
+    )
+
+
+ClientNamePath = Annotated[
+    StorableStr,
+    Path(min_length=1, max_length=200, description="The client's name.", examples=["billing"]),
+]
+
+
+@router.get(
+    "/{sender_id}/clients",
+    response_model=SenderClients,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+)
+async def list_sender_clients(
+    sender_id: SenderIdPath, session: SessionDep, _admin: AdminDep
+) -> SenderClients:
+    """The clients that may send from this sender (admin key)."""
+    return SenderClients(
+        sender_id=sender_id, clients=await domain.sender_client_names(session, sender_id)
+    )
+
+
+@router.put(
+    "/{sender_id}/clients/{client_name}",
+    response_model=SenderClients,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+)
+async def grant_sender(
+    sender_id: SenderIdPath,
+    client_name: ClientNamePath,
+    session: SessionDep,
+    _admin: AdminDep,
+    lookups: LookupsDep,
+) -> SenderClients:
+    """Let a client send from this sender, name it in opt-outs and read its inbound messages
+    (admin key). Granting twice changes nothing."""
+    session.info.setdefault(AFTER_COMMIT, []).append(lambda: lookups.forget_sender(sender_id))
+    await domain.grant_sender(session, sender_id, client_name)
+    return SenderClients(
+        sender_id=sender_id, clients=await domain.sender_client_names(session, sender_id)
+    )
+
+
+@router.delete(
+    "/{sender_id}/clients/{client_name}",
+    response_model=SenderClients,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+)
+async def revoke_sender(
+    sender_id: SenderIdPath,
+    client_name: ClientNamePath,
+    session: SessionDep,
+    _admin: AdminDep,
+    lookups: LookupsDep,
+) -> SenderClients:
+    """Take the sender away from a client (admin key); it stops being the client's default.
+    Messages already accepted are still delivered."""
+
+    def forget() -> None:
+        lookups.forget_sender(sender_id)
+        lookups.forget_principals()  # the client's default sender may have gone
+
+    session.info.setdefault(AFTER_COMMIT, []).append(forget)
+    await domain.revoke_sender(session, sender_id, client_name)
+    return SenderClients(
+        sender_id=sender_id, clients=await domain.sender_client_names(session, sender_id)
     )
 
 

@@ -87,7 +87,14 @@ class ApiKey(Base):
     # The first characters of the key, shown in listings so people can tell keys apart.
     prefix: Mapped[str] = mapped_column(String(16))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # What the key is for ("billing backend"), shown in listings; keys made before it had none.
+    name: Mapped[str | None] = mapped_column(String(200))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The key stops working then (set by a rotation's overlap, or when it was made).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Written at most once a minute per key, when an API process loads the key into its cache
+    # (`app.domain.lookups`), never by the request itself: accurate to about a minute.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
 
 
@@ -118,6 +125,21 @@ class Sender(Base):
     keywords: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
+
+
+class SenderClient(Base):
+    """A sender granted to a client: the client may send from it, name it in opt-outs and read
+    its inbound messages. A sender may be granted to several clients."""
+
+    __tablename__ = "sender_clients"
+
+    sender_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("senders.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = _now()
 
 
 class Message(Base):

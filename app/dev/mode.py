@@ -93,7 +93,7 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
     from app.db.session import create_engine, create_session_factory
     from app.domain.auth import authenticate, create_api_key
     from app.domain.keywords import KeywordConfig
-    from app.domain.senders import ProviderName, SenderKind, create_sender
+    from app.domain.senders import ProviderName, SenderKind, create_sender, grant_sender
     from app.errors import Unauthorized
 
     engine = create_engine(database_url, pool_size=1)
@@ -129,6 +129,7 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
             assert client is not None
             if client.default_sender_id is None:
                 client.default_sender_id = sender.id
+            await grant_sender(session, sender.id, DEV_CLIENT)  # a default sender is one's own
     finally:
         await engine.dispose()
     if created:

@@ -220,9 +220,7 @@ async def _sender(
     lookups: Lookups, principal: Principal, command: SendCommand, settings: Settings
 ) -> SenderInfo | ServiceError:
     try:
-        return await lookups.sender(
-            command.sender, principal.default_sender_id, settings.default_region
-        )
+        return await lookups.sender(command.sender, principal, settings.default_region)
     except ServiceError as error:
         return error
 

@@ -6,6 +6,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,6 +25,13 @@ class Principal:
     client_name: str
     default_sender_id: uuid.UUID | None
     is_admin: bool
+    key_id: uuid.UUID | None = None
+    # The key stops working then, cached or not (a rotation's overlap, or a set expiry).
+    expires_at: datetime | None = None
+
+    def expired(self) -> bool:
+        """Whether the key's expiry has passed (checked on every use, not only at lookup)."""
+        return self.expires_at is not None and self.expires_at <= datetime.now(UTC)
 
 
 def hash_key(raw_key: str) -> bytes:
@@ -31,21 +39,49 @@ def hash_key(raw_key: str) -> bytes:
     return hashlib.sha256(raw_key.encode()).digest()
 
 
-async def create_api_key(session: AsyncSession, client_name: str, *, is_admin: bool = False) -> str:
+async def create_api_key(
+    session: AsyncSession,
+    client_name: str,
+    *,
+    is_admin: bool = False,
+    name: str | None = None,
+    expires_at: datetime | None = None,
+) -> str:
     """Create (or reuse) the client `client_name` and a new key for it; return the raw key."""
+    raw_key, _ = await create_key(
+        session, client_name, is_admin=is_admin, name=name, expires_at=expires_at
+    )
+    return raw_key
+
+
+async def create_key(
+    session: AsyncSession,
+    client_name: str,
+    *,
+    is_admin: bool,
+    name: str | None,
+    expires_at: datetime | None,
+) -> tuple[str, ApiKey]:
+    """Create (or reuse) the client and a new key for it: the raw key (shown once) and its row."""
     client = await session.scalar(select(Client).where(Client.name == client_name))
     if client is None:
         client = Client(id=uuid.uuid4(), name=client_name)
         session.add(client)
         await session.flush()
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiKey(
-            client_id=client.id, key_hash=hash_key(raw_key), prefix=raw_key[:10], is_admin=is_admin
-        )
+    key = ApiKey(
+        id=uuid.uuid4(),
+        client_id=client.id,
+        key_hash=hash_key(raw_key),
+        prefix=raw_key[:10],
+        is_admin=is_admin,
+        name=name,
+        expires_at=expires_at,
     )
+    session.add(key)
     await session.flush()
-    return raw_key
+    await session.refresh(key, ["created_at"])
+    return raw_key, key
 
 
 def api_key_from_header(authorization: str | None) -> str:
@@ -64,7 +100,7 @@ def unknown_key() -> Unauthorized:
     """The refusal of a key that is unknown or revoked."""
     return Unauthorized(
         "invalid_api_key",
-        "the API key is unknown or revoked",
+        "the API key is unknown, revoked or expired",
         headers={"WWW-Authenticate": "Bearer"},
     )
 
@@ -77,13 +113,21 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     key_hash = hash_key(api_key_from_header(authorization))
     row = (
         await session.execute(
-            select(Client.id, Client.name, Client.default_sender_id, ApiKey.is_admin)
+            select(
+                Client.id,
+                Client.name,
+                Client.default_sender_id,
+                ApiKey.is_admin,
+                ApiKey.id,
+                ApiKey.expires_at,
+            )
             .join(ApiKey, ApiKey.client_id == Client.id)
             .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
         )
     ).one_or_none()
     if row is None:
         raise unknown_key()
-    return Principal(
-        client_id=row[0], client_name=row[1], default_sender_id=row[2], is_admin=row[3]
-    )
+    principal = Principal(*row)
+    if principal.expired():
+        raise unknown_key()
+    return principal

@@ -29,7 +29,7 @@ from app.domain.keywords import (
 )
 from app.domain.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
 from app.domain.phone import canonical_phone
-from app.domain.senders import find_sender_by_address
+from app.domain.senders import find_sender_by_address, owned_sender_ids
 from app.domain.text import storable, storable_mapping
 from app.metrics import INBOUND_MESSAGES
 from app.providers.base import InboundSms
@@ -142,11 +142,16 @@ async def _act_on_keyword(
                 detail=f"{match.keyword} to {sender.address}",
             ),
             seen_from=sender.id,
+            # START or YES from a number that is not opted out changes nothing: no row (YES is
+            # a common answer to any message, so it must not leave a trace or get a reply).
+            skip_unchanged=action is OptAction.OPT_IN,
         )
         # One confirmation per change the customer made: a repeated STOP (or START) gets none.
         # A state set by someone else (the API, an import, a provider) was never confirmed to
-        # the customer, so their own keyword is.
-        if not result.changed and result.previous_source == OptSource.KEYWORD:
+        # the customer, so their own STOP is; an opt-in that changed nothing is never answered.
+        if not result.changed and (
+            action is OptAction.OPT_IN or result.previous_source == OptSource.KEYWORD
+        ):
             return None
     elif match.category is KeywordCategory.CUSTOM and await is_opted_out(
         session, customer, sender.id
@@ -273,6 +278,8 @@ class InboundFilter:
     keyword_category: KeywordCategory | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    # A client key: only messages to the senders granted to this client.
+    client_id: uuid.UUID | None = None
 
 
 async def list_inbound(
@@ -284,6 +291,8 @@ async def list_inbound(
 ) -> list[InboundMessage]:
     """Inbound messages, newest first, after the (created_at, id) position `after`."""
     query = select(InboundMessage)
+    if filters.client_id is not None:
+        query = query.where(InboundMessage.sender_id.in_(owned_sender_ids(filters.client_id)))
     if filters.from_ is not None:
         query = query.where(InboundMessage.from_ == filters.from_)
     if filters.sender_id is not None:

@@ -6,6 +6,14 @@ by the other processes for at most that long, and by the process that made the c
 (it forgets the entry when its transaction commits). Only what exists is cached: an unknown key or
 sender is looked up again every time, so a new one works at once. A sender's keyword readiness is
 computed once per lookup, not per message.
+
+A sender carries the set of clients it is granted to, so the ownership check of a send is made
+on the cached sender, with no statement of its own. A send the cached sender refuses reads the
+sender again before refusing, so a new grant works at once everywhere; a revocation is seen at
+once by the process that made it and within `LOOKUP_CACHE_SECONDS` by the others. A key's
+expiry is checked on every use, cached or not. Loading a key (at most once per TTL per process)
+also records its last use, written only when the stored one is a minute old: no request writes
+for it.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ V = TypeVar("V")
 # Beyond this many entries a cache starts afresh (a bound, not an eviction policy: real keys and
 # senders are few, and misses are never cached).
 MAX_ENTRIES: Final = 10_000
+
+# How stale a key's `last_used_at` may be: it is written at most this often.
+LAST_USED_RESOLUTION_SECONDS: Final = 60
 
 
 class TtlCache(Generic[K, V]):
@@ -86,6 +97,11 @@ class TtlCache(Generic[K, V]):
         if not done.cancelled():
             done.exception()  # retrieved: every waiter may have gone
 
+    async def reload(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """What `load()` finds now, whatever was cached (kept as `get_or_load` keeps it)."""
+        self._entries.pop(key, None)
+        return await self.get_or_load(key, load)
+
     def discard_where(self, stale: Callable[[V], bool]) -> None:
         """Forget every entry whose value `stale(value)` is true (and loads under way)."""
         self._generation += 1
@@ -107,6 +123,12 @@ class SenderInfo:
     provider: str
     # Keyword replies still to configure before it may send ([] when ready).
     missing_replies: tuple[str, ...]
+    # The clients it is granted to (`sender_clients`): only they may send from it.
+    client_ids: frozenset[uuid.UUID] = frozenset()
+
+    def usable_by(self, principal: Principal) -> bool:
+        """Whether the caller may send from it: a client it is granted to, or an admin key."""
+        return principal.is_admin or principal.client_id in self.client_ids
 
     def refusal(self) -> PolicyRefusal | None:
         """The refusal of a sender whose keyword replies are incomplete, else None."""
@@ -119,12 +141,24 @@ class SenderInfo:
         )
 
 
-_PRINCIPAL_SQL: Final = """
-SELECT c.id, c.name, c.default_sender_id, k.is_admin
-FROM api_keys AS k JOIN clients AS c ON c.id = k.client_id
-WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+# The key, and its last use recorded in the same statement when the stored one is over a
+# minute old (a key in steady use is written once a minute, whatever the request rate).
+_PRINCIPAL_SQL: Final = f"""
+WITH found AS (
+    SELECT c.id, c.name, c.default_sender_id, k.is_admin, k.id AS key_id, k.expires_at
+    FROM api_keys AS k JOIN clients AS c ON c.id = k.client_id
+    WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+        AND (k.expires_at IS NULL OR k.expires_at > now())
+), touched AS (
+    UPDATE api_keys SET last_used_at = now()
+    WHERE id = (SELECT key_id FROM found)
+        AND (last_used_at IS NULL
+             OR last_used_at < now() - make_interval(secs => {LAST_USED_RESOLUTION_SECONDS}))
+)
+SELECT * FROM found
 """
-_SENDER_COLUMNS: Final = "id, address, provider, keywords::text AS keywords"
+_SENDER_COLUMNS: Final = """id, address, provider, keywords::text AS keywords,
+    ARRAY(SELECT client_id FROM sender_clients WHERE sender_id = senders.id) AS client_ids"""
 _SENDER_BY_ID_SQL: Final = f"SELECT {_SENDER_COLUMNS} FROM senders WHERE id = $1"
 # The address as written first, then its canonical phone form (`find_sender_by_address`).
 _SENDER_BY_ADDRESS_SQL: Final = f"""
@@ -149,7 +183,7 @@ class Lookups:
         principal = await self._principals.get_or_load(
             key_hash, lambda: self._load_principal(key_hash)
         )
-        if principal is None:
+        if principal is None or principal.expired():
             raise unknown_key()
         return principal
 
@@ -158,28 +192,43 @@ class Lookups:
             rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
         if not rows:
             return None
-        client_id, name, default_sender_id, is_admin = rows[0]
-        return Principal(client_id, name, default_sender_id, is_admin)
+        return Principal(*rows[0])
 
     async def sender(
-        self, address: str | None, default_sender_id: uuid.UUID | None, default_region: str
+        self, address: str | None, principal: Principal, default_region: str
     ) -> SenderInfo:
         """The sender a message goes out from: the one named (`find_sender_by_address`'s rule),
-        or the client's default."""
+        or the client's default; only one granted to the caller's client (admin keys: any).
+
+        Another client's sender is refused exactly as an address that is no sender at all, so
+        a client cannot learn which addresses exist.
+        """
         if address is None:
+            default_sender_id = principal.default_sender_id
             if default_sender_id is None:
                 raise no_default_sender()
-            sender = await self._senders_by_id.get_or_load(
-                default_sender_id, lambda: self._load_sender(_SENDER_BY_ID_SQL, default_sender_id)
-            )
+
+            def by_id() -> Awaitable[SenderInfo | None]:
+                return self._load_sender(_SENDER_BY_ID_SQL, default_sender_id)
+
+            sender = await self._senders_by_id.get_or_load(default_sender_id, by_id)
+            if sender is not None and not sender.usable_by(principal):
+                sender = await self._senders_by_id.reload(default_sender_id, by_id)
             if sender is None:
                 raise sender_not_found(default_sender_id)
+            if not sender.usable_by(principal):
+                raise no_default_sender()
             return sender
-        sender = await self._senders_by_address.get_or_load(
-            address,
-            lambda: self._load_sender(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region)),
-        )
-        if sender is None:
+
+        def by_address() -> Awaitable[SenderInfo | None]:
+            return self._load_sender(_SENDER_BY_ADDRESS_SQL, _spellings(address, default_region))
+
+        sender = await self._senders_by_address.get_or_load(address, by_address)
+        if sender is not None and not sender.usable_by(principal):
+            # Refused by what was cached: read it again, so a new grant works at once (as a new
+            # sender does); a revocation waits for the cache entry to expire.
+            sender = await self._senders_by_address.reload(address, by_address)
+        if sender is None or not sender.usable_by(principal):
             raise unknown_sender(address)
         return sender
 
@@ -188,23 +237,26 @@ class Lookups:
             rows = await fetch(connection, sql, argument, autocommit=True)
         if not rows:
             return None
-        sender_id, address, provider, keywords = rows[0]
+        sender_id, address, provider, keywords, client_ids = rows[0]
         config = KeywordConfig.model_validate(json.loads(keywords))
         sender = SenderInfo(
             id=sender_id,
             address=address,
             provider=provider,
             missing_replies=tuple(missing_replies(config, accept_defaults=self._accept_defaults)),
+            client_ids=frozenset(client_ids),
         )
         return sender
 
     def forget_sender(self, sender_id: uuid.UUID) -> None:
-        """Drop a changed sender, under every address it was looked up by."""
+        """Drop a changed sender (its settings, or its grants), under every address it was
+        looked up by."""
         self._senders_by_id.discard_where(lambda sender: sender.id == sender_id)
         self._senders_by_address.discard_where(lambda sender: sender.id == sender_id)
 
     def forget_principals(self) -> None:
-        """Drop every cached key (after a revocation, or a client's default sender changed)."""
+        """Drop every cached key (after a revocation or rotation, or a client's default sender
+        changed)."""
         self._principals.clear()
 
     def forget_all(self) -> None:

@@ -219,15 +219,22 @@ class ChangeResult:
 
     changed: bool  # the state is different now
     previous_source: str | None  # how the state before it came about (None: never recorded)
+    recorded: bool = True  # False: `skip_unchanged` and the change would have had no effect
 
 
 async def record_change(
-    session: AsyncSession, change: OptChange, *, seen_from: uuid.UUID | None = None
+    session: AsyncSession,
+    change: OptChange,
+    *,
+    seen_from: uuid.UUID | None = None,
+    skip_unchanged: bool = False,
 ) -> ChangeResult:
     """Record an opt-out or opt-in, and say whether it changed the state seen from `seen_from`.
 
     `seen_from` is the sender whose effective state decides "changed" (a STOP to sender A stored
     service-wide changes A's state only if A was not already opted out); by default the scope's.
+    With `skip_unchanged`, a change that would alter no sender's state (a repeated PUT, a START
+    from a number that is not opted out) adds no row.
     """
     await lock_recipients(session, [change.phone])
     if seen_from is not None:
@@ -237,9 +244,12 @@ async def record_change(
             session, change.phone, change.sender_id, with_service_wide=False
         )
     before = previous is not None and previous[0] == OptAction.OPT_OUT
+    changed = before != (change.action is OptAction.OPT_OUT)
+    previous_source = previous[1] if previous else None
+    if skip_unchanged and not await _has_effect(session, change, seen_from):
+        return ChangeResult(changed=False, previous_source=previous_source, recorded=False)
     session.add(_history_row(change))
     await session.flush()
-    changed = before != (change.action is OptAction.OPT_OUT)
     if changed:  # events out: the sender's endpoint hears of it (after commit)
         await emit_opt_out_changed(
             session,
@@ -250,7 +260,36 @@ async def record_change(
             actor=change.actor,
             detail=change.detail,
         )
-    return ChangeResult(changed=changed, previous_source=previous[1] if previous else None)
+    return ChangeResult(changed=changed, previous_source=previous_source)
+
+
+async def _has_effect(
+    session: AsyncSession, change: OptChange, seen_from: uuid.UUID | None
+) -> bool:
+    """Whether recording `change` now would alter any sender's state (under the number's lock).
+
+    Seen from one sender (the change's own, or `seen_from`): whether that sender's state, the
+    newest of its own and the service-wide rows, differs from the change's. A service-wide change
+    seen from no sender has no effect only when the number's newest row of any scope is a
+    service-wide one with the same action (then every sender already is in that state), or when
+    it is an opt-in of a number with no rows at all.
+    """
+    opting_out = change.action is OptAction.OPT_OUT
+    view = seen_from or change.sender_id
+    if view is not None:
+        row = await _deciding_row(session, change.phone, view, with_service_wide=True)
+        return (row is not None and row[0] == OptAction.OPT_OUT) != opting_out
+    newest = (
+        await session.execute(
+            select(OptOut.action, OptOut.sender_id)
+            .where(OptOut.phone == change.phone)
+            .order_by(OptOut.created_at.desc(), OptOut.id.desc())
+            .limit(1)
+        )
+    ).first()
+    if newest is None:
+        return opting_out
+    return not (newest[1] is None and newest[0] == change.action.value)
 
 
 async def record_changes(session: AsyncSession, changes: list[OptChange]) -> None:
@@ -268,6 +307,16 @@ async def history(
     query = select(OptOut).where(OptOut.phone == phone)
     if sender_id is not None:
         query = query.where(or_(OptOut.sender_id == sender_id, OptOut.sender_id.is_(None)))
+    return list(await session.scalars(query.order_by(OptOut.created_at.desc(), OptOut.id.desc())))
+
+
+async def history_of_senders(
+    session: AsyncSession, phone: str, sender_ids: Collection[uuid.UUID]
+) -> list[OptOut]:
+    """The rows for a number of these senders and the service-wide ones, newest first."""
+    query = select(OptOut).where(
+        OptOut.phone == phone, or_(OptOut.sender_id.in_(sender_ids), OptOut.sender_id.is_(None))
+    )
     return list(await session.scalars(query.order_by(OptOut.created_at.desc(), OptOut.id.desc())))
 
 

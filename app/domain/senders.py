@@ -7,11 +7,12 @@ import uuid
 from enum import Enum, StrEnum
 from typing import Final
 
-from sqlalchemy import select
+from sqlalchemy import Select, delete, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Sender
+from app.db.models import Client, Sender, SenderClient
 from app.domain.keywords import KeywordConfig
 from app.domain.pacing import default_rate
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
@@ -132,15 +133,107 @@ def no_default_sender() -> ValidationFailed:
 
 
 def unknown_sender(address: str) -> ValidationFailed:
-    """The refusal of a message from an address that is not one of our senders."""
+    """The refusal of a message from an address that is not one of the caller's senders (the
+    same whether it is another client's sender or no sender at all)."""
     return ValidationFailed.for_field(
-        "unknown_sender", "from", f"{address!r} is not one of this service's senders"
+        "unknown_sender", "from", f"{address!r} is not one of your senders"
     )
 
 
-async def list_senders(session: AsyncSession) -> list[Sender]:
-    """Every sender, oldest first (there are few)."""
-    return list(await session.scalars(select(Sender).order_by(Sender.created_at, Sender.id)))
+async def list_senders(session: AsyncSession, client_id: uuid.UUID | None = None) -> list[Sender]:
+    """Every sender (or those granted to `client_id`), oldest first (there are few)."""
+    query = select(Sender)
+    if client_id is not None:
+        query = query.where(Sender.id.in_(owned_sender_ids(client_id)))
+    return list(await session.scalars(query.order_by(Sender.created_at, Sender.id)))
+
+
+def owned_sender_ids(client_id: uuid.UUID) -> Select[uuid.UUID]:
+    """The ids of the senders granted to a client, as a subquery."""
+    return select(SenderClient.sender_id).where(SenderClient.client_id == client_id)
+
+
+async def client_sender_ids(session: AsyncSession, client_id: uuid.UUID) -> list[uuid.UUID]:
+    """The ids of the senders granted to a client, oldest grant first."""
+    return list(
+        await session.scalars(
+            select(SenderClient.sender_id)
+            .where(SenderClient.client_id == client_id)
+            .order_by(SenderClient.created_at, SenderClient.sender_id)
+        )
+    )
+
+
+async def get_owned_sender(
+    session: AsyncSession, sender_id: uuid.UUID, client_id: uuid.UUID | None
+) -> Sender:
+    """A sender the caller may act for (`client_id` None: an admin, any sender), or the same
+    `NotFound` as a sender that does not exist."""
+    sender = await session.get(Sender, sender_id)
+    if sender is None:
+        raise sender_not_found(sender_id)
+    if client_id is not None:
+        granted = await session.get(SenderClient, (sender_id, client_id))
+        if granted is None:
+            raise sender_not_found(sender_id)
+    return sender
+
+
+def client_not_found(name: str) -> NotFound:
+    """The error for a client name that names no client."""
+    return NotFound("client_not_found", f"no client named {name!r}")
+
+
+async def _client_by_name(session: AsyncSession, name: str) -> Client:
+    client = await session.scalar(select(Client).where(Client.name == name))
+    if client is None:
+        raise client_not_found(name)
+    return client
+
+
+async def grant_sender(session: AsyncSession, sender_id: uuid.UUID, client_name: str) -> bool:
+    """Let a client send from a sender (and see its inbound messages and opt-outs); True if
+    the grant is new. Granting twice is harmless."""
+    await get_sender(session, sender_id)
+    client = await _client_by_name(session, client_name)
+    inserted = await session.scalar(
+        insert(SenderClient)
+        .values(sender_id=sender_id, client_id=client.id)
+        .on_conflict_do_nothing()
+        .returning(SenderClient.sender_id)
+    )
+    return inserted is not None
+
+
+async def revoke_sender(session: AsyncSession, sender_id: uuid.UUID, client_name: str) -> bool:
+    """Take a sender away from a client (it stops being the client's default, if it was);
+    True if it had been granted. Messages already accepted are delivered."""
+    await get_sender(session, sender_id)
+    client = await _client_by_name(session, client_name)
+    removed = await session.scalar(
+        delete(SenderClient)
+        .where(SenderClient.sender_id == sender_id, SenderClient.client_id == client.id)
+        .returning(SenderClient.sender_id)
+    )
+    await session.execute(
+        update(Client)
+        .where(Client.id == client.id, Client.default_sender_id == sender_id)
+        .values(default_sender_id=None)
+    )
+    return removed is not None
+
+
+async def sender_client_names(session: AsyncSession, sender_id: uuid.UUID) -> list[str]:
+    """The names of the clients a sender is granted to, alphabetically."""
+    await get_sender(session, sender_id)
+    return list(
+        await session.scalars(
+            select(Client.name)
+            .join(SenderClient, SenderClient.client_id == Client.id)
+            .where(SenderClient.sender_id == sender_id)
+            .order_by(Client.name)
+        )
+    )
 
 
 async def update_sender(

@@ -134,9 +134,14 @@ async def test_any_client_may_record_an_opt_out_under_its_own_name(
 
     assert response.status_code == 200, response.text
     assert response.json()["history"][0]["actor"] == "client:other-shop"
-    assert await rows(session_factory) == [
-        ("+14155550123", None, "opt_out", "api", "client:other-shop", None)
-    ]
+    # Without a sender: each of the client's senders (here all three), never service-wide.
+    assert sorted(await rows(session_factory), key=str) == sorted(
+        (
+            ("+14155550123", sender.id, "opt_out", "api", "client:other-shop", None)
+            for sender in (world.twilio_sender, world.vonage_sender, world.fake_sender)
+        ),
+        key=str,
+    )
     assert_problem(await send(api, world, to="+14155550123"), 403, "recipient_opted_out")
 
 
@@ -172,7 +177,7 @@ async def test_an_opt_out_with_a_sender_applies_to_that_sender_only(
 async def test_a_number_in_another_format_is_normalised(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory, phone: str
 ) -> None:
-    response = await put(api, world, phone)
+    response = await put(api, world, phone, key=world.admin_key)
 
     assert response.status_code == 200, response.text
     assert response.json()["phone"] == "+14155550124"
@@ -223,7 +228,7 @@ async def test_an_unknown_sender_is_a_404(
 async def test_delete_needs_an_admin_key(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
-    assert (await put(api, world, "+14155550123")).status_code == 200
+    assert (await put(api, world, "+14155550123", key=world.admin_key)).status_code == 200
 
     for key in (world.client_key, world.other_client_key):
         assert_problem(await delete(api, world, "+14155550123", key=key), 403, "admin_key_required")
@@ -263,7 +268,7 @@ async def test_delete_records_an_opt_in_keeping_the_history_and_sending_works_ag
 async def test_a_service_wide_delete_lifts_a_service_wide_opt_out(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
-    assert (await put(api, world, "+14155550123")).status_code == 200
+    assert (await put(api, world, "+14155550123", key=world.admin_key)).status_code == 200
 
     response = await delete(api, world, "+14155550123")
 
@@ -283,7 +288,7 @@ async def test_the_change_recorded_last_decides_even_if_its_transaction_began_fi
     # (and so was told it changed the state), must be the state that holds.
     async with session_factory() as early, early.begin():
         await early.execute(select(func.now()))  # this transaction's now() is fixed here
-        assert (await put(api, world, "+14155550123")).status_code == 200
+        assert (await put(api, world, "+14155550123", key=world.admin_key)).status_code == 200
         changed = await record_change(
             early,
             OptChange("+14155550123", None, OptAction.OPT_IN, OptSource.API, "client:operator"),
@@ -304,9 +309,11 @@ async def test_the_change_recorded_last_decides_even_if_its_transaction_began_fi
 async def test_get_shows_the_state_and_the_history_newest_first(
     api: httpx.AsyncClient, world: World
 ) -> None:
-    assert (await put(api, world, "+14155550123")).status_code == 200
+    assert (await put(api, world, "+14155550123", key=world.admin_key)).status_code == 200
     assert (await delete(api, world, "+14155550123")).status_code == 200
-    assert (await put(api, world, "+14155550123", key=world.other_client_key)).status_code == 200
+    other = await put(api, world, "+14155550123", sender_id=world.fake_sender.id)
+    assert other.status_code == 200
+    assert (await put(api, world, "+14155550123", key=world.admin_key)).status_code == 200
 
     response = await get_status(api, world, "(415) 555-0123")
 
@@ -316,10 +323,12 @@ async def test_get_shows_the_state_and_the_history_newest_first(
     assert status["sender_id"] is None
     assert status["opted_out"] is True
     history = status["history"]
-    assert [(e["action"], e["actor"]) for e in history] == [
-        ("opt_out", "client:other-shop"),
-        ("opt_in", "client:operator"),
-        ("opt_out", "client:shop"),
+    # An admin sees every row, whoever recorded it, for every sender.
+    assert [(e["action"], e["actor"], e["sender_id"]) for e in history] == [
+        ("opt_out", "client:operator", None),
+        ("opt_out", "client:shop", str(world.fake_sender.id)),
+        ("opt_in", "client:operator", None),
+        ("opt_out", "client:operator", None),
     ]
     times = [datetime.fromisoformat(e["created_at"]) for e in history]
     assert times == sorted(times, reverse=True)
@@ -331,6 +340,7 @@ async def test_get_shows_the_state_and_the_history_newest_first(
     assert again.json()["opted_out"] is False
     assert [e["action"] for e in again.json()["history"]] == [
         "opt_in",
+        "opt_out",
         "opt_out",
         "opt_in",
         "opt_out",
@@ -346,13 +356,14 @@ async def test_get_of_a_number_never_opted_out(api: httpx.AsyncClient, world: Wo
         "sender_id": None,
         "opted_out": False,
         "history": [],
+        "senders": None,
     }
 
 
 async def test_get_for_a_sender_counts_a_service_wide_opt_out(
     api: httpx.AsyncClient, world: World
 ) -> None:
-    assert (await put(api, world, "+14155550123")).status_code == 200
+    assert (await put(api, world, "+14155550123", key=world.admin_key)).status_code == 200
 
     response = await get_status(api, world, "+14155550123", sender_id=world.fake_sender.id)
 
@@ -362,9 +373,7 @@ async def test_get_for_a_sender_counts_a_service_wide_opt_out(
     assert [e["sender_id"] for e in response.json()["history"]] == [None]
 
 
-@pytest.mark.parametrize(
-    "path", ["/v1/opt-outs", "/v1/opt-outs/+14155550123", "/v1/opt-outs?phone=%2B14155550123"]
-)
+@pytest.mark.parametrize("path", ["/v1/opt-outs", "/v1/opt-outs?phone=%2B14155550123"])
 async def test_reading_opt_outs_needs_an_admin_key(
     api: httpx.AsyncClient, world: World, path: str
 ) -> None:
@@ -381,8 +390,10 @@ async def test_reading_opt_outs_needs_an_admin_key(
 async def test_the_list_shows_current_opt_outs_only_newest_first(
     api: httpx.AsyncClient, world: World
 ) -> None:
-    assert (await put(api, world, "+14155550101")).status_code == 200
-    assert (await put(api, world, "+14155550102")).status_code == 200  # opted back in below
+    assert (await put(api, world, "+14155550101", key=world.admin_key)).status_code == 200
+    assert (
+        await put(api, world, "+14155550102", key=world.admin_key)
+    ).status_code == 200  # opted back in below
     assert (
         await put(api, world, "+14155550103", sender_id=world.twilio_sender.id)
     ).status_code == 200
@@ -418,8 +429,8 @@ async def test_the_list_filters_by_phone_and_by_sender(
     api: httpx.AsyncClient, world: World
 ) -> None:
     twilio, fake = world.twilio_sender.id, world.fake_sender.id
-    assert (await put(api, world, "+14155550101")).status_code == 200
     assert (await put(api, world, "+14155550101", sender_id=fake)).status_code == 200
+    assert (await put(api, world, "+14155550101", key=world.admin_key)).status_code == 200
     assert (await put(api, world, "+14155550102", sender_id=twilio)).status_code == 200
     assert (await put(api, world, "+14155550103", sender_id=fake)).status_code == 200
     assert (await put(api, world, "+14155550104", sender_id=fake)).status_code == 200
@@ -430,8 +441,8 @@ async def test_the_list_filters_by_phone_and_by_sender(
         return [(e["phone"], e["sender_id"]) for e in response.json()["data"]]
 
     assert listed(await list_page(api, world, phone="+14155550101")) == [
-        ("+14155550101", str(fake)),
         ("+14155550101", None),
+        ("+14155550101", str(fake)),
     ]
     # The filter is validated and normalised like any number.
     assert listed(await list_page(api, world, phone="(415) 555-0102")) == [
@@ -471,8 +482,8 @@ async def test_the_list_paginates_with_a_cursor_without_duplicates_or_gaps(
     api: httpx.AsyncClient, world: World
 ) -> None:
     for last in "12345":
-        assert (await put(api, world, f"+1415555010{last}")).status_code == 200
-    assert (await put(api, world, "+14155550109")).status_code == 200
+        assert (await put(api, world, f"+1415555010{last}", key=world.admin_key)).status_code == 200
+    assert (await put(api, world, "+14155550109", key=world.admin_key)).status_code == 200
     assert (await delete(api, world, "+14155550109")).status_code == 200
 
     pages = await page_through(api, world, limit=2)

@@ -38,6 +38,10 @@ async def create(api: httpx.AsyncClient, world: World, **fields: Any) -> dict[st
     response = await api.post("/v1/senders", json=body, headers=world.auth(world.admin_key))
     assert response.status_code == 201, response.text
     sender: dict[str, Any] = response.json()
+    granted = await api.put(
+        f"/v1/senders/{sender['id']}/clients/shop", headers=world.auth(world.admin_key)
+    )
+    assert granted.status_code == 200, granted.text
     return sender
 
 

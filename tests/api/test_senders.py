@@ -45,12 +45,13 @@ WORLD_ADDRESSES = {"+14155550100", "ACME", "+14155550199"}
     ("method", "path", "body"),
     [
         ("POST", "/v1/senders", {"address": "54321", "kind": "short_code", "provider": "fake"}),
-        ("GET", "/v1/senders", None),
-        ("GET", "/v1/senders/{id}", None),
         ("PATCH", "/v1/senders/{id}", {"provider": "fake"}),
+        ("GET", "/v1/senders/{id}/clients", None),
+        ("PUT", "/v1/senders/{id}/clients/other-shop", None),
+        ("DELETE", "/v1/senders/{id}/clients/shop", None),
     ],
 )
-async def test_every_sender_endpoint_needs_an_admin_key(
+async def test_every_sender_endpoint_but_reading_needs_an_admin_key(
     api: httpx.AsyncClient,
     world: World,
     session_factory: SessionFactory,
@@ -472,3 +473,21 @@ async def test_a_message_sent_after_a_provider_change_goes_to_the_new_provider(
         uuid.UUID(after_default.json()["id"]): "fake",
         uuid.UUID(after_named.json()["id"]): "fake",
     }
+
+
+@pytest.mark.parametrize("rate", [True, False, "5"])
+async def test_a_rate_must_be_a_number_not_a_boolean(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory, rate: Any
+) -> None:
+    created = await create(
+        api, world, address="54321", kind="short_code", provider="fake", rate_per_second=rate
+    )
+    patched = await api.patch(
+        f"/v1/senders/{world.fake_sender.id}",
+        json={"rate_per_second": rate},
+        headers=world.auth(world.admin_key),
+    )
+
+    assert_problem(created, 422, "validation_error", field="rate_per_second")
+    assert_problem(patched, 422, "validation_error", field="rate_per_second")
+    assert (await load_sender(session_factory, world.fake_sender.id)).rate_per_second == 1000.0

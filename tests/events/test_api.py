@@ -415,3 +415,19 @@ def test_every_event_type_is_documented_as_a_webhook_with_its_schema() -> None:
         headers = {p["name"] for p in operation["parameters"] if p["in"] == "header"}
         assert headers == {"webhook-id", "webhook-timestamp", "webhook-signature"}, name
         assert "422" not in operation["responses"], name
+
+
+@pytest.mark.parametrize("grace", [False, True, "0", 0.0, 1.5])
+async def test_a_grace_period_must_be_an_integer_not_a_boolean(
+    api: httpx.AsyncClient, world: World, grace: Any
+) -> None:
+    first = (await api.get("/v1/signing-secrets", headers=world.auth())).json()["data"]
+
+    refused = await api.post(
+        "/v1/signing-secrets/rotate", json={"grace_period_seconds": grace}, headers=world.auth()
+    )
+
+    # `false` was read as 0 and revoked every secret at once.
+    assert_problem(refused, 422, "validation_error", field="grace_period_seconds")
+    after = (await api.get("/v1/signing-secrets", headers=world.auth())).json()["data"]
+    assert after == first

@@ -308,13 +308,13 @@ async def test_a_service_wide_opt_out_is_told_to_every_senders_endpoint(
     await set_sender_endpoint(session_factory, world.twilio_sender.id, SENDER_HOOK)
     await set_sender_endpoint(session_factory, world.vonage_sender.id, "https://93.184.215.16/")
 
-    response = await api.put("/v1/opt-outs/+14155550123", headers=world.auth())
+    response = await api.put("/v1/opt-outs/+14155550123", headers=world.auth(world.admin_key))
 
     assert response.status_code == 200, response.text
     found = await events(session_factory)
     assert sorted(url for _, url, _ in found) == [SENDER_HOOK, "https://93.184.215.16/"]
     assert {(d["sender_id"], d["source"], d["actor"]) for _, _, d in found} == {
-        (None, "api", "client:shop")
+        (None, "api", "client:operator")
     }
 
 

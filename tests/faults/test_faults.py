@@ -233,6 +233,11 @@ async def setup_senders(infra: Infra, api: str, senders: list[Sender]) -> str:
                 },
             )
             assert response.status_code == 201, response.text
+            granted = await http.put(  # the client key sends from them
+                f"{api}/v1/senders/{response.json()['id']}/clients/shop",
+                headers={"Authorization": f"Bearer {admin_key}"},
+            )
+            assert granted.status_code == 200, granted.text
     return client_key
 
 
