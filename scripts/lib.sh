@@ -9,15 +9,21 @@ require_python() {
     fi
 }
 
-# Installs into .venv; reinstalls only when pyproject.toml changed since the last install.
+# Installs into .venv exactly the versions in requirements/$1.txt (hashes checked), then the
+# project itself (editable, no dependencies of its own choosing); again only when the lock or
+# pyproject.toml changed since the last install. `./scripts/lock` regenerates the locks.
 ensure_venv() {
     local extras=$1
+    local lock="requirements/$extras.txt"
     require_python
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     local stamp=".venv/.installed-$extras"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install --quiet --upgrade pip
-        .venv/bin/python -m pip install --quiet -e ".[$extras]"
+    if [ ! -f "$stamp" ] || [ "$lock" -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "installing the locked dependencies into .venv ($lock)" >&2
+        PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install --quiet \
+            --require-hashes -r "$lock"
+        PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install --quiet \
+            --no-deps --no-build-isolation -e .
         touch "$stamp"
     fi
 }
