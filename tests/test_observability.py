@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import logging.config
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from sqlalchemy import update
 from app.db.models import Message
 from app.db.session import SessionFactory
 from app.domain.delivery import deliver_message
-from app.logs import JsonFormatter, logging_config
+from app.logs import JsonFormatter, logging_config, message_context
 from app.main import create_app
 from tests.api.test_status_callbacks import TWILIO_PATH
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
@@ -219,3 +220,52 @@ def test_request_urls_from_httpx_stay_out_of_the_logs() -> None:
     # Webhook URLs carry clients' tokens; provider lookups carry phone numbers.
     assert config["loggers"]["httpx"]["level"] == "WARNING"
     assert config["loggers"]["httpcore"]["level"] == "WARNING"
+
+
+def _configured(level: str, fmt: str) -> tuple[logging.Handler, logging.Formatter]:
+    """The stdout handler `logging_config` describes, built for real by dictConfig (the root
+    logger's handlers and level, pytest's among them, are put back)."""
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    logging.config.dictConfig(logging_config(level, fmt))
+    try:
+        (handler,) = root.handlers
+        assert handler.formatter is not None
+        return handler, handler.formatter
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+
+
+def _arq_record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("arq.worker", logging.INFO, __file__, 1, msg, args, None)
+
+
+def test_routine_cron_and_health_lines_are_dropped_and_everything_else_kept() -> None:
+    handler, _ = _configured("INFO", "json")
+    cron_start = _arq_record("%6.2fs → %s(%s)%s", 0.5, "cron:sweep:1795687200000:sweep", "", "")
+    cron_done = _arq_record("%6.2fs ← %s ● %s", 0.01, "cron:sweep:1795687200000:sweep", "")
+    health = _arq_record("recording health: %s", "Dec-04 j_complete=3")
+    job_done = _arq_record("%6.2fs ← %s ● %s", 0.01, "4f1c:deliver", "")
+    cron_failed = _arq_record("%6.2fs ! %s failed, %s: %s", 0.2, "cron:sweep:1:sweep", "X", "y")
+
+    assert [handler.filter(r) for r in (cron_start, cron_done, health)] == [False] * 3
+    assert handler.filter(job_done) and handler.filter(cron_failed)
+    # At DEBUG, everything.
+    debug_handler, _ = _configured("DEBUG", "json")
+    assert debug_handler.filter(cron_start) and debug_handler.filter(health)
+
+
+def test_text_logs_are_one_readable_line_with_the_context_and_extras() -> None:
+    _, formatter = _configured("INFO", "text")
+    record = logging.LogRecord("app.worker", logging.WARNING, __file__, 1, "deferred", (), None)
+    record.provider = "twilio"
+
+    with message_context("5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"):
+        line = formatter.format(record)
+
+    assert not line.startswith("{")
+    assert line.endswith(
+        "WARNING app.worker: deferred  message_id=5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"
+        "  provider=twilio"
+    )
