@@ -14,13 +14,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 from sqlalchemy import update
 
 from app.db.models import Message
 from app.db.session import SessionFactory
+from app.domain.circuit import CircuitPolicy, CircuitState, ProviderHealth
 from app.domain.delivery import deliver_message
 from app.logs import JsonFormatter, logging_config, message_context
 from app.main import create_app
+from app.providers.base import ErrorKind, ProviderError
 from tests.api.test_status_callbacks import TWILIO_PATH
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
 from tests.domain.test_delivery import (
@@ -269,3 +272,41 @@ def test_text_logs_are_one_readable_line_with_the_context_and_extras() -> None:
         "WARNING app.worker: deferred  message_id=5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"
         "  provider=twilio"
     )
+
+
+async def test_metrics_report_the_oldest_sending_claim(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    await queued_message(session_factory, world)
+    await api.get("/metrics")
+    assert sample("smsgate_oldest_sending_message_age_seconds") == 0.0  # none sending
+
+    async with session_factory.begin() as session:
+        await session.execute(
+            update(Message).values(
+                status="sending", attempts=1, claimed_at=datetime.now(UTC) - timedelta(minutes=5)
+            )
+        )
+    await api.get("/metrics")
+
+    assert 300 <= sample("smsgate_oldest_sending_message_age_seconds") < 360
+
+
+async def test_metrics_report_each_providers_breaker_and_pause(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    health = ProviderHealth(redis, CircuitPolicy(failure_threshold=2))
+    fault = ProviderError(ErrorKind.RETRYABLE, "HTTP 500", provider_fault=True)
+    for _ in range(2):
+        await health.record("twilio", fault)
+    await health.pause("vonage", 30)
+
+    await api.get("/metrics")
+
+    assert sample("smsgate_circuit_open", provider="twilio") == 1.0
+    assert sample("smsgate_circuit_open", provider="vonage") == 0.0
+    assert sample("smsgate_circuit_open", provider="fake") == 0.0
+    assert 25 < sample("smsgate_provider_paused_seconds", provider="vonage") <= 30
+    assert sample("smsgate_provider_paused_seconds", provider="twilio") == 0.0
+    # Read, not probed: the open breaker's state is unchanged by the scrape.
+    assert (await health.check("twilio", may_probe=False)).state is CircuitState.OPEN

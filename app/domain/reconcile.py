@@ -379,6 +379,17 @@ async def overdue_sent(
         return list(rows)
 
 
+async def oldest_sent_age(session_factory: SessionFactory) -> float:
+    """Seconds since the oldest `sent` message changed (0 when none), by the database clock."""
+    async with session_factory() as session:
+        age = await session.scalar(
+            select(func.extract("epoch", func.now() - func.min(Message.updated_at))).where(
+                Message.status == MessageStatus.SENT.value
+            )
+        )
+    return float(age or 0.0)
+
+
 async def check_status(
     message_id: uuid.UUID,
     session_factory: SessionFactory,
