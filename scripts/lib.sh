@@ -68,3 +68,31 @@ ensure_services() {
     done
     return 1
 }
+
+# Tools two test modules drive: Debian's `chromium` (tests/test_docs_browser.py renders /docs and
+# /redoc in it) and `promtool` from Debian's `prometheus` (tests/test_alerts.py). Installed with
+# apt-get when missing, as root (CI) or through password-less sudo; otherwise a note says how,
+# and those tests fail naming what is missing. CHROMIUM / PROMTOOL may point at other copies.
+ensure_test_tools() {
+    local missing=()
+    [ -n "${CHROMIUM:-}" ] || command -v chromium >/dev/null || missing+=(chromium)
+    [ -n "${PROMTOOL:-}" ] || command -v promtool >/dev/null || missing+=(prometheus)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            echo "note: the browser and alert-rule tests need ${missing[*]}:" \
+                "sudo apt-get install ${missing[*]} (or set CHROMIUM / PROMTOOL)" >&2
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null; then
+        echo "note: install ${missing[*]} (Debian's packages) for the browser and alert-rule tests" >&2
+        return 0
+    fi
+    echo "installing ${missing[*]} with apt-get (for the browser and alert-rule tests)" >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+}
