@@ -335,8 +335,8 @@ async def release(
     still this attempt's to undo.
 
     `quiet` for a message the delivery gate turned back (an open circuit, a paused provider, a
-    sender's line): its history reads as if it was never claimed (the claim's `sending` row no
-    longer counts as applied, and the reason is a note), as waiting is never an attempt."""
+    sender's line): its history reads as if it was never claimed (the claim's `sending` row is
+    removed, and the reason is a note counting a run of waits), as waiting is never an attempt."""
     changes: dict[str, Any] = {
         "status": MessageStatus.QUEUED.value,
         "attempts": Message.attempts - 1,
