@@ -349,10 +349,10 @@ async def test_a_run_of_waits_for_one_reason_is_one_counted_note(
     message_id = await queued_message(session_factory, world)
 
     async def wait_once(reason: str) -> None:
-        async def claim_it(session: AsyncSession) -> Message:
-            return (await claim(session, [message_id])).claimed[0]
+        async def claim_it(tx: Tx) -> Message:
+            return (await claim(tx, [message_id])).claimed[0]
 
-        claimed, _ = await run_transaction(session_factory, claim_it)
+        claimed, _ = await run_raw_transaction(session_factory, claim_it)
 
         async def put_back(session: AsyncSession) -> bool:
             return await release(session, claimed, reason, claimed.provider, quiet=True)
