@@ -82,8 +82,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     send.add_argument(
         "--api-url",
-        default=os.environ.get("SMSGATE_API_URL", DEFAULT_API_URL),
-        help=f"API base URL (default: SMSGATE_API_URL, else {DEFAULT_API_URL})",
+        help="API base URL (default: SMSGATE_API_URL, else the URL a running `smsgate dev` "
+        f"keeps in DEV_DATA_DIR/dev-api-url, else {DEFAULT_API_URL})",
     )
     send.add_argument(
         "--api-key",
@@ -174,9 +174,15 @@ def _print_json(value: Any) -> None:
 def _send(args: argparse.Namespace) -> int:
     import httpx
 
-    from app.dev.mode import read_api_key
+    from app.dev.mode import read_api_key, read_api_url
     from app.domain.status import TERMINAL_STATUSES, MessageStatus
 
+    args.api_url = (
+        args.api_url
+        or os.environ.get("SMSGATE_API_URL")
+        or read_api_url(get_settings().dev_data_dir)
+        or DEFAULT_API_URL
+    )
     api_key = args.api_key or os.environ.get("SMSGATE_API_KEY")
     if not api_key:
         api_key = read_api_key(get_settings().dev_data_dir)

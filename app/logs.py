@@ -59,22 +59,59 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """A log record as one line for a person: time, level, logger, message, then the context
+    and extras as key=value (what `smsgate dev` shows in a terminal)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render the record with its context and extras."""
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        parts = [f"{when} {record.levelname:<7} {record.name}: {record.getMessage()}"]
+        context = {"request_id": request_id_var.get(), "message_id": message_id_var.get()}
+        for key, value in [*context.items(), *record.__dict__.items()]:
+            if value is not None and key not in _STANDARD and not key.startswith("_"):
+                parts.append(f"{key}={value}")
+        line = "  ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+# arq's lines for a job starting (→) and succeeding (●); for the periodic sweeps they are most of
+# an idle service's log (dozens a minute), with the health record each sweep changes. Failures,
+# retries and timeouts are still logged.
+_ARQ_JOB_LINES = frozenset({"%6.2fs → %s(%s)%s", "%6.2fs ← %s ● %s"})
+_ARQ_HEALTH_LINE = "recording health: %s"
+
+
+class QuietRoutineFilter(logging.Filter):
+    """Drop arq's start and success lines of cron jobs and its health records (all kept at
+    LOG_LEVEL=DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a routine line."""
+        if record.msg == _ARQ_HEALTH_LINE:
+            return False
+        if record.msg not in _ARQ_JOB_LINES or not isinstance(record.args, tuple):
+            return True
+        return not str(record.args[1]).startswith("cron:")
+
+
 def logging_config(level: str, fmt: str) -> dict[str, Any]:
     """A `dictConfig` sending every logger (ours, uvicorn's, arq's) to stdout in `fmt`."""
-    formatter: dict[str, Any] = (
-        {"()": JsonFormatter}
-        if fmt == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
-    )
+    formatter: dict[str, Any] = {"()": JsonFormatter if fmt == "json" else TextFormatter}
+    quiet = level.upper() != "DEBUG"
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"quiet": {"()": QuietRoutineFilter}},
         "handlers": {
             "stdout": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
                 "stream": "ext://sys.stdout",
+                "filters": ["quiet"] if quiet else [],
             }
         },
         "root": {"handlers": ["stdout"], "level": level.upper()},
@@ -84,7 +121,9 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         }
         # httpx logs every request's full URL at INFO: clients' webhook URLs carry tokens and
         # provider lookups carry phone numbers.
-        | {name: {"level": "WARNING"} for name in ("httpx", "httpcore")},
+        | {name: {"level": "WARNING"} for name in ("httpx", "httpcore")}
+        # Alembic's plugin set-up lines each time the API reads the schema's head revision.
+        | {"alembic": {"level": "WARNING"}},
     }
 
 

@@ -26,6 +26,7 @@ from app.api import (
     senders,
     webhooks,
 )
+from app.api.docs import install_docs
 from app.api.limits import BodySizeLimit
 from app.db.migrations import head_revision
 from app.db.pg import Database
@@ -96,7 +97,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs, without a CDN
+        redoc_url=None,
     )
+    install_docs(app)
     for router in (
         messages.router,
         senders.router,

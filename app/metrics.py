@@ -59,6 +59,26 @@ OLDEST_QUEUED_AGE = Gauge(
     "smsgate_oldest_queued_message_age_seconds",
     "Age of the oldest message still queued (0 when none).",
 )
+OLDEST_SENDING_AGE = Gauge(
+    "smsgate_oldest_sending_message_age_seconds",
+    "Age of the oldest claim still `sending` (0 when none): past a job's timeout, an unknown "
+    "outcome that reconciliation has not settled.",
+)
+OLDEST_SENT_AGE = Gauge(
+    "smsgate_oldest_sent_message_age_seconds",
+    "Time since the oldest `sent` message changed (0 when none): its final report is overdue. "
+    "Set by each SMS worker's status-check sweep (every minute).",
+)
+CIRCUIT_OPEN = Gauge(
+    "smsgate_circuit_open",
+    "1 while the provider's circuit breaker is open (no submissions until a probe succeeds).",
+    ["provider"],
+)
+PROVIDER_PAUSED = Gauge(
+    "smsgate_provider_paused_seconds",
+    "How much longer every worker holds back from the provider because it throttled us.",
+    ["provider"],
+)
 
 
 def serve_metrics(port: int) -> None:

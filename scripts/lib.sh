@@ -9,15 +9,21 @@ require_python() {
     fi
 }
 
-# Installs into .venv; reinstalls only when pyproject.toml changed since the last install.
+# Installs into .venv exactly the versions in requirements/$1.txt (hashes checked), then the
+# project itself (editable, no dependencies of its own choosing); again only when the lock or
+# pyproject.toml changed since the last install. `./scripts/lock` regenerates the locks.
 ensure_venv() {
     local extras=$1
+    local lock="requirements/$extras.txt"
     require_python
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     local stamp=".venv/.installed-$extras"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install --quiet --upgrade pip
-        .venv/bin/python -m pip install --quiet -e ".[$extras]"
+    if [ ! -f "$stamp" ] || [ "$lock" -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "installing the locked dependencies into .venv ($lock)" >&2
+        PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install --quiet \
+            --require-hashes -r "$lock"
+        PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install --quiet \
+            --no-deps --no-build-isolation -e .
         touch "$stamp"
     fi
 }
@@ -61,4 +67,32 @@ ensure_services() {
         sleep 0.2
     done
     return 1
+}
+
+# Tools two test modules drive: Debian's `chromium` (tests/test_docs_browser.py renders /docs and
+# /redoc in it) and `promtool` from Debian's `prometheus` (tests/test_alerts.py). Installed with
+# apt-get when missing, as root (CI) or through password-less sudo; otherwise a note says how,
+# and those tests fail naming what is missing. CHROMIUM / PROMTOOL may point at other copies.
+ensure_test_tools() {
+    local missing=()
+    [ -n "${CHROMIUM:-}" ] || command -v chromium >/dev/null || missing+=(chromium)
+    [ -n "${PROMTOOL:-}" ] || command -v promtool >/dev/null || missing+=(prometheus)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            echo "note: the browser and alert-rule tests need ${missing[*]}:" \
+                "sudo apt-get install ${missing[*]} (or set CHROMIUM / PROMTOOL)" >&2
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null; then
+        echo "note: install ${missing[*]} (Debian's packages) for the browser and alert-rule tests" >&2
+        return 0
+    fi
+    echo "installing ${missing[*]} with apt-get (for the browser and alert-rule tests)" >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
 }

@@ -11,6 +11,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from app.cli import main
+from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -19,7 +20,21 @@ OURS = ("migrate", "api", "worker", "events-worker")
 
 
 def test_the_services_are_postgres_redis_a_migration_the_api_and_workers() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "api", "worker", "events-worker"}
+    assert set(SERVICES) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "worker",
+        "events-worker",
+        "prometheus",
+        "grafana",
+    }
+    # Monitoring only when asked for: `docker compose --profile monitoring up`.
+    assert [name for name, service in SERVICES.items() if "profiles" in service] == [
+        "prometheus",
+        "grafana",
+    ]
     for name in ("postgres", "redis"):
         assert SERVICES[name]["image"].split(":")[0] == name
         assert SERVICES[name]["healthcheck"]["test"][0] == "CMD"
@@ -88,3 +103,31 @@ def test_the_image_runs_smsgate_as_a_user_other_than_root() -> None:
     assert users and users[-1] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["smsgate"\]', dockerfile, re.MULTILINE)
     assert "COPY alembic.ini" in dockerfile  # `migrate` finds it in the working directory
+
+
+def test_prometheus_and_grafana_start_with_the_rules_and_dashboard_provisioned() -> None:
+    prometheus, grafana = SERVICES["prometheus"], SERVICES["grafana"]
+
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]
+    assert "./ops/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]  # beside the config, in the same mount
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["smsgate-api"]["static_configs"][0]["targets"] == ["api:8000"]
+    # Every replica of a scaled worker, on the ports the workers serve metrics on.
+    settings = Settings()
+    assert jobs["smsgate-worker"]["dns_sd_configs"][0] == {
+        "names": ["worker"],
+        "type": "A",
+        "port": settings.worker_metrics_port,
+    }
+    assert jobs["smsgate-events-worker"]["dns_sd_configs"][0]["names"] == ["events-worker"]
+    assert (
+        jobs["smsgate-events-worker"]["dns_sd_configs"][0]["port"]
+        == settings.events_worker_metrics_port
+    )
+    assert "./ops/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./ops/grafana/dashboards:/etc/grafana/dashboards:ro" in grafana["volumes"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "ops/grafana/dashboards" / Path(home).name).is_file()

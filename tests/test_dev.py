@@ -58,6 +58,15 @@ def test_dev_starts_everything_sends_a_message_and_stops_without_leftovers(
         assert f"API key:   {raw_key}" in output
         assert f"curl -s {base_url}/v1/messages -H 'Authorization: Bearer {raw_key}'" in output
         assert "Running upgrade" in output  # migration progress
+        assert "the API, an SMS worker and an events worker" in output
+        # Lines for a person, and the banner stays the last thing on the screen while idle
+        # (no routine cron or health lines after it; a sweep runs every 5 s).
+        assert not [line for line in output.splitlines() if line.startswith("{")]
+        time.sleep(6)
+        after_banner = log.read_text().split("    export DATABASE_URL=", 1)[1].splitlines()[1:]
+        # (this test's own readiness probe may land just after it)
+        assert [line for line in after_banner if line and "GET /healthz" not in line] == []
+        assert (data_dir / "dev-api-url").read_text() == f"{base_url}\n"
 
         api_and_worker = children_of(dev.pid)
         postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
@@ -66,10 +75,10 @@ def test_dev_starts_everything_sends_a_message_and_stops_without_leftovers(
         # The API, the SMS worker and the events worker.
         assert len(api_and_worker) == 3 and all(map(alive, servers))
 
-        # The key is found in DEV_DATA_DIR, as a developer's `smsgate send` would find it.
+        # The key and the API's URL (not on port 8000) are found in DEV_DATA_DIR, as a
+        # developer's `smsgate send` would find them.
         sent = run_smsgate(
             "send", "--to", "(415) 555-0123", "--body", "Hello from the dev test", "--wait",
-            "--api-url", base_url,
             env=clean_env(DEV_DATA_DIR=str(data_dir)),
         )  # fmt: skip
 
@@ -92,6 +101,7 @@ def test_dev_starts_everything_sends_a_message_and_stops_without_leftovers(
             dev.wait(10)
 
     assert "Stopped." in log.read_text()
+    assert not (data_dir / "dev-api-url").exists()  # no stale URL for the next `send`
     left = [pid for pid in [*api_and_worker, *servers] if alive(pid)]
     assert left == [], log.read_text()
     assert processes_using(data_dir) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import logging.config
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,13 +14,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 from sqlalchemy import update
 
 from app.db.models import Message
 from app.db.session import SessionFactory
+from app.domain.circuit import CircuitPolicy, CircuitState, ProviderHealth
 from app.domain.delivery import deliver_message
-from app.logs import JsonFormatter, logging_config
+from app.logs import JsonFormatter, logging_config, message_context
 from app.main import create_app
+from app.providers.base import ErrorKind, ProviderError
 from tests.api.test_status_callbacks import TWILIO_PATH
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
 from tests.domain.test_delivery import (
@@ -219,3 +223,90 @@ def test_request_urls_from_httpx_stay_out_of_the_logs() -> None:
     # Webhook URLs carry clients' tokens; provider lookups carry phone numbers.
     assert config["loggers"]["httpx"]["level"] == "WARNING"
     assert config["loggers"]["httpcore"]["level"] == "WARNING"
+
+
+def _configured(level: str, fmt: str) -> tuple[logging.Handler, logging.Formatter]:
+    """The stdout handler `logging_config` describes, built for real by dictConfig (the root
+    logger's handlers and level, pytest's among them, are put back)."""
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    logging.config.dictConfig(logging_config(level, fmt))
+    try:
+        (handler,) = root.handlers
+        assert handler.formatter is not None
+        return handler, handler.formatter
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+
+
+def _arq_record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("arq.worker", logging.INFO, __file__, 1, msg, args, None)
+
+
+def test_routine_cron_and_health_lines_are_dropped_and_everything_else_kept() -> None:
+    handler, _ = _configured("INFO", "json")
+    cron_start = _arq_record("%6.2fs → %s(%s)%s", 0.5, "cron:sweep:1795687200000:sweep", "", "")
+    cron_done = _arq_record("%6.2fs ← %s ● %s", 0.01, "cron:sweep:1795687200000:sweep", "")
+    health = _arq_record("recording health: %s", "Dec-04 j_complete=3")
+    job_done = _arq_record("%6.2fs ← %s ● %s", 0.01, "4f1c:deliver", "")
+    cron_failed = _arq_record("%6.2fs ! %s failed, %s: %s", 0.2, "cron:sweep:1:sweep", "X", "y")
+
+    assert [handler.filter(r) for r in (cron_start, cron_done, health)] == [False] * 3
+    assert handler.filter(job_done) and handler.filter(cron_failed)
+    # At DEBUG, everything.
+    debug_handler, _ = _configured("DEBUG", "json")
+    assert debug_handler.filter(cron_start) and debug_handler.filter(health)
+
+
+def test_text_logs_are_one_readable_line_with_the_context_and_extras() -> None:
+    _, formatter = _configured("INFO", "text")
+    record = logging.LogRecord("app.worker", logging.WARNING, __file__, 1, "deferred", (), None)
+    record.provider = "twilio"
+
+    with message_context("5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"):
+        line = formatter.format(record)
+
+    assert not line.startswith("{")
+    assert line.endswith(
+        "WARNING app.worker: deferred  message_id=5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"
+        "  provider=twilio"
+    )
+
+
+async def test_metrics_report_the_oldest_sending_claim(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    await queued_message(session_factory, world)
+    await api.get("/metrics")
+    assert sample("smsgate_oldest_sending_message_age_seconds") == 0.0  # none sending
+
+    async with session_factory.begin() as session:
+        await session.execute(
+            update(Message).values(
+                status="sending", attempts=1, claimed_at=datetime.now(UTC) - timedelta(minutes=5)
+            )
+        )
+    await api.get("/metrics")
+
+    assert 300 <= sample("smsgate_oldest_sending_message_age_seconds") < 360
+
+
+async def test_metrics_report_each_providers_breaker_and_pause(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    health = ProviderHealth(redis, CircuitPolicy(failure_threshold=2))
+    fault = ProviderError(ErrorKind.RETRYABLE, "HTTP 500", provider_fault=True)
+    for _ in range(2):
+        await health.record("twilio", fault)
+    await health.pause("vonage", 30)
+
+    await api.get("/metrics")
+
+    assert sample("smsgate_circuit_open", provider="twilio") == 1.0
+    assert sample("smsgate_circuit_open", provider="vonage") == 0.0
+    assert sample("smsgate_circuit_open", provider="fake") == 0.0
+    assert 25 < sample("smsgate_provider_paused_seconds", provider="vonage") <= 30
+    assert sample("smsgate_provider_paused_seconds", provider="twilio") == 0.0
+    # Read, not probed: the open breaker's state is unchanged by the scrape.
+    assert (await health.check("twilio", may_probe=False)).state is CircuitState.OPEN

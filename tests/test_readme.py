@@ -45,3 +45,27 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
     assert "./scripts/test" in ci
+
+
+def test_the_quick_start_works_on_any_port() -> None:
+    """The commands under "Try it" name no port: the CLI and curl find the running API's URL in
+    .data/dev-api-url (tests/test_dev.py checks `smsgate dev` writes it, on a free port)."""
+    try_it = README.split("## Try it", 1)[1].split("\n## ", 1)[0]
+    second_terminal = try_it.split("In another terminal", 1)[1].split("```sh", 1)[1].split("```")[0]
+
+    assert ":8000" not in second_terminal
+    assert "URL=$(cat .data/dev-api-url)" in second_terminal
+    assert second_terminal.count("curl -s $URL/v1/messages") == 2
+    assert second_terminal.startswith("\n./scripts/smsgate send ")
+    assert (ROOT / "scripts" / "smsgate").stat().st_mode & 0o111
+    assert "PORT=8080 ./scripts/run" in try_it
+
+
+def test_the_image_and_the_scripts_install_from_the_locks() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    lib = (ROOT / "scripts" / "lib.sh").read_text(encoding="utf-8")
+
+    assert "pip install --require-hashes -r requirements/runtime.txt" in dockerfile
+    assert "--no-deps --no-build-isolation ." in dockerfile
+    assert '--require-hashes -r "$lock"' in lib and 'lock="requirements/$extras.txt"' in lib
+    assert "./scripts/lock" in README

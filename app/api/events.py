@@ -3,6 +3,7 @@ event payloads themselves, documented as OpenAPI `webhooks`."""
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Annotated, Any
 
@@ -187,6 +188,54 @@ _MESSAGE_EVENTS = {
     EventType.MESSAGE_CANCELED: "Not sent: the recipient opted out after it was accepted.",
     EventType.MESSAGE_REJECTED: "The provider or carrier rejected it.",
 }
+# What each event's `data` looks like after its change: the status, and for the unhappy ones
+# an error (a Twilio code for carrier outcomes, ours for the rest) and, when nothing reached the
+# provider, no provider id.
+_MESSAGE_EXAMPLE_DATA: dict[EventType, dict[str, Any]] = {
+    EventType.MESSAGE_SENT: {"status": "sent"},
+    EventType.MESSAGE_DELIVERED: {"status": "delivered"},
+    EventType.MESSAGE_UNDELIVERED: {
+        "status": "undelivered",
+        "error_code": "30003",
+        "error_message": "Unreachable destination handset",
+    },
+    EventType.MESSAGE_FAILED: {
+        "status": "failed",
+        "provider_message_id": None,
+        "error_code": "21408",
+        "error_message": "Permission to send an SMS has not been enabled for the region "
+        "indicated by the 'To' number",
+    },
+    EventType.MESSAGE_EXPIRED: {
+        "status": "expired",
+        "provider_message_id": None,
+        "error_code": None,
+        "error_message": "validity period ended before sending",
+    },
+    EventType.MESSAGE_CANCELED: {
+        "status": "canceled",
+        "provider_message_id": None,
+        "error_code": "recipient_opted_out",
+        "error_message": "recipient opted out after the message was accepted",
+    },
+    EventType.MESSAGE_REJECTED: {
+        "status": "rejected",
+        "provider_message_id": None,
+        "error_code": "21211",
+        "error_message": "The 'To' number is not a valid phone number.",
+    },
+}
+
+
+def message_event_example(event_type: EventType) -> dict[str, Any]:
+    """The payload example for one `message.*` event: its own `type` and matching `data`."""
+    extra: Any = MessageEventPayload.model_config["json_schema_extra"]
+    example: dict[str, Any] = copy.deepcopy(extra["examples"][0])
+    example["type"] = event_type.value
+    example["data"].update(_MESSAGE_EXAMPLE_DATA[event_type])
+    return example
+
+
 for _type, _summary in _MESSAGE_EVENTS.items():
     webhooks.add_api_route(
         _type.value,
@@ -199,6 +248,20 @@ for _type, _summary in _MESSAGE_EVENTS.items():
         response_description="Acknowledged (any 2xx).",
         responses=_ANSWERS,
         operation_id=f"event_{_type.value.replace('.', '_')}",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "examples": {
+                            _type.value: {
+                                "summary": f"A {_type.value} event",
+                                "value": message_event_example(_type),
+                            }
+                        }
+                    }
+                }
+            }
+        },
     )
 webhooks.add_api_route(
     EventType.INBOUND_RECEIVED.value,

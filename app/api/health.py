@@ -12,8 +12,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
 from app.db.models import Message
+from app.domain.circuit import CircuitPolicy, CircuitState, Health, ProviderHealth
 from app.domain.status import MessageStatus
-from app.metrics import OLDEST_QUEUED_AGE, QUEUE_DEPTH
+from app.metrics import (
+    CIRCUIT_OPEN,
+    OLDEST_QUEUED_AGE,
+    OLDEST_SENDING_AGE,
+    PROVIDER_PAUSED,
+    QUEUE_DEPTH,
+)
 from app.worker.queue import queue_depth
 
 router = APIRouter(tags=["operations"])
@@ -88,9 +95,19 @@ async def readyz(request: Request) -> JSONResponse:
     },
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this API process, with the queue's depth and oldest message."""
+    """Prometheus metrics of this API process, with the service's state read now: the queue's
+    depth, the oldest queued message and `sending` claim, each provider's breaker and pause."""
     QUEUE_DEPTH.set(await _or_nan(queue_depth(request.app.state.queue)))
     OLDEST_QUEUED_AGE.set(await _or_nan(_oldest_queued_age(request)))
+    OLDEST_SENDING_AGE.set(await _or_nan(_oldest_sending_age(request)))
+    health = ProviderHealth(request.app.state.queue, CircuitPolicy())
+    for provider in request.app.state.providers:
+        state = await _or_none(health.check(provider, may_probe=False))  # reads, never probes
+        nan = float("nan")
+        CIRCUIT_OPEN.labels(provider).set(
+            nan if state is None else float(state.state is not CircuitState.CLOSED)
+        )
+        PROVIDER_PAUSED.labels(provider).set(nan if state is None else state.paused_for)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -113,6 +130,23 @@ async def _oldest_queued_age(request: Request) -> float:
             select(func.min(Message.created_at)).where(Message.status == MessageStatus.QUEUED.value)
         )
     return (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+
+
+async def _oldest_sending_age(request: Request) -> float:
+    async with request.app.state.session_factory() as session:
+        oldest = await session.scalar(  # ix_messages_sending_claimed
+            select(func.min(Message.claimed_at)).where(
+                Message.status == MessageStatus.SENDING.value
+            )
+        )
+    return (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+
+
+async def _or_none(probe: Awaitable[Health]) -> Health | None:
+    try:
+        return await asyncio.wait_for(probe, CHECK_TIMEOUT_SECONDS)
+    except Exception:  # Redis unreachable: the gauges read NaN
+        return None
 
 
 async def _or_nan(probe: Awaitable[float]) -> float:

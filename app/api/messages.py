@@ -22,6 +22,7 @@ from app.api.schemas import (
     E164,
     PHONE_CACHE,
     BatchResult,
+    HistoryNote,
     MessageDetail,
     MessageOut,
     MessagePage,
@@ -228,11 +229,12 @@ async def preview_message(
 async def get_message(
     message_id: MessageIdPath, session: SessionDep, principal: PrincipalDep
 ) -> MessageDetail:
-    """A message with its status history."""
-    message, history = await domain.get_message(session, principal, message_id)
+    """A message with its status history and the notes on it."""
+    message, events = await domain.get_message(session, principal, message_id)
     return MessageDetail(
         **MessageOut.model_validate(message).model_dump(),
-        history=[StatusChange.model_validate(event) for event in history],
+        history=[StatusChange.model_validate(event) for event in events if event.applied],
+        notes=[HistoryNote.model_validate(event) for event in events if not event.applied],
     )
 
 

@@ -207,6 +207,24 @@ class StatusChange(BaseModel):
     created_at: datetime
 
 
+class HistoryNote(BaseModel):
+    """Something decided or heard about a message that did not change its status."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    status: MessageStatus | None = Field(
+        description="The status a provider reported, for a report that changed nothing "
+        "(a duplicate, or one that came late); None for a decision."
+    )
+    source: str = Field(examples=["reconcile"])
+    detail: str | None = Field(
+        description="What happened: an unknown outcome, a reconciliation lookup and its "
+        "answer, a status check, a failover, why it waited (one note counts a run of waits)."
+    )
+    error_code: str | None = None
+    created_at: datetime
+
+
 class MessageOut(BaseModel):
     """A message and where it is in its lifecycle."""
 
@@ -295,12 +313,26 @@ class MessageDetail(MessageOut):
                             "created_at": "2026-11-26T10:00:03Z",
                         },
                     ],
+                    "notes": [
+                        {
+                            "status": None,
+                            "source": "worker",
+                            "detail": "not sent: the sender's pace; next turn in 0.4s "
+                            "(3 times since 10:00:00 UTC)",
+                            "error_code": None,
+                            "created_at": "2026-11-26T10:00:00.02Z",
+                        }
+                    ],
                 }
             ]
         }
     )
 
     history: list[StatusChange]
+    notes: list[HistoryNote] = Field(
+        description="Decisions and reports that changed no status, oldest first: they explain "
+        "a message that waits or stays `sending`."
+    )
 
 
 class MessagePage(BaseModel):

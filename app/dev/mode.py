@@ -33,6 +33,7 @@ from app.settings import Settings, get_settings
 DEV_SENDER = "+14155550100"
 DEV_CLIENT = "dev"
 API_KEY_FILE = "dev-api-key"
+API_URL_FILE = "dev-api-url"  # the running API's base URL, for `smsgate send` and the README
 EXAMPLE_RECIPIENT = "+14155550123"
 READY_TIMEOUT_SECONDS = 60.0
 # A worker finishes its running jobs on SIGTERM; a development job is one fake provider call.
@@ -55,6 +56,15 @@ class DevKey:
 
     raw_key: str
     created: bool
+
+
+def read_api_url(data_dir: Path) -> str | None:
+    """The base URL of the API a running `smsgate dev` serves from `data_dir`, if any."""
+    try:
+        url = (data_dir / API_URL_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return url or None
 
 
 def read_api_key(data_dir: Path) -> str | None:
@@ -208,6 +218,18 @@ def _check_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
             raise DevError(f"the {name} exited (status {code})")
 
 
+def cli_command() -> str:
+    """How the person at the terminal runs `smsgate`: $SMSGATE_CLI (./scripts/smsgate when
+    started by ./scripts/run), else the `smsgate` beside this Python, relative when it can be."""
+    if cli := os.environ.get("SMSGATE_CLI"):
+        return cli
+    script = Path(sys.executable).parent / "smsgate"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def _banner(base_url: str, key: DevKey, data_dir: Path, env: dict[str, str]) -> str:
     """What to do next: the docs, the key, a command that sends a message, and the URLs."""
     body = json.dumps({"to": EXAMPLE_RECIPIENT, "body": "Hello from smsgate"})
@@ -216,17 +238,18 @@ def _banner(base_url: str, key: DevKey, data_dir: Path, env: dict[str, str]) -> 
         f" \\\n       -H 'content-type: application/json' -d {shlex.quote(body)}"
     )
     kept = "new, kept" if key.created else "kept"
+    cli = cli_command()
     return "\n".join(
         [
             "",
-            "smsgate is running (fake provider). Ctrl-C stops it.",
-            f"  API docs:  {base_url}/docs",
+            "smsgate is running: the API, an SMS worker and an events worker (fake provider).",
+            "Ctrl-C stops it.",
+            f"  API docs:  {base_url}/docs  (and {base_url}/redoc)",
             f"  API key:   {key.raw_key}",
             f"             (client {DEV_CLIENT!r}, admin; {kept} in {data_dir / API_KEY_FILE})",
             "  Send a message:",
             f"    {curl}",
-            f"  or: smsgate send --to {EXAMPLE_RECIPIENT} --body 'Hello' --wait"
-            f" --api-url {base_url}",
+            f"  or: {cli} send --to {EXAMPLE_RECIPIENT} --body 'Hello' --wait",
             "  Other smsgate commands (create-api-key, seed-senders...) reach these servers with",
             f"    export DATABASE_URL={shlex.quote(env['DATABASE_URL'])}"
             f" REDIS_URL={shlex.quote(env['REDIS_URL'])}",
@@ -235,9 +258,42 @@ def _banner(base_url: str, key: DevKey, data_dir: Path, env: dict[str, str]) -> 
     )
 
 
+def _forget_worker_health(redis_url: str, keys: list[str]) -> None:
+    """Remove the workers' health-check keys; a live worker writes its own again within 30 s."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(*keys)
+    finally:
+        client.close()
+
+
+def _wait_until_workers_report(
+    redis_url: str, keys: list[str], children: dict[str, subprocess.Popen[bytes]], timeout: float
+) -> None:
+    """Return once each worker recorded its health check in Redis (which it does as it starts
+    taking jobs), so the banner comes after their start-up lines."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(redis_url)
+    try:
+        while True:
+            _check_children(children)
+            if client.exists(*keys) == len(keys):
+                return
+            if time.monotonic() > deadline:
+                raise DevError(f"the workers did not start within {timeout:.0f} s")
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
 def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = None) -> int:
     """Run everything until Ctrl-C or SIGTERM; the exit status (0 when stopped on request)."""
     from app.cli import create_database_if_missing, migrate
+    from app.worker.queue import health_check_keys
 
     global _stop_requested
     _stop_requested = False
@@ -281,17 +337,24 @@ def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = No
 
         base_url = f"http://{_url_host(host)}:{port}"
         env = {
+            # Lines for a person, not for a log pipeline (LOG_FORMAT set explicitly wins).
+            "LOG_FORMAT": "text",
             **os.environ,
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             # Set explicitly (a tunnel for real providers' callbacks, say), it is kept.
             "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base_url),
         }
-        say(f"Starting the API on {base_url} and one worker...")
+        health_keys = health_check_keys()
+        _forget_worker_health(redis_url, health_keys)  # a worker of an earlier run is not ours
+        say(f"Starting the API on {base_url}, an SMS worker and an events worker...")
         children["API"] = _spawn(["serve", "--host", host, "--port", str(port)], env)
         children["worker"] = _spawn(["worker"], env)
         children["events worker"] = _spawn(["worker", "--queue", "events"], env)
         _wait_until_serving(f"{base_url}/healthz", children, READY_TIMEOUT_SECONDS)
+        _wait_until_workers_report(redis_url, health_keys, children, READY_TIMEOUT_SECONDS)
+        (data_dir / API_URL_FILE).write_text(base_url + "\n", encoding="utf-8")
+        stops.append(lambda: (data_dir / API_URL_FILE).unlink(missing_ok=True))
         say(_banner(base_url, key, data_dir, env))
         while not _stop_requested:
             _check_children(children)

@@ -29,7 +29,8 @@ AFTER_COMMIT = "after_commit"
 async def get_message(
     session: AsyncSession, principal: Principal, message_id: uuid.UUID
 ) -> tuple[Message, list[MessageEvent]]:
-    """A message and its status history (the transitions that took effect).
+    """A message and everything recorded about it, oldest first: the transitions that took
+    effect and the notes (decisions that changed no status, reports that changed nothing).
 
     Clients see their own messages; admin keys see every message, including the service's own
     keyword replies.
@@ -41,9 +42,7 @@ async def get_message(
     if message is None:
         raise NotFound("message_not_found", f"no message with id {message_id}")
     history = await session.scalars(
-        select(MessageEvent)
-        .where(MessageEvent.message_id == message_id, MessageEvent.applied.is_(True))
-        .order_by(MessageEvent.id)
+        select(MessageEvent).where(MessageEvent.message_id == message_id).order_by(MessageEvent.id)
     )
     return message, list(history)
 

@@ -50,6 +50,7 @@ from app.domain.transitions import (
     apply_status_report,
     fail,
     lock_pending,
+    note_repeatable,
     record_status_report,
     resubmit,
     run_transaction,
@@ -195,6 +196,22 @@ async def _wait_or_give_up(
     """Look again in `retry_in` seconds, or, once the claim is `give_up_after` old, fail the
     message as `outcome_unknown` (never resent: the provider may have it)."""
     if waited < give_up_after:
+        # The lookup and its answer in the history: one row per attempt, counting the asks.
+        detail = (
+            f"outcome of attempt {message.attempts} still unknown: {reason}; "
+            f"looking again in {retry_in:.0f}s"
+        )
+
+        async def work(session: AsyncSession) -> None:
+            await note_repeatable(
+                session,
+                message.id,
+                detail,
+                key=f"reconcile attempt {message.attempts}",
+                source="reconcile",
+            )
+
+        await run_transaction(session_factory, work)
         return Reconciled(Decision.LATER, retry_in)
     return await _fail(
         session_factory,
@@ -360,6 +377,17 @@ async def overdue_sent(
             .limit(limit)
         )
         return list(rows)
+
+
+async def oldest_sent_age(session_factory: SessionFactory) -> float:
+    """Seconds since the oldest `sent` message changed (0 when none), by the database clock."""
+    async with session_factory() as session:
+        age = await session.scalar(
+            select(func.extract("epoch", func.now() - func.min(Message.updated_at))).where(
+                Message.status == MessageStatus.SENT.value
+            )
+        )
+    return float(age or 0.0)
 
 
 async def check_status(

@@ -26,8 +26,10 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import (
     ColumnElement,
     and_,
+    delete,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -334,8 +336,8 @@ async def release(
     still this attempt's to undo.
 
     `quiet` for a message the delivery gate turned back (an open circuit, a paused provider, a
-    sender's line): its history reads as if it was never claimed (the claim's `sending` row no
-    longer counts as applied, and the reason is a note), as waiting is never an attempt."""
+    sender's line): its history reads as if it was never claimed (the claim's `sending` row is
+    removed, and the reason is a note counting a run of waits), as waiting is never an attempt."""
     changes: dict[str, Any] = {
         "status": MessageStatus.QUEUED.value,
         "attempts": Message.attempts - 1,
@@ -358,10 +360,10 @@ async def release(
         .where(MessageEvent.message_id == message.id, MessageEvent.status == "sending")
         .scalar_subquery()
     )
-    await session.execute(
-        update(MessageEvent).where(MessageEvent.id == claim_row).values(applied=False)
-    )
-    session.add(_note(message.id, f"not sent: {reason}"))
+    await session.execute(delete(MessageEvent).where(MessageEvent.id == claim_row))
+    # One note per run of waits for the same reason, counting them (a message behind a slow
+    # sender may wait hundreds of times).
+    await note_repeatable(session, message.id, f"not sent: {reason}", key=reason.split(";")[0])
     return True
 
 
@@ -451,6 +453,41 @@ def note_unknown_outcome(
     """The provider may have the message: it stays `sending` (never resent blindly) until a
     status report or reconciliation settles it; only its history says so."""
     session.add(_note(message.id, f"outcome unknown: {detail}", error_code=code))
+
+
+# A note that repeats the message's latest one (same `key`) updates it and counts it instead of
+# adding a row: `payload.times`, `payload.last_at`, and the newest detail.
+_REPEATABLE_NOTE: Final = text(
+    """
+WITH latest AS (
+    SELECT id FROM message_events WHERE message_id = :message_id ORDER BY id DESC LIMIT 1
+), bumped AS (
+    UPDATE message_events AS e
+    SET detail = :detail || ' (' || ((e.payload->>'times')::int + 1) || ' times since '
+            || to_char(e.created_at AT TIME ZONE 'UTC', 'HH24:MI:SS') || ' UTC)',
+        payload = e.payload || jsonb_build_object(
+            'times', (e.payload->>'times')::int + 1, 'last_at', now())
+    FROM latest
+    WHERE e.id = latest.id AND e.status IS NULL AND e.payload->>'repeat' = :key
+    RETURNING e.id
+)
+INSERT INTO message_events (message_id, status, applied, source, detail, payload)
+SELECT :message_id, NULL, false, :source, :detail,
+    jsonb_build_object('repeat', CAST(:key AS text), 'times', 1, 'last_at', now())
+WHERE NOT EXISTS (SELECT 1 FROM bumped)
+"""
+)
+
+
+async def note_repeatable(
+    session: AsyncSession, message_id: uuid.UUID, detail: str, *, key: str, source: str = "worker"
+) -> None:
+    """A note (no status change) that summarises repeats: when the message's latest history row
+    is a note with the same `key`, that row is updated and counted rather than a row added."""
+    await session.execute(
+        _REPEATABLE_NOTE,
+        {"message_id": message_id, "detail": detail, "key": key, "source": source},
+    )
 
 
 def _note(message_id: uuid.UUID, detail: str, *, error_code: str | None = None) -> MessageEvent:

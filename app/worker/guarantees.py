@@ -33,11 +33,13 @@ from app.domain.pacing import MAX_INLINE_WAIT_SECONDS, SenderPacer
 from app.domain.reconcile import (
     Decision,
     check_status,
+    oldest_sent_age,
     overdue_sent,
     reconcile_message,
     stale_claims,
 )
 from app.logs import message_context
+from app.metrics import OLDEST_SENT_AGE
 from app.providers.base import Provider
 from app.settings import Settings, provider_call_budget_seconds
 from app.worker.event_queue import enqueue_events
@@ -163,9 +165,11 @@ def status_check_job_id(message_id: uuid.UUID) -> str:
 
 
 async def status_check_sweep(ctx: dict[str, Any]) -> int:
-    """Queue a status check for each `sent` message whose final report is overdue."""
+    """Queue a status check for each `sent` message whose final report is overdue (and set the
+    gauge of the oldest `sent` message, whatever its provider)."""
     settings: Settings = ctx["settings"]
     providers: dict[str, Provider] = ctx["providers"]
+    OLDEST_SENT_AGE.set(await oldest_sent_age(ctx["session_factory"]))
     overdue = await overdue_sent(
         ctx["session_factory"],
         [name for name, provider in providers.items() if provider.can_fetch_status],

@@ -27,6 +27,15 @@ READY_KEY: Final = "smsgate:deliver:ready"
 Queue = ArqRedis
 
 
+def health_check_keys() -> list[str]:
+    """The Redis keys where the SMS and the events worker record their health (arq's naming)."""
+    from arq.constants import default_queue_name, health_check_key_suffix
+
+    from app.worker.event_queue import EVENTS_QUEUE
+
+    return [f"{queue}{health_check_key_suffix}" for queue in (default_queue_name, EVENTS_QUEUE)]
+
+
 def create_queue(redis_url: str) -> Queue:
     """A queue client that connects lazily, so the API starts (and accepts) while Redis is down.
 

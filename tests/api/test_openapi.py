@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
 from openapi_spec_validator import validate
 
+from app.api.events import message_event_example
+from app.domain.events import EventType, MessageEventPayload
 from app.main import create_app
 
 
@@ -98,3 +101,34 @@ def test_every_parameter_body_and_response_has_a_description_and_an_example() ->
                     gaps.append(f"{method} {path} {status} {media_type}: example")
 
     assert gaps == []
+
+
+def test_each_message_event_example_shows_its_own_type_and_status() -> None:
+    spec = create_app().openapi()
+    message_hooks = [name for name in spec["webhooks"] if name.startswith("message.")]
+
+    assert len(message_hooks) == 7
+    for name in message_hooks:
+        body = spec["webhooks"][name]["post"]["requestBody"]["content"]["application/json"]
+        (example,) = (entry["value"] for entry in body["examples"].values())
+        assert example["type"] == name
+        assert example["data"]["status"] == name.removeprefix("message.")
+        # A payload the receiver could really get (the document itself leaves out the nulls).
+        assert (
+            MessageEventPayload.model_validate(message_event_example(EventType(name))).type == name
+        )
+
+
+async def test_docs_pages_load_their_assets_from_this_service(api: httpx.AsyncClient) -> None:
+    for page, assets in (
+        ("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")),
+        ("/redoc", ("redoc.standalone.js",)),
+    ):
+        html = (await api.get(page)).text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+
+        assert sources and all(source.startswith("/") for source in sources), sources
+        for asset in assets:
+            assert f"/docs-assets/{asset}" in sources
+            served = await api.get(f"/docs-assets/{asset}")
+            assert served.status_code == 200 and len(served.content) > 100_000

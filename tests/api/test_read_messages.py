@@ -120,8 +120,9 @@ async def test_get_returns_the_message_with_its_history(
             "created_at": sent["created_at"],
         }
     ]
-    # Everything but the history is what the send returned.
-    assert {key: value for key, value in message.items() if key != "history"} == sent
+    assert message["notes"] == []
+    # Everything but the history and notes is what the send returned.
+    assert {k: v for k, v in message.items() if k not in ("history", "notes")} == sent
 
 
 async def test_history_lists_the_transitions_that_took_effect_oldest_first(
@@ -134,7 +135,7 @@ async def test_history_lists_the_transitions_that_took_effect_oldest_first(
             MessageEvent(message_id=message_id, status="sending", applied=True, source="worker")
         )
     async with session_factory.begin() as session:
-        # A late duplicate report that changed nothing is kept, but is not history.
+        # A late duplicate report that changed nothing is kept as a note, not history.
         session.add(
             MessageEvent(
                 message_id=message_id,
@@ -185,6 +186,7 @@ async def test_history_lists_the_transitions_that_took_effect_oldest_first(
     ]
     times = [datetime.fromisoformat(step["created_at"]) for step in message["history"]]
     assert times == sorted(times)
+    assert [(n["status"], n["source"]) for n in message["notes"]] == [("queued", "twilio")]
 
 
 async def test_another_clients_message_is_not_found_nor_listed(

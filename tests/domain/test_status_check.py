@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from sqlalchemy import func, select, update
 
@@ -172,6 +173,10 @@ async def test_the_sweep_enqueues_a_bounded_batch_of_checks(
         await close_queue(queue)
 
     assert (first, again) == (2, 0)
+    # The sweep also set the gauge of the oldest `sent` message (30 minutes quiet).
+    assert (
+        1800 <= (REGISTRY.get_sample_value("smsgate_oldest_sent_message_age_seconds") or 0) < 1860
+    )
     for message_id in (older, newer):
         assert await redis.zscore("arq:queue", f"status-check:{message_id}") is not None
     assert decision == Decision.SETTLED.value

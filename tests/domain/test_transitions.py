@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Message, OptOut
+from app.db.models import Message, MessageEvent, OptOut
 from app.db.session import SessionFactory, Tx
 from app.domain.optouts import lock_recipients
 from app.domain.transitions import (
@@ -341,3 +341,41 @@ async def test_a_raw_transaction_cancelled_mid_statement_leaves_no_busy_connecti
 
     for _ in range(3):
         assert (await asyncio.wait_for(run_raw_transaction(session_factory, ping), 2))[0] == 1
+
+
+async def test_a_run_of_waits_for_one_reason_is_one_counted_note(
+    session_factory: SessionFactory, world: World
+) -> None:
+    message_id = await queued_message(session_factory, world)
+
+    async def wait_once(reason: str) -> None:
+        async def claim_it(tx: Tx) -> Message:
+            return (await claim(tx, [message_id])).claimed[0]
+
+        claimed, _ = await run_raw_transaction(session_factory, claim_it)
+
+        async def put_back(session: AsyncSession) -> bool:
+            return await release(session, claimed, reason, claimed.provider, quiet=True)
+
+        assert (await run_transaction(session_factory, put_back))[0]
+
+    for wait in (0.4, 0.3, 0.2):
+        await wait_once(f"the sender's pace; next turn in {wait}s")
+    await wait_once("circuit open; again in 12.0s")
+    await wait_once("the sender's pace; next turn in 0.1s")
+
+    async with session_factory() as session:
+        rows = (
+            await session.execute(
+                select(MessageEvent.status, MessageEvent.detail)
+                .where(MessageEvent.message_id == message_id)
+                .order_by(MessageEvent.id)
+            )
+        ).all()
+    # No claim rows left (waiting is never an attempt); one note per run, the last detail kept.
+    assert [status for status, _ in rows] == [None, None, None]
+    first, circuit, again = (detail or "" for _, detail in rows)
+    assert first.startswith("not sent: the sender's pace; next turn in 0.2s (3 times since ")
+    assert circuit == "not sent: circuit open; again in 12.0s"
+    assert again == "not sent: the sender's pace; next turn in 0.1s"
+    assert (await load(session_factory, message_id)).attempts == 0
