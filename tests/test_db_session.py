@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import exc, text
@@ -13,7 +15,8 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import session as db_session
-from app.db.session import create_engine
+from app.db.session import Tx, create_engine, create_session_factory
+from app.domain.transitions import run_raw_transaction
 
 IDLE = 0.2  # IDLE_PING_SECONDS for these tests
 
@@ -127,3 +130,87 @@ async def test_every_statement_and_transaction_is_counted(engine: AsyncEngine) -
     assert statements() - before == 4  # BEGIN, COMMIT and ROLLBACK are not statements
     assert transactions("commit") - commits == 1
     assert transactions("rollback") - rollbacks == 1
+
+
+# ---- raw_transaction: a connection never goes back to the pool broken or inside a transaction
+
+
+@pytest.fixture
+async def one_connection(database: str) -> AsyncIterator[AsyncEngine]:
+    """An engine with a single pooled connection: whatever one transaction leaves on it, the
+    next one gets."""
+    engine = create_engine(database, pool_size=1, max_overflow=0)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def probe(engine: AsyncEngine) -> AsyncIterator[None]:
+    """A one-row table whose value other connections read."""
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE raw_probe (id int PRIMARY KEY, v text)"))
+        await connection.execute(text("INSERT INTO raw_probe VALUES (1, 'before')"))
+    yield
+    async with engine.begin() as connection:
+        await connection.execute(text("DROP TABLE raw_probe"))
+
+
+async def test_a_raw_transaction_cancelled_during_its_begin_leaves_no_transaction_open(
+    one_connection: AsyncEngine,
+    engine: AsyncEngine,
+    probe: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled (a job timeout) while BEGIN's answer is on its way: the server began a
+    transaction. Were the connection pooled again, every later transaction on it would be a
+    savepoint of that one and commit nothing; it is closed instead."""
+    factory = create_session_factory(one_connection)
+
+    async def nothing(tx: Tx) -> None:
+        await tx.fetch("SELECT 1")
+
+    await run_raw_transaction(factory, nothing)  # the pool's connection, opened
+    real_execute = asyncpg.Connection.execute
+    slow = True
+
+    async def slow_begin(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal slow
+        result = await real_execute(self, query, *args, **kwargs)
+        if slow and query.startswith("BEGIN"):
+            slow = False
+            await asyncio.sleep(5)  # the answer is late
+        return result
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", slow_begin)
+    task = asyncio.create_task(run_raw_transaction(factory, nothing))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def write(tx: Tx) -> None:
+        await tx.fetch("UPDATE raw_probe SET v = 'after' WHERE id = 1")
+
+    await run_raw_transaction(factory, write)
+    async with engine.connect() as other:
+        seen = (await other.execute(text("SELECT v FROM raw_probe"))).scalar_one()
+    assert seen == "after"  # committed, not held in a savepoint of a leaked transaction
+
+
+async def test_a_raw_transactions_connection_killed_while_pooled_is_replaced(
+    one_connection: AsyncEngine, engine: AsyncEngine
+) -> None:
+    """PostgreSQL restarted while the connection sat in the pool (used again within a second,
+    so not pinged): the transaction that finds it dead fails, and the next gets a new one."""
+    factory = create_session_factory(one_connection)
+
+    async def own_pid(tx: Tx) -> int:
+        pid: int = (await tx.fetch("SELECT pg_backend_pid()"))[0][0]
+        return pid
+
+    stale, _ = await run_raw_transaction(factory, own_pid)
+    await terminate(engine, stale)
+    with pytest.raises(Exception):  # noqa: B017 - whichever way asyncpg finds it dead
+        await run_raw_transaction(factory, own_pid)
+    fresh, _ = await run_raw_transaction(factory, own_pid)
+    assert fresh != stale

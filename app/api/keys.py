@@ -24,7 +24,7 @@ from app.errors import (
     problem_responses,
 )
 
-router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
+router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 
 KeyIdPath = Annotated[
     uuid.UUID,

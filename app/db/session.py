@@ -149,21 +149,38 @@ async def raw_transaction(
         assert raw is not None  # a checked-out connection has its driver's
         tx = Tx(connection, raw)
         info: dict[str, Any] = {}
-        transaction = raw.transaction()
-        await transaction.start()
+        transaction = None
+        started = False
         try:
+            transaction = raw.transaction()  # refused at once for a connection known closed
+            await transaction.start()
+            started = True
             yield tx, info
             info |= await tx._commit_session()
             await transaction.commit()
         except BaseException as error:
             DB_TRANSACTIONS.labels(outcome="rollback").inc()
-            if _connection_is_sound(raw, error):
-                await tx._close_session()
-                await transaction.rollback()
-            else:
-                await connection.invalidate()
+            await _abandon(
+                connection, tx, transaction, sound=started and _connection_is_sound(raw, error)
+            )
             raise
         DB_TRANSACTIONS.labels(outcome="commit").inc()
+
+
+async def _abandon(connection: AsyncConnection, tx: Tx, transaction: Any, *, sound: bool) -> None:
+    """After a failed raw transaction: roll back what is still open and keep the connection
+    when it is `sound`; otherwise, or when anything is left open, close it (the server rolls
+    back). A connection must never go back to the pool inside a transaction: every later one on
+    it would be a savepoint of it, committing nothing."""
+    raw = tx.raw
+    if sound and raw.is_in_transaction():
+        try:
+            await tx._close_session()
+            await transaction.rollback()
+        except BaseException:
+            sound = False
+    if not sound or raw.is_closed() or raw.is_in_transaction():
+        await connection.invalidate()
 
 
 async def raw_statement(session_factory: SessionFactory, sql: str, *args: Any) -> list[Any]:
@@ -178,7 +195,7 @@ async def raw_statement(session_factory: SessionFactory, sql: str, *args: Any) -
             rows: list[Any] = await raw.fetch(sql, *args)
         except BaseException as error:
             DB_TRANSACTIONS.labels(outcome="rollback").inc()
-            if not _connection_is_sound(raw, error):
+            if not _connection_is_sound(raw, error) or raw.is_in_transaction():
                 await connection.invalidate()
             raise
         DB_TRANSACTIONS.labels(outcome="commit").inc()

@@ -58,7 +58,7 @@ JOB_TIMEOUT_SECONDS = delivery_job_timeout_seconds(get_settings())
 # A batch job waits at most this long for room in the worker (`InFlightLimit`) before it puts
 # its remaining messages back on the queue; its timeout is a delivery job's plus this wait.
 BATCH_WAIT_SECONDS = 5.0
-# Connections beyond the in-flight messages' own: the sweep, reconciliation, status checks.
+# Half the connections of a worker's pool for its sweeps, reconciliation and status checks.
 WORKER_POOL_SPARE = 4
 
 
@@ -104,11 +104,11 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 def worker_pool_size(settings: Settings) -> int:
     """Database connections a worker keeps for its sweeps, reconciliation, status checks and
-    reports: `DB_POOL_SIZE`, or fewer when it may run fewer jobs, plus a few. No overflow: a
-    connection opened for a burst and closed after it costs PostgreSQL ~2 ms of CPU each time;
-    the pool opens connections only as the load needs them and keeps them, and a burst beyond
-    it waits for one briefly."""
-    return min(settings.worker_concurrency, settings.db_pool_size) + WORKER_POOL_SPARE
+    reports (the deliveries have their own pool, `delivery_pool_size`): a few, each held
+    briefly, so jobs beyond them wait for one. No overflow: a connection opened for a burst and
+    closed after it costs PostgreSQL ~2 ms of CPU each time; the pool opens connections only as
+    the load needs them and keeps them."""
+    return min(settings.worker_concurrency, settings.db_pool_size, 2 * WORKER_POOL_SPARE)
 
 
 def delivery_pool_size(settings: Settings) -> int:

@@ -218,7 +218,7 @@ async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_
     await tasks.startup(ctx)
     try:
         pool = ctx["engine"].pool
-        assert (pool.size(), pool._max_overflow) == (7 + tasks.WORKER_POOL_SPARE, 0)
+        assert (pool.size(), pool._max_overflow) == (min(7, 2 * tasks.WORKER_POOL_SPARE), 0)
         delivery = ctx["delivery_engine"].pool
         assert (delivery.size(), delivery._max_overflow) == (7, 0)
         # The delivery road's sessions keep one plan per statement; the sweeps' do not (their
@@ -230,9 +230,8 @@ async def test_the_workers_pool_holds_a_connection_per_message_in_flight_and_no_
     finally:
         await tasks.shutdown(ctx)
         await close_queue(queue)
-    assert tasks.worker_pool_size(make_settings(worker_concurrency=100, db_pool_size=20)) == (
-        20 + tasks.WORKER_POOL_SPARE
-    )
+    assert tasks.delivery_pool_size(make_settings(worker_concurrency=100, db_pool_size=20)) == 20
+    assert tasks.worker_pool_size(make_settings(worker_concurrency=2, db_pool_size=20)) == 2
 
 
 async def test_a_chunk_that_fails_does_not_cut_the_others_short(
