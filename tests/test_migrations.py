@@ -202,3 +202,43 @@ async def test_existing_senders_are_granted_to_the_clients_that_used_them(
         }
     finally:
         await engine.dispose()
+
+
+async def test_a_downgrade_past_key_expiry_revokes_the_keys_that_expire(
+    scratch_database: str,
+) -> None:
+    """Before expiry existed a key worked unless revoked: a downgrade must not bring a key that
+    expired (or whose rotation overlap ended) back to life."""
+    url = scratch_database
+    config = alembic_config(url)
+    engine = create_async_engine(url)
+    try:
+        await asyncio.to_thread(command.upgrade, config, "sender_grants_key_lifecycle")
+        async with engine.begin() as connection:
+            client_id = uuid.uuid4()
+            await connection.execute(
+                text("INSERT INTO clients (id, name) VALUES (:id, 'alpha')"), {"id": client_id}
+            )
+            for prefix, expires in (("sk_gone", "now() - interval '1 day'"), ("sk_kept", "NULL")):
+                await connection.execute(
+                    text(
+                        "INSERT INTO api_keys (id, client_id, key_hash, prefix, expires_at) "
+                        f"VALUES (:id, :client, :hash, :prefix, {expires})"
+                    ),
+                    {
+                        "id": uuid.uuid4(),
+                        "client": client_id,
+                        "hash": prefix.encode().ljust(32, b"\0"),
+                        "prefix": prefix,
+                    },
+                )
+
+        await asyncio.to_thread(command.downgrade, config, "1c66deacd215")
+
+        async with engine.connect() as connection:
+            working = await connection.scalars(
+                text("SELECT prefix FROM api_keys WHERE revoked_at IS NULL")
+            )
+            assert list(working) == ["sk_kept"]
+    finally:
+        await engine.dispose()

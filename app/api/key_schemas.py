@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+)
 
 from app.domain.api_keys import KeyView
 from app.domain.text import StorableStr
+
+
+def _storable_instant(value: datetime) -> datetime:
+    """An instant PostgreSQL can store: in UTC, within its year 1-9999 (an offset can push
+    9999-12-31 past it, which the driver cannot even encode)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            "out of range: the instant must fall within the years 1 to 9999 UTC"
+        ) from None
+
+
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(_storable_instant)]
 
 _KEY_EXAMPLE: dict[str, Any] = {
     "id": "9d4c2a1e-6f0b-4e8a-b3c5-7d1e2f3a4b5c",
@@ -85,7 +107,7 @@ class ApiKeyIn(BaseModel):
     )
     name: StorableStr | None = Field(default=None, max_length=200, description="What it is for.")
     admin: StrictBool = Field(default=False, description="May manage the service.")
-    expires_at: AwareDatetime | None = Field(
+    expires_at: StorableDatetime | None = Field(
         default=None, description="It stops working then (in the future, with a UTC offset)."
     )
 
@@ -103,7 +125,7 @@ class RotateKeyIn(BaseModel):
         le=30 * 86400,
         description="How long the old key keeps working (0: it stops now).",
     )
-    expires_at: AwareDatetime | None = Field(
+    expires_at: StorableDatetime | None = Field(
         default=None, description="When the new key stops working; null: never."
     )
 

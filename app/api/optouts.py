@@ -21,6 +21,7 @@ from app.api.schemas import (
 from app.db.models import OptOut
 from app.domain import optouts as domain
 from app.domain.auth import Principal
+from app.domain.events import is_public_actor
 from app.domain.optout_import import import_opt_outs
 from app.domain.pagination import decode_cursor, encode_cursor
 from app.domain.senders import client_sender_ids, get_owned_sender, get_sender
@@ -101,7 +102,7 @@ def _as_seen_by(row: OptOut, principal: Principal) -> OptOutEvent:
     not its business, nor the detail of a service-wide row (it may name another's sender)."""
     event = OptOutEvent.model_validate(row)
     own = row.actor == f"client:{principal.client_name}"
-    if not own and not (row.actor == "recipient" or (row.actor or "").startswith("provider:")):
+    if not own and not is_public_actor(row.actor):
         event.actor = None
     if row.sender_id is None and not own:
         event.detail = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import ApiKey, Client
@@ -63,11 +64,15 @@ async def create_key(
     expires_at: datetime | None,
 ) -> tuple[str, ApiKey]:
     """Create (or reuse) the client and a new key for it: the raw key (shown once) and its row."""
+    # Made if new, in one statement: two requests making a new client's first keys at once
+    # both find it (a read then an insert would let the second fail on the unique name).
+    await session.execute(
+        insert(Client)
+        .values(id=uuid.uuid4(), name=client_name)
+        .on_conflict_do_nothing(index_elements=[Client.name])
+    )
     client = await session.scalar(select(Client).where(Client.name == client_name))
-    if client is None:
-        client = Client(id=uuid.uuid4(), name=client_name)
-        session.add(client)
-        await session.flush()
+    assert client is not None  # inserted, or there already
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=uuid.uuid4(),

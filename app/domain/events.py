@@ -418,10 +418,15 @@ async def emit_opt_out_changed(
     detail: str | None,
 ) -> None:
     """A number's opt-out state changed: tell the sender's endpoint (every sender's, for a
-    service-wide change)."""
+    service-wide change). A service-wide change reaches senders that other clients own: it
+    carries neither its detail (it may name the sender the keyword came to) nor who made it,
+    unless that was the recipient or a provider, as `GET /v1/opt-outs` shows it to clients."""
     endpoints = await default_sender_endpoints(session, sender_id)
     if not endpoints:
         return
+    if sender_id is None:
+        detail = None
+        actor = actor if is_public_actor(actor) else None
     data = OptOutData(
         phone=phone,
         sender_id=sender_id,
@@ -436,6 +441,12 @@ async def emit_opt_out_changed(
         await _write(
             session, endpoint, EventType.OPT_OUT_CHANGED, data, ordering_key=f"opt_out:{phone}"
         )
+
+
+def is_public_actor(actor: str | None) -> bool:
+    """Whether anyone may be told who made an opt-out change: the recipient (a keyword) or a
+    provider (an error), never a client or an operator."""
+    return actor == "recipient" or (actor or "").startswith("provider:")
 
 
 # ---- Reading and redelivering ----

@@ -61,6 +61,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The older code knows no expiry: a key that expired (or whose rotation overlap ended, or
+    # is still running) would work again. Revoke them before the column goes.
+    op.execute(
+        "UPDATE api_keys SET revoked_at = LEAST(expires_at, now()) "
+        "WHERE expires_at IS NOT NULL AND revoked_at IS NULL"
+    )
     op.drop_column('api_keys', 'last_used_at')
     op.drop_column('api_keys', 'expires_at')
     op.drop_column('api_keys', 'name')

@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
-from app.db.models import ApiKey
+from app.db.models import ApiKey, Client
 from app.db.session import SessionFactory
+from app.domain import api_keys
 from app.domain.auth import hash_key
 from tests.api.test_send import assert_problem
 from tests.conftest import World
@@ -209,6 +210,8 @@ async def test_last_use_is_written_at_most_once_a_minute(
         ({"client": ""}, "client"),
         ({"client": "x", "expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
         ({"client": "x", "expires_at": "2099-01-01T00:00:00"}, "expires_at"),
+        # Within year 9999 as written, past it in UTC: the driver cannot even encode it.
+        ({"client": "x", "expires_at": "9999-12-31T23:59:59-12:00"}, "expires_at"),
         ({"client": "x", "owner": "y"}, "owner"),
     ],
 )
@@ -234,6 +237,44 @@ async def test_a_rotation_overlap_must_be_an_integer_in_range(
 
     assert_problem(response, 422, "validation_error", field="overlap_seconds")
     assert await works(api, created["key"])
+
+
+async def test_a_rotations_expiry_past_year_9999_in_utc_is_a_422(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    created = await make_key(api, world)
+
+    response = await api.post(
+        f"/v1/api-keys/{created['api_key']['id']}/rotate",
+        json={"expires_at": "9999-12-31T23:59:59-12:00"},
+        headers=world.auth(world.admin_key),
+    )
+
+    assert_problem(response, 422, "validation_error", field="expires_at")
+    assert await works(api, created["key"])
+
+
+async def test_two_first_keys_of_a_new_client_made_at_once_share_the_client(
+    session_factory: SessionFactory,
+) -> None:
+    """The second request waits for the first's new client and uses it (it used to fail on the
+    client's unique name: a 500)."""
+    async with session_factory() as first, session_factory() as second:
+        await first.begin()
+        await second.begin()
+        await api_keys.create(first, "newco", name=None, is_admin=False, expires_at=None)
+        racing = asyncio.ensure_future(
+            api_keys.create(second, "newco", name=None, is_admin=False, expires_at=None)
+        )
+        await asyncio.sleep(0.3)
+        await first.commit()
+        _, key = await racing
+        await second.commit()
+    async with session_factory() as session:
+        clients = await session.scalar(
+            select(func.count()).select_from(Client).where(Client.name == "newco")
+        )
+    assert clients == 1 and key.client_name == "newco"
 
 
 async def test_an_unknown_key_is_a_404(api: httpx.AsyncClient, world: World) -> None:

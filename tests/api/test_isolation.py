@@ -21,10 +21,12 @@ from app.domain.auth import create_api_key
 from tests.api.test_inbound import twilio_inbound
 from tests.api.test_send import assert_problem
 from tests.conftest import ready_keywords
+from tests.events.test_emission import events, set_sender_endpoint
 
 ALPHA_SENDER = "+14155550111"
 BETA_SENDER = "+14155550122"
 CUSTOMER = "+14155550123"
+BETA_HOOK = "https://93.184.215.16/beta"
 
 
 @dataclass
@@ -466,3 +468,26 @@ async def test_a_client_key_cannot_list_make_revoke_or_rotate_keys(
     assert (await send(api, tenants.alpha_key, ALPHA_SENDER)).status_code == 202
     after = (await api.get("/v1/api-keys", headers=tenants.auth(tenants.admin_key))).json()
     assert len(after["data"]) == len(keys["data"])
+
+
+async def test_a_service_wide_stop_tells_other_senders_endpoints_nothing_of_whose_it_was(
+    app_factory: Callable[..., Any], tenants: Tenants, session_factory: SessionFactory
+) -> None:
+    """With OPT_OUT_SCOPE=service a STOP to alpha's sender opts the number out of every
+    sender, and every sender's endpoint hears of it; beta's must not learn alpha's sender
+    (the detail names it) nor who acted, as `GET /v1/opt-outs` hides both from beta's key."""
+    async with session_factory.begin() as session:
+        alpha = await session.get(Sender, tenants.alpha_sender)
+        assert alpha is not None
+        alpha.provider = "twilio"  # the inbound route below is Twilio's
+    await set_sender_endpoint(session_factory, tenants.beta_sender, BETA_HOOK)
+    async with app_factory(opt_out_scope="service") as api:
+        response = await twilio_inbound(api, "STOP", to=ALPHA_SENDER)
+        assert response.status_code in (200, 204), response.text
+        seen = await api.get(f"/v1/opt-outs/{CUSTOMER}", headers=tenants.auth(tenants.beta_key))
+
+    assert seen.status_code == 200 and seen.json()["history"][0]["detail"] is None
+    to_beta = [data for _, url, data in await events(session_factory) if url == BETA_HOOK]
+    assert [(d["opted_out"], d["detail"], d["actor"]) for d in to_beta] == [
+        (True, None, "recipient")
+    ]
