@@ -42,7 +42,10 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     create.add_argument("--name", help="what the key is for, shown in listings")
     create.add_argument("--admin", action="store_true", help="may manage the service")
     create.add_argument(
-        "--expires-in", type=int, metavar="SECONDS", help="the key stops working after this"
+        "--expires-in",
+        type=_seconds(1, MAX_EXPIRES_IN_SECONDS),
+        metavar="SECONDS",
+        help="the key stops working after this (1 s to 100 years)",
     )
     create.set_defaults(run=_create_key)
 
@@ -56,7 +59,7 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     rotate.add_argument("key", help="the key's id, or its prefix as listings show it")
     rotate.add_argument(
         "--overlap",
-        type=int,
+        type=_seconds(0, MAX_OVERLAP_SECONDS),
         default=86400,
         metavar="SECONDS",
         help="how long the old key keeps working (default: %(default)s; 0: stops now)",
@@ -122,6 +125,23 @@ def _list_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# As the API bounds them: a rotation's overlap at most 30 days; an expiry within reach.
+MAX_OVERLAP_SECONDS = 30 * 86400
+MAX_EXPIRES_IN_SECONDS = 100 * 365 * 86400
+
+
+def _seconds(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: whole seconds from `low` to `high` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high} seconds")
+        return value
+
+    return parse
+
+
 def _create_key(args: argparse.Namespace) -> int:
     from app.domain.api_keys import create
 
@@ -147,10 +167,6 @@ def _revoke_key(args: argparse.Namespace) -> int:
 
 def _rotate_key(args: argparse.Namespace) -> int:
     from app.domain.api_keys import rotate
-
-    if args.overlap < 0:
-        sys.stderr.write("--overlap must be 0 or more\n")
-        return 2
 
     async def work(session: AsyncSession) -> tuple[str, str]:
         raw_key, _, old = await rotate(session, args.key, overlap=timedelta(seconds=args.overlap))

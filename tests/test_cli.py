@@ -172,6 +172,24 @@ async def test_api_keys_are_listed_revoked_and_rotated_from_the_command_line(
     assert new is not None and new.revoked_at is None and new.name == "billing backend"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("create", "--client", "billing", "--expires-in", "0"),  # not "never"
+        ("create", "--client", "billing", "--expires-in", "99999999999999"),  # no overflow
+        ("rotate", "sk_anything", "--overlap", "-1"),
+        ("rotate", "sk_anything", "--overlap", str(30 * 86400 + 1)),  # the API's bound too
+    ],
+)
+async def test_key_times_out_of_range_are_refused_by_the_command_line(
+    world: World, args: tuple[str, ...]
+) -> None:
+    result = await smsgate("api-keys", *args)
+
+    assert result.returncode == 2 and "seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_senders_are_granted_and_revoked_from_the_command_line(world: World) -> None:
     await smsgate("create-api-key", "--client", "billing")
 
