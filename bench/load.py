@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import sys
 import time
 import uuid
@@ -231,7 +232,12 @@ def main() -> None:
     args = parser.parse_args()
     import uvloop
 
-    sys.stdout.write(json.dumps(uvloop.run(run(args))) + "\n")
+    result = uvloop.run(run(args))
+    # The event loop may have left stdout non-blocking: a large result (a batch run's ids) would
+    # then be cut short whenever the pipe is momentarily full.
+    os.set_blocking(sys.stdout.fileno(), True)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
