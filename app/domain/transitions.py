@@ -700,7 +700,8 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
     if report.recipient_opted_out:
         # Before the row: a claim holds this lock while it updates the row (one lock order).
         await lock_recipients(session, [message.to])
-    if report.per_part and await is_split(session, message):
+    split = report.per_part and await is_split(session, message)
+    if split:
         # One part of a long message: the message settles from all its parts.
         settlement = await apply_part_report(session, message, report)
     else:
@@ -717,8 +718,9 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
             code=report.error_code,
             detail=report.error_message,
         )
-    if message.provider_message_id is None:
-        # The report may beat the worker's own record of the provider's id.
+    if message.provider_message_id is None and not split:
+        # The report may beat the worker's own record of the provider's id (a part's id is not
+        # the message's: the acceptance records the first part's).
         await session.execute(
             update(Message)
             .where(Message.id == message.id, Message.provider_message_id.is_(None))
