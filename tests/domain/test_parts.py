@@ -25,6 +25,7 @@ from app.domain.status import MessageStatus
 from app.domain.transitions import claim, record_status_report
 from app.providers.base import Accepted, CallbackRequest
 from app.providers.vonage import VonageProvider
+from tests.api.test_status_callbacks import VONAGE_PATH, vonage_signed
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
 from tests.domain.test_delivery import (
     POLICY,
@@ -261,6 +262,50 @@ async def test_a_part_that_expires_or_is_rejected_ends_the_message_so(
     assert (message.status, message.error_code) == (status, "1")
     assert message.error_message is not None
     assert message.error_message.startswith(f"part 3 of 3 {status} (1: Unknown")
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "status", "error_code"),
+    [
+        # The issue's two cases: a later part's failure after part 1's delivery, and a later
+        # part's delivery after part 1's failure; neither may decide by arriving first.
+        (("1", "delivered", "0"), ("3", "failed", "6"), "failed", "6"),
+        (("1", "failed", "6"), ("2", "delivered", "0"), "failed", "6"),
+        (("3", "delivered", "0"), ("1", "delivered", "0"), "sent", None),
+    ],
+)
+async def test_signed_receipts_for_the_parts_of_a_long_vonage_message(
+    api: httpx.AsyncClient,
+    world: World,
+    session_factory: SessionFactory,
+    first: tuple[str, str, str],
+    second: tuple[str, str, str],
+    status: str,
+    error_code: str | None,
+) -> None:
+    message_id = await sent_long_message(session_factory, world, 3)
+
+    for part, dlr_status, err_code in (first, second):
+        params = vonage_signed(
+            {
+                "messageId": PART_IDS[int(part) - 1],
+                "status": dlr_status,
+                "err-code": err_code,
+                "client-ref": str(message_id),
+            }
+        )
+        response = await api.get(VONAGE_PATH, params=params)
+        assert response.status_code == 204, response.text
+
+    body = (await api.get(f"/v1/messages/{message_id}", headers=world.auth())).json()
+    assert (body["status"], body["error_code"]) == (status, error_code)
+    last = body["history"][-1]
+    assert last["status"] == status
+    if status == "failed":
+        failed_part = first[0] if first[1] == "failed" else second[0]
+        assert last["error_code"] == "6"
+        assert last["detail"].startswith(f"part {failed_part} of 3 failed (6: Anti-Spam")
+        assert body["error_message"] == last["detail"]
 
 
 # --- receipts that beat the worker's record of the acceptance ------------------------------------
