@@ -8,6 +8,7 @@ spec's `DeliveryReceipt`, and recorded as the status callback route records them
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import Sequence
@@ -177,6 +178,21 @@ async def test_a_long_message_is_delivered_only_when_every_part_is(
     assert await parts_of(session_factory, message_id) == [
         (n, parts, "delivered") for n in range(1, parts + 1)
     ]
+
+
+async def test_receipts_for_every_part_at_once_deliver_it(
+    session_factory: SessionFactory, world: World
+) -> None:
+    message_id = await sent_long_message(session_factory, world, 3)
+
+    # Each in its own transaction, at the same time: each takes the message row's lock before it
+    # reads the other parts, so the last one to commit sees them all.
+    await asyncio.gather(
+        *(receipt(session_factory, message_id, part, "delivered") for part in (1, 2, 3))
+    )
+
+    assert await status_of(session_factory, message_id) == "delivered"
+    assert await history(session_factory, message_id) == ["sending", "sent", "delivered"]
 
 
 async def test_repeated_and_carrier_receipts_do_not_count_as_other_parts(
