@@ -20,10 +20,10 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db.models import Message, MessageEvent, MessagePart
-from app.db.session import SessionFactory
+from app.db.session import SessionFactory, Tx
 from app.domain.delivery import Submitted, deliver_message, record_submissions
 from app.domain.status import MessageStatus
-from app.domain.transitions import claim, record_status_report
+from app.domain.transitions import claim, record_status_report, run_raw_transaction
 from app.providers.base import Accepted, CallbackRequest
 from app.providers.vonage import VonageProvider
 from tests.api.test_status_callbacks import VONAGE_PATH, vonage_signed
@@ -328,8 +328,11 @@ async def test_signed_receipts_for_the_parts_of_a_long_vonage_message(
 
 
 async def claimed(session_factory: SessionFactory, message_id: uuid.UUID) -> Message:
-    async with session_factory.begin() as session:
-        [message] = (await claim(session, [message_id])).claimed
+    async def claim_it(tx: Tx) -> Message:
+        [message] = (await claim(tx, [message_id])).claimed
+        return message
+
+    message, _ = await run_raw_transaction(session_factory, claim_it)
     return message
 
 
