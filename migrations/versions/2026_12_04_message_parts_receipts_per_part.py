@@ -2,7 +2,7 @@
 every part on its own), so a message settles from all its parts.
 
 Revision ID: message_parts
-Revises: 1c66deacd215
+Revises: sender_grants_key_lifecycle
 Create Date: 2026-12-04 18:30:00.000000
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = 'message_parts'
-down_revision: str | None = '1c66deacd215'
+down_revision: str | None = 'sender_grants_key_lifecycle'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
