@@ -183,7 +183,11 @@ _MESSAGE_EVENTS = {
     EventType.MESSAGE_SENT: "The provider accepted the message.",
     EventType.MESSAGE_DELIVERED: "The handset received the message.",
     EventType.MESSAGE_UNDELIVERED: "The carrier could not deliver it (`error_code` says why).",
-    EventType.MESSAGE_FAILED: "It could not be sent, or the provider reported it failed.",
+    EventType.MESSAGE_FAILED: (
+        "It could not be sent, or the provider reported it failed. `error_code` "
+        "`partially_sent`: the provider accepted only some parts of a long message, which may "
+        "have reached the phone; do not resend it blindly."
+    ),
     EventType.MESSAGE_EXPIRED: "Its `validity_period` ended before it could be sent.",
     EventType.MESSAGE_CANCELED: "Not sent: the recipient opted out after it was accepted.",
     EventType.MESSAGE_REJECTED: "The provider or carrier rejected it.",

@@ -220,6 +220,37 @@ class MessageEvent(Base):
     created_at: Mapped[datetime] = _now()
 
 
+class MessagePart(Base):
+    """One part of a long message whose provider reports on each part (Vonage's receipts).
+
+    Written when the provider accepts the message (number, total and the part's id) and by each
+    receipt for the part (its status, forward only); the message settles from all its parts
+    (`app.domain.parts`). Rows live as long as their message and are deleted with it.
+    """
+
+    __tablename__ = "message_parts"
+    __table_args__ = (
+        # A receipt without our id (client-ref) is matched on its part's id.
+        Index("ix_message_parts_provider_message", "provider_message_id"),
+    )
+
+    message_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    provider_message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # 1-based place and part count, from the provider's answer; None until it is recorded (a
+    # receipt may arrive before the worker records the acceptance).
+    number: Mapped[int | None] = mapped_column(SmallInteger)
+    total: Mapped[int | None] = mapped_column(SmallInteger)
+    # This part's status in our vocabulary (None: accepted, nothing reported yet).
+    status: Mapped[str | None] = mapped_column(String(16))
+    provider_status: Mapped[str | None] = mapped_column(String(32))
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _updated()
+
+
 class OptOut(Base):
     """Opt-out history: the newest row for (phone, sender) is the current state; rows are never
     deleted. A row with no sender applies to every sender."""

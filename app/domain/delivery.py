@@ -451,7 +451,8 @@ async def record_submissions(
     """Record that the provider accepted these messages (`transitions.record_acceptances`): the
     ids that moved to `sent`, and the event deliveries written."""
     accepted = [
-        Acceptance(s.message, s.provider, s.accepted.provider_message_id) for s in submitted
+        Acceptance(s.message, s.provider, s.accepted.provider_message_id, s.accepted.part_ids)
+        for s in submitted
     ]
     return await record_acceptances(session_factory, accepted)
 

@@ -102,8 +102,16 @@ class MessageData(BaseModel):
     segments: int = Field(examples=[1])
     provider: str = Field(examples=["twilio"])
     provider_message_id: str | None = Field(examples=["SM0123456789abcdef0123456789abcdef"])
-    error_code: str | None = Field(examples=[None])
-    error_message: str | None = Field(examples=[None])
+    error_code: str | None = Field(
+        description="Why the message is in this state (the provider's code, or ours such as "
+        "`partially_sent`); null once a retry succeeded.",
+        examples=[None],
+    )
+    error_message: str | None = Field(
+        description="The error in words; for a long message, which part (`part 3 of 3 failed "
+        "(6: …)`) or how many parts were accepted.",
+        examples=[None],
+    )
     metadata: dict[str, Any] = Field(examples=[{"order_id": "1042"}])
     created_at: datetime
     updated_at: datetime

@@ -50,6 +50,13 @@ from app.domain.optouts import (
     lock_recipients,
     record_provider_opt_out,
 )
+from app.domain.parts import (
+    Settlement,
+    apply_part_report,
+    find_by_part,
+    is_split,
+    record_accepted_parts,
+)
 from app.domain.status import MessageStatus, can_advance, statuses_before
 from app.domain.text import storable, storable_mapping
 from app.logs import message_id_var
@@ -509,12 +516,14 @@ class Acceptance:
     message: Message
     provider: str
     provider_message_id: str
+    part_ids: tuple[str, ...] = ()  # each part's id, when its provider reports per part
 
 
 # Record acceptances in one statement: each message still at this attempt moves to `sent` with
-# its provider id; one a report or a later attempt moved on keeps its status and gets the id only
-# if it has none (a report may have set it first); every acceptance gets its history row. Returns
-# the moved ids, each with whether its client is to be told (`events.MAY_NOTIFY_SQL`).
+# its provider id, and without the error of an earlier attempt (it stays in the history); one a
+# report or a later attempt moved on keeps its status and gets the id only if it has none (a
+# report may have set it first); every acceptance gets its history row. Returns the moved ids,
+# each with whether its client is to be told (`events.MAY_NOTIFY_SQL`).
 # With $6 ("quiet only"), the acceptances whose client is to be told are left alone and returned
 # as `deferred`: the statement then writes no event and can commit on its own.
 _MARK_SENT: Final = f"""
@@ -528,7 +537,9 @@ WITH accepted AS (
 ), recorded AS (
     SELECT * FROM accepted WHERE id NOT IN (SELECT id FROM deferred)
 ), moved AS (
-    UPDATE messages AS m SET status = 'sent', provider_message_id = a.pid, updated_at = now()
+    UPDATE messages AS m
+    SET status = 'sent', provider_message_id = a.pid, error_code = NULL, error_message = NULL,
+        updated_at = now()
     FROM recorded AS a
     WHERE m.id = a.id AND m.status = 'sending' AND m.attempts = a.attempts
       AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
@@ -571,20 +582,25 @@ async def record_acceptances(
     events (`mark_sent`)."""
     if not accepted:
         return set(), ()
+    # A long message reported part by part records its parts with its acceptance (`record_parts`).
+    split = [a for a in accepted if a.part_ids]
+    quiet = [a for a in accepted if not a.part_ids]
 
     async def quietly() -> list[Any]:
-        arguments = _mark_sent_arguments(accepted, quiet_only=True)
+        arguments = _mark_sent_arguments(quiet, quiet_only=True)
         return await raw_statement(session_factory, _MARK_SENT, *arguments)
 
-    rows = await _retrying(quietly, TRANSACTION_ATTEMPTS)
+    rows = await _retrying(quietly, TRANSACTION_ATTEMPTS) if quiet else []
     moved = {message_id for message_id, _, deferred in rows if not deferred}
     _count_sent([a for a in accepted if a.message.id in moved])
     deferred = {message_id for message_id, _, was_deferred in rows if was_deferred}
-    if not deferred:
+    if not deferred and not split:
         return moved, ()
 
     async def with_events(tx: Tx) -> set[uuid.UUID]:
-        return await mark_sent(tx, [a for a in accepted if a.message.id in deferred])
+        told = await mark_sent(tx, [a for a in quiet if a.message.id in deferred] + split)
+        await record_parts(tx, split)
+        return told
 
     told, events = await run_raw_transaction(session_factory, with_events)
     return moved | told, events
@@ -684,7 +700,15 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
     if report.recipient_opted_out:
         # Before the row: a claim holds this lock while it updates the row (one lock order).
         await lock_recipients(session, [message.to])
-    applied = await _advance(session, provider, message, report)
+    split = report.per_part and await is_split(session, message)
+    if split:
+        # One part of a long message: the message settles from all its parts.
+        settlement = await apply_part_report(session, message, report)
+    else:
+        settlement = Settlement(
+            report.status, report.error_code, report.error_message, report.error_message
+        )
+    applied = await _advance(session, provider, message, settlement)
     if report.recipient_opted_out:
         await record_provider_opt_out(
             session,
@@ -694,22 +718,24 @@ async def apply_status_report(session: AsyncSession, provider: str, report: Stat
             code=report.error_code,
             detail=report.error_message,
         )
-    if message.provider_message_id is None:
-        # The report may beat the worker's own record of the provider's id.
+    if message.provider_message_id is None and not split:
+        # The report may beat the worker's own record of the provider's id (a part's id is not
+        # the message's: the acceptance records the first part's).
         await session.execute(
             update(Message)
             .where(Message.id == message.id, Message.provider_message_id.is_(None))
             .values(provider_message_id=report.provider_message_id)
         )
+    status = settlement.status if applied else report.status
     session.add(
         MessageEvent(
             message_id=message.id,
-            status=report.status.value if report.status else None,
+            status=status.value if status else None,
             applied=applied,
             source=provider,
             provider_status=report.provider_status,
             error_code=report.error_code,
-            detail=report.error_message,
+            detail=settlement.detail,
             payload=dict(report.raw),
         )
     )
@@ -733,26 +759,56 @@ async def record_status_report(
 
 
 async def _advance(
-    session: AsyncSession, provider: str, message: Message, report: StatusReport
+    session: AsyncSession, provider: str, message: Message, settlement: Settlement
 ) -> bool:
-    """Move the message to the report's status if that is forward; whether it moved."""
-    if report.status is None or not can_advance(MessageStatus(message.status), report.status):
+    """Move the message to the settlement's status if that is forward; whether it moved. Its
+    error becomes the settlement's: an earlier attempt's error does not describe the new state
+    (the history keeps it)."""
+    status = settlement.status
+    if status is None or not can_advance(MessageStatus(message.status), status):
         return False
-    values: dict[str, Any] = {"status": report.status.value}
-    if report.error_code is not None:
-        values |= {"error_code": report.error_code, "error_message": report.error_message}
     moved = await session.scalar(
         update(Message)
         .where(
             Message.id == message.id,
-            Message.status.in_([s.value for s in statuses_before(report.status)]),
+            Message.status.in_([s.value for s in statuses_before(status)]),
         )
-        .values(**values)
+        .values(
+            status=status.value,
+            error_code=settlement.error_code,
+            error_message=settlement.error_message,
+        )
         .returning(Message.id)
     )
     if moved is not None:
-        count_status(report.status.value, provider, message.from_)
+        count_status(status.value, provider, message.from_)
     return moved is not None
+
+
+async def record_parts(tx: Tx, accepted: Sequence[Acceptance]) -> None:
+    """After `mark_sent`: record the parts of the accepted messages their provider reports on
+    part by part (`Accepted.part_ids`), and settle those whose receipts all came first (a cold
+    path: the ORM session of the transaction, only for such messages)."""
+    if not accepted:
+        return
+    session = await tx.session()
+    settled = await record_accepted_parts(session, [(a.message.id, a.part_ids) for a in accepted])
+    if not settled:
+        return
+    providers = {a.message.id: a.provider for a in accepted}
+    # Read again under the lock `record_accepted_parts` took: the status a receipt left.
+    messages = await session.scalars(
+        select(Message).where(Message.id.in_(settled)).execution_options(populate_existing=True)
+    )
+    moved = []
+    for message in messages:
+        settlement = settled[message.id]
+        if await _advance(session, providers[message.id], message, settlement):
+            assert settlement.status is not None
+            detail = settlement.detail or settlement.status.value
+            session.add(_history(message.id, settlement.status, applied=True, detail=detail))
+            moved.append(message)
+    await emit_message_statuses(session, moved)
 
 
 def _storable_report(report: StatusReport) -> StatusReport:
@@ -775,9 +831,12 @@ async def _find_reported_message(
         message = await session.get(Message, report.message_id, populate_existing=True)
         if message is not None and message.provider == provider:
             return message
-    return await session.scalar(
+    message = await session.scalar(
         select(Message).where(
             Message.provider == provider,
             Message.provider_message_id == report.provider_message_id,
         )
     )
+    if message is None and report.per_part:
+        return await find_by_part(session, provider, report.provider_message_id)
+    return message

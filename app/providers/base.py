@@ -48,6 +48,9 @@ class Accepted:
     """The provider took the message; its id lets us match later callbacks."""
 
     provider_message_id: str
+    # Every part's id, in order, when the provider split the message and reports on each part
+    # on its own (Vonage); empty otherwise. Such a message settles from all its parts.
+    part_ids: tuple[str, ...] = ()
 
 
 class ErrorKind(StrEnum):
@@ -121,6 +124,9 @@ class StatusReport:
     raw: Mapping[str, str] = field(default_factory=dict)
     # The report says the recipient opted out at the provider or carrier (e.g. Vonage err-code 9).
     recipient_opted_out: bool = False
+    # The report is about one part of a message the provider may have split (a Vonage receipt,
+    # `provider_message_id` being the part's): a long message settles from all its parts.
+    per_part: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,9 @@ THROTTLED_STATUS: Final = "1"
 # Send status "5", Internal Error: Vonage's platform is failing (counts against its circuit).
 INTERNAL_ERROR_STATUS: Final = "5"
 
+# The code of a message Vonage accepted only some parts of (the detail says how many).
+PARTIALLY_SENT: Final = "partially_sent"
+
 SEND_STATUS_KINDS: Final[Mapping[str, ErrorKind]] = {
     "1": ErrorKind.RETRYABLE,  # Throttled: sending faster than the account limit
     "2": ErrorKind.PERMANENT,  # Missing Parameters
@@ -206,7 +209,8 @@ class VonageProvider(Provider):
             "to": sms.to.removeprefix("+"),
             "text": sms.body,
             "type": "unicode" if sms.encoding is Encoding.UCS2 else "text",
-            "status-report-req": "1",
+            # The spec types it boolean (and a form boolean is `true`); "1" fails validation.
+            "status-report-req": "true",
             "callback": self._callback_url,
             # Every part's DLR echoes client-ref, which is how a callback finds its message.
             "client-ref": str(sms.message_id),
@@ -254,6 +258,7 @@ class VonageProvider(Provider):
             error_message=DLR_ERROR_CODES.get(err_code) if err_code else None,
             raw=dict(params),
             recipient_opted_out=err_code in OPT_OUT_ERROR_CODES,
+            per_part=True,
         )
 
     def parse_inbound(self, request: CallbackRequest) -> InboundSms:
@@ -352,23 +357,26 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         )
     failed = [part for part in parts if str(part.get("status")) != "0"]
     if not failed:
-        message_id = parts[0].get("message-id")
-        if not isinstance(message_id, str) or not message_id:
+        part_ids = [part.get("message-id") for part in parts]
+        if not all(isinstance(part_id, str) and part_id for part_id in part_ids):
             raise ProviderError(
                 ErrorKind.UNKNOWN_OUTCOME, "Vonage accepted the message without a message-id"
             )
-        # Later parts have their own ids; each part's DLR carries our client-ref, which is how
-        # callbacks find the message, so the first id is enough.
-        return Accepted(provider_message_id=message_id)
+        # Each part has its own id and its own receipt (each echoing our client-ref); the
+        # message settles from all of them (app.domain.parts).
+        ids = tuple(str(part_id) for part_id in part_ids)
+        return Accepted(provider_message_id=ids[0], part_ids=ids if len(ids) > 1 else ())
+    first = next(n for n, part in enumerate(parts, 1) if str(part.get("status")) != "0")
     status = str(failed[0].get("status"))
     text = failed[0].get("error-text") or SEND_STATUS_TEXT.get(status, "undocumented status")
     if len(failed) < len(parts):
-        # Some parts are already on their way: resending would duplicate them on the handset.
+        # Some parts are already on their way: resending would duplicate them on the handset,
+        # so the message fails, with a code that says part of it may have reached the phone.
         raise ProviderError(
             ErrorKind.PERMANENT,
             f"partially sent: {len(parts) - len(failed)} of {len(parts)} parts accepted; "
-            f"status {status}: {text}",
-            code=status,
+            f"part {first} refused with status {status}: {text}",
+            code=PARTIALLY_SENT,
         )
     # An undocumented non-zero status still means "not accepted"; failing is the safe default.
     kind = SEND_STATUS_KINDS.get(status, ErrorKind.PERMANENT)

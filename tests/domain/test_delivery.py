@@ -21,8 +21,11 @@ from app.domain.status import MessageStatus
 from app.providers.base import Provider
 from app.providers.twilio import TwilioProvider
 from app.providers.vonage import VonageProvider
+from app.settings import VonageSettings
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, World, make_settings
+from tests.providers.vonage_spec import assert_valid_send_sms
 
+VONAGE_HOST = httpx.URL(VonageSettings().base_url).host
 POLICY = RetryPolicy(max_attempts=3, base_delay=1.0, max_delay=10.0)
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -36,6 +39,8 @@ class RecordingProvider:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        if request.url.host == VONAGE_HOST:
+            assert_valid_send_sms(request)  # every Vonage request, against Vonage's spec
         return self.handler(request)
 
     def providers(self) -> dict[str, Provider]:

@@ -27,6 +27,7 @@ from tests.domain.test_delivery import (
     twilio_created,
     twilio_error,
 )
+from tests.providers.vonage_spec import assert_valid_send_sms
 
 
 def vonage_ok(request: httpx.Request) -> httpx.Response:
@@ -37,6 +38,8 @@ def vonage_ok(request: httpx.Request) -> httpx.Response:
 
 def by_host(request: httpx.Request, twilio: Any, vonage: Any = vonage_ok) -> httpx.Response:
     handler = vonage if "nexmo" in request.url.host else twilio
+    if handler is vonage:
+        assert_valid_send_sms(request)  # every Vonage request, against Vonage's spec
     response: httpx.Response = handler(request)
     return response
 

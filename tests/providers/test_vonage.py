@@ -1,15 +1,21 @@
-"""The Vonage adapter against `httpx.MockTransport`: request shape, outcomes, signatures, DLRs."""
+"""The Vonage adapter against `httpx.MockTransport`: request shape, outcomes, signatures, DLRs.
+
+Every request the adapter makes here is checked against the send-an-sms operation extracted from
+Vonage's API description (`tests/fixtures/vonage_send_sms.json`; see `vonage_spec.py`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
 import httpx
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from pydantic import SecretStr
 
@@ -25,8 +31,9 @@ from app.providers.base import (
     OutboundSms,
     ProviderError,
 )
-from app.providers.vonage import VonageProvider
+from app.providers.vonage import SEND_STATUS_KINDS, SEND_STATUS_TEXT, VonageProvider
 from app.settings import VonageSettings
+from tests.providers.vonage_spec import SPEC, assert_valid_send_sms
 
 Handler = Callable[[httpx.Request], httpx.Response]
 Method = Literal["md5hash", "md5", "sha1", "sha256", "sha512"]
@@ -101,6 +108,7 @@ async def send(
 
     def recording(request: httpx.Request) -> httpx.Response:
         seen.append(request)
+        assert_valid_send_sms(request)  # every request of every test here
         return handler(request)
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(recording)) as http:
@@ -121,6 +129,76 @@ def form_of(request: httpx.Request) -> dict[str, str]:
     return {key: values[0] for key, values in parsed.items()}
 
 
+# --- the spec ----------------------------------------------------------------------------------
+
+
+def test_the_fixture_names_its_source() -> None:
+    assert re.fullmatch(r"[0-9a-f]{40}", SPEC["source"]["commit"])
+    assert SPEC["source"]["file"] == "definitions/sms.yml"
+    assert SPEC["operation_id"] == "send-an-sms"
+
+
+def test_every_documented_send_status_is_classified_with_its_meaning() -> None:
+    documented = SPEC["send_statuses"]
+
+    assert set(SEND_STATUS_KINDS) == set(documented) == set(SEND_STATUS_TEXT)
+    for status, description in documented.items():
+        assert description.startswith(SEND_STATUS_TEXT[status] + "."), status
+
+
+def test_the_documented_success_response_is_valid_against_the_spec() -> None:
+    jsonschema.validate(DOCUMENTED_SUCCESS, SPEC["success_schema"])
+    jsonschema.validate(DOCUMENTED_DLR, SPEC["delivery_receipt_schema"])
+
+
+def spec_request(**changes: str | None) -> httpx.Request:
+    """A send request as the adapter makes it, with fields changed or (None) removed."""
+    form: dict[str, str] = {
+        "api_key": "abcd1234",
+        "api_secret": "abcdef0123456789",
+        "from": "ACME",
+        "to": "447700900000",
+        "text": "hi",
+        "type": "text",
+        "status-report-req": "true",
+        "callback": "https://sms.example.com/v1/webhooks/vonage/status",
+        "client-ref": str(MESSAGE_ID),
+    }
+    for key, value in changes.items():
+        if value is None:
+            form.pop(key, None)
+        else:
+            form[key] = value
+    return httpx.Request("POST", SEND_URL, data=form)
+
+
+def test_the_validator_accepts_the_adapters_shape() -> None:
+    assert assert_valid_send_sms(spec_request(ttl="20000"))["ttl"] == 20000
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"status-report-req": "1"},  # typed boolean: what the adapter used to send
+        {"ttl": "19999"},  # below the documented range
+        {"ttl": "604800001"},
+        {"ttl": "20s"},
+        {"type": "ucs2"},
+        {"api_key": "vonage-key"},  # exactly 8 characters
+        {"api_secret": "abc"},
+        {"to": "+447700900000"},
+        {"to": "123456"},
+        {"client-ref": "x" * 41},
+        {"from": None},  # required
+        {"statusreportreq": "true"},  # unknown: Vonage would ignore it silently
+        {"api_secret": None},
+    ],
+)
+def test_the_validator_refuses_what_the_spec_refuses(changes: dict[str, str | None]) -> None:
+    with pytest.raises((jsonschema.ValidationError, AssertionError)):
+        assert_valid_send_sms(spec_request(**changes))
+
+
 # --- send: request shape -----------------------------------------------------------------------
 
 
@@ -138,7 +216,7 @@ async def test_request_carries_every_documented_field() -> None:
         "to": "447700900000",
         "text": "Your code is 123456",
         "type": "text",
-        "status-report-req": "1",
+        "status-report-req": "true",
         "callback": "https://sms.example.com/v1/webhooks/vonage/status",
         "client-ref": str(MESSAGE_ID),
     }
@@ -214,7 +292,7 @@ async def test_documented_success_response_is_accepted() -> None:
     assert accepted == Accepted(provider_message_id="0C000000217B7F02")
 
 
-async def test_multipart_success_returns_first_part_id() -> None:
+async def test_multipart_success_returns_every_part_id_in_order() -> None:
     body = {
         "message-count": "3",
         "messages": [
@@ -222,16 +300,26 @@ async def test_multipart_success_returns_first_part_id() -> None:
             for n in ("7B7F02", "7B7F03", "7B7F04")
         ],
     }
+    jsonschema.validate(body, SPEC["success_schema"])
     accepted, _ = await send(make_sms(), json_response(body))
 
     assert accepted.provider_message_id == "0C000000217B7F02"
+    assert accepted.part_ids == ("0C000000217B7F02", "0C000000217B7F03", "0C000000217B7F04")
+
+
+async def test_a_one_part_message_has_no_part_ids() -> None:
+    accepted, _ = await send(make_sms(), json_response(DOCUMENTED_SUCCESS))
+
+    assert accepted.part_ids == ()
 
 
 # --- send: failures ----------------------------------------------------------------------------
 
 
 def failure(status: str, text: str) -> dict[str, Any]:
-    return {"message-count": "1", "messages": [{"status": status, "error-text": text}]}
+    body = {"message-count": "1", "messages": [{"status": status, "error-text": text}]}
+    jsonschema.validate(body, SPEC["error_schema"])  # shaped as Vonage documents its errors
+    return body
 
 
 async def test_throttled_is_retryable() -> None:
@@ -298,9 +386,27 @@ async def test_partial_success_is_permanent_and_says_so() -> None:
 
     # Even though throttling alone would be retryable, part 1 is already on its way.
     assert error.kind is ErrorKind.PERMANENT
-    assert error.code == "1"
-    assert "partially sent" in error.detail
-    assert "1 of 2" in error.detail
+    assert error.code == "partially_sent"
+    assert not error.throttled
+    assert error.detail == (
+        "partially sent: 1 of 2 parts accepted; "
+        "part 2 refused with status 1: Throughput Rate Exceeded"
+    )
+
+
+async def test_partial_success_names_the_first_refused_part() -> None:
+    body = {
+        "message-count": "3",
+        "messages": [
+            {"to": "447700900000", "message-id": "0C000000217B7F02", "status": "0"},
+            {"status": "5"},
+            {"status": "1"},
+        ],
+    }
+    error = await send_error(json_response(body))
+
+    assert error.code == "partially_sent"
+    assert "1 of 3 parts accepted; part 2 refused with status 5: Internal Error" in error.detail
 
 
 async def test_http_500_is_retryable() -> None:
@@ -622,8 +728,11 @@ def test_dlr_status_mapping(dlr_status: str, expected: MessageStatus | None) -> 
 def test_documented_dlr_is_parsed() -> None:
     provider = make_provider(make_settings())
     params = {**DOCUMENTED_DLR, "client-ref": str(MESSAGE_ID)}
+    jsonschema.validate(params, SPEC["delivery_receipt_schema"])
 
     report = provider.parse_status_callback(callback(params))
+
+    assert report.per_part  # one receipt per part: a long message settles from all of them
 
     assert report.provider_message_id == "0B00000127FDBC63"
     assert report.status is MessageStatus.DELIVERED
