@@ -315,9 +315,7 @@ async def test_a_service_wide_opt_out_is_told_to_every_senders_endpoint(
     assert sorted(url for _, url, _ in found) == [SENDER_HOOK, "https://93.184.215.16/"]
     # Every sender's endpoint hears of it, but not which operator or client made it (other
     # clients own those senders; `GET /v1/opt-outs` hides it from them too).
-    assert {(d["sender_id"], d["source"], d["actor"]) for _, _, d in found} == {
-        (None, "api", None)
-    }
+    assert {(d["sender_id"], d["source"], d["actor"]) for _, _, d in found} == {(None, "api", None)}
 
 
 async def test_an_opt_out_from_a_provider_error_is_an_event(
