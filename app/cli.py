@@ -123,6 +123,36 @@ async def _seed_senders(path: Path) -> tuple[int, int]:
     return created, updated
 
 
+async def _reencrypt_secrets() -> tuple[int, int]:
+    """Rewrite every signing secret not encrypted with the current SECRETS_KEY (a rotation):
+    (rewritten, total). Reads with the previous keys, writes with the current one."""
+    from sqlalchemy import text
+
+    from app.db.session import create_engine
+    from app.secrets_at_rest import Keyring
+
+    keyring = Keyring.from_settings(get_settings())
+    engine = create_engine(get_settings().database_url, pool_size=1)
+    rewritten = total = 0
+    try:
+        async with engine.begin() as connection:
+            rows = (
+                await connection.execute(text("SELECT id, secret FROM signing_secrets FOR UPDATE"))
+            ).all()
+            for row_id, stored in rows:
+                total += 1
+                if keyring.is_current(stored):
+                    continue
+                await connection.execute(
+                    text("UPDATE signing_secrets SET secret = :secret WHERE id = :id"),
+                    {"secret": keyring.encrypt(keyring.decrypt(stored)), "id": row_id},
+                )
+                rewritten += 1
+    finally:
+        await engine.dispose()
+    return rewritten, total
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen subcommand."""
     parser = argparse.ArgumentParser(prog="smsgate", description=__doc__)
@@ -167,6 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     seed.add_argument("file", type=Path, help="a JSON list of senders, as POST /v1/senders takes")
 
+    commands.add_parser(
+        "generate-secrets-key", help="print a new SECRETS_KEY (32 random bytes, base64)"
+    )
+    commands.add_parser(
+        "reencrypt-secrets",
+        help="re-encrypt every signing secret with SECRETS_KEY (after a key rotation; the old "
+        "key must be in SECRETS_PREVIOUS_KEYS)",
+    )
+
     add_commands(commands)  # dev, services, send, import-opt-outs
     add_admin_commands(commands)  # api-keys, grant-sender, revoke-sender, sender-clients
 
@@ -176,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         import uvicorn
 
+        from app.http_server import uvicorn_options
         from app.logs import logging_config
 
         settings = get_settings()
@@ -185,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host,
             port=args.port,
             workers=args.workers,
-            log_config=logging_config(settings.log_level, settings.log_format),
+            log_config=logging_config(
+                settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+            ),
+            **uvicorn_options(settings),
         )
     elif args.command == "worker":
         from arq.worker import check_health, run_worker
@@ -195,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         from app.worker.tasks import WorkerSettings, run_delivery_worker
 
         worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
-        configure_logging(get_settings().log_level, get_settings().log_format)
+        settings = get_settings()
+        configure_logging(
+            settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+        )
         if args.check:
             healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
             sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
@@ -215,6 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "seed-senders":
         created, updated = asyncio.run(_seed_senders(args.file))
         sys.stdout.write(f"{created} senders created, {updated} updated\n")
+    elif args.command == "generate-secrets-key":
+        from app.secrets_at_rest import generate_key
+
+        sys.stdout.write(generate_key() + "\n")
+    elif args.command == "reencrypt-secrets":
+        rewritten, total = asyncio.run(_reencrypt_secrets())
+        sys.stdout.write(f"{rewritten} of {total} signing secrets re-encrypted\n")
     elif args.command == "create-api-key":
         raw_key = asyncio.run(
             _create_api_key(args.client, args.admin, args.default_sender, args.name)

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from app.domain.text import storable
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -57,6 +59,9 @@ class ServiceError(Exception):
         errors: list[FieldError] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        # A detail may quote the client's input; it must be storable (an idempotent batch keeps
+        # its refused items' problems in the database) and printable.
+        detail = storable(detail)
         super().__init__(detail)
         self.code = code
         self.detail = detail
@@ -158,7 +163,8 @@ def _field_error(item: Mapping[str, Any], *, request: bool, whole: str) -> Field
     if request and location and location[0] in ("body", "query", "path", "header"):
         location = location[1:]
     reason = str(item.get("msg", "invalid")).removeprefix("Value error, ")
-    return FieldError(field=".".join(location) or whole, reason=reason)
+    # A location may hold the client's own dict keys (metadata), NUL and lone surrogates included.
+    return FieldError(field=storable(".".join(location) or whole), reason=storable(reason))
 
 
 def problem_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:

@@ -4,7 +4,8 @@ The API sets `request_id` per request (from `X-Request-ID` when the caller sends
 code that works on a message sets `message_id` (the worker per job, the API when it accepts or a
 callback updates one), so every line about a message can be found from the API to the provider
 call to the callback. Message bodies and secrets are not logged (bodies only with
-`LOG_MESSAGE_BODIES=true`).
+`LOG_MESSAGE_BODIES=true`), and unless that is set `RedactingFilter` also keeps phone numbers
+and query strings out of every line, whoever wrote it (uvicorn's access log, a library's error).
 """
 
 from __future__ import annotations
@@ -33,6 +34,62 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 }
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+# A phone number as stored (E.164) or as providers write it (Vonage's `msisdn`, digits only):
+# 8 to 15 digits, optionally after '+', not inside a longer word or number (ids, SIDs, hashes).
+_PHONE_NUMBER = re.compile(r"(?<![\w+])\+?\d{8,15}(?![\w])")
+# An opt-out resource's path names the number: /v1/opt-outs/{phone}.
+_OPT_OUT_PATH = re.compile(r"(/v1/opt-outs/)(?!import\b)[^/?\s]+")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` without phone numbers (and the number in an opt-out path)."""
+    return _PHONE_NUMBER.sub(REDACTED, _OPT_OUT_PATH.sub(r"\1" + REDACTED, text))
+
+
+def without_query(path: str) -> str:
+    """A request target without its query string: webhooks carry customers' numbers and text
+    and Vonage's `api-key` there, lists their filters."""
+    head, mark, _ = path.partition("?")
+    return head + ("?" + REDACTED if mark else "")
+
+
+def describe_error(error: BaseException) -> dict[str, str]:
+    """What a log line may say of a database or driver error: its class and SQLSTATE, never its
+    message (asyncpg quotes the value it could not encode; PostgreSQL's detail quotes keys)."""
+    orig = getattr(error, "orig", None) or error
+    described = {"error": f"{type(error).__name__}({type(orig).__name__})"}
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        described["sqlstate"] = str(sqlstate)
+    return described
+
+
+class RedactingFilter(logging.Filter):
+    """Keeps customers' data and credentials out of every line that reaches the handler: the
+    query strings of uvicorn's access log, phone numbers in messages and extras, and the
+    parameters of failed SQL statements in exceptions (the engine hides them as well)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place; never drop it."""
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            # ('%s - "%s %s HTTP/%s" %d', client, method, path with query, version, status)
+            args = list(record.args)
+            if len(args) >= 3 and isinstance(args[2], str):
+                args[2] = redact(without_query(args[2]))
+            record.args = tuple(args)
+        record.msg = redact(record.getMessage())
+        record.args = None
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, redact(value))
+        if record.exc_info and record.exc_info[1] is not None:
+            # The traceback is rendered here so that its text can be redacted too; the
+            # exception's message may quote a statement's parameters or a provider's answer.
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     """A log record as one line of JSON."""
@@ -56,6 +113,8 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exc"] = record.exc_text
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
@@ -74,6 +133,8 @@ class TextFormatter(logging.Formatter):
         line = "  ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        elif record.exc_text:  # rendered (and redacted) by RedactingFilter
+            line += "\n" + record.exc_text
         return line
 
 
@@ -97,21 +158,22 @@ class QuietRoutineFilter(logging.Filter):
         return not str(record.args[1]).startswith("cron:")
 
 
-def logging_config(level: str, fmt: str) -> dict[str, Any]:
-    """A `dictConfig` sending every logger (ours, uvicorn's, arq's) to stdout in `fmt`."""
+def logging_config(level: str, fmt: str, *, redact: bool = True) -> dict[str, Any]:
+    """A `dictConfig` sending every logger (ours, uvicorn's, arq's) to stdout in `fmt`, through
+    `RedactingFilter` unless `redact` is off (`LOG_MESSAGE_BODIES=true`)."""
     formatter: dict[str, Any] = {"()": JsonFormatter if fmt == "json" else TextFormatter}
     quiet = level.upper() != "DEBUG"
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "filters": {"quiet": {"()": QuietRoutineFilter}},
+        "filters": {"quiet": {"()": QuietRoutineFilter}, "redact": {"()": RedactingFilter}},
         "handlers": {
             "stdout": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
                 "stream": "ext://sys.stdout",
-                "filters": ["quiet"] if quiet else [],
+                "filters": (["quiet"] if quiet else []) + (["redact"] if redact else []),
             }
         },
         "root": {"handlers": ["stdout"], "level": level.upper()},
@@ -127,9 +189,9 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
     }
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def configure_logging(level: str, fmt: str, *, redact: bool = True) -> None:
     """Apply `logging_config` to this process."""
-    logging.config.dictConfig(logging_config(level, fmt))
+    logging.config.dictConfig(logging_config(level, fmt, redact=redact))
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from app.api import (
     webhooks,
 )
 from app.api.docs import install_docs
-from app.api.limits import BodySizeLimit
+from app.api.limits import BodySizeLimit, UnhandledErrors
 from app.db.migrations import head_revision
 from app.db.pg import Database
 from app.db.session import create_engine, create_session_factory
@@ -40,8 +40,9 @@ from app.errors import (
     ValidationFailed,
     problem_json_only,
 )
-from app.logs import RequestIdMiddleware
+from app.logs import RequestIdMiddleware, describe_error
 from app.providers.registry import build_http_client, build_providers
+from app.secrets_at_rest import Keyring, install
 from app.settings import Settings, get_settings
 from app.worker.queue import DeliveryBatcher, close_queue, create_queue
 
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Signing secrets are stored encrypted: without the key the API does not start.
+        install(Keyring.from_settings(settings))
         engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
         db = Database(settings.database_url, size=settings.db_pool_size)
         http = build_http_client(settings)
@@ -116,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # A 500 of our own, so the server never sees an exception (it would drop the connection).
+    app.add_middleware(UnhandledErrors, verbose=settings.log_message_bodies)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id
 
     def openapi() -> dict[str, Any]:
@@ -160,11 +165,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(DataError)
+    # asyncpg's own refusal of a value it cannot encode (a lone surrogate, say): not the
+    # database unavailable, as the InterfaceError it also is would say.
+    @app.exception_handler(asyncpg.exceptions.DataError)
     async def unstorable(_: Request, error: Exception) -> JSONResponse:
         # Validation should have caught it; if not, the input (not the service) is at fault.
-        log.warning(
-            "input the database refused", extra={"error": repr(getattr(error, "orig", error))}
-        )
+        log.warning("input the database refused", extra=describe_error(error))
         return _problem(
             Problem(
                 title="Invalid request",
@@ -181,7 +187,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(asyncpg.exceptions.InternalClientError)
     @app.exception_handler(OSError)
     async def database_unavailable(_: Request, error: Exception) -> JSONResponse:
-        log.error("dependency unavailable", extra={"error": repr(error)})
+        log.error("dependency unavailable", extra=describe_error(error))
         return _problem(
             Problem(
                 title="Service unavailable",
@@ -204,6 +210,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
         if error.connection_invalidated or sqlstate.startswith(unavailable):
             return await database_unavailable(request, error)
+        driver_error = getattr(error, "driver_exception", None)
+        if sqlstate.startswith("22") or isinstance(driver_error, asyncpg.exceptions.DataError):
+            return await unstorable(request, error)  # class 22: data exception
         raise error
 
     @app.exception_handler(asyncpg.PostgresError)

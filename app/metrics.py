@@ -1,5 +1,5 @@
-"""Prometheus metrics. Each process (API, worker) exposes its own: the API at `/metrics`, the
-worker on `WORKER_METRICS_PORT`; Prometheus adds them up."""
+"""Prometheus metrics. Each process (API, worker) exposes its own: the API at `/metrics` (with
+`METRICS_TOKEN`), the worker on `METRICS_HOST`:`WORKER_METRICS_PORT`; Prometheus adds them up."""
 
 from __future__ import annotations
 
@@ -81,13 +81,14 @@ PROVIDER_PAUSED = Gauge(
 )
 
 
-def serve_metrics(port: int) -> None:
-    """Serve this process's metrics on `port` (0: not at all); a busy port is logged, not fatal
-    (another worker on the host serves its own there)."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Serve this process's metrics on `host`:`port` (0: not at all; `METRICS_HOST`, loopback by
+    default: they name senders and volumes); a busy port is logged, not fatal (another worker on
+    the host serves its own there)."""
     if not port:
         return
     try:
-        start_http_server(port, addr="0.0.0.0")
+        start_http_server(port, addr=host)
     except OSError as error:
         logging.getLogger(__name__).warning(
             "metrics port busy", extra={"port": port, "error": repr(error)}

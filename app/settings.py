@@ -117,12 +117,32 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     # Message bodies are customers' data: kept out of logs unless an operator turns this on.
     log_message_bodies: bool = False
+    # `/metrics` on the API answers only requests carrying `Authorization: Bearer <this>`; empty,
+    # it is off (404): the metrics name senders and their volumes.
+    metrics_token: SecretStr = SecretStr("")
+    # The address the workers' metrics servers listen on: loopback unless a scraper elsewhere
+    # must reach them (a container's own address, say; never a public one).
+    metrics_host: str = "127.0.0.1"
     # The worker serves its Prometheus metrics here (0: not at all). The API serves /metrics.
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     # The same for the events worker (`smsgate worker --queue events`).
     events_worker_metrics_port: int = Field(default=9102, ge=0, le=65535)
     # The largest request body accepted (a bulk opt-out import is the largest legitimate one).
     max_request_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    # The HTTP edge (`smsgate serve`; README, "HTTP limits"): the request line and headers of a
+    # request together (431 above it), how long they may take to arrive, how long its body may
+    # take after them, how long an idle keep-alive connection is kept, and how many
+    # connections and requests one API process holds at once (503 above it).
+    http_max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    http_keep_alive_seconds: float = Field(default=5.0, gt=0)
+    http_max_concurrency: int = Field(default=1000, ge=1)
+    # The key signing secrets (`whsec_…`) are encrypted with in the database: 32 bytes, base64
+    # (`smsgate generate-secrets-key`). Older keys, comma-separated, are still read (rotation,
+    # README "Secrets at rest"). `smsgate dev` makes one of its own; nothing else has a default.
+    secrets_key: SecretStr = SecretStr("")
+    secrets_previous_keys: SecretStr = SecretStr("")
     # A sender may send only once its opt-out and help replies are configured; with this set,
     # the built-in English and French replies count as configured.
     accept_default_keyword_replies: bool = False

@@ -16,6 +16,7 @@ provider twice.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -149,9 +150,16 @@ def run_json(argv: Sequence[str], timeout: float, stdin: str = "") -> dict[str, 
     return result
 
 
+# The API serves /metrics only to this token (README, "Metrics access"); the service gets it too.
+METRICS_TOKEN = "bench-metrics-token"
+# Signing secrets are encrypted at rest; the bench's service gets a key of its own each run.
+SECRETS_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def scrape(url: str) -> dict[str, float]:
     """Our counters from a Prometheus text page (statements, transactions)."""
-    text = httpx.get(url, timeout=5).text
+    headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    text = httpx.get(url, timeout=5, headers=headers).text
     values: dict[str, float] = {}
     for name in ("smsgate_db_statements_total", "smsgate_db_transactions_total"):
         values[name] = sum(
@@ -242,6 +250,8 @@ class Benchmark:
             "ACCEPT_DEFAULT_KEYWORD_REPLIES": "true",
             "WORKER_METRICS_PORT": "0",
             "EVENTS_WORKER_METRICS_PORT": "0",
+            "METRICS_TOKEN": METRICS_TOKEN,
+            "SECRETS_KEY": SECRETS_KEY,
             "PYTHONUNBUFFERED": "1",
         }
         return env | extra

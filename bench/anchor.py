@@ -243,6 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     import uvicorn
 
+    from app.http_server import uvicorn_options
     from app.logs import logging_config
 
     settings = get_settings()
@@ -251,7 +252,10 @@ def main() -> None:
         factory=True,
         host="127.0.0.1",
         port=args.port,
-        log_config=logging_config(settings.log_level, settings.log_format),
+        log_config=logging_config(
+            settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+        ),
+        **uvicorn_options(settings),
     )
 
 

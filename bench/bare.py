@@ -31,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     import uvicorn
 
+    from app.http_server import uvicorn_options
     from app.logs import logging_config
     from app.settings import get_settings
 
@@ -41,7 +42,10 @@ def main() -> None:
         host="127.0.0.1",
         port=args.port,
         workers=args.workers,
-        log_config=logging_config(settings.log_level, settings.log_format),
+        log_config=logging_config(
+            settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+        ),
+        **uvicorn_options(settings),
     )
 
 

@@ -26,6 +26,7 @@ from app.db.session import SessionFactory, create_engine, create_session_factory
 from app.domain.auth import create_api_key
 from app.domain.keywords import KeywordConfig
 from app.main import create_app
+from app.secrets_at_rest import Keyring, install
 from app.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
 
 ADMIN_DATABASE_URL = os.environ.get(
@@ -42,6 +43,9 @@ TWILIO_SID = "AC" + "0123456789abcdef" * 2
 TWILIO_TOKEN = "twilio-test-auth-token"
 VONAGE_SIGNATURE_SECRET = "vonage-test-signature-secret"
 PUBLIC_BASE_URL = "https://sms.example.test"
+METRICS_TOKEN = "test-metrics-token"
+# 32 bytes, base64: the key signing secrets are encrypted with in the tests' database.
+SECRETS_KEY = "dGVzdC1zZWNyZXRzLWtleS0zMi1ieXRlcy1sb25nISE="
 
 
 def owned_database_url() -> str:
@@ -71,9 +75,20 @@ def make_settings(**overrides: Any) -> Settings:
         "retry_max_delay_seconds": 0.05,
         # Every test builds its own app: a few connections each, not production's 32.
         "db_pool_size": 4,
+        "metrics_token": METRICS_TOKEN,
+        "secrets_key": SECRETS_KEY,
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secrets_keyring() -> Iterator[None]:
+    """The keyring every process installs at start-up, for tests that call domain code directly
+    (apps and workers built by the tests install the same one)."""
+    install(Keyring.from_settings(make_settings()))
+    yield
+    install(None)
 
 
 @pytest.fixture(scope="session")

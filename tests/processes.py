@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 
+# The tests' own (tests/conftest.py): a process that reads or writes signing secrets needs one.
+SECRETS_KEY = "dGVzdC1zZWNyZXRzLWtleS0zMi1ieXRlcy1sb25nISE="
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Variables the service or `smsgate send` read, which the test environment must not leak into a
@@ -32,6 +35,8 @@ def clean_env(**values: str) -> dict[str, str]:
         if name not in _SERVICE_VARIABLES and not name.startswith(_SERVICE_PREFIXES)
     }
     env["WORKER_METRICS_PORT"] = "0"
+    env["EVENTS_WORKER_METRICS_PORT"] = "0"
+    env["SECRETS_KEY"] = SECRETS_KEY
     env.update(values)
     return env
 

@@ -25,7 +25,9 @@ from app.logs import JsonFormatter, logging_config, message_context
 from app.main import create_app
 from app.providers.base import ErrorKind, ProviderError
 from tests.api.test_status_callbacks import TWILIO_PATH
-from tests.conftest import PUBLIC_BASE_URL, World, make_settings
+from tests.conftest import METRICS_TOKEN, PUBLIC_BASE_URL, World, make_settings
+
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 from tests.domain.test_delivery import (
     POLICY,
     RecordingProvider,
@@ -72,7 +74,7 @@ async def test_metrics_count_messages_by_status_provider_and_sender(
         json={"to": "+14155550123", "body": "hi", "from": "+14155550199"},
         headers=world.auth(),
     )
-    scrape = await api.get("/metrics")
+    scrape = await api.get("/metrics", headers=METRICS_AUTH)
 
     assert response.status_code == 202
     assert scrape.status_code == 200
@@ -83,7 +85,7 @@ async def test_metrics_count_messages_by_status_provider_and_sender(
     await run_worker()
 
     assert sample("smsgate_messages_total", status="delivered", **labels) == delivered_before + 1
-    assert "smsgate_queue_depth 0.0" in (await api.get("/metrics")).text
+    assert "smsgate_queue_depth 0.0" in (await api.get("/metrics", headers=METRICS_AUTH)).text
 
 
 async def test_metrics_report_the_age_of_the_oldest_queued_message(
@@ -95,7 +97,7 @@ async def test_metrics_report_the_age_of_the_oldest_queued_message(
             update(Message).values(created_at=datetime.now(UTC) - timedelta(minutes=10))
         )
 
-    await api.get("/metrics")
+    await api.get("/metrics", headers=METRICS_AUTH)
 
     age = sample("smsgate_oldest_queued_message_age_seconds")
     assert 600 <= age < 660

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
@@ -14,6 +16,7 @@ from sqlalchemy import func, select, text
 from app.db.models import Message
 from app.domain.circuit import CircuitPolicy, CircuitState, Health, ProviderHealth
 from app.domain.status import MessageStatus
+from app.errors import NotFound, Unauthorized, problem_responses
 from app.metrics import (
     CIRCUIT_OPEN,
     OLDEST_QUEUED_AGE,
@@ -88,15 +91,34 @@ async def readyz(request: Request) -> JSONResponse:
     "/metrics",
     response_class=Response,
     responses={
+        **problem_responses(Unauthorized, NotFound),
         200: {
             "description": "Prometheus text exposition format.",
             "content": {CONTENT_TYPE_LATEST: {"example": "smsgate_queue_depth 0.0\n"}},
-        }
+        },
     },
 )
-async def metrics(request: Request) -> Response:
+async def metrics(
+    request: Request,
+    authorization: Annotated[
+        str | None,
+        Header(
+            description="`Bearer <METRICS_TOKEN>` (not an API key).",
+            examples=["Bearer your-metrics-token"],
+        ),
+    ] = None,
+) -> Response:
     """Prometheus metrics of this API process, with the service's state read now: the queue's
-    depth, the oldest queued message and `sending` claim, each provider's breaker and pause."""
+    depth, the oldest queued message and `sending` claim, each provider's breaker and pause.
+
+    They name senders and their volumes, so they are served only to `METRICS_TOKEN`: without
+    that setting, not at all (404)."""
+    token = request.app.state.settings.metrics_token.get_secret_value()
+    if not token:
+        raise NotFound("not_found", "metrics are off on this port: set METRICS_TOKEN")
+    offered = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(offered.encode("utf-8", "surrogatepass"), token.encode()):
+        raise Unauthorized("invalid_metrics_token", "send Authorization: Bearer <METRICS_TOKEN>")
     QUEUE_DEPTH.set(await _or_nan(queue_depth(request.app.state.queue)))
     OLDEST_QUEUED_AGE.set(await _or_nan(_oldest_queued_age(request)))
     OLDEST_SENDING_AGE.set(await _or_nan(_oldest_sending_age(request)))

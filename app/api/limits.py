@@ -1,9 +1,18 @@
-"""A cap on request bodies, so no client (or forged webhook) can make us buffer without bound."""
+"""A cap on request bodies, so no client (or forged webhook) can make us buffer without bound;
+and the last line of defence against an error nothing else handled."""
 
 from __future__ import annotations
 
+import logging
+import traceback
+
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import describe_error
+
+log = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
@@ -40,26 +49,70 @@ class BodySizeLimit:
         return f"the request body is larger than {self.max_bytes} bytes"
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        from app.errors import PROBLEM_JSON, Problem
+        await _send_problem(send, 413, "Content Too Large", "request_too_large", self._detail())
 
-        body = (
-            Problem(
-                title="Content Too Large",
-                status=413,
-                code="request_too_large",
-                detail=self._detail(),
-            )
-            .model_dump_json(exclude_none=True)
-            .encode()
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_JSON.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def _send_problem(send: Send, status: int, title: str, code: str, detail: str) -> None:
+    from app.errors import PROBLEM_JSON, Problem
+
+    body = (
+        Problem(title=title, status=status, code=code, detail=detail)
+        .model_dump_json(exclude_none=True)
+        .encode()
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class UnhandledErrors:
+    """Answer an error nothing else handled with a problem+json 500, and keep it from the
+    server: uvicorn closes a keep-alive connection after any exception, even one raised after
+    the response was sent, and its log line would carry the exception's text (which may quote
+    customers' data). The error is logged here by class and place; with `verbose`
+    (`LOG_MESSAGE_BODIES`) its message and traceback too."""
+
+    def __init__(self, app: ASGIApp, *, verbose: bool = False) -> None:
+        self.app = app
+        self.verbose = verbose
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request; turn an exception into a 500 (or nothing, once answered)."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # nobody is left to answer
+        except Exception as error:
+            self._log(scope, error)
+            if not started:
+                await _send_problem(send, 500, "Internal Server Error", "internal_error",
+                                    "something went wrong on our side; nothing you sent is at "
+                                    "fault, and it may be retried")  # fmt: skip
+
+    def _log(self, scope: Scope, error: Exception) -> None:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        extra = {**describe_error(error), "where": where, "path": scope.get("path", "")}
+        if self.verbose:
+            log.error("unhandled error", extra=extra, exc_info=error)
+        else:
+            log.error("unhandled error", extra=extra)

@@ -29,6 +29,7 @@ from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.domain.pacing import default_rate
+from app.secrets_at_rest import EncryptedSecret
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -420,8 +421,9 @@ class SigningSecret(Base):
     sender_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID, ForeignKey("senders.id", ondelete="CASCADE"), index=True
     )
-    # Kept as given to the owner: signing needs the key itself, so it cannot be hashed.
-    secret: Mapped[str] = mapped_column(String(100))
+    # Signing needs the key itself, so it cannot be hashed: it is encrypted with SECRETS_KEY
+    # (app.secrets_at_rest), so that a dump of the database alone cannot sign our webhooks.
+    secret: Mapped[str] = mapped_column(EncryptedSecret())
     created_at: Mapped[datetime] = _now()
     # None while it is the current secret; set when a rotation retires it.
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

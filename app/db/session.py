@@ -37,8 +37,9 @@ def create_engine(
     generic_plans: bool = False,
 ) -> AsyncEngine:
     """An asyncpg engine that checks idle connections before use (PostgreSQL may have
-    restarted) and counts its statements. Overflow connections (beyond `pool_size`; as many
-    again unless told) are closed when returned: a pool sized to the load should have none.
+    restarted), counts its statements and keeps their parameters out of its errors. Overflow
+    connections (beyond `pool_size`; as many again unless told) are closed when returned: a
+    pool sized to the load should have none.
 
     `generic_plans`: its sessions keep one plan per prepared statement (`plan_cache_mode`), for
     an engine whose statements all find rows by key (the delivery road's claims and records):
@@ -48,6 +49,9 @@ def create_engine(
     settings = {"plan_cache_mode": "force_generic_plan"} if generic_plans else {}
     engine = create_async_engine(
         database_url,
+        # A failed statement's parameters are customers' numbers and texts: never in an
+        # exception's text, so never in a log line.
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=pool_size if max_overflow is None else max_overflow,
         connect_args={"server_settings": settings},

@@ -85,6 +85,28 @@ def write_api_key(data_dir: Path, raw_key: str) -> None:
         file.write(raw_key + "\n")
 
 
+SECRETS_KEY_FILE = "dev-secrets-key"
+
+
+def dev_secrets_key(data_dir: Path) -> str:
+    """The development `SECRETS_KEY`, made once and kept in `data_dir/dev-secrets-key` (mode
+    0600) beside the data it encrypts: the one default key there is, and only in dev mode."""
+    from app.secrets_at_rest import generate_key
+
+    path = data_dir / SECRETS_KEY_FILE
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        existing = ""
+    if existing:
+        return existing
+    key = generate_key()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(key + "\n")
+    return key
+
+
 def dev_keywords() -> dict[str, object]:
     """The built-in keyword sets with the built-in replies filled in, so the sender may send."""
     from app.domain.keywords import DEFAULT_REPLIES, KeywordConfig
@@ -328,6 +350,9 @@ def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = No
             redis_url = redis.url
             say(f"Redis: embedded at {redis_url} ({'started' if redis.started else 'running'})")
 
+        if not settings.secrets_key.get_secret_value():
+            # The migration and the children read it from the environment.
+            os.environ["SECRETS_KEY"] = dev_secrets_key(data_dir)
         if asyncio.run(create_database_if_missing(database_url)):
             say("Created the database.")
         say("Migrating the database to the latest schema...")

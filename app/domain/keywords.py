@@ -173,12 +173,19 @@ _ReplyText = Annotated[
 """The text of a keyword reply: 1 to 1600 characters, not only whitespace."""
 
 
+_KeywordText = Annotated[
+    StorableStr,
+    Field(min_length=1, description="Compared once case, accents and punctuation are ignored."),
+]
+"""A keyword as a client writes it; one that is empty once normalised is refused too."""
+
+
 class CategoryConfig(BaseModel):
     """One built-in category of a sender: its keywords and its reply, both per language."""
 
     model_config = ConfigDict(extra="forbid")
 
-    keywords: dict[Language, list[StorableStr]]  # language -> keywords, normalised on validation
+    keywords: dict[Language, list[_KeywordText]]  # language -> keywords, normalised on validation
     replies: dict[Language, _ReplyText] = Field(default_factory=dict)  # language -> reply text
 
     @field_validator("keywords")
@@ -196,7 +203,7 @@ class CustomKeyword(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keyword: StorableStr
+    keyword: _KeywordText
     reply: _ReplyText
     language: Language = "en"
 

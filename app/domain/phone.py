@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType, ValidationResult
 
@@ -24,15 +27,29 @@ _IMPOSSIBLE: dict[int, str] = {
 }
 
 
+# Digits and the separators people write numbers with. phonenumbers would read letters as
+# keypad digits ("555-CALL" is 555-2255) and a leftover template placeholder ("+1415555XXXX")
+# as a real number: a message meant for someone would go to a stranger.
+_PHONE_CHARACTERS: Final = re.compile(r"\+?[0-9 ().\-/]*")
+_ALLOWED: Final = "digits, spaces and + ( ) . - /"
+
+
 class InvalidPhoneNumber(ValueError):
     """A number we cannot text; the message says why, for the client."""
+
+
+def _only_phone_characters(raw: str) -> bool:
+    return _PHONE_CHARACTERS.fullmatch(raw.strip()) is not None
 
 
 def normalize_phone(raw: str, default_region: str) -> str:
     """The E.164 form of `raw`, or `InvalidPhoneNumber` saying why it cannot receive SMS.
 
     National-format input is read in `default_region`; input starting with '+' ignores it.
+    Anything but digits and the usual separators (letters above all) is refused.
     """
+    if not _only_phone_characters(raw):
+        raise InvalidPhoneNumber(f"not a phone number: only {_ALLOWED} are allowed")
     try:
         number = phonenumbers.parse(raw, default_region)
     except NumberParseException as error:
@@ -55,7 +72,10 @@ def normalize_phone(raw: str, default_region: str) -> str:
 
 def canonical_phone(raw: str, default_region: str) -> str | None:
     """`raw` written as E.164, as sends write numbers, without judging whether it can receive
-    SMS; None when it is not a possible phone number (an alphanumeric sender, a typo)."""
+    SMS; None when it is not a possible phone number (an alphanumeric sender, a typo, letters
+    that phonenumbers would read as keypad digits)."""
+    if not _only_phone_characters(raw):
+        return None
     try:
         number = phonenumbers.parse(raw, default_region)
     except NumberParseException:

@@ -154,7 +154,10 @@ TRIAL_PREFIX: Final = "Sent from your Twilio trial account - "
 def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
     """The documented X-Twilio-Signature for `url` and POST `params` under `auth_token`."""
     payload = url + "".join(name + params[name] for name in sorted(params))
-    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    # "surrogatepass": a lone surrogate (valid in JSON, never in what Twilio signs) must make
+    # the signature not match, not the check crash.
+    payload_bytes = payload.encode("utf-8", "surrogatepass")
+    digest = hmac.new(auth_token.encode(), payload_bytes, hashlib.sha1).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -376,7 +379,8 @@ class TwilioProvider(Provider):
         # Compare every candidate, valid or not, so timing does not tell which variant matched.
         matches = [
             hmac.compare_digest(
-                compute_signature(auth_token, url, params).encode(), signature.encode()
+                compute_signature(auth_token, url, params).encode(),
+                signature.encode("utf-8", "surrogatepass"),
             )
             for url in _url_variants(request.url)
         ]

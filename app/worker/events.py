@@ -21,6 +21,7 @@ from app.domain.webhook_delivery import (
     sweep_events,
 )
 from app.metrics import serve_metrics
+from app.secrets_at_rest import Keyring, install
 from app.settings import get_settings
 from app.worker.event_queue import DELIVER_EVENT_JOB, EVENTS_QUEUE, enqueue_events
 from app.worker.guarantees import worker_redis_settings
@@ -34,10 +35,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     # Tests pass their own settings (and may pass a resolver) in the worker's ctx.
     settings = ctx.get("settings") or get_settings()
     ctx["settings"] = settings
+    # Every attempt is signed with secrets stored encrypted: no key, no start.
+    install(Keyring.from_settings(settings))
     ctx["engine"] = create_engine(settings.database_url)
     ctx["session_factory"] = create_session_factory(ctx["engine"])
     ctx["events_http"] = build_events_http_client(settings.events)
-    serve_metrics(settings.events_worker_metrics_port)
+    serve_metrics(settings.events_worker_metrics_port, settings.metrics_host)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

@@ -92,7 +92,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     ctx["dispatcher"] = build_dispatcher(queue, settings, ctx["providers"])
     ctx["in_flight"] = InFlightLimit(settings.worker_concurrency)
-    serve_metrics(settings.worker_metrics_port)
+    serve_metrics(settings.worker_metrics_port, settings.metrics_host)
     ctx["retry_policy"] = RetryPolicy(
         max_attempts=settings.send_max_attempts,
         base_delay=settings.retry_base_delay_seconds,

@@ -49,6 +49,7 @@ from tests.faults.servers import (
     free_port,
     wait_for_port,
 )
+from tests.processes import SECRETS_KEY
 
 ACCOUNT_SID = "AC" + "fa" * 16
 AUTH_TOKEN = "fault-suite-auth-token"
@@ -90,6 +91,7 @@ class Infra:
             "SWEEP_GRACE_SECONDS": "3",
             "CIRCUIT_OPEN_SECONDS": "2",
             "WORKER_METRICS_PORT": "0",
+            "SECRETS_KEY": SECRETS_KEY,
             "ACCEPT_DEFAULT_KEYWORD_REPLIES": "true",
             "LOG_LEVEL": "INFO",  # the worker's "Starting worker" line says it is ready
             "LOG_FORMAT": "text",
