@@ -231,3 +231,65 @@ def problem_json_only(openapi: dict[str, Any]) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     return openapi
+
+
+# Answers any operation can give before (or beside) its own logic: the HTTP edge (app.api.limits,
+# app.http_server), the body parser, and the database's availability.
+_EDGE_RESPONSES: dict[int, tuple[str, str, str]] = {
+    400: (
+        "Bad Request",
+        "bad_request",
+        "the body cannot be parsed: malformed, not UTF-8, too deeply nested JSON, or a form "
+        "over the parser's limits",
+    ),
+    413: (
+        "Content Too Large",
+        "request_too_large",
+        "the request body is larger than 5242880 bytes",
+    ),
+    431: (
+        "Request Header Fields Too Large",
+        "request_header_fields_too_large",
+        "the request line and headers are over 16384 bytes",
+    ),
+    503: (
+        "Service unavailable",
+        "service_unavailable",
+        "the database is unreachable; nothing was stored, retry later",
+    ),
+}
+
+
+def document_edge_responses(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Add the statuses every operation can answer with to each one's `responses`: 413 and 431
+    (the HTTP edge, for any request), 400 (a body that cannot be parsed) where a body is read,
+    503 (PostgreSQL unavailable) where the database is used (everywhere but `/healthz`)."""
+    for path, item in openapi.get("paths", {}).items():
+        for method, operation in item.items():
+            statuses = [413, 431]
+            if method in ("post", "put", "patch"):
+                statuses.append(400)
+            if path != "/healthz":
+                statuses.append(503)
+            responses = operation.setdefault("responses", {})
+            for status in statuses:
+                if str(status) in responses:
+                    continue
+                title, code, detail = _EDGE_RESPONSES[status]
+                example = {
+                    "type": "about:blank",
+                    "title": title,
+                    "status": status,
+                    "code": code,
+                    "detail": detail,
+                }
+                responses[str(status)] = {
+                    "description": title,
+                    "content": {
+                        PROBLEM_JSON: {
+                            "schema": {"$ref": "#/components/schemas/Problem"},
+                            "example": example,
+                        }
+                    },
+                }
+    return openapi

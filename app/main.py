@@ -38,6 +38,7 @@ from app.errors import (
     Problem,
     ServiceError,
     ValidationFailed,
+    document_edge_responses,
     problem_json_only,
 )
 from app.logs import RequestIdMiddleware, describe_error
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = problem_json_only(FastAPI.openapi(app))
+            app.openapi_schema = document_edge_responses(problem_json_only(FastAPI.openapi(app)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -26,8 +26,6 @@ from app.main import create_app
 from app.providers.base import ErrorKind, ProviderError
 from tests.api.test_status_callbacks import TWILIO_PATH
 from tests.conftest import METRICS_TOKEN, PUBLIC_BASE_URL, World, make_settings
-
-METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 from tests.domain.test_delivery import (
     POLICY,
     RecordingProvider,
@@ -37,6 +35,8 @@ from tests.domain.test_delivery import (
     twilio_error,
 )
 from tests.test_end_to_end import run_worker
+
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def sample(name: str, **labels: str) -> float:

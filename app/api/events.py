@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 
 from app.api.deps import PrincipalDep, SessionDep
 from app.api.event_schemas import AttemptList, AttemptOut, EventOut, EventPage
-from app.api.params import CursorQuery, LimitQuery
+from app.api.params import LimitQuery, SequenceCursorQuery
 from app.domain import events as domain
 from app.domain.events import (
     EventStatus,
@@ -54,7 +54,7 @@ async def list_events(
         ),
     ] = None,
     limit: LimitQuery = 20,
-    cursor: CursorQuery = None,
+    cursor: SequenceCursorQuery = None,
 ) -> EventPage:
     """Your events, newest first (admin keys: every event, senders' included)."""
     page = await domain.list_events(

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Path, Query
 
 from app.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
-from app.api.params import CursorQuery, LimitQuery, SenderIdQuery
+from app.api.params import LimitQuery, SenderIdQuery, SequenceCursorQuery
 from app.api.schemas import (
     E164,
     ImportLineError,
@@ -153,7 +153,7 @@ async def list_opt_outs(
     ] = None,
     sender_id: SenderIdQuery = None,
     limit: LimitQuery = 20,
-    cursor: CursorQuery = None,
+    cursor: SequenceCursorQuery = None,
 ) -> OptOutPage:
     """Numbers currently opted out (per sender, or service-wide), newest first."""
     rows = await domain.current_opt_outs(

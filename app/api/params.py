@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Path, Query
 from pydantic import AwareDatetime
+
+from app.domain.pagination import encode_cursor
+
+_EXAMPLE_TIME = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+CURSOR_EXAMPLE = encode_cursor(_EXAMPLE_TIME, uuid.UUID("5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"))
+"""A cursor as the lists keyed by a UUID (messages, inbound messages) issue it."""
+SEQUENCE_CURSOR_EXAMPLE = encode_cursor(_EXAMPLE_TIME, 17)
+"""A cursor as the lists keyed by a sequence number (opt-outs, events) issue it."""
 
 LimitQuery = Annotated[
     int, Query(ge=1, le=100, description="How many items per page, 1 to 100.", examples=[20])
@@ -15,7 +24,14 @@ CursorQuery = Annotated[
     str | None,
     Query(
         description="`next_cursor` of the previous page; omit for the first page.",
-        examples=["MjAyNi0xMS0yNlQxMDowMDowMCswMDowMHw1YjBlOGYwYQ"],
+        examples=[CURSOR_EXAMPLE],
+    ),
+]
+SequenceCursorQuery = Annotated[
+    str | None,
+    Query(
+        description="`next_cursor` of the previous page; omit for the first page.",
+        examples=[SEQUENCE_CURSOR_EXAMPLE],
     ),
 ]
 CreatedAfterQuery = Annotated[

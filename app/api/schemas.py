@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
 )
 
+from app.api.params import CURSOR_EXAMPLE
 from app.db.models import Sender
 from app.domain.keywords import KeywordConfig, missing_replies
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
@@ -344,7 +345,7 @@ class MessagePage(BaseModel):
                 {
                     "data": [_MESSAGE_EXAMPLE],
                     "has_more": True,
-                    "next_cursor": "MjAyNi0xMS0yNlQxMDowMDowMCswMDowMHw1YjBlOGYwYQ",
+                    "next_cursor": CURSOR_EXAMPLE,
                 }
             ]
         }
