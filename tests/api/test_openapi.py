@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import httpx
 from openapi_spec_validator import validate
 
 from app.api.events import message_event_example
+from app.api.params import CURSOR_EXAMPLE, SEQUENCE_CURSOR_EXAMPLE
 from app.domain.events import EventType, MessageEventPayload
+from app.domain.pagination import decode_cursor
 from app.main import create_app
+from tests.conftest import World
 
 
 def operations() -> list[tuple[str, str, dict[str, Any]]]:
@@ -132,3 +136,50 @@ async def test_docs_pages_load_their_assets_from_this_service(api: httpx.AsyncCl
             assert f"/docs-assets/{asset}" in sources
             served = await api.get(f"/docs-assets/{asset}")
             assert served.status_code == 200 and len(served.content) > 100_000
+
+
+def test_every_operation_documents_the_statuses_of_the_http_edge() -> None:
+    for path, method, operation in operations():
+        responses = operation["responses"]
+        assert {"413", "431"} <= set(responses), (method, path)
+        if method in ("post", "put", "patch"):  # a body that cannot be parsed
+            assert "400" in responses, (method, path)
+        if path != "/healthz":
+            assert "503" in responses, (method, path)
+
+
+def test_documented_cursor_examples_are_cursors_the_lists_accept() -> None:
+    spec = create_app().openapi()
+    parse_id = {"/v1/messages": uuid.UUID, "/v1/inbound": uuid.UUID}
+    checked = 0
+    for path, method, operation in operations():
+        for parameter in operation.get("parameters", []):
+            if parameter["name"] != "cursor":
+                continue
+            (example,) = parameter["examples"].values() if "examples" in parameter else [None]
+            value = example["value"] if example else parameter["schema"]["examples"][0]
+            decode_cursor(value, parse_id.get(path, int))  # raises when it is not one
+            checked += 1
+    page = spec["components"]["schemas"]["MessagePage"]["examples"][0]
+    decode_cursor(page["next_cursor"], uuid.UUID)
+    assert checked >= 4  # messages, inbound, opt-outs, events
+
+
+async def test_the_documented_cursor_examples_are_accepted_by_the_service(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    for path in ("/v1/messages", "/v1/inbound", "/v1/opt-outs", "/v1/events"):
+        cursor = CURSOR_EXAMPLE if path in ("/v1/messages", "/v1/inbound") else None
+        cursor = cursor or SEQUENCE_CURSOR_EXAMPLE
+        response = await api.get(
+            path, params={"cursor": cursor}, headers=world.auth(world.admin_key)
+        )
+        assert response.status_code == 200, (path, response.text)
+
+
+def test_a_custom_keyword_must_not_be_empty_in_the_schema_as_in_the_service() -> None:
+    schemas = create_app().openapi()["components"]["schemas"]
+    keyword = schemas["CustomKeyword"]["properties"]["keyword"]
+    assert keyword["minLength"] == 1
+    (words,) = schemas["CategoryConfig"]["properties"]["keywords"]["patternProperties"].values()
+    assert words["items"]["minLength"] == 1
