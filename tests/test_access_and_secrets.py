@@ -14,6 +14,7 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from app.db.session import SessionFactory
 from app.metrics import serve_metrics
@@ -136,7 +137,8 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
 ) -> None:
     config = alembic_config(scratch_database)
     await asyncio.to_thread(command.upgrade, config, "1c66deacd215")  # before encryption
-    engine = create_async_engine(scratch_database)
+    # A connection per statement: the schema changes under it between them.
+    engine = create_async_engine(scratch_database, poolclass=NullPool)
     async with engine.begin() as connection:
         client = await connection.scalar(
             text("INSERT INTO clients (id, name) VALUES (gen_random_uuid(), 'c') RETURNING id")

@@ -152,7 +152,7 @@ def test_documented_cursor_examples_are_cursors_the_lists_accept() -> None:
     spec = create_app().openapi()
     parse_id = {"/v1/messages": uuid.UUID, "/v1/inbound": uuid.UUID}
     checked = 0
-    for path, method, operation in operations():
+    for path, _, operation in operations():
         for parameter in operation.get("parameters", []):
             if parameter["name"] != "cursor":
                 continue
