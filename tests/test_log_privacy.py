@@ -158,7 +158,6 @@ async def test_a_failing_statement_logs_no_parameter(
 ) -> None:
     """A statement PostgreSQL refuses, with a number and a body as its parameters, through the
     API's engine: its log lines (formatted as the processes write them) quote neither."""
-    from app.api import messages
     from app.domain import messages as domain
 
     async def failing(session: Any, *_: Any, **__: Any) -> Any:
@@ -173,7 +172,6 @@ async def test_a_failing_statement_logs_no_parameter(
     logging.getLogger().addHandler(handler)
     try:
         monkeypatch.setattr(domain, "get_message", failing)
-        monkeypatch.setattr(messages.domain, "get_message", failing)
         async with app_factory() as api:
             response = await api.get(f"/v1/messages/{world.client_id}", headers=world.auth())
             monkeypatch.setattr(domain, "get_message", _raising_asyncpg_error)
