@@ -560,5 +560,6 @@ def test_docs_show_the_message_schema_examples_and_refusals() -> None:
     assert batch_schema["examples"][0]["messages"]
     example = schemas["BatchResult"]["examples"][0]
     assert {entry["status"] for entry in example["data"]} == {"accepted", "rejected"}
-    assert set(operation["responses"]) == {"200", "401", "409", "422"}
+    # Its own answers, and the edge's that every operation documents (400, 413, 431, 503).
+    assert set(operation["responses"]) == {"200", "401", "409", "422", "400", "413", "431", "503"}
     assert "Idempotency-Key" in [p["name"] for p in operation["parameters"]]
