@@ -115,6 +115,10 @@ def test_prometheus_and_grafana_start_with_the_rules_and_dashboard_provisioned()
     assert config["rule_files"] == ["alerts.yml"]  # beside the config, in the same mount
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["smsgate-api"]["static_configs"][0]["targets"] == ["api:8000"]
+    # The API's metrics need METRICS_TOKEN, which the entrypoint writes where the job reads it.
+    token_file = jobs["smsgate-api"]["authorization"]["credentials_file"]
+    assert token_file in " ".join(prometheus["entrypoint"])
+    assert "METRICS_TOKEN" in prometheus["environment"]
     # Every replica of a scaled worker, on the ports the workers serve metrics on.
     settings = Settings()
     assert jobs["smsgate-worker"]["dns_sd_configs"][0] == {
