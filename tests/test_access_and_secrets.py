@@ -136,7 +136,8 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
     scratch_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = alembic_config(scratch_database)
-    await asyncio.to_thread(command.upgrade, config, "sender_grants_key_lifecycle")  # before encryption
+    before_encryption = "sender_grants_key_lifecycle"
+    await asyncio.to_thread(command.upgrade, config, before_encryption)
     # A connection per statement: the schema changes under it between them.
     engine = create_async_engine(scratch_database, poolclass=NullPool)
     async with engine.begin() as connection:
@@ -170,7 +171,7 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
     assert new_only.decrypt(rotated) == "whsec_b2xk"
 
     monkeypatch.setenv("SECRETS_KEY", new_key)
-    await asyncio.to_thread(command.downgrade, config, "sender_grants_key_lifecycle")
+    await asyncio.to_thread(command.downgrade, config, before_encryption)
     async with engine.connect() as connection:
         restored = await connection.scalar(text("SELECT secret FROM signing_secrets"))
     await engine.dispose()
