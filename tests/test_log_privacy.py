@@ -198,8 +198,11 @@ def test_the_filter_redacts_what_others_log() -> None:
     """uvicorn's access log with a query string, a library's message with a number in it, a
     traceback quoting one: through the processes' handler, none of it is left."""
     config = logging_config("INFO", "json")
-    assert config["handlers"]["stdout"]["filters"] == ["redact"]
-    assert logging_config("INFO", "json", redact=False)["handlers"]["stdout"]["filters"] == []
+    assert "redact" in config["handlers"]["stdout"]["filters"]
+    assert (
+        "redact"
+        not in logging_config("INFO", "json", redact=False)["handlers"]["stdout"]["filters"]
+    )
     records = [
         logging.LogRecord(
             "uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',

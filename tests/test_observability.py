@@ -280,7 +280,7 @@ async def test_metrics_report_the_oldest_sending_claim(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
     await queued_message(session_factory, world)
-    await api.get("/metrics")
+    await api.get("/metrics", headers=METRICS_AUTH)
     assert sample("smsgate_oldest_sending_message_age_seconds") == 0.0  # none sending
 
     async with session_factory.begin() as session:
@@ -289,7 +289,7 @@ async def test_metrics_report_the_oldest_sending_claim(
                 status="sending", attempts=1, claimed_at=datetime.now(UTC) - timedelta(minutes=5)
             )
         )
-    await api.get("/metrics")
+    await api.get("/metrics", headers=METRICS_AUTH)
 
     assert 300 <= sample("smsgate_oldest_sending_message_age_seconds") < 360
 
@@ -303,7 +303,7 @@ async def test_metrics_report_each_providers_breaker_and_pause(
         await health.record("twilio", fault)
     await health.pause("vonage", 30)
 
-    await api.get("/metrics")
+    await api.get("/metrics", headers=METRICS_AUTH)
 
     assert sample("smsgate_circuit_open", provider="twilio") == 1.0
     assert sample("smsgate_circuit_open", provider="vonage") == 0.0
