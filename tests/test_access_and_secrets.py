@@ -136,7 +136,7 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
     scratch_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = alembic_config(scratch_database)
-    before_encryption = "sender_grants_key_lifecycle"
+    before_encryption = "message_parts"
     await asyncio.to_thread(command.upgrade, config, before_encryption)
     # A connection per statement: the schema changes under it between them.
     engine = create_async_engine(scratch_database, poolclass=NullPool)

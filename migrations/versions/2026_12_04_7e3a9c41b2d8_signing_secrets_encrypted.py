@@ -3,7 +3,7 @@ column widens for the ciphertext and every plain `whsec_` secret is encrypted in
 downgrade decrypts them again (it needs the same key).
 
 Revision ID: 7e3a9c41b2d8
-Revises: sender_grants_key_lifecycle
+Revises: message_parts
 Create Date: 2026-12-04 18:00:00.000000
 """
 
@@ -16,7 +16,7 @@ from app.secrets_at_rest import Keyring
 from app.settings import Settings
 
 revision: str = '7e3a9c41b2d8'
-down_revision: str | None = 'sender_grants_key_lifecycle'
+down_revision: str | None = 'message_parts'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
