@@ -402,3 +402,37 @@ async def test_the_send_pool_plans_its_statements_once(
     async with session_factory() as session:
         default = await session.scalar(text("SHOW plan_cache_mode"))
     assert (mode, default) == ("force_generic_plan", "auto")
+
+
+async def test_returning_a_send_connection_costs_no_round_trip(database: str) -> None:
+    """asyncpg's default reset sent four statements to PostgreSQL on every release (a round
+    trip per request); the send path leaves no session state, so the pool sends nothing."""
+    pool = Database(database, size=1)
+    sent: list[str] = []
+    try:
+        async with pool.connection() as connection:
+            connection.add_query_logger(lambda record: sent.append(record.query))
+            await connection.fetchval("SELECT 1")
+        async with pool.connection() as connection:
+            await connection.fetchval("SELECT 2")
+    finally:
+        await pool.close()
+    assert sent == ["SELECT 1", "SELECT 2"]
+
+
+async def test_a_transaction_left_open_is_rolled_back_when_its_connection_returns(
+    database: str,
+) -> None:
+    """Skipping the reset must not hand the next request a connection inside someone's
+    transaction: a row written in a transaction nobody committed is gone."""
+    pool = Database(database, size=1)
+    try:
+        async with pool.connection() as connection:
+            await connection.execute("BEGIN")
+            await connection.execute("CREATE TEMPORARY TABLE left_open (n int) ON COMMIT DROP")
+        async with pool.connection() as connection:
+            in_transaction = connection.is_in_transaction()
+            exists = await connection.fetchval("SELECT to_regclass('pg_temp.left_open')")
+    finally:
+        await pool.close()
+    assert (in_transaction, exists) == (False, None)
