@@ -12,6 +12,9 @@ and its body. `GuardedHttpToolsProtocol` adds, per connection (README, "HTTP lim
 uvicorn's own settings do the rest: `timeout_keep_alive` (`HTTP_KEEP_ALIVE_SECONDS`) closes idle
 keep-alive connections and `limit_concurrency` (`HTTP_MAX_CONCURRENCY`) answers 503 past that
 many connections and requests at once in one process.
+
+The protocol also writes each response's head and body in one system call
+(`_CoalescingTransport`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,44 @@ def _raw_response(status: int, reason: str, detail: str) -> bytes:
     ).encode() + body
 
 
+class _CoalescingTransport:
+    """A transport whose writes made in one turn of the event loop leave as one.
+
+    uvicorn writes a response's head and its body separately: two `send` system calls and two
+    segments to the client for every answer. Here they are joined and written at the end of the
+    turn (`call_soon`), so a whole small response is one call. Everything but writing and
+    closing is the real transport's.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Queue `data` for the end of this turn of the loop."""
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data) if not isinstance(data, bytes) else data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        """Write what is queued, then close (as a transport's close does with its buffer)."""
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header size cap and header and body deadlines."""
 
@@ -77,6 +118,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Start the clock for the first request's head (a silent connection is closed too)."""
         super().connection_made(transport)
+        self.transport = _CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         self._arm(self._limits.header_timeout, "the request headers took too long")
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -78,7 +78,8 @@ class RedactingFilter(logging.Filter):
             # only the path can carry a customer's data (one line per request, so only it is
             # redacted).
             client, method, path, version, status = args
-            record.msg = record.msg % (client, method, redact(without_query(str(path))), version, status)
+            path = redact(without_query(str(path)))
+            record.msg = record.msg % (client, method, path, version, status)
         else:
             record.msg = redact(record.getMessage())
         record.args = None

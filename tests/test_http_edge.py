@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import uvicorn
@@ -27,12 +27,38 @@ class SmallLimits(GuardedHttpToolsProtocol):
     limits = LIMITS
 
 
+class _WriteRecorder:
+    """The socket's transport, noting each write that reaches it."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class RecordingWrites(SmallLimits):
+    """SmallLimits, recording what reaches the socket's transport."""
+
+    writes: ClassVar[list[bytes]] = []
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_WriteRecorder(transport, self.writes))  # type: ignore[arg-type]
+
+
 @asynccontextmanager
-async def serving(**overrides: Any) -> AsyncIterator[int]:
+async def serving(
+    protocol: type[GuardedHttpToolsProtocol] = SmallLimits, **overrides: Any
+) -> AsyncIterator[int]:
     """The app served by uvicorn on a free loopback port, as `smsgate serve` configures it."""
     settings = make_settings(**overrides)
     port = free_port()
-    options = {**uvicorn_options(settings), "http": SmallLimits}
+    options = {**uvicorn_options(settings), "http": protocol}
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, log_config=None, **options
     )
@@ -200,3 +226,24 @@ async def test_the_connection_is_kept_alive_after_an_error(
     assert failed == 500 and b"internal_error" in problem
     assert refused == 422
     assert healthy == 200  # the same connection, three requests
+
+
+async def test_a_response_head_and_body_reach_the_socket_in_one_write(
+    edge: Callable[..., Any],
+) -> None:
+    """uvicorn writes a head and then a body: two system calls per answer, which the protocol
+    joins into one. Two requests on one connection: one write each, in order, whole."""
+    RecordingWrites.writes.clear()
+    async with edge(RecordingWrites) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await read_response(reader)
+        writer.write(b"GET /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n")  # no key: 401
+        second = await read_response(reader)
+        await shut(writer)
+
+    assert (first[0], second[0]) == (200, 401)
+    assert len(RecordingWrites.writes) == 2
+    assert [write.split(b" ", 2)[1] for write in RecordingWrites.writes] == [b"200", b"401"]
+    assert RecordingWrites.writes[0].endswith(first[1])
+    assert RecordingWrites.writes[1].endswith(second[1])
