@@ -24,6 +24,7 @@ from app.api import (
     messages,
     optouts,
     senders,
+    twilio_compat,
     webhooks,
 )
 from app.api.docs import install_docs
@@ -115,6 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events.router,
         event_endpoints.router,
         keys.router,
+        twilio_compat.admin_router,
+        twilio_compat.router,
     ):
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented

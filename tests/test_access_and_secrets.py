@@ -163,7 +163,7 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
     )
     result = await asyncio.to_thread(run_smsgate, "reencrypt-secrets", env=env)
     assert result.returncode == 0, result.stderr
-    assert "1 of 1 signing secrets re-encrypted" in result.stdout
+    assert "1 of 1 secrets re-encrypted" in result.stdout
     async with engine.connect() as connection:
         rotated = await connection.scalar(text("SELECT secret FROM signing_secrets"))
     new_only = Keyring(base64.b64decode(new_key))
