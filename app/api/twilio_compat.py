@@ -25,11 +25,13 @@ from pydantic import ValidationError as PydanticValidationError
 from app.api.deps import AcceptorDep, AdminDep, LookupsDep, SessionDep
 from app.api.schemas import SendMessageRequest
 from app.api.twilio_schemas import (
+    CreateMessageForm,
     TwilioCredentialsIn,
     TwilioCredentialsOut,
     TwilioErrorBody,
     TwilioMessage,
     TwilioMessagePage,
+    UpdateMessageForm,
 )
 from app.domain import messages as domain
 from app.domain import twilio_compat as twilio
@@ -160,37 +162,29 @@ async def create_message(
     account_sid: AccountSidPath,
     principal: TwilioPrincipalDep,
     acceptor: AcceptorDep,
-    to: Annotated[str | None, Form(alias="To", examples=["+14155550123"])] = None,
-    from_: Annotated[str | None, Form(alias="From", examples=["+14155550100"])] = None,
-    body: Annotated[str | None, Form(alias="Body", examples=["Your order has shipped."])] = None,
-    status_callback: Annotated[
-        str | None, Form(alias="StatusCallback", examples=["https://example.com/twilio/status"])
-    ] = None,
-    validity_period: Annotated[str | None, Form(alias="ValidityPeriod", examples=["3600"])] = None,
-    messaging_service_sid: Annotated[str | None, Form(alias="MessagingServiceSid")] = None,
-    send_at: Annotated[str | None, Form(alias="SendAt")] = None,
-    schedule_type: Annotated[str | None, Form(alias="ScheduleType")] = None,
-    media_url: Annotated[str | None, Form(alias="MediaUrl")] = None,
-    content_sid: Annotated[str | None, Form(alias="ContentSid")] = None,
+    form: Annotated[CreateMessageForm, Form()],
     idempotency_token: Annotated[
         str | None,
         Header(
             alias="I-Twilio-Idempotency-Token",
             description="As `Idempotency-Key` on `/v1/messages`: a retry with the same token "
             "and parameters answers the first response and sends nothing new.",
+            examples=["order-1042-shipped"],
         ),
     ] = None,
 ) -> Any:
     """Accept a message, as `POST /v1/messages` does; unknown parameters are ignored."""
     _refuse_unsupported(
-        send_at=send_at, schedule_type=schedule_type, media=media_url or content_sid
+        send_at=form.send_at,
+        schedule_type=form.schedule_type,
+        media=bool(form.media_url) or bool(form.content_sid),
     )
     command, parameters = _command(
-        to=_form_value(to),
-        from_=_form_value(from_),
-        body=body,
-        status_callback=_form_value(status_callback),
-        validity_period=_form_value(validity_period),
+        to=_form_value(form.to),
+        from_=_form_value(form.from_),
+        body=form.body,
+        status_callback=_form_value(form.status_callback),
+        validity_period=_form_value(form.validity_period),
     )
 
     def render(results: list[Result]) -> tuple[int, dict[str, Any]]:
@@ -215,9 +209,7 @@ async def create_message(
     return JSONResponse(response.body, status_code=response.status, headers=headers)
 
 
-def _refuse_unsupported(
-    *, send_at: str | None, schedule_type: str | None, media: str | None
-) -> None:
+def _refuse_unsupported(*, send_at: str | None, schedule_type: str | None, media: bool) -> None:
     """Parameters asking for what the service does not do are refused, never ignored: a
     message sent now, or without its media, is not what was asked for."""
     if send_at or schedule_type:
@@ -310,17 +302,16 @@ async def update_message(
     sid: MessageSidPath,
     session: SessionDep,
     principal: TwilioPrincipalDep,
-    status: Annotated[str | None, Form(alias="Status", examples=["canceled"])] = None,
-    body: Annotated[str | None, Form(alias="Body")] = None,
+    form: Annotated[UpdateMessageForm, Form()],
 ) -> Any:
     """Cancel a message still queued (30409 once an attempt has taken it); redacting a body
     (`Body=`) is not supported."""
     message_id = _message_id(sid)
-    if body is not None:
+    if form.body is not None:
         raise twilio.refusal(
             "invalid_parameter", "Invalid parameter: Body: redacting a message is not supported"
         )
-    if status != "canceled":
+    if form.status != "canceled":
         raise twilio.refusal("invalid_parameter", "Invalid parameter: Status: only 'canceled'")
     if not await cancel_queued(session, principal.client_id, message_id):
         raise twilio.refusal("cannot_cancel", "This message cannot be canceled")
@@ -349,15 +340,46 @@ async def list_messages(
     account_sid: AccountSidPath,
     session: SessionDep,
     principal: TwilioPrincipalDep,
-    to: Annotated[str | None, Query(alias="To", examples=["+14155550123"])] = None,
-    from_: Annotated[str | None, Query(alias="From", examples=["+14155550100"])] = None,
+    to: Annotated[
+        str | None,
+        Query(
+            alias="To", max_length=40, description="Only to this number.", examples=["+14155550123"]
+        ),
+    ] = None,
+    from_: Annotated[
+        str | None,
+        Query(
+            alias="From",
+            max_length=40,
+            description="Only from this sender.",
+            examples=["+14155550100"],
+        ),
+    ] = None,
     date_sent: Annotated[str | None, _date_query("DateSent", "of")] = None,
     date_sent_before: Annotated[str | None, _date_query("DateSent<", "on or before")] = None,
     date_sent_after: Annotated[str | None, _date_query("DateSent>", "on or after")] = None,
-    page_size: Annotated[int, Query(alias="PageSize", ge=1, le=1000)] = 50,
-    page: Annotated[int, Query(alias="Page", ge=0, le=1_000_000)] = 0,
+    page_size: Annotated[
+        int,
+        Query(alias="PageSize", ge=1, le=1000, description="Messages per page.", examples=[50]),
+    ] = 50,
+    page: Annotated[
+        int,
+        Query(
+            alias="Page",
+            ge=0,
+            le=1_000_000,
+            description="The page's number, as `next_page_uri` gives it (with its PageToken).",
+            examples=[0],
+        ),
+    ] = 0,
     page_token: Annotated[
-        str | None, Query(alias="PageToken", max_length=200, description="From `next_page_uri`.")
+        str | None,
+        Query(
+            alias="PageToken",
+            max_length=200,
+            description="From `next_page_uri`.",
+            examples=["MjAyNi0xMS0yNlQxMDowMDowMCswMDowMHw1YjBl"],
+        ),
     ] = None,
 ) -> Any:
     """Your messages, newest first, `PageSize` at a time; follow `next_page_uri`."""

@@ -154,3 +154,77 @@ class TwilioCredentialsOut(BaseModel):
     client: str
     account_sid: str
     auth_token: str
+
+
+class CreateMessageForm(BaseModel):
+    """Twilio's CreateMessage parameters that the service reads; any other is ignored, as
+    Twilio ignores unknown parameters."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "To": "+14155550123",
+                    "From": "+14155550100",
+                    "Body": "Your order #1042 has shipped.",
+                    "StatusCallback": "https://example.com/twilio/status",
+                }
+            ]
+        },
+    )
+
+    to: str | None = Field(default=None, alias="To", description="The recipient (21211, 21604).")
+    from_: str | None = Field(
+        default=None,
+        alias="From",
+        description="One of your senders (21606); without it, your default sender (21603).",
+    )
+    body: str | None = Field(default=None, alias="Body", description="The text (21602, 21617).")
+    status_callback: str | None = Field(
+        default=None,
+        alias="StatusCallback",
+        description="Where status changes are POSTed in Twilio's form, signed with "
+        "X-Twilio-Signature under your auth token; checked as our callback URLs are (21609).",
+    )
+    validity_period: str | None = Field(
+        default=None,
+        alias="ValidityPeriod",
+        description="Seconds during which it may still be sent (1 to 604800); then it fails.",
+    )
+    messaging_service_sid: str | None = Field(
+        default=None,
+        alias="MessagingServiceSid",
+        description="Ignored: there are no messaging services; without `From` your default "
+        "sender sends.",
+    )
+    send_at: str | None = Field(
+        default=None, alias="SendAt", description="Refused (60200): no scheduled sends."
+    )
+    schedule_type: str | None = Field(
+        default=None, alias="ScheduleType", description="Refused (60200): no scheduled sends."
+    )
+    media_url: list[str] | None = Field(
+        default=None, alias="MediaUrl", description="Refused (60200): SMS text only."
+    )
+    content_sid: str | None = Field(
+        default=None, alias="ContentSid", description="Refused (60200): no content templates."
+    )
+
+
+class UpdateMessageForm(BaseModel):
+    """Twilio's UpdateMessage parameters: only `Status=canceled` is supported."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        populate_by_name=True,
+        json_schema_extra={"examples": [{"Status": "canceled"}]},
+    )
+
+    status: str | None = Field(
+        default=None, alias="Status", description="`canceled` (a message still queued)."
+    )
+    body: str | None = Field(
+        default=None, alias="Body", description="Refused (60200): no redaction."
+    )

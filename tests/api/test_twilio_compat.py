@@ -212,6 +212,20 @@ async def test_create_then_fetch_through_the_sdk(
     assert http.check_bodies() == 2
 
 
+async def test_unknown_parameters_are_ignored_as_twilio_ignores_them(
+    live: str, shop: tuple[str, str]
+) -> None:
+    async with httpx.AsyncClient(base_url=live, auth=shop) as raw:
+        answer = await raw.post(
+            f"/2010-04-01/Accounts/{shop[0]}/Messages.json",
+            data={"To": RECIPIENT, "Body": "hi", "ProvideFeedback": "true", "Foo": "bar"},
+        )
+
+    assert answer.status_code == 201, answer.text
+    jsonschema.validate(answer.json(), _response_schema(MESSAGES, "post", "201"))
+    assert answer.json()["from"] == SENDER
+
+
 async def test_list_pages_follow_next_page_uri(live: str, shop: tuple[str, str]) -> None:
     client, http = sdk(live, *shop)
     sids = [
