@@ -253,6 +253,11 @@ def _command(
     try:
         request = SendMessageRequest.model_validate(raw)
     except PydanticValidationError as error:
+        if any(
+            item["loc"] == ("body",) and item["type"] == "string_too_long"
+            for item in error.errors()
+        ):
+            raise twilio.refusal("body_too_long", "Body: too long") from None
         raise twilio.from_service_error(
             ValidationFailed.from_pydantic(error.errors(), request=False)
         ) from None

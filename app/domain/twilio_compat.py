@@ -85,7 +85,6 @@ INVALID_PARAMETER: Final = (60200, 400)
 # Pydantic's complaints about one of `SendMessageRequest`'s fields, as our refusal codes.
 FIELD_CODES: Final[dict[str, str]] = {
     "to": "invalid_to",
-    "body": "body_too_long",
     "from": "invalid_from",
     "callback_url": "invalid_status_callback",
 }

@@ -325,6 +325,8 @@ async def test_a_claimed_message_cannot_be_canceled(
         ({"to": "", "body": "hi"}, 21604),  # To missing
         ({"to": RECIPIENT}, 21602),  # Body missing
         ({"to": RECIPIENT, "body": "a" * 1601 * 2}, 21617),  # over the segment limit
+        ({"to": RECIPIENT, "body": "a" * 10_001}, 21617),  # over any limit
+        ({"to": RECIPIENT, "body": "a\x00b"}, 60200),  # a NUL: invalid, not too long
         ({"to": RECIPIENT, "body": "hi", "from_": "+14155559999"}, 21606),  # not a sender
         ({"to": RECIPIENT, "body": "hi", "from_": "x" * 30}, 21212),  # not even an address
         ({"to": RECIPIENT, "body": "hi", "status_callback": "not a url"}, 21609),
