@@ -29,8 +29,11 @@ from twilio.rest import Client as TwilioClient
 
 from app.db.models import Message, MessageEvent, OptOut, WebhookEvent
 from app.db.session import SessionFactory
+from app.domain.status import MessageStatus
+from app.domain.transitions import record_status_report
 from app.domain.twilio_compat import issue_credentials
 from app.domain.webhook_delivery import build_events_http_client, deliver_event
+from app.providers.base import StatusReport
 from app.settings import EventsSettings
 from tests.conftest import TEST_REDIS_URL, World, owned_database_url
 from tests.processes import clean_env, free_port, start_smsgate, stop, wait_http_ok
@@ -495,6 +498,55 @@ async def test_status_callback_is_signed_as_twilio_signs(
     validator = RequestValidator(shop[1])
     assert validator.validate(url, fields, headers["x-twilio-signature"])
     assert not RequestValidator("0" * 32).validate(url, fields, headers["x-twilio-signature"])
+    http.check_bodies()
+
+
+async def test_a_providers_report_reaches_the_status_callback_with_its_error_code(
+    live: str, shop: tuple[str, str], session_factory: SessionFactory
+) -> None:
+    """The delivery pipeline is /v1's: a provider's report moves the message, and its event
+    goes out in Twilio's form (here with Twilio's error code)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/status"
+    try:
+        client, http = sdk(live, *shop)
+        sid = client.messages.create(to=RECIPIENT, body="hi", status_callback=url).sid
+        message_id = uuid.UUID(hex=sid[2:])
+        async with session_factory.begin() as session:  # the worker submitted it
+            await session.execute(
+                text("UPDATE messages SET status = 'sent', claimed_at = now() WHERE id = :id"),
+                {"id": message_id},
+            )
+        report = StatusReport(
+            provider_message_id="SM" + "f" * 32,
+            provider_status="undelivered",
+            status=MessageStatus.UNDELIVERED,
+            message_id=message_id,
+            error_code="30003",
+            error_message="Unreachable destination handset",
+        )
+        assert await record_status_report(session_factory, "twilio", report)
+        async with session_factory() as session:
+            event = await session.scalar(select(WebhookEvent))
+        assert event is not None and event.format == "twilio"
+        events = EventsSettings(allow_http=True, allowed_networks=["127.0.0.0/8"])
+        async with build_events_http_client(events) as http_client:
+            await deliver_event(event.id, session_factory, http_client, events)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    ((_, headers, fields),) = _Receiver.received
+    assert (fields["MessageStatus"], fields["ErrorCode"]) == ("undelivered", "30003")
+    assert RequestValidator(shop[1]).validate(url, fields, headers["x-twilio-signature"])
+    fetched = client.messages(sid).fetch()
+    assert (fetched.status, fetched.error_code) == ("undelivered", 30003)
+    assert fetched.error_message == "Unreachable destination handset"
+    assert fetched.date_sent is not None
     http.check_bodies()
 
 
