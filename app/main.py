@@ -129,7 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_edge_responses(problem_json_only(FastAPI.openapi(app)))
+            app.openapi_schema = document_edge_responses(
+                twilio_compat.twilio_answers(problem_json_only(FastAPI.openapi(app)))
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

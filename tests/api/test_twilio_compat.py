@@ -33,9 +33,10 @@ from app.domain.status import MessageStatus
 from app.domain.transitions import record_status_report
 from app.domain.twilio_compat import issue_credentials
 from app.domain.webhook_delivery import build_events_http_client, deliver_event
+from app.main import create_app
 from app.providers.base import StatusReport
 from app.settings import EventsSettings
-from tests.conftest import TEST_REDIS_URL, World, owned_database_url
+from tests.conftest import TEST_REDIS_URL, World, make_settings, owned_database_url
 from tests.processes import clean_env, free_port, start_smsgate, stop, wait_http_ok
 
 SPEC = json.loads(
@@ -607,3 +608,29 @@ def test_schema_conversion_rejects_what_twilio_would_not_send() -> None:
         jsonschema.validate({"num_segments": 1}, schema)  # a string in Twilio's document
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"status": "expired"}, schema)  # not in Twilio's vocabulary
+
+
+def test_openapi_documents_twilios_answers() -> None:
+    spec = create_app(make_settings()).openapi()
+    operations = [
+        (path, method, operation)
+        for path, item in spec["paths"].items()
+        if path.startswith("/2010-04-01/")
+        for method, operation in item.items()
+    ]
+
+    assert {(path, method) for path, method, _ in operations} == {
+        (MESSAGES, "post"),
+        (MESSAGES, "get"),
+        (MESSAGE, "get"),
+        (MESSAGE, "post"),
+    }
+    for _, _, operation in operations:
+        assert "422" not in operation["responses"]  # parameters are refused with a Twilio 400
+        error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/TwilioErrorBody"}
+        assert operation["security"] == [{"HTTPBasic": []}]
+    create = spec["paths"][MESSAGES]["post"]
+    assert "application/x-www-form-urlencoded" in create["requestBody"]["content"]
+    example = spec["components"]["schemas"]["TwilioMessage"]["examples"][0]
+    jsonschema.validate(example, _response_schema(MESSAGES, "post", "201"))
