@@ -258,7 +258,7 @@ def _command(
             raw["validity_period"] = int(validity_period)
         except ValueError:
             raise twilio.refusal(
-                "invalid_parameter", "Invalid parameter: ValidityPeriod: not an integer"
+                "invalid_validity_period", "ValidityPeriod: not an integer"
             ) from None
     try:
         request = SendMessageRequest.model_validate(raw)

@@ -191,7 +191,8 @@ class CreateMessageForm(BaseModel):
     validity_period: str | None = Field(
         default=None,
         alias="ValidityPeriod",
-        description="Seconds during which it may still be sent (1 to 604800); then it fails.",
+        description="Seconds during which it may still be sent (1 to 604800; 90007); then it "
+        "fails (30036).",
     )
     messaging_service_sid: str | None = Field(
         default=None,

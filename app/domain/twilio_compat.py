@@ -55,7 +55,7 @@ STATUSES: Final[dict[MessageStatus, str]] = {
 # A message's `error_code` (ours, or a provider's that is not Twilio's) as a Twilio error code.
 MESSAGE_ERROR_CODES: Final[dict[str, int]] = {
     "recipient_opted_out": 21610,  # Attempt to send to unsubscribed recipient
-    "expired": 30001,  # Queue overflow: not sent within its validity period
+    "expired": 30036,  # Validity Period Expired
 }
 UNKNOWN_MESSAGE_ERROR: Final = 30008  # Unknown error
 
@@ -72,6 +72,7 @@ REFUSALS: Final[dict[str, tuple[int, int]]] = {
     "no_default_sender": (21603, 400),  # 'From' phone number is required
     "recipient_opted_out": (21610, 400),  # Attempt to send to unsubscribed recipient
     "invalid_status_callback": (21609, 400),  # Invalid 'StatusCallback'
+    "invalid_validity_period": (90007, 400),  # Invalid validity period value
     "cannot_cancel": (30409, 400),  # This message cannot be canceled
     "invalid_api_key": (20003, 401),  # Authenticate
     "message_not_found": (20404, 404),  # The requested resource was not found
@@ -87,6 +88,7 @@ FIELD_CODES: Final[dict[str, str]] = {
     "to": "invalid_to",
     "from": "invalid_from",
     "callback_url": "invalid_status_callback",
+    "validity_period": "invalid_validity_period",
 }
 # The form parameter each field comes from (for messages naming what the client sent).
 PARAMETERS: Final[dict[str, str]] = {

@@ -336,7 +336,7 @@ async def test_a_claimed_message_cannot_be_canceled(
         ({"to": RECIPIENT, "body": "hi", "status_callback": "not a url"}, 21609),
         ({"to": RECIPIENT, "body": "hi", "send_at": datetime(2030, 1, 1)}, 60200),
         ({"to": RECIPIENT, "body": "hi", "media_url": ["https://x.test/a.png"]}, 60200),
-        ({"to": RECIPIENT, "body": "hi", "validity_period": 0}, 60200),
+        ({"to": RECIPIENT, "body": "hi", "validity_period": 0}, 90007),
     ],
 )
 async def test_refusals_carry_twilios_codes(

@@ -61,7 +61,7 @@ def test_resource_fields() -> None:
         ("failed", "twilio", "30003", 30003),  # Twilio's own code passes through
         ("undelivered", "vonage", "6", 30008),  # another provider's: unknown error
         ("canceled", "twilio", "recipient_opted_out", 21610),
-        ("expired", "twilio", "expired", 30001),
+        ("expired", "twilio", "expired", 30036),
         ("canceled", "twilio", "canceled", None),  # canceled by its client
         ("delivered", "twilio", "30003", None),  # a retry succeeded: no error
     ],
@@ -90,13 +90,17 @@ def test_refusals_become_twilios_codes() -> None:
     invalid_to = twilio.from_service_error(
         ValidationFailed.for_field("validation_error", "to", "not a phone number")
     )
-    other = twilio.from_service_error(
+    validity = twilio.from_service_error(
         ValidationFailed.for_field("validation_error", "validity_period", "too big")
+    )
+    other = twilio.from_service_error(
+        ValidationFailed.for_field("validation_error", "metadata", "not here")
     )
 
     assert (opted_out.code, opted_out.status) == (21610, 400)
     assert (invalid_to.code, invalid_to.message) == (21211, "To: not a phone number")
-    assert (other.code, other.message) == (60200, "ValidityPeriod: too big")
+    assert (validity.code, validity.message) == (90007, "ValidityPeriod: too big")
+    assert (other.code, other.message) == (60200, "metadata: not here")
     assert other.body()["more_info"] == "https://www.twilio.com/docs/errors/60200"
 
 
