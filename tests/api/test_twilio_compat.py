@@ -5,6 +5,7 @@ response body checked against Twilio's own OpenAPI document, and a status callba
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -37,7 +38,14 @@ from app.main import create_app
 from app.providers.base import StatusReport
 from app.settings import EventsSettings
 from tests.conftest import TEST_REDIS_URL, World, make_settings, owned_database_url
-from tests.processes import clean_env, free_port, start_smsgate, stop, wait_http_ok
+from tests.processes import (
+    clean_env,
+    free_port,
+    run_smsgate,
+    start_smsgate,
+    stop,
+    wait_http_ok,
+)
 
 SPEC = json.loads(
     (Path(__file__).resolve().parents[3] / "shared/specs/twilio_api_v2010.json").read_text()
@@ -589,6 +597,22 @@ async def test_admin_issues_credentials_and_a_new_token_replaces_the_old(
     assert client.messages.list() == []
     stale, _ = sdk(live, first["account_sid"], first["auth_token"])
     assert _raises(lambda: stale.messages.create(to=RECIPIENT, body="hi")).code == 20003
+
+
+async def test_the_command_line_issues_credentials(live: str, world: World) -> None:
+    env = clean_env(DATABASE_URL=owned_database_url(), REDIS_URL=TEST_REDIS_URL)
+
+    result = await asyncio.to_thread(run_smsgate, "twilio-credentials", "--client", "shop", env=env)
+    unknown = await asyncio.to_thread(
+        run_smsgate, "twilio-credentials", "--client", "nobody", env=env
+    )
+
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split("\t") for line in result.stdout.splitlines())
+    assert fields["account_sid"] == "AC" + world.client_id.hex
+    client, _ = sdk(live, fields["account_sid"], fields["auth_token"])
+    assert client.messages.list() == []
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr
 
 
 async def test_twilio_credentials_are_stored_encrypted(
