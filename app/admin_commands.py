@@ -1,5 +1,6 @@
-"""`smsgate` subcommands for operators: API keys (`api-keys list|create|revoke|rotate`) and
-which clients may use a sender (`grant-sender`, `revoke-sender`, `sender-clients`).
+"""`smsgate` subcommands for operators: API keys (`api-keys list|create|revoke|rotate`),
+which clients may use a sender (`grant-sender`, `revoke-sender`, `sender-clients`), and a
+client's credentials for the Twilio-compatible API (`twilio-credentials`).
 
 They write straight to the database, as `create-api-key` does. Running API processes keep the
 keys and senders they cached for `LOOKUP_CACHE_SECONDS`: a revocation, rotation or grant made
@@ -78,6 +79,14 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     clients.add_argument("sender", help="the sender's address")
     clients.set_defaults(run=_sender_clients)
 
+    twilio = commands.add_parser(
+        "twilio-credentials",
+        help="issue a client's account SID and auth token for the Twilio-compatible API "
+        "(replacing its earlier token) and print them once",
+    )
+    twilio.add_argument("--client", required=True, help="the client's name")
+    twilio.set_defaults(run=_twilio_credentials)
+
 
 def _in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     """Run `work` in one transaction on the configured database; a refusal exits with 1."""
@@ -97,6 +106,16 @@ def _in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     except ServiceError as error:
         sys.stderr.write(f"{error.detail}\n")
         raise SystemExit(1) from None
+
+
+def _twilio_credentials(args: argparse.Namespace) -> int:
+    from app.domain.twilio_compat import issue_credentials
+    from app.secrets_at_rest import Keyring, install
+
+    install(Keyring.from_settings(get_settings()))  # the token is stored encrypted
+    sid, token = _in_transaction(lambda session: issue_credentials(session, args.client))
+    sys.stdout.write(f"account_sid\t{sid}\nauth_token\t{token}\n")
+    return 0
 
 
 def _when(value: datetime | None) -> str:

@@ -124,8 +124,9 @@ async def _seed_senders(path: Path) -> tuple[int, int]:
 
 
 async def _reencrypt_secrets() -> tuple[int, int]:
-    """Rewrite every signing secret not encrypted with the current SECRETS_KEY (a rotation):
-    (rewritten, total). Reads with the previous keys, writes with the current one."""
+    """Rewrite every signing secret and Twilio auth token not encrypted with the current
+    SECRETS_KEY (a rotation): (rewritten, total). Reads with the previous keys, writes with the
+    current one."""
     from sqlalchemy import text
 
     from app.db.session import create_engine
@@ -136,18 +137,24 @@ async def _reencrypt_secrets() -> tuple[int, int]:
     rewritten = total = 0
     try:
         async with engine.begin() as connection:
-            rows = (
-                await connection.execute(text("SELECT id, secret FROM signing_secrets FOR UPDATE"))
-            ).all()
-            for row_id, stored in rows:
-                total += 1
-                if keyring.is_current(stored):
-                    continue
-                await connection.execute(
-                    text("UPDATE signing_secrets SET secret = :secret WHERE id = :id"),
-                    {"secret": keyring.encrypt(keyring.decrypt(stored)), "id": row_id},
-                )
-                rewritten += 1
+            for table, key, column in (
+                ("signing_secrets", "id", "secret"),
+                ("twilio_credentials", "client_id", "auth_token"),
+            ):
+                rows = (
+                    await connection.execute(
+                        text(f"SELECT {key}, {column} FROM {table} FOR UPDATE")
+                    )
+                ).all()
+                for row_id, stored in rows:
+                    total += 1
+                    if keyring.is_current(stored):
+                        continue
+                    await connection.execute(
+                        text(f"UPDATE {table} SET {column} = :secret WHERE {key} = :id"),
+                        {"secret": keyring.encrypt(keyring.decrypt(stored)), "id": row_id},
+                    )
+                    rewritten += 1
     finally:
         await engine.dispose()
     return rewritten, total
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(generate_key() + "\n")
     elif args.command == "reencrypt-secrets":
         rewritten, total = asyncio.run(_reencrypt_secrets())
-        sys.stdout.write(f"{rewritten} of {total} signing secrets re-encrypted\n")
+        sys.stdout.write(f"{rewritten} of {total} secrets re-encrypted\n")
     elif args.command == "create-api-key":
         raw_key = asyncio.run(
             _create_api_key(args.client, args.admin, args.default_sender, args.name)

@@ -24,6 +24,7 @@ from app.api import (
     messages,
     optouts,
     senders,
+    twilio_compat,
     webhooks,
 )
 from app.api.docs import install_docs
@@ -115,6 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events.router,
         event_endpoints.router,
         keys.router,
+        twilio_compat.admin_router,
+        twilio_compat.router,
     ):
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented
@@ -126,7 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_edge_responses(problem_json_only(FastAPI.openapi(app)))
+            app.openapi_schema = document_edge_responses(
+                twilio_compat.twilio_answers(problem_json_only(FastAPI.openapi(app)))
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -155,6 +155,13 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
         migrated = await connection.scalar(text("SELECT secret FROM signing_secrets"))
     assert migrated.startswith("aesgcm1$")
     assert Keyring.from_settings(make_settings()).decrypt(migrated) == "whsec_b2xk"
+    # A Twilio auth token (written as the API writes it: encrypted) is rotated too.
+    token = Keyring.from_settings(make_settings()).encrypt("0123456789abcdef0123456789abcdef")
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("INSERT INTO twilio_credentials (client_id, auth_token) VALUES (:c, :t)"),
+            {"c": client, "t": token},
+        )
 
     # Rotation: a new key, the old one kept for reading, then every row rewritten.
     new_key = generate_key()
@@ -163,12 +170,14 @@ async def test_the_migration_encrypts_existing_secrets_and_rotation_reencrypts_t
     )
     result = await asyncio.to_thread(run_smsgate, "reencrypt-secrets", env=env)
     assert result.returncode == 0, result.stderr
-    assert "1 of 1 signing secrets re-encrypted" in result.stdout
+    assert "2 of 2 secrets re-encrypted" in result.stdout
     async with engine.connect() as connection:
         rotated = await connection.scalar(text("SELECT secret FROM signing_secrets"))
+        rotated_token = await connection.scalar(text("SELECT auth_token FROM twilio_credentials"))
     new_only = Keyring(base64.b64decode(new_key))
     assert new_only.is_current(rotated)
     assert new_only.decrypt(rotated) == "whsec_b2xk"
+    assert new_only.decrypt(rotated_token) == "0123456789abcdef0123456789abcdef"
 
     monkeypatch.setenv("SECRETS_KEY", new_key)
     await asyncio.to_thread(command.downgrade, config, before_encryption)

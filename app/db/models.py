@@ -75,6 +75,22 @@ class Client(Base):
     created_at: Mapped[datetime] = _now()
 
 
+class TwilioCredential(Base):
+    """A client's Twilio-style credentials for the Twilio-compatible API (app.api.twilio_compat):
+    the account SID is derived from the client's id, the auth token is random. The token signs
+    the status callbacks the client asked for (`X-Twilio-Signature`), so it cannot be hashed: it
+    is encrypted with SECRETS_KEY like signing secrets. One per client; issuing again replaces it.
+    Lives as long as its client."""
+
+    __tablename__ = "twilio_credentials"
+
+    client_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE"), primary_key=True
+    )
+    auth_token: Mapped[str] = mapped_column(EncryptedSecret())
+    created_at: Mapped[datetime] = _now()
+
+
 class ApiKey(Base):
     """An API key, stored as the SHA-256 of the secret (keys are random, so no slow hash needed)."""
 
@@ -162,6 +178,7 @@ class Message(Base):
             "claimed_at",
             postgresql_where=text("status = 'sending'"),
         ),
+        CheckConstraint("api IN ('v1', 'twilio')", name="api"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -197,6 +214,8 @@ class Message(Base):
     resubmissions: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # The API that accepted it: `v1`, or `twilio` (its status callbacks go out in Twilio's form).
+    api: Mapped[str] = mapped_column(String(8), default="v1", server_default=text("'v1'"))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
 
@@ -436,6 +455,7 @@ class WebhookEvent(Base):
     __tablename__ = "webhook_events"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        CheckConstraint("format IN ('standard', 'twilio')", name="format"),
         Index("ix_webhook_events_client_created", "client_id", "created_at", "seq"),
         # The sweep looks for pending events that are due.
         Index(
@@ -476,8 +496,13 @@ class WebhookEvent(Base):
     )
     # Events with the same key (a message, a number's opt-outs) go to an endpoint in order.
     ordering_key: Mapped[str | None] = mapped_column(String(80))
-    # The body sent: {"id", "type", "timestamp", "data"}.
+    # The body sent: {"id", "type", "timestamp", "data"}; for the `twilio` format, the form
+    # fields of a Twilio status callback.
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # `standard` (JSON, Standard Webhooks signature) or `twilio` (form, X-Twilio-Signature).
+    format: Mapped[str] = mapped_column(
+        String(8), default="standard", server_default=text("'standard'")
+    )
     status: Mapped[str] = mapped_column(
         String(16), default="pending", server_default=text("'pending'")
     )

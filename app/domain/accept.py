@@ -59,6 +59,8 @@ class SendCommand:
     callback_url: str | None = None
     validity_period: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Which API accepted it: "v1", or "twilio" (its callbacks then go out in Twilio's form).
+    api: str = "v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,7 @@ async def _judge(
             callback_url=command.callback_url,
             metadata=command.metadata,
             validity_period=command.validity_period,
+            api=command.api,
             now=now,
         )
 
@@ -361,6 +364,7 @@ def message_row(
     callback_url: str | None = None,
     metadata: dict[str, str] | None = None,
     validity_period: int | None = None,
+    api: str = "v1",
     now: datetime,
 ) -> dict[str, Any]:
     """A new `queued` message, keyed by column name. Its keys are the INSERT's column list: a
@@ -381,6 +385,7 @@ def message_row(
         "metadata": metadata or {},
         "validity_period": validity_period,
         "expires_at": now + timedelta(seconds=validity_period) if validity_period else None,
+        "api": api,
         "attempts": 0,
         "created_at": now,
         "updated_at": now,

@@ -44,6 +44,7 @@ from app.domain.endpoints import Owner, default_endpoint, default_sender_endpoin
 from app.domain.endpoints import endpoint_for_url as _endpoint_for_url
 from app.domain.pagination import decode_cursor, encode_cursor
 from app.domain.status import MessageStatus
+from app.domain.twilio_compat import callback_params
 from app.errors import Conflict, NotFound
 
 # Session.info key: deliveries to enqueue once the transaction has committed.
@@ -277,19 +278,26 @@ async def _write(
     session: AsyncSession,
     endpoint: WebhookEndpoint,
     event_type: EventType,
-    data: BaseModel,
+    data: BaseModel | dict[str, str],
     *,
     ordering_key: str,
     message_id: uuid.UUID | None = None,
 ) -> WebhookEvent:
+    """An event for `endpoint`: `data` in our envelope (standard), or a Twilio status callback's
+    form fields as they are (a dict: the `twilio` format)."""
     now = datetime.now(UTC)
     event_id = uuid.uuid4()
-    payload = {
-        "id": str(event_id),
-        "type": event_type.value,
-        "timestamp": now.isoformat().replace("+00:00", "Z"),
-        "data": data.model_dump(mode="json", by_alias=True),
-    }
+    if isinstance(data, dict):
+        payload: dict[str, Any] = dict(data)
+        event_format = "twilio"
+    else:
+        payload = {
+            "id": str(event_id),
+            "type": event_type.value,
+            "timestamp": now.isoformat().replace("+00:00", "Z"),
+            "data": data.model_dump(mode="json", by_alias=True),
+        }
+        event_format = "standard"
     event = WebhookEvent(
         id=event_id,
         type=event_type.value,
@@ -298,6 +306,7 @@ async def _write(
         message_id=message_id,
         ordering_key=ordering_key,
         payload=payload,
+        format=event_format,
         status=EventStatus.PENDING.value,
         attempts=0,
         next_attempt_at=now,
@@ -360,6 +369,17 @@ async def emit_message_status(session: AsyncSession, message_id: uuid.UUID) -> N
     else:
         endpoint = await default_endpoint(session, owner)
     if endpoint is None:
+        return
+    if message.api == "twilio" and message.callback_url:
+        # Its StatusCallback: Twilio's form fields, signed as Twilio signs them.
+        await _write(
+            session,
+            endpoint,
+            event_type,
+            callback_params(message),
+            ordering_key=f"message:{message.id}",
+            message_id=message.id,
+        )
         return
     data = MessageData(
         id=message.id,

@@ -19,6 +19,8 @@ for it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 import uuid
@@ -31,7 +33,9 @@ from app.domain.auth import Principal, api_key_from_header, hash_key, unknown_ke
 from app.domain.keywords import KeywordConfig, missing_replies
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.domain.senders import PHONE_LIKE, no_default_sender, sender_not_found, unknown_sender
+from app.domain.twilio_compat import ACCOUNT_PREFIX, parse_sid
 from app.errors import PolicyRefusal
+from app.secrets_at_rest import installed
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -157,6 +161,12 @@ WITH found AS (
 )
 SELECT * FROM found
 """
+# A client's Twilio credentials (the token as stored: encrypted).
+_TWILIO_SQL: Final = """
+SELECT c.id, c.name, c.default_sender_id, t.auth_token
+FROM twilio_credentials AS t JOIN clients AS c ON c.id = t.client_id
+WHERE t.client_id = $1
+"""
 _SENDER_COLUMNS: Final = """id, address, provider, keywords::text AS keywords,
     ARRAY(SELECT client_id FROM sender_clients WHERE sender_id = senders.id) AS client_ids"""
 _SENDER_BY_ID_SQL: Final = f"SELECT {_SENDER_COLUMNS} FROM senders WHERE id = $1"
@@ -174,6 +184,7 @@ class Lookups:
         self._db = db
         self._accept_defaults = accept_default_replies
         self._principals: TtlCache[bytes, Principal] = TtlCache(ttl)
+        self._twilio_principals: TtlCache[bytes, Principal] = TtlCache(ttl)
         self._senders_by_id: TtlCache[uuid.UUID, SenderInfo] = TtlCache(ttl)
         self._senders_by_address: TtlCache[str, SenderInfo] = TtlCache(ttl)
 
@@ -193,6 +204,26 @@ class Lookups:
         if not rows:
             return None
         return Principal(*rows[0])
+
+    async def twilio_principal(self, account_sid: str, auth_token: str) -> Principal | None:
+        """The client whose Twilio account SID and auth token these are, or None. Cached like
+        keys, under a hash of the pair; a wrong pair is read (and refused) every time."""
+        client_id = parse_sid(account_sid, ACCOUNT_PREFIX)
+        if client_id is None or not auth_token:
+            return None
+        pair = hashlib.sha256(f"{account_sid}:{auth_token}".encode()).digest()
+
+        async def load() -> Principal | None:
+            async with self._db.connection() as connection:
+                rows = await fetch(connection, _TWILIO_SQL, client_id, autocommit=True)
+            if not rows:
+                return None
+            found_id, name, default_sender_id, stored = rows[0]
+            if not hmac.compare_digest(installed().decrypt(stored).encode(), auth_token.encode()):
+                return None
+            return Principal(found_id, name, default_sender_id, is_admin=False)
+
+        return await self._twilio_principals.get_or_load(pair, load)
 
     async def sender(
         self, address: str | None, principal: Principal, default_region: str
@@ -258,11 +289,13 @@ class Lookups:
         """Drop every cached key (after a revocation or rotation, or a client's default sender
         changed)."""
         self._principals.clear()
+        self._twilio_principals.clear()
 
     def forget_all(self) -> None:
         """Drop everything (what was cached turned out to be gone)."""
         for cache in (self._principals, self._senders_by_id, self._senders_by_address):
             cache.clear()
+        self._twilio_principals.clear()
 
 
 def _spellings(address: str, default_region: str) -> list[str]:

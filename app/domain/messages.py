@@ -52,6 +52,7 @@ class MessageFilter:
     """Filters for listing messages; all optional."""
 
     to: str | None = None
+    from_: str | None = None
     status: MessageStatus | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
@@ -77,6 +78,8 @@ async def list_messages(
     query = select(Message).where(Message.client_id == client_id)
     if filters.to is not None:
         query = query.where(Message.to == filters.to)
+    if filters.from_ is not None:
+        query = query.where(Message.from_ == filters.from_)
     if filters.status is not None:
         query = query.where(Message.status == filters.status.value)
     if filters.created_after is not None:

@@ -59,6 +59,7 @@ from app.domain.parts import (
 )
 from app.domain.status import MessageStatus, can_advance, statuses_before
 from app.domain.text import storable, storable_mapping
+from app.errors import NotFound
 from app.logs import message_id_var
 from app.metrics import count_status
 from app.providers.base import StatusReport
@@ -299,6 +300,7 @@ async def finish_unsent(
     reason: str,
     *,
     error_code: str | None = None,
+    source: str = "worker",
 ) -> Outcome:
     """End a queued message without sending it (expired, canceled); a no-op if it moved."""
     done = await session.scalar(
@@ -310,9 +312,37 @@ async def finish_unsent(
     if done is None:
         return Outcome(None)
     count_status(status.value, message.provider, message.from_)
-    session.add(_history(message.id, status, applied=True, detail=reason, error_code=error_code))
+    session.add(
+        _history(
+            message.id, status, applied=True, detail=reason, error_code=error_code, source=source
+        )
+    )
     await emit_message_status(session, message.id)
     return Outcome(status)
+
+
+async def cancel_queued(session: AsyncSession, client_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+    """Cancel a client's message that is still queued (no attempt holds it), in the session's
+    transaction: the recipient's lock, then the conditional UPDATE of `finish_unsent`, as a
+    claim takes them. Whether it was canceled (False: it has moved on, or it never was the
+    client's to cancel; `NotFound` for a message that is not the client's)."""
+    message = await session.scalar(
+        select(Message).where(Message.id == message_id, Message.client_id == client_id)
+    )
+    if message is None:
+        raise NotFound("message_not_found", f"no message with id {message_id}")
+    if message.status != MessageStatus.QUEUED.value:
+        return False
+    await lock_recipients(session, [message.to])
+    outcome = await finish_unsent(
+        session,
+        message,
+        MessageStatus.CANCELED,
+        "canceled by its client",
+        error_code="canceled",
+        source="api",
+    )
+    return outcome.status is MessageStatus.CANCELED
 
 
 def _pending(message: Message) -> ColumnElement[bool]:

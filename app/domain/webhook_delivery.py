@@ -41,13 +41,14 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, cast
+from urllib.parse import urlencode
 
 import httpx
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from app.db.models import WebhookAttempt, WebhookEndpoint, WebhookEvent
+from app.db.models import TwilioCredential, WebhookAttempt, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
 from app.domain.destinations import DestinationRefused, Resolver, resolve_destination
 from app.domain.destinations import system_resolver as _system_resolver
@@ -55,6 +56,7 @@ from app.domain.endpoints import Owner, disable
 from app.domain.events import EventJob, EventStatus
 from app.domain.signing import active_secrets, webhook_headers
 from app.domain.text import storable
+from app.domain.twilio_compat import signature
 from app.metrics import EVENT_DELIVERY_ATTEMPTS, EVENT_DELIVERY_SECONDS
 from app.providers.base import retry_after_seconds
 from app.settings import EventsSettings
@@ -157,6 +159,8 @@ class _Claim:
     url: str
     payload: dict[str, Any]
     keys: tuple[str, ...]
+    # A Twilio status callback (`format` twilio) is signed with its client's auth token.
+    twilio_token: str | None = None
 
 
 def build_events_http_client(settings: EventsSettings) -> httpx.AsyncClient:
@@ -188,8 +192,17 @@ async def deliver_event(
     claimed = await _claim(session_factory, event_id, settings)
     if isinstance(claimed, EventOutcome):
         return claimed
-    body = json.dumps(claimed.payload, separators=(",", ":"), ensure_ascii=False).encode()
-    headers = webhook_headers(claimed.keys, str(claimed.event_id), int(time.time()), body)
+    if claimed.twilio_token is not None:
+        # As Twilio posts a status callback: form-encoded, signed over the URL and the fields.
+        fields = {name: str(value) for name, value in claimed.payload.items()}
+        body = urlencode(fields).encode()
+        headers = {
+            "x-twilio-signature": signature(claimed.twilio_token, claimed.url, fields),
+            "content-type": "application/x-www-form-urlencoded",
+        }
+    else:
+        body = json.dumps(claimed.payload, separators=(",", ":"), ensure_ascii=False).encode()
+        headers = webhook_headers(claimed.keys, str(claimed.event_id), int(time.time()), body)
     try:
         result = await post_event(http, claimed.url, body, headers, settings, resolver)
     except Exception as error:  # a bug, or a receiver's answer we failed to read: recorded
@@ -289,6 +302,26 @@ async def _claim(
         event.in_flight_until = now + timedelta(seconds=attempt_budget_seconds(settings))
         if event.retry_until is None:
             event.retry_until = now + timedelta(seconds=settings.retry_window_seconds)
+        if event.format == "twilio":
+            token = await session.scalar(
+                select(TwilioCredential.auth_token).where(
+                    TwilioCredential.client_id == endpoint.client_id
+                )
+            )
+            if token is None:  # its credentials were withdrawn: nothing to sign with
+                event.status = EventStatus.FAILED.value
+                event.in_flight_until = None
+                event.last_error = "the client has no Twilio credentials to sign the callback"
+                return EventOutcome(EventStatus.FAILED, jobs=await _next_in_line(session, event))
+            return _Claim(
+                event_id=event.id,
+                endpoint_id=endpoint.id,
+                number=event.attempts,
+                url=endpoint.url,
+                payload=dict(event.payload),
+                keys=(),
+                twilio_token=token,
+            )
         secrets = await active_secrets(session, Owner.of(endpoint))
         return _Claim(
             event_id=event.id,
@@ -414,9 +447,9 @@ async def post_event(
                 target,
                 content=body,
                 headers={
+                    "content-type": "application/json",
                     **headers,
                     **host_header,
-                    "content-type": "application/json",
                     "accept-encoding": "identity",
                 },
                 extensions=extensions,
