@@ -199,7 +199,10 @@ async def record_provider_opt_out(
     detail: str | None,
 ) -> None:
     """The provider refused a send because the recipient opted out there: record it here too,
-    for that sender (the provider refused that pair of numbers, whatever OPT_OUT_SCOPE says)."""
+    for that sender (the provider refused that pair of numbers, whatever OPT_OUT_SCOPE says).
+
+    Providers repeat callbacks, and every message queued before the opt-out fails the same way:
+    only a report that changes the sender's state adds a row (and an event)."""
     await record_change(
         session,
         OptChange(
@@ -210,6 +213,7 @@ async def record_provider_opt_out(
             actor=f"provider:{provider}",
             detail=f"{provider} error {code}: {detail}",
         ),
+        skip_unchanged=True,
     )
 
 
