@@ -272,6 +272,8 @@ class OptOut(Base):
     __table_args__ = (
         Index("ix_opt_outs_phone_sender_created", "phone", "sender_id", "created_at"),
         CheckConstraint("action IN ('opt_out', 'opt_in')", name="action"),
+        # Retention (when RETENTION__OPT_OUT_HISTORY_DAYS is set) finds the oldest rows.
+        Index("ix_opt_outs_created_brin", "created_at", postgresql_using="brin"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -516,6 +518,8 @@ class WebhookEvent(Base):
             postgresql_where=text("in_flight_until IS NOT NULL"),
         ),
         Index("ix_webhook_events_created_brin", "created_at", postgresql_using="brin"),
+        # Retention deletes a callback URL's endpoint once no event uses it.
+        Index("ix_webhook_events_endpoint", "endpoint_id"),
     )
 
     # The order events were written in: a message's events are delivered in this order.

@@ -23,6 +23,7 @@ _BRIN = (
     ('inbound_parts', 'ix_inbound_parts_created_brin'),
     ('webhook_attempts', 'ix_webhook_attempts_created_brin'),
     ('webhook_events', 'ix_webhook_events_created_brin'),
+    ('opt_outs', 'ix_opt_outs_created_brin'),
 )
 
 
@@ -105,9 +106,11 @@ def upgrade() -> None:
     )
     for table, name in _BRIN:
         op.create_index(name, table, ['created_at'], postgresql_using='brin')
+    op.create_index('ix_webhook_events_endpoint', 'webhook_events', ['endpoint_id'])
 
 
 def downgrade() -> None:
+    op.drop_index('ix_webhook_events_endpoint', table_name='webhook_events')
     for table, name in _BRIN:
         op.drop_index(name, table_name=table)
     op.drop_index('ix_webhook_endpoints_client_created', table_name='webhook_endpoints')
