@@ -15,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Final
 
-from sqlalchemy import ColumnElement, or_, select, text, tuple_
+from sqlalchemy import ColumnElement, and_, not_, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -380,10 +380,9 @@ async def current_opt_outs(
     # A sender's opt-out no longer holds once a newer service-wide opt-in exists: list what the
     # send check would refuse, nothing more.
     service_wide = aliased(OptOutState)
-    lifted = (
+    newer_opt_in = (
         select(service_wide.id)
         .where(
-            state.sender_id.is_not(None),
             service_wide.phone == state.phone,
             service_wide.sender_id.is_(None),
             service_wide.action == OptAction.OPT_IN.value,
@@ -392,10 +391,13 @@ async def current_opt_outs(
         )
         .exists()
     )
+    # Inside NOT (... AND ...), the check stays a per-row probe of the unique index for the
+    # rows of the page, never a join over every service-wide opt-in.
+    lifted = and_(state.sender_id.is_not(None), newer_opt_in)
     query = (
         select(OptOut)
         .join(state, state.history_id == OptOut.id)
-        .where(state.action == OptAction.OPT_OUT.value, ~lifted)
+        .where(state.action == OptAction.OPT_OUT.value, not_(lifted))
     )
     if phone is not None:
         query = query.where(state.phone == phone)
