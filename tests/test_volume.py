@@ -24,18 +24,13 @@ from app.domain.endpoints import list_endpoints
 from app.domain.messages import MessageFilter, list_messages
 from app.domain.optouts import RECIPIENT_LOCKS_SQL, current_opt_outs
 from app.domain.pagination import decode_cursor, encode_cursor
+from bench.volume import DEEP_ROWS, POPULAR, import_lines, seed_months
 from tests.api.test_opt_outs import import_csv
 from tests.conftest import World, owned_database_url
 
 pytestmark = pytest.mark.volume
 
-AREAS = (415, 650, 212, 310, 617, 312, 202, 206, 303, 512)
 UNRELATED = "+14085550000"  # in none of the imports below
-
-
-def import_lines(count: int) -> str:
-    """`count` distinct valid numbers, one a line."""
-    return "\n".join(f"+1{AREAS[n // 10_000]}555{n % 10_000:04d}" for n in range(count))
 
 
 class LockProbe(threading.Thread):
@@ -97,73 +92,19 @@ async def test_a_large_import_leaves_unrelated_recipients_free(
 # Lists on months of data: 200,000 messages (two clients), 100,000 opt-out rows, 5,000
 # callback-URL endpoints, seeded with set-based SQL.
 
-POPULAR = "+14155551000"  # every tenth message of each client goes to this number
 LIST_BUDGET_SECONDS = 0.050
 
 
-async def seed_months(session_factory: SessionFactory, world: World) -> None:
-    other = await client_id_of(session_factory, "other-shop")
-    async with session_factory.begin() as session:
-        await session.execute(
-            text(
-                """
-                INSERT INTO messages (id, client_id, sender_id, kind, "to", "from", body, encoding,
-                    segments, status, provider, created_at, updated_at, next_attempt_at)
-                SELECT gen_random_uuid(),
-                    CASE WHEN n % 2 = 0 THEN CAST(:shop AS uuid) ELSE CAST(:other AS uuid) END,
-                    CAST(:sender AS uuid), 'regular',
-                    CASE WHEN n % 20 < 2 THEN :popular
-                        ELSE '+1415555' || lpad((2000 + n % 7000)::text, 4, '0') END,
-                    '+14155550100', 'Your code is ' || n, 'GSM-7', 1, 'delivered', 'twilio',
-                    now() - make_interval(secs => n * 10), now(), now()
-                FROM generate_series(1, 200000) AS n
-                """
-            ),
-            {
-                "shop": world.client_id,
-                "other": other,
-                "sender": world.twilio_sender.id,
-                "popular": POPULAR,
-            },
+async def seed(session_factory: SessionFactory, world: World) -> None:
+    """200,000 messages (two clients), 100,000 opt-out rows, 5,000 callback-URL endpoints."""
+    engine: AsyncEngine = session_factory.kw["bind"]
+    async with engine.begin() as connection:
+        await seed_months(
+            connection,
+            shop=world.client_id,
+            other=await client_id_of(session_factory, "other-shop"),
+            sender=world.twilio_sender.id,
         )
-        # 100,000 history rows: 90,000 numbers opted out of one sender or service-wide, 10,000
-        # of them opting back in later, service-wide.
-        await session.execute(
-            text(
-                """
-                INSERT INTO opt_outs (phone, sender_id, action, source, actor, created_at)
-                SELECT '+1' || (CAST(:areas AS text[]))[n / 10000 + 1] || '555'
-                        || lpad((n % 10000)::text, 4, '0'),
-                    CASE WHEN n % 3 = 0 THEN NULL ELSE CAST(:sender AS uuid) END, 'opt_out',
-                    'import', 'client:operator', now() - make_interval(secs => 200000 - n)
-                FROM generate_series(0, 89999) AS n
-                """
-            ),
-            {"sender": world.twilio_sender.id, "areas": [str(area) for area in AREAS]},
-        )
-        await session.execute(
-            text(
-                """
-                INSERT INTO opt_outs (phone, sender_id, action, source, actor, created_at)
-                SELECT phone, NULL, 'opt_in', 'api', 'client:operator', now()
-                FROM (SELECT DISTINCT phone FROM opt_outs ORDER BY phone LIMIT 10000) AS lifted
-                """
-            )
-        )
-        await session.execute(
-            text(
-                """
-                INSERT INTO webhook_endpoints (id, client_id, url, created_at, updated_at)
-                SELECT gen_random_uuid(), CAST(:shop AS uuid), 'https://hooks.example/' || n,
-                    now() - make_interval(secs => n), now()
-                FROM generate_series(1, 5000) AS n
-                """
-            ),
-            {"shop": world.client_id},
-        )
-    async with session_factory.begin() as session:  # ANALYZE rolled back is forgotten
-        for table in ("messages", "opt_outs", "opt_out_states", "webhook_endpoints"):
-            await session.execute(text(f"ANALYZE {table}"))
 
 
 async def client_id_of(session_factory: SessionFactory, name: str) -> uuid.UUID:
@@ -194,32 +135,9 @@ async def median_seconds(
 
 
 async def deep_cursors(session_factory: SessionFactory, world: World) -> dict[str, str]:
-    shop = world.client_id
     return {
-        "opt-outs": await cursor_at(
-            session_factory,
-            "SELECT changed_at, history_id FROM opt_out_states WHERE action = 'opt_out' "
-            "ORDER BY changed_at DESC, history_id DESC OFFSET 50000 LIMIT 1",
-        ),
-        "messages": await cursor_at(
-            session_factory,
-            "SELECT created_at, id FROM messages WHERE client_id = :shop "
-            "ORDER BY created_at DESC, id DESC OFFSET 90000 LIMIT 1",
-            shop=shop,
-        ),
-        "messages?to=": await cursor_at(
-            session_factory,
-            'SELECT created_at, id FROM messages WHERE client_id = :shop AND "to" = :to '
-            "ORDER BY created_at DESC, id DESC OFFSET 9000 LIMIT 1",
-            shop=shop,
-            to=POPULAR,
-        ),
-        "event-endpoints": await cursor_at(
-            session_factory,
-            "SELECT created_at, id FROM webhook_endpoints WHERE client_id = :shop "
-            "ORDER BY created_at, id OFFSET 4000 LIMIT 1",
-            shop=shop,
-        ),
+        name: await cursor_at(session_factory, sql, shop=world.client_id)
+        for name, sql in DEEP_ROWS.items()
     }
 
 
@@ -262,7 +180,7 @@ async def list_plans(
 async def test_list_pages_answer_fast_on_months_of_data(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
-    await seed_months(session_factory, world)
+    await seed(session_factory, world)
     cursors = await deep_cursors(session_factory, world)
     admin, client = world.auth(world.admin_key), world.auth()
     lists = {
