@@ -325,10 +325,9 @@ async def _import_batches(batches: list[CsvBatch], actor: str) -> tuple[int, int
             # The batch's line k is the file's line first + k - 1 (first + k - 2 after a prefix).
             offset = batch.first - (2 if batch.prefixed else 1)
             try:
-                async with sessions.begin() as session:
-                    result = await import_opt_outs(
-                        session, batch.text, actor=actor, default_region=settings.default_region
-                    )
+                result = await import_opt_outs(
+                    sessions, batch.text, actor=actor, default_region=settings.default_region
+                )
             except ServiceError as error:
                 raise _BatchRefused(
                     f"lines {batch.first}-{batch.last} not imported: {error.detail}"

@@ -43,6 +43,11 @@ RATE_LIMIT_DEFERRALS = Counter(
     "Submissions put off because of a rate limit (`provider_throttled`: the provider said so).",
     ["provider", "reason"],
 )
+RETENTION_PRUNED = Counter(
+    "smsgate_retention_pruned_rows",
+    "Rows the retention job deleted (message bodies: redacted), by kind of data.",
+    ["kind"],
+)
 DB_STATEMENTS = Counter(
     "smsgate_db_statements",
     "SQL statements this process sent to PostgreSQL (transaction control not included).",

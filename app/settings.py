@@ -66,6 +66,31 @@ class EventsSettings(BaseModel):
     secret_grace_seconds: int = Field(default=86400, ge=0)
 
 
+class RetentionSettings(BaseModel):
+    """How long each kind of data lives (README, "Retention"); pruned by the worker's retention
+    job in small batches. A period left empty (`RETENTION__OPT_OUT_HISTORY_DAYS=`) keeps that
+    kind for ever. Idempotency keys live `IDEMPOTENCY_TTL_HOURS`."""
+
+    # A settled message's body (order numbers, codes, names) is replaced by "" after this; the
+    # message itself, its status and its timestamps stay.
+    message_body_days: int | None = Field(default=30, ge=1)
+    # A settled message's history (`GET /v1/messages/{id}`'s `history`) after this.
+    message_event_days: int | None = Field(default=90, ge=1)
+    # Delivered or given-up events (with their attempts), and callback-URL endpoints no event
+    # uses any more.
+    webhook_event_days: int | None = Field(default=30, ge=1)
+    # Delivery attempts of events that are kept longer.
+    webhook_attempt_days: int | None = Field(default=14, ge=1)
+    # Parts of long inbound messages (assembled, or whose other parts never came).
+    inbound_part_days: int | None = Field(default=7, ge=1)
+    # The opt-out history is the proof of consent: kept unless set. The row that decides a
+    # number's current state is kept whatever its age.
+    opt_out_history_days: int | None = Field(default=None, ge=1)
+    # Rows per statement (each batch is its own short transaction) and batches per kind per run.
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    max_batches_per_run: int = Field(default=100, ge=1)
+
+
 class Settings(BaseSettings):
     """The service's whole configuration."""
 
@@ -156,6 +181,7 @@ class Settings(BaseSettings):
     vonage: VonageSettings = VonageSettings()
     fake: FakeProviderSettings = FakeProviderSettings()
     events: EventsSettings = EventsSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 def provider_call_budget_seconds(settings: Settings) -> float:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db.session import SessionFactory
 from app.domain.accept import Acceptor
 from app.domain.auth import Principal
 from app.domain.events import scheduled
@@ -41,6 +42,16 @@ async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
 
 # scope="function": commit before the response goes out, so a 2xx means the data is stored.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def get_session_factory(request: Request) -> SessionFactory:
+    """The session factory, for the few endpoints that commit in several transactions (a bulk
+    import, chunk by chunk) instead of the request's one."""
+    factory: SessionFactory = request.app.state.session_factory
+    return factory
+
+
+SessionFactoryDep = Annotated[SessionFactory, Depends(get_session_factory)]
 
 
 async def get_settings_dep(request: Request) -> Settings:

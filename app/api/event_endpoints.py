@@ -11,10 +11,11 @@ from fastapi import APIRouter, Body, Path, Response
 
 from app.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
 from app.api.event_schemas import EndpointIn, EndpointList, EndpointOut, RotateIn, SecretList
-from app.api.params import SenderIdPath
+from app.api.params import CursorQuery, LimitQuery, SenderIdPath
 from app.domain import endpoints as domain
 from app.domain import signing
 from app.domain.endpoints import Owner
+from app.domain.pagination import decode_cursor, encode_cursor
 from app.domain.senders import get_sender
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
 from app.settings import Settings
@@ -47,10 +48,29 @@ def _grace(rotation: RotateIn | None, settings: Settings) -> timedelta:
     response_model=EndpointList,
     responses=problem_responses(Unauthorized),
 )
-async def list_endpoints(session: SessionDep, principal: PrincipalDep) -> EndpointList:
-    """Your endpoints: the default one and each `callback_url` used (admin keys: senders' too)."""
-    endpoints = await domain.list_endpoints(session, principal)
-    return EndpointList(data=[EndpointOut.of(endpoint) for endpoint in endpoints])
+async def list_endpoints(
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
+) -> EndpointList:
+    """Your endpoints, oldest first: the default one and each `callback_url` in use (admin keys:
+    senders' too)."""
+    endpoints = await domain.list_endpoints(
+        session,
+        principal,
+        after=decode_cursor(cursor, uuid.UUID) if cursor else None,
+        limit=limit + 1,
+    )
+    page = endpoints[:limit]
+    next_cursor = (
+        encode_cursor(page[-1].created_at, page[-1].id) if len(endpoints) > limit else None
+    )
+    return EndpointList(
+        data=[EndpointOut.of(endpoint) for endpoint in page],
+        has_more=next_cursor is not None,
+        next_cursor=next_cursor,
+    )
 
 
 @router.put(

@@ -190,11 +190,17 @@ class EndpointOut(BaseModel):
 
 
 class EndpointList(BaseModel):
-    """Endpoints, oldest first."""
+    """A page of endpoints, oldest first. Pass `next_cursor` as `cursor` for the next page."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_ENDPOINT_EXAMPLE]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": [_ENDPOINT_EXAMPLE], "has_more": False, "next_cursor": None}]
+        }
+    )
 
     data: list[EndpointOut]
+    has_more: bool
+    next_cursor: str | None
 
 
 class SecretOut(BaseModel):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query
 
-from app.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
+from app.api.deps import AdminDep, PrincipalDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.params import LimitQuery, SenderIdQuery, SequenceCursorQuery
 from app.api.schemas import (
     E164,
@@ -25,7 +25,14 @@ from app.domain.events import is_public_actor
 from app.domain.optout_import import import_opt_outs
 from app.domain.pagination import decode_cursor, encode_cursor
 from app.domain.senders import client_sender_ids, get_owned_sender, get_sender
-from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
+from app.errors import (
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    ValidationFailed,
+    problem_responses,
+)
 
 router = APIRouter(prefix="/v1/opt-outs", tags=["opt-outs"])
 
@@ -213,10 +220,10 @@ async def delete_opt_out(
 @router.post(
     "/import",
     response_model=OptOutImportResult,
-    responses=problem_responses(Unauthorized, Forbidden, ValidationFailed),
+    responses=problem_responses(Unauthorized, Forbidden, ValidationFailed, Unavailable),
 )
 async def import_csv(
-    session: SessionDep,
+    sessions: SessionFactoryDep,
     admin: AdminDep,
     settings: SettingsDep,
     csv_text: Annotated[
@@ -229,15 +236,17 @@ async def import_csv(
         ),
     ],
 ) -> OptOutImportResult:
-    """Record opt-outs for many numbers; invalid lines are reported, the others recorded."""
+    """Record opt-outs for many numbers, about a thousand per transaction; invalid lines are
+    reported, the others recorded (a 503 says from which line on nothing was)."""
     result = await import_opt_outs(
-        session,
+        sessions,
         csv_text,
         actor=f"client:{admin.client_name}",
         default_region=settings.default_region,
     )
     return OptOutImportResult(
         recorded=result.recorded,
+        unchanged=result.unchanged,
         errors=[
             ImportLineError(line=e.line, value=e.value, reason=e.reason) for e in result.errors
         ],

@@ -751,13 +751,15 @@ class ImportLineError(BaseModel):
 
 
 class OptOutImportResult(BaseModel):
-    """What a bulk import recorded; lines with errors were skipped, the rest recorded."""
+    """What a bulk import recorded; lines with errors were skipped, the rest recorded unless
+    the number was already opted out in that scope (`unchanged`: no second history row)."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
                     "recorded": 2,
+                    "unchanged": 1,
                     "errors": [
                         {
                             "line": 4,
@@ -770,5 +772,9 @@ class OptOutImportResult(BaseModel):
         }
     )
 
-    recorded: int
+    recorded: int = Field(description="Opt-outs recorded (history rows added).")
+    unchanged: int = Field(
+        description="Valid lines that changed nothing: the number was already opted out in "
+        "that scope, or the line repeats an earlier one."
+    )
     errors: list[ImportLineError]

@@ -165,6 +165,12 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_client_created", "client_id", "created_at", "id"),
+        # GET /v1/messages?to=: one client's messages to one number, newest first.
+        Index("ix_messages_client_to_created", "client_id", "to", "created_at", "id"),
+        # Retention finds the oldest messages whose bodies are still stored.
+        Index(
+            "ix_messages_body_kept", "created_at", postgresql_where=text("body_redacted_at IS NULL")
+        ),
         # The sweep looks for queued messages whose next attempt is due.
         Index(
             "ix_messages_queued_due", "next_attempt_at", postgresql_where=text("status = 'queued'")
@@ -216,6 +222,8 @@ class Message(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # The API that accepted it: `v1`, or `twilio` (its status callbacks go out in Twilio's form).
     api: Mapped[str] = mapped_column(String(8), default="v1", server_default=text("'v1'"))
+    # Set when retention replaced the body with "" (`RETENTION__MESSAGE_BODY_DAYS`).
+    body_redacted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
 
@@ -224,6 +232,10 @@ class MessageEvent(Base):
     """Everything that happened to a message, including reports that changed nothing."""
 
     __tablename__ = "message_events"
+    __table_args__ = (
+        # Retention deletes the oldest events (BRIN: tiny, and rows arrive in time order).
+        Index("ix_message_events_created_brin", "created_at", postgresql_using="brin"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     message_id: Mapped[uuid.UUID] = mapped_column(
@@ -279,6 +291,8 @@ class OptOut(Base):
     __table_args__ = (
         Index("ix_opt_outs_phone_sender_created", "phone", "sender_id", "created_at"),
         CheckConstraint("action IN ('opt_out', 'opt_in')", name="action"),
+        # Retention (when RETENTION__OPT_OUT_HISTORY_DAYS is set) finds the oldest rows.
+        Index("ix_opt_outs_created_brin", "created_at", postgresql_using="brin"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -290,6 +304,49 @@ class OptOut(Base):
     actor: Mapped[str | None] = mapped_column(String(240))
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
+
+
+class OptOutState(Base):
+    """The current state of one scope (a number and a sender, or a number service-wide): its
+    newest history row. Kept by a trigger on `opt_outs` (`opt_outs_move_states`, written in the
+    migration `months_of_traffic`) in the statement of each history insert, whoever writes it.
+    Lists read it instead of ranking the whole history; the history row it points at is never
+    pruned (the foreign key refuses it)."""
+
+    __tablename__ = "opt_out_states"
+    __table_args__ = (
+        # One row per scope; a service-wide scope has no sender (NULL counts as one value).
+        Index(
+            "uq_opt_out_states_phone_sender",
+            "phone",
+            "sender_id",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+        # GET /v1/opt-outs: the opted-out scopes, newest first, all or of one sender.
+        Index(
+            "ix_opt_out_states_opted_out",
+            "changed_at",
+            "history_id",
+            postgresql_where=text("action = 'opt_out'"),
+        ),
+        Index(
+            "ix_opt_out_states_sender_opted_out",
+            "sender_id",
+            "changed_at",
+            "history_id",
+            postgresql_where=text("action = 'opt_out'"),
+        ),
+        CheckConstraint("action IN ('opt_out', 'opt_in')", name="action"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    phone: Mapped[str] = mapped_column(String(16))
+    sender_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("senders.id"))
+    action: Mapped[str] = mapped_column(String(8))
+    # The deciding history row, and its created_at (the list's order and cursor).
+    history_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("opt_outs.id"), unique=True)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class IdempotencyKey(Base):
@@ -354,6 +411,7 @@ class InboundPart(Base):
             "reference",
             postgresql_where=text("inbound_message_id IS NULL"),
         ),
+        Index("ix_inbound_parts_created_brin", "created_at", postgresql_using="brin"),
     )
 
     provider: Mapped[str] = mapped_column(String(20), primary_key=True)
@@ -407,6 +465,8 @@ class WebhookEndpoint(Base):
             unique=True,
             postgresql_where=text("is_default AND sender_id IS NOT NULL"),
         ),
+        # GET /v1/event-endpoints, by cursor.
+        Index("ix_webhook_endpoints_client_created", "client_id", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -477,6 +537,9 @@ class WebhookEvent(Base):
             "endpoint_id",
             postgresql_where=text("in_flight_until IS NOT NULL"),
         ),
+        Index("ix_webhook_events_created_brin", "created_at", postgresql_using="brin"),
+        # Retention deletes a callback URL's endpoint once no event uses it.
+        Index("ix_webhook_events_endpoint", "endpoint_id"),
     )
 
     # The order events were written in: a message's events are delivered in this order.
@@ -522,7 +585,10 @@ class WebhookAttempt(Base):
     """One HTTP attempt to deliver an event, whatever its outcome."""
 
     __tablename__ = "webhook_attempts"
-    __table_args__ = (CheckConstraint("status IN ('succeeded', 'failed')", name="status"),)
+    __table_args__ = (
+        CheckConstraint("status IN ('succeeded', 'failed')", name="status"),
+        Index("ix_webhook_attempts_created_brin", "created_at", postgresql_using="brin"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     event_id: Mapped[uuid.UUID] = mapped_column(

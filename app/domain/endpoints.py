@@ -5,7 +5,8 @@ receives:
 
 * a client's **default endpoint** receives the status changes of that client's messages;
 * a message's **`callback_url`** receives that message's status changes instead (an endpoint row
-  of the client is made for it the first time it is used);
+  of the client is made for it the first time it is used, and deleted by retention once no event
+  uses it: README, "Retention");
 * a sender's endpoint (set by an admin) receives the sender's inbound messages that are not
   keywords, and opt-out changes of its recipients. Inbound messages and opt-outs belong to the
   service, not to a client (only admin keys read them), so these events are signed with the
@@ -21,8 +22,9 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, text, update
+from sqlalchemy import ColumnElement, Select, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -95,9 +97,13 @@ async def endpoint_for_url(session: AsyncSession, owner: Owner, url: str) -> Web
 
 
 async def _find(session: AsyncSession, owner: Owner, url: str) -> WebhookEndpoint | None:
+    # FOR KEY SHARE, the lock the event's foreign key takes anyway, taken now: retention
+    # (`app.domain.retention`) skips an endpoint an event is being written for, and an endpoint
+    # it is deleting is not found (then made again).
     endpoint: WebhookEndpoint | None = await session.scalar(
         select(WebhookEndpoint)
         .where(owner.matches(WebhookEndpoint), WebhookEndpoint.url == url)
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )
     return endpoint
@@ -169,17 +175,33 @@ async def clear_default(session: AsyncSession, owner: Owner) -> None:
     )
 
 
-async def list_endpoints(session: AsyncSession, principal: Principal) -> list[WebhookEndpoint]:
-    """The caller's endpoints; admin keys also see every sender's."""
-    query = select(WebhookEndpoint)
-    if principal.is_admin:
-        query = query.where(
-            (WebhookEndpoint.client_id == principal.client_id)
-            | WebhookEndpoint.sender_id.is_not(None)
-        )
-    else:
-        query = query.where(WebhookEndpoint.client_id == principal.client_id)
-    return list(await session.scalars(query.order_by(WebhookEndpoint.created_at)))
+async def list_endpoints(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[WebhookEndpoint]:
+    """The caller's endpoints, oldest first, after the (created_at, id) `after`; admin keys also
+    see every sender's. Each part is read in its index's order (the client's, the senders')."""
+
+    def part(owned: ColumnElement[bool]) -> Select[Any]:
+        query = select(WebhookEndpoint).where(owned)
+        if after is not None:
+            query = query.where(
+                tuple_(WebhookEndpoint.created_at, WebhookEndpoint.id) > tuple_(*after)
+            )
+        return query.order_by(WebhookEndpoint.created_at, WebhookEndpoint.id).limit(limit)
+
+    own: list[WebhookEndpoint] = list(
+        await session.scalars(part(WebhookEndpoint.client_id == principal.client_id))
+    )
+    if not principal.is_admin:
+        return own
+    senders: list[WebhookEndpoint] = list(
+        await session.scalars(part(WebhookEndpoint.sender_id.is_not(None)))
+    )
+    return sorted(own + senders, key=lambda endpoint: (endpoint.created_at, endpoint.id))[:limit]
 
 
 async def get_endpoint(

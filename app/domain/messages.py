@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
@@ -88,12 +88,8 @@ async def list_messages(
         query = query.where(Message.created_at < as_utc(filters.created_before, "created_before"))
     if cursor is not None:
         created_at, message_id = decode_cursor(cursor, uuid.UUID)
-        query = query.where(
-            or_(
-                Message.created_at < created_at,
-                and_(Message.created_at == created_at, Message.id < message_id),
-            )
-        )
+        # A row comparison: the index's own order, so a deep page starts where the cursor is.
+        query = query.where(tuple_(Message.created_at, Message.id) < tuple_(created_at, message_id))
     rows = list(
         await session.scalars(
             query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit + 1)

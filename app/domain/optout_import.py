@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
+from sqlalchemy.exc import DBAPIError
 
+from app.db.session import SessionFactory
 from app.domain.optouts import OptAction, OptChange, OptSource, record_changes
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.domain.senders import find_sender_by_address
-from app.errors import ValidationFailed
+from app.errors import Unavailable, ValidationFailed
 
 MAX_LINES = 100_000
 MAX_SENDER_LENGTH = 40
+# Numbers recorded per transaction: each chunk holds its numbers' recipient locks until it
+# commits (a thousand numbers take up to 630 of the 1,024 lock buckets, for some milliseconds).
+CHUNK_SIZE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,25 +35,75 @@ class LineError:
 
 @dataclass(slots=True)
 class ImportResult:
-    """How many opt-outs were recorded, and the lines that were not."""
+    """How many opt-outs were recorded, how many lines changed nothing (the number was already
+    opted out in that scope, or the line repeats an earlier one), and the lines skipped."""
 
     recorded: int = 0
+    unchanged: int = 0
     errors: list[LineError] = field(default_factory=list)
 
 
+class ImportInterrupted(Unavailable):
+    """The database failed during an import: the chunks before `line` are recorded."""
+
+    def __init__(self, line: int, recorded: int) -> None:
+        done = f"lines before it are recorded ({recorded} opt-outs)" if line > 1 else "nothing"
+        super().__init__(
+            "import_interrupted",
+            f"the import stopped at line {line}, the database being unreachable: {done}. "
+            f"Send the file again (or its lines from {line} on): numbers already opted out "
+            "are not recorded twice.",
+            headers={"Retry-After": "5"},
+        )
+        self.line = line
+        self.recorded = recorded
+
+
 async def import_opt_outs(
-    session: AsyncSession, text: str, *, actor: str, default_region: str
+    session_factory: SessionFactory,
+    text: str,
+    *,
+    actor: str,
+    default_region: str,
+    chunk_size: int = CHUNK_SIZE,
 ) -> ImportResult:
     """Record an opt-out for every valid line; report the others with their line numbers.
 
     Columns: `phone[,sender]`; a first line whose first cell is `phone` is a header. Without a
-    sender the opt-out applies to every sender.
+    sender the opt-out applies to every sender. A file that cannot be read (too many lines,
+    broken quoting) is refused before anything is recorded; then the numbers of each
+    `chunk_size` lines are recorded in a transaction of their own, holding only their locks:
+    sends and STOPs to other numbers wait at most for one chunk. A database failure raises
+    `ImportInterrupted`, saying where the import stopped (earlier chunks stay recorded).
     """
     rows = _read_rows(text)
     result = ImportResult()
-    changes: list[OptChange] = []
-    senders: dict[str, uuid.UUID | None] = {}
-    for number, row in rows:
+    senders = await _resolve_senders(session_factory, rows, default_region)
+    for start in range(0, len(rows), chunk_size):
+        lines = rows[start : start + chunk_size]
+        # Parsing a thousand numbers takes about 0.1 s of CPU: in a thread, so that the API's
+        # other requests are answered meanwhile.
+        chunk, errors, repeated = await asyncio.to_thread(
+            _parse, lines, senders, actor=actor, default_region=default_region
+        )
+        result.errors.extend(errors)
+        result.unchanged += repeated
+        await _record_chunk(session_factory, chunk, lines[0][0], result)
+    return result
+
+
+def _parse(
+    lines: list[tuple[int, list[str]]],
+    senders: dict[str, uuid.UUID | None],
+    *,
+    actor: str,
+    default_region: str,
+) -> tuple[dict[tuple[str, uuid.UUID | None], OptChange], list[LineError], int]:
+    """The changes of these lines (each scope once), the lines skipped, how many repeated."""
+    chunk: dict[tuple[str, uuid.UUID | None], OptChange] = {}
+    errors: list[LineError] = []
+    repeated = 0
+    for number, row in lines:
         cells = [cell.strip() for cell in row]
         if not any(cells) or (number == 1 and cells[0].lower() == "phone"):
             continue
@@ -55,27 +111,69 @@ async def import_opt_outs(
         try:
             phone = normalize_phone(raw_phone, default_region)
         except InvalidPhoneNumber as error:
-            result.errors.append(LineError(number, raw_phone, str(error)))
+            errors.append(LineError(number, raw_phone, str(error)))
             continue
         sender_id = None
         if len(cells) > 1 and cells[1]:
-            if len(cells[1]) > MAX_SENDER_LENGTH or "\x00" in cells[1]:
-                result.errors.append(LineError(number, cells[1], "not a sender address"))
+            if not _sender_cell_ok(cells[1]):
+                errors.append(LineError(number, cells[1], "not a sender address"))
                 continue
-            if cells[1] not in senders:
-                sender = await find_sender_by_address(session, cells[1], default_region)
-                senders[cells[1]] = sender.id if sender else None
             sender_id = senders[cells[1]]
             if sender_id is None:
-                result.errors.append(LineError(number, cells[1], "not one of our senders"))
+                errors.append(LineError(number, cells[1], "not one of our senders"))
                 continue
-        changes.append(
-            OptChange(phone, sender_id, OptAction.OPT_OUT, OptSource.IMPORT, actor, "bulk import")
+        if (phone, sender_id) in chunk:
+            repeated += 1
+            continue
+        chunk[phone, sender_id] = OptChange(
+            phone, sender_id, OptAction.OPT_OUT, OptSource.IMPORT, actor, "bulk import"
         )
-    if changes:
-        await record_changes(session, changes)
-    result.recorded = len(changes)
-    return result
+    return chunk, errors, repeated
+
+
+async def _record_chunk(
+    session_factory: SessionFactory,
+    chunk: dict[tuple[str, uuid.UUID | None], OptChange],
+    first_line: int,
+    result: ImportResult,
+) -> None:
+    """Record one chunk in a transaction of its own and count it in `result`."""
+    if not chunk:
+        return
+    try:
+        async with session_factory() as session, session.begin():
+            recorded = await record_changes(session, list(chunk.values()))
+    except (DBAPIError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+        raise ImportInterrupted(first_line, result.recorded) from None
+    result.recorded += recorded
+    result.unchanged += len(chunk) - recorded
+
+
+def _sender_cell_ok(cell: str) -> bool:
+    return len(cell) <= MAX_SENDER_LENGTH and "\x00" not in cell
+
+
+async def _resolve_senders(
+    session_factory: SessionFactory, rows: list[tuple[int, list[str]]], default_region: str
+) -> dict[str, uuid.UUID | None]:
+    """The sender id of every well-formed sender cell in the file (None: not one of ours), in
+    one short transaction before any chunk."""
+    cells = {
+        row[1].strip()
+        for _, row in rows
+        if len(row) > 1 and row[1].strip() and _sender_cell_ok(row[1].strip())
+    }
+    senders: dict[str, uuid.UUID | None] = {}
+    if not cells:
+        return senders
+    try:
+        async with session_factory() as session, session.begin():
+            for cell in sorted(cells):
+                sender = await find_sender_by_address(session, cell, default_region)
+                senders[cell] = sender.id if sender else None
+    except (DBAPIError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+        raise ImportInterrupted(1, 0) from None
+    return senders
 
 
 def _read_rows(text: str) -> list[tuple[int, list[str]]]:

@@ -9,24 +9,17 @@ serialised, so no send is claimed after a STOP was recorded.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Final
 
-from sqlalchemy import (
-    ColumnElement,
-    and_,
-    func,
-    or_,
-    select,
-    text,
-)
+from sqlalchemy import ColumnElement, and_, not_, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from app.db.models import OptOut
+from app.db.models import OptOut, OptOutState
 from app.domain.events import emit_opt_out_changed
 
 
@@ -175,18 +168,63 @@ class OptChange:
     detail: str | None = None
 
 
-def _history_row(change: OptChange) -> OptOut:
-    return OptOut(
-        phone=change.phone,
-        sender_id=change.sender_id,
-        action=change.action.value,
-        source=change.source.value,
-        actor=change.actor,
-        detail=change.detail,
-        # The time of the insert, under the lock, not of the transaction's start (now()): the
-        # newest row decides, so rows must be ordered as the lock serialised them.
-        created_at=func.clock_timestamp(),
+# Whether a wanted change (`wanted`: phone, sender_id, action) would alter some sender's state,
+# judged on the current states (`opt_out_states`): seen from its sender, the newest of the
+# sender's own and the service-wide states differs from it; a service-wide change has no effect
+# only when the number's newest state of any scope is a service-wide one with the same action
+# (then every sender already is in that state), or when it opts in a number never recorded.
+_HAS_EFFECT_SQL: Final = """CASE WHEN wanted.sender_id IS NOT NULL THEN COALESCE((
+        SELECT state.action FROM opt_out_states AS state
+        WHERE state.phone = wanted.phone
+            AND (state.sender_id = wanted.sender_id OR state.sender_id IS NULL)
+        ORDER BY state.changed_at DESC, state.history_id DESC LIMIT 1
+    ), 'opt_in') <> wanted.action
+    ELSE NOT COALESCE((
+        SELECT state.sender_id IS NULL AND state.action = wanted.action
+        FROM opt_out_states AS state WHERE state.phone = wanted.phone
+        ORDER BY state.changed_at DESC, state.history_id DESC LIMIT 1
+    ), wanted.action = 'opt_in')
+END"""
+
+# History rows (a trigger moves their scopes' current states in `opt_out_states`, in the same
+# statement: see the OptOutState model). `created_at` is the time of the insert, under the
+# lock, not of the transaction's start (now()): the newest row decides, so rows must be ordered
+# as the lock serialised them. One row: how many history rows were added.
+_WRITE_HISTORY_SQL: Final = """
+WITH wanted AS (
+    SELECT * FROM unnest(
+        CAST(:phones AS text[]), CAST(:sender_ids AS uuid[]), CAST(:actions AS text[]),
+        CAST(:sources AS text[]), CAST(:actors AS text[]), CAST(:details AS text[])
+    ) WITH ORDINALITY AS wanted(phone, sender_id, action, source, actor, detail, n)
+), added AS (
+    INSERT INTO opt_outs (phone, sender_id, action, source, actor, detail, created_at)
+    SELECT phone, sender_id, action, source, actor, detail, clock_timestamp()
+    FROM wanted WHERE {condition} ORDER BY n
+    RETURNING id
+)
+SELECT count(*) FROM added
+"""
+
+
+async def _write_history(
+    session: AsyncSession, changes: Sequence[OptChange], *, only_effective: bool = False
+) -> int:
+    """Add history rows for `changes` (the caller holds their numbers' locks), which moves their
+    scopes' current states; with `only_effective`, changes that would alter no sender's state
+    add nothing. How many rows were added."""
+    sql = _WRITE_HISTORY_SQL.format(condition=_HAS_EFFECT_SQL if only_effective else "true")
+    added = await session.scalar(
+        text(sql),
+        {
+            "phones": [change.phone for change in changes],
+            "sender_ids": [change.sender_id for change in changes],
+            "actions": [change.action.value for change in changes],
+            "sources": [change.source.value for change in changes],
+            "actors": [change.actor for change in changes],
+            "details": [change.detail for change in changes],
+        },
     )
+    return int(added or 0)
 
 
 async def record_provider_opt_out(
@@ -199,7 +237,10 @@ async def record_provider_opt_out(
     detail: str | None,
 ) -> None:
     """The provider refused a send because the recipient opted out there: record it here too,
-    for that sender (the provider refused that pair of numbers, whatever OPT_OUT_SCOPE says)."""
+    for that sender (the provider refused that pair of numbers, whatever OPT_OUT_SCOPE says).
+
+    Providers repeat callbacks, and every message queued before the opt-out fails the same way:
+    only a report that changes the sender's state adds a row (and an event)."""
     await record_change(
         session,
         OptChange(
@@ -210,6 +251,7 @@ async def record_provider_opt_out(
             actor=f"provider:{provider}",
             detail=f"{provider} error {code}: {detail}",
         ),
+        skip_unchanged=True,
     )
 
 
@@ -248,8 +290,7 @@ async def record_change(
     previous_source = previous[1] if previous else None
     if skip_unchanged and not await _has_effect(session, change, seen_from):
         return ChangeResult(changed=False, previous_source=previous_source, recorded=False)
-    session.add(_history_row(change))
-    await session.flush()
+    await _write_history(session, [change])
     if changed:  # events out: the sender's endpoint hears of it (after commit)
         await emit_opt_out_changed(
             session,
@@ -292,11 +333,15 @@ async def _has_effect(
     return not (newest[1] is None and newest[0] == change.action.value)
 
 
-async def record_changes(session: AsyncSession, changes: list[OptChange]) -> None:
-    """Record many changes in one statement (bulk import), under the numbers' locks."""
+async def record_changes(session: AsyncSession, changes: Sequence[OptChange]) -> int:
+    """Record many changes in one statement (a chunk of a bulk import), under the numbers'
+    locks, skipping those that would change nothing (a number already opted out, a file sent
+    again): how many were recorded. Keep `changes` to about a thousand: the transaction holds
+    the locks of every number in it."""
+    if not changes:
+        return 0
     await lock_recipients(session, [change.phone for change in changes])
-    session.add_all(_history_row(change) for change in changes)
-    await session.flush()
+    return await _write_history(session, changes, only_effective=True)
 
 
 async def history(
@@ -330,50 +375,35 @@ async def current_opt_outs(
 ) -> list[OptOut]:
     """The scopes (a number and a sender, or a number service-wide) that are opted out, as the
     send check sees them, newest first; `after` is the (created_at, id) of the last row of the
-    page before."""
-    # A window rather than DISTINCT ON: `select().distinct(*columns)` is deprecated in
-    # SQLAlchemy 2.1 and its replacement does not exist in 2.0, which pyproject still allows.
-    rank = (
-        func.row_number()
-        .over(
-            partition_by=(OptOut.phone, OptOut.sender_id),
-            order_by=(OptOut.created_at.desc(), OptOut.id.desc()),
-        )
-        .label("rank")
-    )
-    newest = select(OptOut, rank)
-    if phone is not None:
-        newest = newest.where(OptOut.phone == phone)
-    if sender_id is not None:
-        newest = newest.where(OptOut.sender_id == sender_id)
-    ranked = newest.subquery()
-    latest = aliased(OptOut, ranked)
+    page before. Read from the current states (an index in the list's order), not the history."""
+    state = aliased(OptOutState)
     # A sender's opt-out no longer holds once a newer service-wide opt-in exists: list what the
     # send check would refuse, nothing more.
-    service_wide = aliased(OptOut)
-    lifted = (
+    service_wide = aliased(OptOutState)
+    newer_opt_in = (
         select(service_wide.id)
         .where(
-            latest.sender_id.is_not(None),
-            service_wide.phone == latest.phone,
+            service_wide.phone == state.phone,
             service_wide.sender_id.is_(None),
             service_wide.action == OptAction.OPT_IN.value,
-            or_(
-                service_wide.created_at > latest.created_at,
-                and_(service_wide.created_at == latest.created_at, service_wide.id > latest.id),
-            ),
+            tuple_(service_wide.changed_at, service_wide.history_id)
+            > tuple_(state.changed_at, state.history_id),
         )
         .exists()
     )
-    query = select(latest).where(
-        ranked.c.rank == 1, latest.action == OptAction.OPT_OUT.value, ~lifted
+    # Inside NOT (... AND ...), the check stays a per-row probe of the unique index for the
+    # rows of the page, never a join over every service-wide opt-in.
+    lifted = and_(state.sender_id.is_not(None), newer_opt_in)
+    query = (
+        select(OptOut)
+        .join(state, state.history_id == OptOut.id)
+        .where(state.action == OptAction.OPT_OUT.value, not_(lifted))
     )
+    if phone is not None:
+        query = query.where(state.phone == phone)
+    if sender_id is not None:
+        query = query.where(state.sender_id == sender_id)
     if after is not None:
-        query = query.where(
-            or_(
-                latest.created_at < after[0],
-                and_(latest.created_at == after[0], latest.id < after[1]),
-            )
-        )
-    query = query.order_by(latest.created_at.desc(), latest.id.desc()).limit(limit)
+        query = query.where(tuple_(state.changed_at, state.history_id) < tuple_(*after))
+    query = query.order_by(state.changed_at.desc(), state.history_id.desc()).limit(limit)
     return list(await session.scalars(query))

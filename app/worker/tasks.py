@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from app.db.session import create_engine, create_session_factory
 from app.domain.delivery import Outcome, RetryPolicy, deliver_message
 from app.domain.delivery import deliver as deliver_messages
+from app.domain.retention import prune
 from app.domain.status import MessageStatus
 from app.domain.sweep import sweep_once
 from app.domain.transitions import record_status_report
@@ -58,6 +59,8 @@ JOB_TIMEOUT_SECONDS = delivery_job_timeout_seconds(get_settings())
 # A batch job waits at most this long for room in the worker (`InFlightLimit`) before it puts
 # its remaining messages back on the queue; its timeout is a delivery job's plus this wait.
 BATCH_WAIT_SECONDS = 5.0
+# A retention run (many short batches) may take minutes on its first run over a large database.
+RETENTION_TIMEOUT_SECONDS = 900
 # Half the connections of a worker's pool for its sweeps, reconciliation and status checks.
 WORKER_POOL_SPARE = 4
 
@@ -272,6 +275,15 @@ async def sweep(ctx: dict[str, Any]) -> int:
     return await enqueue_deliveries(ctx["redis"], message_ids)
 
 
+async def retention(ctx: dict[str, Any]) -> int:
+    """Prune what has outlived its retention period (app.domain.retention), in small batches."""
+    settings: Settings = ctx["settings"]
+    pruned = await prune(ctx["session_factory"], settings.retention, settings.idempotency_ttl_hours)
+    if any(pruned.values()):
+        log.info("retention pruned rows", extra={"pruned": pruned})
+    return sum(pruned.values())
+
+
 class DeliveryWorker(Worker):
     """arq's worker, which also stops its delivery feed the moment a stop signal arrives (arq
     itself only stops taking jobs then): what the feed already started gets the rest of the
@@ -307,6 +319,10 @@ class WorkerSettings:
         cron(reconcile_sweep, second=set(range(2, 60, 5)), run_at_startup=True),
         # `sent` messages whose final report is overdue (a lost callback): ask their provider.
         cron(status_check_sweep, second={37}),
+        # Every five minutes, one worker (arq runs each cron job once across workers).
+        cron(
+            retention, minute=set(range(1, 60, 5)), second={23}, timeout=RETENTION_TIMEOUT_SECONDS
+        ),
     ]
     on_startup = startup
     on_shutdown = shutdown

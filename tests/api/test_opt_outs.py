@@ -635,7 +635,7 @@ async def test_import_reads_the_csv_dialects_spreadsheets_write(
     response = await import_csv(api, world, text)
 
     assert response.status_code == 200, response.text
-    assert response.json() == {"recorded": recorded, "errors": []}
+    assert response.json() == {"recorded": recorded, "unchanged": 0, "errors": []}
 
 
 async def test_import_reports_a_bad_sender_cell_on_its_line(
@@ -667,3 +667,30 @@ async def test_a_large_import_is_recorded_in_one_go(
     assert response.status_code == 200, response.text
     assert response.json()["recorded"] == 20_000
     assert await row_count(session_factory) == 20_000
+
+
+async def test_importing_a_file_again_records_nothing_twice(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    assert (await import_csv(api, world, IMPORT)).json()["recorded"] == 5
+    # An opt-in since: that number is recorded again; a repeated line counts once.
+    assert (await delete(api, world, "+14155550131")).status_code == 200
+
+    response = await import_csv(api, world, IMPORT + "+14155550132\n")
+
+    assert response.status_code == 200, response.text
+    assert (response.json()["recorded"], response.json()["unchanged"]) == (1, 5)
+    assert await row_count(session_factory) == 5 + 1 + 1  # the import, the opt-in, one again
+
+
+async def test_a_sender_scoped_import_after_a_service_wide_opt_in_is_recorded(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    line = "+14155550136,+14155550100\n"  # the Twilio sender only
+    assert (await import_csv(api, world, line)).json()["recorded"] == 1
+    assert (await delete(api, world, "+14155550136")).status_code == 200  # service-wide opt-in
+
+    response = await import_csv(api, world, line)
+
+    assert response.json()["recorded"] == 1  # the opt-in lifted it: opting out again counts
+    assert_problem(await send_from(api, world, "+14155550136", TWILIO), 403, "recipient_opted_out")
