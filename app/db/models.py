@@ -162,6 +162,14 @@ class Message(Base):
             "claimed_at",
             postgresql_where=text("status = 'sending'"),
         ),
+        # The status-check sweep: `sent` messages never checked (due `STATUS_CHECK_AFTER_SECONDS`
+        # after their last news) or whose next check is due (app.domain.reconcile).
+        Index(
+            "ix_messages_sent_check",
+            "next_check_at",
+            "updated_at",
+            postgresql_where=text("status = 'sent'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -197,6 +205,12 @@ class Message(Base):
     resubmissions: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # A `sent` message's next status check at its provider (None: never checked yet, due
+    # `STATUS_CHECK_AFTER_SECONDS` after its last news; 'infinity': checks stopped), how many
+    # were made, and why the service stopped looking after its status (shown in the API).
+    next_check_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status_checks: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
+    status_detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
 

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from app.db.session import create_engine, create_session_factory
 from app.domain.delivery import Outcome, RetryPolicy, deliver_message
 from app.domain.delivery import deliver as deliver_messages
+from app.domain.reconcile import STATUS_CHECK_SWEEP_SECONDS
 from app.domain.status import MessageStatus
 from app.domain.sweep import sweep_once
 from app.domain.transitions import record_status_report
@@ -305,8 +306,9 @@ class WorkerSettings:
         cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True),
         # Claims a dead worker left behind, every 5 s: recovery takes the job timeout plus that.
         cron(reconcile_sweep, second=set(range(2, 60, 5)), run_at_startup=True),
-        # `sent` messages whose final report is overdue (a lost callback): ask their provider.
-        cron(status_check_sweep, second={37}),
+        # `sent` messages whose final report is overdue (a lost callback): ask their provider,
+        # every STATUS_CHECK_SWEEP_SECONDS, at most STATUS_CHECK_RATE_PER_MINUTE.
+        cron(status_check_sweep, second=set(range(7, 60, STATUS_CHECK_SWEEP_SECONDS))),
     ]
     on_startup = startup
     on_shutdown = shutdown
