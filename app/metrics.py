@@ -52,6 +52,11 @@ DB_TRANSACTIONS = Counter(
     "Transactions this process ended, by outcome.",
     ["outcome"],
 )
+DEPENDENCY_UP = Gauge(
+    "smsgate_dependency_up",
+    "1 while this process reaches the dependency, 0 during an outage (app.outages).",
+    ["dependency"],
+)
 QUEUE_DEPTH = Gauge(
     "smsgate_queue_depth", "Delivery jobs in the arq queue, deferred retries included."
 )

@@ -44,6 +44,7 @@ from app.domain.reconcile import (
 )
 from app.logs import message_context
 from app.metrics import OLDEST_SENT_AGE
+from app.outages import REDIS
 from app.providers.base import Provider
 from app.settings import Settings, provider_call_budget_seconds
 from app.worker.event_queue import enqueue_events
@@ -127,7 +128,7 @@ async def enqueue_reconciliations(queue: Queue, message_ids: list[uuid.UUID]) ->
             )
             queued += job is not None
     except (RedisError, OSError) as error:
-        log.warning("reconcile enqueue failed", extra={"error": repr(error)})
+        REDIS.failed(error, action="reconcile enqueue")
     return queued
 
 
@@ -199,7 +200,7 @@ async def status_check_sweep(ctx: dict[str, Any]) -> int:
             queued += job is not None
     except (RedisError, OSError) as error:
         # Each picked message's next check is already scheduled: it is asked about then.
-        log.warning("status check enqueue failed", extra={"error": repr(error)})
+        REDIS.failed(error, action="status check enqueue")
     return queued
 
 

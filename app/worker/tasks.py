@@ -15,7 +15,7 @@ from signal import Signals
 from typing import Any, ClassVar
 
 from arq import Retry, cron, func
-from arq.worker import Worker, get_kwargs
+from arq.worker import get_kwargs
 from redis.exceptions import RedisError
 
 from app.db.session import create_engine, create_session_factory
@@ -27,6 +27,7 @@ from app.domain.sweep import sweep_once
 from app.domain.transitions import record_status_report
 from app.logs import message_context
 from app.metrics import serve_metrics
+from app.outages import REDIS, unavailable_dependency
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
 from app.settings import Settings, get_settings
@@ -49,6 +50,7 @@ from app.worker.queue import (
     enqueue_deliveries,
     push_ready,
 )
+from app.worker.resilience import ResilientWorker, stop_watching_database, watch_database
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +95,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     ctx["dispatcher"] = build_dispatcher(queue, settings, ctx["providers"])
     ctx["in_flight"] = InFlightLimit(settings.worker_concurrency)
+    watch_database(ctx)
     serve_metrics(settings.worker_metrics_port, settings.metrics_host)
     ctx["retry_policy"] = RetryPolicy(
         max_attempts=settings.send_max_attempts,
         base_delay=settings.retry_base_delay_seconds,
         max_delay=settings.retry_max_delay_seconds,
     )
-    ctx["feed"] = DeliveryFeed(queue, lambda ids: deliver_ids(ctx, ids), ctx["in_flight"])
+    ctx["feed"] = DeliveryFeed(
+        queue, lambda ids: deliver_ids(ctx, ids), ctx["in_flight"], db_outage=ctx["db_outage"]
+    )
     ctx["feed"].start()
 
 
@@ -123,6 +128,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     """Stop the feed (its deliveries under way get the job timeout to finish, as jobs do on
     SIGTERM), then close what startup opened."""
     await ctx["feed"].stop(wait=JOB_TIMEOUT_SECONDS)
+    await stop_watching_database(ctx)
     await ctx["http"].aclose()
     await ctx["engine"].dispose()
     await ctx["delivery_engine"].dispose()
@@ -235,7 +241,10 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
             # That chunk put back or recorded its messages as far as it got (a chunk past its
             # budget, a database error): the sweep and reconciliation take it from there. The
             # other chunks' outcomes still count.
-            log.error("delivery of a chunk failed", exc_info=done)
+            if "db_outage" in ctx and unavailable_dependency(done) == "postgresql":
+                ctx["db_outage"].failed(done, action="delivery")
+            else:
+                log.error("delivery of a chunk failed", exc_info=done)
             continue
         outcomes |= done
     try:
@@ -248,7 +257,7 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
                     _defer_by=timedelta(seconds=outcome.retry_in),
                 )
     except (RedisError, OSError) as error:  # still queued in PostgreSQL: the sweep retries them
-        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+        REDIS.failed(error, action="retry enqueue; the sweep will retry")
     return sum(outcome.status is MessageStatus.SENT for outcome in outcomes.values())
 
 
@@ -273,7 +282,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
     return await enqueue_deliveries(ctx["redis"], message_ids)
 
 
-class DeliveryWorker(Worker):
+class DeliveryWorker(ResilientWorker):
     """arq's worker, which also stops its delivery feed the moment a stop signal arrives (arq
     itself only stops taking jobs then): what the feed already started gets the rest of the
     same grace period (`job_completion_wait`), not a second one after it."""
