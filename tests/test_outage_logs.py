@@ -92,7 +92,7 @@ async def test_a_long_outage_reminds_once_a_minute_with_counts(
 ) -> None:
     caplog.set_level(logging.INFO)
     clock = [1000.0]
-    monkeypatch.setattr(outages.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("app.outages.time.monotonic", lambda: clock[0])
     outage = Outage("postgresql")
     for _ in range(4500):  # 50 failures a second for a minute and a half
         outage.failed(ConnectionRefusedError(111, "refused"))
