@@ -44,8 +44,15 @@ Probe = Callable[[], Awaitable[object]]
 class Outage:
     """One dependency's state in this process: up, or down since when, with counts."""
 
-    def __init__(self, dependency: str, *, probe: Probe | None = None) -> None:
+    def __init__(
+        self,
+        dependency: str,
+        *,
+        probe: Probe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.dependency = dependency
+        self._clock = clock
         self.probe = probe
         self.since: float | None = None
         self.failures = 0
@@ -61,7 +68,7 @@ class Outage:
     def failed(self, error: BaseException, **context: object) -> None:
         """One more failure: a warning if it starts an outage, else counted (and a reminder
         at most every `REMIND_SECONDS`)."""
-        now = time.monotonic()
+        now = self._clock()
         self.failures += 1
         if self.since is None:
             self.since = self._reminded = now
@@ -87,7 +94,7 @@ class Outage:
         """The dependency answered: end the outage (one warning with its counts), if any."""
         if self.since is None:
             return
-        seconds = time.monotonic() - self.since
+        seconds = self._clock() - self.since
         log.warning(
             f"{self.dependency} available again",
             extra={

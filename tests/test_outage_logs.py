@@ -88,12 +88,11 @@ async def test_sends_while_redis_is_down_are_one_warning_not_one_per_request(
 
 
 async def test_a_long_outage_reminds_once_a_minute_with_counts(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     clock = [1000.0]
-    monkeypatch.setattr("app.outages.time.monotonic", lambda: clock[0])
-    outage = Outage("postgresql")
+    outage = Outage("postgresql", clock=lambda: clock[0])
     for _ in range(4500):  # 50 failures a second for a minute and a half
         outage.failed(ConnectionRefusedError(111, "refused"))
         clock[0] += 0.02
