@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text, update
@@ -26,6 +27,9 @@ from tests.conftest import TEST_REDIS_URL, TWILIO_TOKEN, World, make_settings
 from tests.domain.test_delivery import RecordingProvider, history, load, queued_message
 from tests.providers.test_twilio import message_body
 from tests.providers.test_twilio_fetch import assert_valid_fetch_message
+
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
 
 AFTER = timedelta(minutes=10)
 SCHEDULE = CheckSchedule(after=AFTER)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select, update
 
@@ -18,6 +19,9 @@ from tests.conftest import World
 from tests.domain.test_batch_delivery import FakeTwilio, dispatcher_for, fresh, fresh_batch
 from tests.domain.test_delivery import POLICY
 from tests.domain.test_dispatch import set_sender
+
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
 
 
 async def test_a_deferred_backlog_does_not_starve_a_message_whose_enqueue_failed(
