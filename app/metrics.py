@@ -72,7 +72,7 @@ OLDEST_SENDING_AGE = Gauge(
 OLDEST_SENT_AGE = Gauge(
     "smsgate_oldest_sent_message_age_seconds",
     "Time since the oldest `sent` message changed (0 when none): its final report is overdue. "
-    "Set by each SMS worker's status-check sweep (every minute).",
+    "Set by the status-check sweep (every 10 s).",
 )
 CIRCUIT_OPEN = Gauge(
     "smsgate_circuit_open",
