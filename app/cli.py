@@ -238,10 +238,11 @@ def main(argv: list[str] | None = None) -> None:
             **uvicorn_options(settings),
         )
     elif args.command == "worker":
-        from arq.worker import check_health, run_worker
+        from arq.worker import check_health
 
         from app.logs import configure_logging
         from app.worker.events import EventsWorkerSettings
+        from app.worker.resilience import ResilientWorker, run_worker
         from app.worker.tasks import WorkerSettings, run_delivery_worker
 
         worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.set_event_loop(uvloop.new_event_loop())
         if args.queue == "events":
-            run_worker(worker_settings)  # type: ignore[arg-type]
+            # Outlives Redis and PostgreSQL outages, as the delivery worker does.
+            run_worker(worker_settings, ResilientWorker)
         else:
             run_delivery_worker()
     elif args.command == "migrate":

@@ -31,7 +31,7 @@ from app.api.docs import install_docs
 from app.api.limits import BodySizeLimit, UnhandledErrors
 from app.db.migrations import head_revision
 from app.db.pg import Database
-from app.db.session import create_engine, create_session_factory
+from app.db.session import create_engine, create_session_factory, ping
 from app.domain.accept import Acceptor
 from app.domain.lookups import Lookups
 from app.errors import (
@@ -43,6 +43,7 @@ from app.errors import (
     problem_json_only,
 )
 from app.logs import RequestIdMiddleware, describe_error
+from app.outages import Outage
 from app.providers.registry import build_http_client, build_providers
 from app.secrets_at_rest import Keyring, install
 from app.settings import Settings, get_settings
@@ -88,9 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.http = http
         app.state.providers = build_providers(settings, http)
         app.state.schema_head = head_revision()
+        app.state.db_outage = Outage("postgresql", probe=lambda: ping(engine))
         try:
             yield
         finally:
+            await app.state.db_outage.close()
             await app.state.delivery_batcher.close()
             await close_queue(app.state.queue)
             await http.aclose()
@@ -192,8 +195,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     # asyncpg's answer when a statement meets a connection the server has just closed.
     @app.exception_handler(asyncpg.exceptions.InternalClientError)
     @app.exception_handler(OSError)
-    async def database_unavailable(_: Request, error: Exception) -> JSONResponse:
-        log.error("dependency unavailable", extra=describe_error(error))
+    async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
+        # Expected back-pressure while PostgreSQL is away: one warning per outage, with counts
+        # (app.outages), not an error per request.
+        outage: Outage | None = getattr(request.app.state, "db_outage", None)
+        if outage is None:
+            log.warning("dependency unavailable", extra=describe_error(error))
+        else:
+            outage.failed(error)
         return _problem(
             Problem(
                 title="Service unavailable",

@@ -57,6 +57,11 @@ DB_TRANSACTIONS = Counter(
     "Transactions this process ended, by outcome.",
     ["outcome"],
 )
+DEPENDENCY_UP = Gauge(
+    "smsgate_dependency_up",
+    "1 while this process reaches the dependency, 0 during an outage (app.outages).",
+    ["dependency"],
+)
 QUEUE_DEPTH = Gauge(
     "smsgate_queue_depth", "Delivery jobs in the arq queue, deferred retries included."
 )
@@ -72,7 +77,7 @@ OLDEST_SENDING_AGE = Gauge(
 OLDEST_SENT_AGE = Gauge(
     "smsgate_oldest_sent_message_age_seconds",
     "Time since the oldest `sent` message changed (0 when none): its final report is overdue. "
-    "Set by each SMS worker's status-check sweep (every minute).",
+    "Set by the status-check sweep (every 10 s).",
 )
 CIRCUIT_OPEN = Gauge(
     "smsgate_circuit_open",

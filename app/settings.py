@@ -138,6 +138,15 @@ class Settings(BaseSettings):
     # A `sent` message without news for this long (its final callback may be lost) is checked
     # with its provider, if the provider can be asked (Twilio, fake), at most once per period.
     status_check_after_seconds: int = Field(default=600, ge=1)
+    # Each further check of a message that still reads `sent` waits twice as long as the one
+    # before (from `status_check_after_seconds`), at most this long between two checks ...
+    status_check_max_interval_seconds: int = Field(default=6 * 3600, ge=1)
+    # ... and checks stop once the message has had no news for this long (recorded on the
+    # message as its `status_detail`; a report that arrives later is still applied).
+    status_check_horizon_hours: float = Field(default=72.0, gt=0)
+    # Provider lookups the status checks make per minute at most (all workers together): after
+    # an outage the overdue messages are asked about at this pace, spread evenly.
+    status_check_rate_per_minute: int = Field(default=300, ge=1, le=60_000)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # Message bodies are customers' data: kept out of logs unless an operator turns this on.

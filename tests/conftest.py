@@ -28,6 +28,7 @@ from app.domain.keywords import KeywordConfig
 from app.main import create_app
 from app.secrets_at_rest import Keyring, install
 from app.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
+from tests.netguard import NetworkGuard
 
 ADMIN_DATABASE_URL = os.environ.get(
     "TEST_ADMIN_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -80,6 +81,27 @@ def make_settings(**overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+# NETWORK_GUARD=1 puts every test under the guard; otherwise the tests marked `network_guard`.
+GUARD_EVERY_TEST = os.environ.get("NETWORK_GUARD") == "1"
+
+
+@pytest.fixture
+def network_guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[NetworkGuard]:
+    """Notes every network call the service makes inside an open transaction of the same
+    task; the test fails at its end if there was one (tests/netguard.py)."""
+    guard = NetworkGuard()
+    with guard.installed(monkeypatch):
+        yield guard
+    assert guard.violations == [], "\n\n".join(guard.violations[:3])
+
+
+@pytest.fixture(autouse=True)
+def _guarded(request: pytest.FixtureRequest) -> None:
+    """The guard for tests marked `network_guard` (every test with NETWORK_GUARD=1)."""
+    if GUARD_EVERY_TEST or request.node.get_closest_marker("network_guard") is not None:
+        request.getfixturevalue("network_guard")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
+import pytest
 from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.asyncio import Redis
@@ -22,6 +23,9 @@ from tests.api.test_status_callbacks import twilio_callback
 from tests.conftest import TEST_REDIS_URL, World, make_settings
 from tests.domain.test_delivery import RecordingProvider, load, twilio_created, twilio_error
 from tests.queueing import queued_message_ids, ready_length
+
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
 
 
 async def run_worker(provider: RecordingProvider | None = None, **settings: Any) -> None:

@@ -146,7 +146,6 @@ async def set_sender_endpoint(
     settings: SettingsDep,
 ) -> EndpointOut:
     """Send this sender's inbound messages (not keywords) and opt-out changes here."""
-    await get_sender(session, sender_id)  # 404 for an unknown sender
     endpoint = await domain.configure_default(
         session, Owner(sender_id=sender_id), str(request.url), settings.events
     )

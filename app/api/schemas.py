@@ -246,6 +246,7 @@ class MessageOut(BaseModel):
                     "provider_message_id": None,
                     "error_code": None,
                     "error_message": None,
+                    "status_detail": None,
                     "callback_url": None,
                     "validity_period": None,
                     "expires_at": None,
@@ -268,6 +269,12 @@ class MessageOut(BaseModel):
     provider_message_id: str | None
     error_code: str | None
     error_message: str | None
+    status_detail: str | None = Field(
+        default=None,
+        description="Why the service stopped looking after this message's status, e.g. status "
+        "checks stopped after STATUS_CHECK_HORIZON_HOURS without a final report (the message "
+        "stays `sent`; a report that arrives later still applies and clears this).",
+    )
     callback_url: str | None
     validity_period: int | None
     expires_at: datetime | None

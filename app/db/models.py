@@ -185,6 +185,14 @@ class Message(Base):
             postgresql_where=text("status = 'sending'"),
         ),
         CheckConstraint("api IN ('v1', 'twilio')", name="api"),
+        # The status-check sweep: `sent` messages never checked (due `STATUS_CHECK_AFTER_SECONDS`
+        # after their last news) or whose next check is due (app.domain.reconcile).
+        Index(
+            "ix_messages_sent_check",
+            "next_check_at",
+            "updated_at",
+            postgresql_where=text("status = 'sent'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -224,6 +232,12 @@ class Message(Base):
     api: Mapped[str] = mapped_column(String(8), default="v1", server_default=text("'v1'"))
     # Set when retention replaced the body with "" (`RETENTION__MESSAGE_BODY_DAYS`).
     body_redacted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A `sent` message's next status check at its provider (None: never checked yet, due
+    # `STATUS_CHECK_AFTER_SECONDS` after its last news; 'infinity': checks stopped), how many
+    # were made, and why the service stopped looking after its status (shown in the API).
+    next_check_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status_checks: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
+    status_detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import asyncpg
-from sqlalchemy import event, exc
+from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -93,6 +93,12 @@ def count_statements(engine: AsyncEngine) -> None:
     event.listen(engine.sync_engine, "before_cursor_execute", on_statement)
     event.listen(engine.sync_engine, "commit", lambda _: committed.inc())
     event.listen(engine.sync_engine, "rollback", lambda _: rolled_back.inc())
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """One trivial statement: raises unless PostgreSQL answers (an outage's probe)."""
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

@@ -53,6 +53,7 @@ from app.domain.transitions import (
     run_transaction,
 )
 from app.metrics import PROVIDER_REQUEST_SECONDS, RATE_LIMIT_DEFERRALS
+from app.outages import unavailable_dependency
 from app.providers.base import (
     Accepted,
     Encoding,
@@ -199,7 +200,10 @@ class _Run:
             if (failure := task.exception()) is not None:
                 # Its message was recorded as far as it got (an interrupted call as an unknown
                 # outcome); the others' outcomes still count.
-                log.error("delivery of a message failed", exc_info=failure)
+                if unavailable_dependency(failure) is None:
+                    log.error("delivery of a message failed", exc_info=failure)
+                else:  # an outage: the job's sweeps and the worker count and report it
+                    log.info("delivery of a message stopped by an outage", exc_info=failure)
                 outcomes[message_id] = Outcome(None)
             else:
                 outcomes[message_id] = task.result()

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from app.domain.circuit import CHECK_LUA, CircuitState, Health, ProviderHealth
 from app.domain.pacing import DEFER_LEAD_SECONDS, RESERVE_LUA, Reservation, SenderPacer
 from app.metrics import RATE_LIMIT_DEFERRALS
+from app.outages import REDIS
 from app.providers.base import Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Dispatcher:
             routed = await self._route(tickets, healths)
             return await self._pace(tickets, routed, reserved)
         except (RedisError, OSError) as error:
-            log.warning("delivery gate unavailable", extra={"error": repr(error)})
+            REDIS.failed(error, action="delivery gate")
             return {
                 t.message_id: Wait(REDIS_DOWN_RETRY_SECONDS, "redis_unavailable") for t in tickets
             }
@@ -242,7 +243,7 @@ class Dispatcher:
         try:
             return await self.pacer.admit(sender_id, message_id, go.rate, provider=go.provider)
         except (RedisError, OSError) as error:
-            log.warning("delivery gate unavailable", extra={"error": repr(error)})
+            REDIS.failed(error, action="delivery gate")
             return REDIS_DOWN_RETRY_SECONDS
 
     @staticmethod
@@ -256,7 +257,7 @@ class Dispatcher:
         try:
             changed = await self.health.record(provider, error)
         except (RedisError, OSError) as exc:
-            log.warning("circuit breaker unavailable", extra={"error": repr(exc)})
+            REDIS.failed(exc, action="circuit breaker")
             return
         if changed > 0:
             log.warning("circuit opened", extra={"provider": provider})

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import SigningSecret, WebhookEndpoint
 from app.domain.auth import Principal
 from app.domain.destinations import Resolver, check_destination, system_resolver
+from app.domain.senders import get_sender
 from app.errors import NotFound
 from app.settings import EventsSettings
 
@@ -160,8 +161,12 @@ async def configure_default(
     resolver: Resolver = system_resolver,
 ) -> WebhookEndpoint:
     """Check `url` (422 naming `url` when it is not a destination we send to) and make it the
-    owner's default endpoint."""
+    owner's default endpoint. The check (a DNS lookup) comes before the session's first
+    statement, so no transaction is open while it waits; for a sender, the sender is then
+    looked up (404 when unknown)."""
     await check_destination(url, settings, field="url", resolver=resolver)
+    if owner.sender_id is not None:
+        await get_sender(session, owner.sender_id)
     return await set_default(session, owner, url)
 
 

@@ -33,15 +33,15 @@ import logging
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessageEvent
-from app.db.session import SessionFactory
+from app.db.session import SessionFactory, raw_statement
 from app.domain.delivery import RetryPolicy
 from app.domain.events import EventJob
 from app.domain.optouts import lock_recipients
@@ -63,6 +63,7 @@ from app.providers.base import (
     StatusReport,
     Submission,
 )
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -334,49 +335,93 @@ async def _fail(
 # A provider that took a message reports its final status in a callback; a lost callback
 # (Twilio does not retry them, e.g. while our API answered 503 during a PostgreSQL restart)
 # would leave the message `sent` forever. The periodic status-check sweep picks `sent` messages
-# not updated for `STATUS_CHECK_AFTER_SECONDS` and not checked within that time either (a check
-# is an event with source `status_check`), at providers that can be asked (`can_fetch_status`:
-# Twilio, the fake; not Vonage, whose messages keep waiting for their receipts), and asks the
-# provider; news goes through `apply_status_report`, the path callbacks take.
+# at providers that can be asked (`can_fetch_status`: Twilio, the fake; not Vonage, whose
+# messages keep waiting for their receipts) whose check is due: never checked and without news
+# for `STATUS_CHECK_AFTER_SECONDS`, or past their `next_check_at`. Picking one schedules its next
+# check at once, with back-off (each wait twice the one before, at most
+# `STATUS_CHECK_MAX_INTERVAL_SECONDS`), so a message the provider keeps reporting as `sent` is
+# asked about less and less often and never crowds out newer ones (the longest-due go first).
+# News goes through `apply_status_report`, the path callbacks take. A message without news for
+# `STATUS_CHECK_HORIZON_HOURS` is not checked again: why is recorded on it (`status_detail`).
 
-STATUS_CHECK_BATCH: Final = 100
 STATUS_CHECK_SOURCE: Final = "status_check"
+# How often the sweep runs (the cron in app.worker.tasks): each run takes this share of a
+# minute's `STATUS_CHECK_RATE_PER_MINUTE`.
+STATUS_CHECK_SWEEP_SECONDS: Final = 10
+# Checks stopped: a `next_check_at` that is never due.
+NEVER: Final = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSchedule:
+    """When `sent` messages are asked about: first `after` their last news, then with back-off
+    up to `max_interval` between two checks, and no more once `horizon` passed without news."""
+
+    after: timedelta
+    max_interval: timedelta = timedelta(hours=6)
+    horizon: timedelta = timedelta(hours=72)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CheckSchedule:
+        """The schedule the settings describe."""
+        return cls(
+            after=timedelta(seconds=settings.status_check_after_seconds),
+            max_interval=timedelta(seconds=settings.status_check_max_interval_seconds),
+            horizon=timedelta(hours=settings.status_check_horizon_hours),
+        )
+
+    def interval(self, checks: int) -> timedelta:
+        """The wait before the next check of a message already checked `checks` times."""
+        wait: timedelta = self.after * 2 ** min(checks, 20)
+        return min(wait, self.max_interval)
+
+
+# One statement: pick the longest-due messages (skipping rows another transaction holds) and
+# schedule each one's next check, so the next sweep does not pick them again while their job
+# waits; `ix_messages_sent_check` serves the selection. `updated_at` is left alone: a check is
+# not news, and the horizon counts from the last news.
+_PICK_DUE = """
+WITH due AS (
+    SELECT id, coalesce(next_check_at, updated_at + $2::interval) AS due_at
+    FROM messages
+    WHERE status = 'sent'
+      AND provider = ANY($1::text[])
+      AND provider_message_id IS NOT NULL
+      AND ((next_check_at IS NULL AND updated_at < now() - $2::interval)
+           OR next_check_at <= now())
+    ORDER BY due_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE messages AS m
+SET next_check_at = now() + least($2::interval * power(2, least(m.status_checks, 20)),
+                                  $3::interval)
+FROM due
+WHERE m.id = due.id
+RETURNING m.id, due.due_at
+"""
 
 
 async def overdue_sent(
     session_factory: SessionFactory,
     provider_names: Collection[str],
-    older_than: timedelta,
+    schedule: CheckSchedule,
     *,
-    limit: int = STATUS_CHECK_BATCH,
+    limit: int,
 ) -> list[uuid.UUID]:
-    """Ids of `sent` messages at `provider_names` untouched and unchecked for `older_than`,
-    the longest-waiting first, at most `limit`."""
-    if not provider_names:
+    """Ids of `sent` messages at `provider_names` whose status check is due, the longest-due
+    first, at most `limit`; each one's next check is scheduled (with back-off) as it is picked."""
+    if not provider_names or limit < 1:
         return []
-    checked_recently = (
-        select(MessageEvent.id)
-        .where(
-            MessageEvent.message_id == Message.id,
-            MessageEvent.source == STATUS_CHECK_SOURCE,
-            MessageEvent.created_at > func.now() - older_than,
-        )
-        .exists()
+    rows = await raw_statement(
+        session_factory,
+        _PICK_DUE,
+        list(provider_names),
+        schedule.after,
+        schedule.max_interval,
+        limit,
     )
-    async with session_factory() as session:
-        rows = await session.scalars(
-            select(Message.id)
-            .where(
-                Message.status == MessageStatus.SENT.value,
-                Message.provider.in_(list(provider_names)),
-                Message.provider_message_id.is_not(None),
-                Message.updated_at < func.now() - older_than,
-                ~checked_recently,
-            )
-            .order_by(Message.updated_at)
-            .limit(limit)
-        )
-        return list(rows)
+    return [row["id"] for row in sorted(rows, key=lambda row: row["due_at"])]
 
 
 async def oldest_sent_age(session_factory: SessionFactory) -> float:
@@ -394,21 +439,27 @@ async def check_status(
     message_id: uuid.UUID,
     session_factory: SessionFactory,
     providers: dict[str, Provider],
-    *,
-    older_than: timedelta,
+    schedule: CheckSchedule,
 ) -> Reconciled:
     """Ask the provider for the status of one overdue `sent` message and record what it says:
     SETTLED when that moved it (through `apply_status_report`), else NOTHING (the check is
-    recorded, so the message is asked about again only after `older_than`)."""
+    recorded and counted; once the message has had no news for the schedule's horizon, its
+    checks stop, and why is written on it)."""
     async with session_factory() as session:
-        message = await session.scalar(
-            select(Message).where(
-                Message.id == message_id,
-                Message.status == MessageStatus.SENT.value,
-                Message.updated_at < func.now() - older_than,
+        row = (
+            await session.execute(
+                select(Message, func.now()).where(
+                    Message.id == message_id,
+                    Message.status == MessageStatus.SENT.value,
+                    Message.updated_at < func.now() - schedule.after,
+                )
             )
-        )
-    if message is None or message.provider_message_id is None:
+        ).one_or_none()
+    if row is None:
+        return Reconciled(Decision.NOTHING)
+    message: Message = row[0]
+    now: datetime = row[1]
+    if message.provider_message_id is None:
         return Reconciled(Decision.NOTHING)
     provider = providers.get(message.provider)
     if provider is None or not provider.can_fetch_status:
@@ -416,7 +467,7 @@ async def check_status(
     report: StatusReport | None = None
     try:
         report = await provider.fetch_status(message.provider_message_id)
-    except Exception as error:  # asked again after `older_than`
+    except Exception as error:  # asked again at the next check
         detail = error.detail if isinstance(error, ProviderError) else repr(error)
         log.warning("status check failed", extra={"message_id": str(message.id), "error": detail})
         outcome = f"{message.provider} could not be asked: {detail[:200]}"
@@ -436,7 +487,31 @@ async def check_status(
             )
             return Reconciled(Decision.SETTLED, events=events)
         return Reconciled(Decision.NOTHING, events=events)
+    checks = message.status_checks + 1
+    changes: dict[str, Any] = {
+        "status_checks": Message.status_checks + 1,
+        # From the check itself (the sweep's pick scheduled it too, for a job that never ran).
+        "next_check_at": func.now() + schedule.interval(message.status_checks),
+        "updated_at": Message.updated_at,  # a check is not news
+    }
+    if now - message.updated_at >= schedule.horizon:
+        hours = schedule.horizon.total_seconds() / 3600
+        stopped = (
+            f"status checks stopped: no final report within {hours:g} hours of the last news "
+            f"({checks} checks; the last: {outcome})"
+        )
+        changes |= {"next_check_at": NEVER, "status_detail": stopped[:1000]}
+        outcome = stopped
+        log.warning(
+            "status checks stopped at the horizon",
+            extra={"message_id": str(message.id), "checks": checks},
+        )
     async with session_factory.begin() as session:
+        await session.execute(
+            update(Message)
+            .where(Message.id == message.id, Message.status == MessageStatus.SENT.value)
+            .values(**changes)
+        )
         session.add(
             MessageEvent(
                 message_id=message.id,

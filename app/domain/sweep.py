@@ -16,9 +16,19 @@ SWEEP_BATCH = 1000
 
 
 async def sweep_once(
-    session_factory: SessionFactory, *, grace: timedelta, idempotency_ttl: timedelta
+    session_factory: SessionFactory,
+    *,
+    grace: timedelta,
+    idempotency_ttl: timedelta,
+    limit: int = SWEEP_BATCH,
 ) -> list[uuid.UUID]:
-    """Ids of queued messages due for more than `grace` (their job was lost or never queued).
+    """Ids of queued messages due for more than `grace` (their job was lost or never queued),
+    the longest overdue first, at most `limit`.
+
+    Only messages truly overdue: a message the delivery gate put back (a sender's pace, an open
+    circuit, a paused provider) or a retry records when it is next due (`next_attempt_at`), so a
+    backlog waiting for its turn is not selected again and again ahead of a message whose
+    enqueue really failed (`ix_messages_queued_due` serves the query).
 
     Re-enqueueing one that is in fact still queued is harmless: the job id dedupes it in Redis
     and the conditional claim dedupes it in PostgreSQL.
@@ -32,6 +42,6 @@ async def sweep_once(
                 Message.next_attempt_at < datetime.now(UTC) - grace,
             )
             .order_by(Message.next_attempt_at)
-            .limit(SWEEP_BATCH)
+            .limit(limit)
         )
         return list(due)

@@ -807,6 +807,8 @@ async def _advance(
             status=status.value,
             error_code=settlement.error_code,
             error_message=settlement.error_message,
+            # Whatever the service had given up on (status checks) is settled by this news.
+            status_detail=None,
         )
         .returning(Message.id)
     )

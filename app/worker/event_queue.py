@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from redis.exceptions import RedisError
 
 from app.domain.events import EventJob
+from app.outages import REDIS
 from app.worker.queue import Queue
 
 log = logging.getLogger(__name__)
@@ -41,5 +42,5 @@ async def enqueue_events(queue: Queue, jobs: Iterable[EventJob]) -> int:
             )
             queued += queued_job is not None
     except (RedisError, OSError) as error:
-        log.warning("event enqueue failed; the sweep will retry", extra={"error": repr(error)})
+        REDIS.failed(error, action="event enqueue; the sweep will retry")
     return queued

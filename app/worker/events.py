@@ -25,6 +25,7 @@ from app.secrets_at_rest import Keyring, install
 from app.settings import get_settings
 from app.worker.event_queue import DELIVER_EVENT_JOB, EVENTS_QUEUE, enqueue_events
 from app.worker.guarantees import worker_redis_settings
+from app.worker.resilience import stop_watching_database, watch_database
 
 # One attempt (bounded by EVENTS__TIMEOUT_SECONDS) plus two short transactions.
 JOB_TIMEOUT_SECONDS = math.ceil(attempt_budget_seconds(get_settings().events))
@@ -40,11 +41,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["engine"] = create_engine(settings.database_url)
     ctx["session_factory"] = create_session_factory(ctx["engine"])
     ctx["events_http"] = build_events_http_client(settings.events)
+    watch_database(ctx)
     serve_metrics(settings.events_worker_metrics_port, settings.metrics_host)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     """Close what startup opened."""
+    await stop_watching_database(ctx)
     await ctx["events_http"].aclose()
     await ctx["engine"].dispose()
 

@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.outages import REDIS, Outage, unavailable_dependency
 from app.worker.queue import READY_KEY
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class DeliveryFeed:
         pop_wait: int = POP_WAIT_SECONDS,
         chunk_max: int = CHUNK_MAX,
         running_max: int = RUNNING_MAX,
+        db_outage: Outage | None = None,
     ) -> None:
         self._redis = redis
+        self._db_outage = db_outage
         self._deliver = deliver
         self._room = room
         self._key = key
@@ -126,13 +129,14 @@ class DeliveryFeed:
             try:
                 message_ids = await self._pop(min(free, self._chunk_max))
             except (RedisError, OSError) as error:
-                log.warning("delivery feed: Redis unavailable", extra={"error": repr(error)})
+                REDIS.failed(error, action="delivery feed pop")
                 await self._pause(ERROR_BACKOFF_SECONDS)
                 continue
             except Exception:  # a bug must not stop the feed for good: the sweep is slow
                 log.exception("delivery feed: pop failed")
                 await self._pause(ERROR_BACKOFF_SECONDS)
                 continue
+            REDIS.recovered()
             if message_ids:
                 self._spawn(message_ids)
 
@@ -165,7 +169,10 @@ class DeliveryFeed:
         if not task.cancelled() and (error := task.exception()) is not None:
             # The messages stay `queued` or `sending` in PostgreSQL: the sweep and reconciliation
             # pick them up. Logged here because nothing awaits the task.
-            log.error("delivery from the feed failed", exc_info=error)
+            if self._db_outage is not None and unavailable_dependency(error) == "postgresql":
+                self._db_outage.failed(error, action="delivery from the feed")
+            else:
+                log.error("delivery from the feed failed", exc_info=error)
 
     async def _pause(self, seconds: float) -> None:
         try:

@@ -5,9 +5,11 @@ pauses, sender pacing), reconciliation of unknown outcomes, and the fake provide
 messages whose claim is older than a delivery job can last and enqueues one `reconcile` job per
 message (job id per message, so a message is reconciled by one job at a time, on any worker).
 
-`status_check_sweep` runs every minute: it finds `sent` messages whose final report is overdue
-(`STATUS_CHECK_AFTER_SECONDS`, at providers with `can_fetch_status`), at most
-`STATUS_CHECK_BATCH` per sweep, and enqueues one `status_check` job per message.
+`status_check_sweep` runs every `STATUS_CHECK_SWEEP_SECONDS`: it picks `sent` messages whose
+status check is due (app.domain.reconcile: first `STATUS_CHECK_AFTER_SECONDS` after their last
+news, then with back-off, until the horizon), this run's share of `STATUS_CHECK_RATE_PER_MINUTE`,
+and enqueues one `status_check` job per message, deferred so that the lookups start evenly spread
+at that rate (after an outage, the backlog is worked off at the provider's pace, not in a burst).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from app.domain.circuit import CircuitPolicy, ProviderHealth
 from app.domain.dispatch import Dispatcher
 from app.domain.pacing import MAX_INLINE_WAIT_SECONDS, SenderPacer
 from app.domain.reconcile import (
+    STATUS_CHECK_SWEEP_SECONDS,
+    CheckSchedule,
     Decision,
     check_status,
     oldest_sent_age,
@@ -40,6 +44,7 @@ from app.domain.reconcile import (
 )
 from app.logs import message_context
 from app.metrics import OLDEST_SENT_AGE
+from app.outages import REDIS
 from app.providers.base import Provider
 from app.settings import Settings, provider_call_budget_seconds
 from app.worker.event_queue import enqueue_events
@@ -123,7 +128,7 @@ async def enqueue_reconciliations(queue: Queue, message_ids: list[uuid.UUID]) ->
             )
             queued += job is not None
     except (RedisError, OSError) as error:
-        log.warning("reconcile enqueue failed", extra={"error": repr(error)})
+        REDIS.failed(error, action="reconcile enqueue")
     return queued
 
 
@@ -164,26 +169,38 @@ def status_check_job_id(message_id: uuid.UUID) -> str:
     return f"status-check:{message_id}"
 
 
+def status_check_pace(settings: Settings) -> tuple[int, float]:
+    """How many checks one sweep run queues, and the seconds between two of them."""
+    rate = settings.status_check_rate_per_minute
+    return math.ceil(rate * STATUS_CHECK_SWEEP_SECONDS / 60), 60 / rate
+
+
 async def status_check_sweep(ctx: dict[str, Any]) -> int:
-    """Queue a status check for each `sent` message whose final report is overdue (and set the
-    gauge of the oldest `sent` message, whatever its provider)."""
+    """Queue a status check for each `sent` message whose check is due, at the configured
+    rate (and set the gauge of the oldest `sent` message, whatever its provider)."""
     settings: Settings = ctx["settings"]
     providers: dict[str, Provider] = ctx["providers"]
     OLDEST_SENT_AGE.set(await oldest_sent_age(ctx["session_factory"]))
-    overdue = await overdue_sent(
+    batch, spacing = status_check_pace(settings)
+    due = await overdue_sent(
         ctx["session_factory"],
         [name for name, provider in providers.items() if provider.can_fetch_status],
-        timedelta(seconds=settings.status_check_after_seconds),
+        CheckSchedule.from_settings(settings),
+        limit=batch,
     )
     queued = 0
     try:
-        for message_id in overdue:
+        for position, message_id in enumerate(due):
             job = await ctx["redis"].enqueue_job(
-                STATUS_CHECK_JOB, str(message_id), _job_id=status_check_job_id(message_id)
+                STATUS_CHECK_JOB,
+                str(message_id),
+                _job_id=status_check_job_id(message_id),
+                _defer_by=timedelta(seconds=position * spacing),
             )
             queued += job is not None
     except (RedisError, OSError) as error:
-        log.warning("status check enqueue failed", extra={"error": repr(error)})
+        # Each picked message's next check is already scheduled: it is asked about then.
+        REDIS.failed(error, action="status check enqueue")
     return queued
 
 
@@ -195,7 +212,7 @@ async def status_check(ctx: dict[str, Any], message_id: str) -> str:
             uuid.UUID(message_id),
             ctx["session_factory"],
             ctx["providers"],
-            older_than=timedelta(seconds=settings.status_check_after_seconds),
+            CheckSchedule.from_settings(settings),
         )
     await enqueue_events(ctx["redis"], result.events)
     return result.decision.value

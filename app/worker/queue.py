@@ -12,6 +12,8 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
+from app.outages import REDIS
+
 log = logging.getLogger(__name__)
 
 DELIVER_JOB = "deliver"
@@ -87,7 +89,7 @@ async def enqueue_deliveries(
             )
             queued += job is not None
     except (RedisError, OSError) as error:
-        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+        REDIS.failed(error, action="enqueue; the sweep will retry")
     return queued
 
 
@@ -99,8 +101,9 @@ async def push_ready(queue: Queue, message_ids: Sequence[uuid.UUID | str]) -> in
     try:
         await cast(Awaitable[int], queue.rpush(READY_KEY, *(str(i) for i in message_ids)))
     except (RedisError, OSError) as error:
-        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+        REDIS.failed(error, action="enqueue; the sweep will retry")
         return 0
+    REDIS.recovered()
     return len(message_ids)
 
 

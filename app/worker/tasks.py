@@ -15,18 +15,20 @@ from signal import Signals
 from typing import Any, ClassVar
 
 from arq import Retry, cron, func
-from arq.worker import Worker, get_kwargs
+from arq.worker import get_kwargs
 from redis.exceptions import RedisError
 
 from app.db.session import create_engine, create_session_factory
 from app.domain.delivery import Outcome, RetryPolicy, deliver_message
 from app.domain.delivery import deliver as deliver_messages
+from app.domain.reconcile import STATUS_CHECK_SWEEP_SECONDS
 from app.domain.retention import prune
 from app.domain.status import MessageStatus
 from app.domain.sweep import sweep_once
 from app.domain.transitions import record_status_report
 from app.logs import message_context
 from app.metrics import serve_metrics
+from app.outages import REDIS, unavailable_dependency
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
 from app.settings import Settings, get_settings
@@ -49,6 +51,7 @@ from app.worker.queue import (
     enqueue_deliveries,
     push_ready,
 )
+from app.worker.resilience import ResilientWorker, stop_watching_database, watch_database
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +98,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     ctx["dispatcher"] = build_dispatcher(queue, settings, ctx["providers"])
     ctx["in_flight"] = InFlightLimit(settings.worker_concurrency)
+    watch_database(ctx)
     serve_metrics(settings.worker_metrics_port, settings.metrics_host)
     ctx["retry_policy"] = RetryPolicy(
         max_attempts=settings.send_max_attempts,
         base_delay=settings.retry_base_delay_seconds,
         max_delay=settings.retry_max_delay_seconds,
     )
-    ctx["feed"] = DeliveryFeed(queue, lambda ids: deliver_ids(ctx, ids), ctx["in_flight"])
+    ctx["feed"] = DeliveryFeed(
+        queue, lambda ids: deliver_ids(ctx, ids), ctx["in_flight"], db_outage=ctx["db_outage"]
+    )
     ctx["feed"].start()
 
 
@@ -125,6 +131,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     """Stop the feed (its deliveries under way get the job timeout to finish, as jobs do on
     SIGTERM), then close what startup opened."""
     await ctx["feed"].stop(wait=JOB_TIMEOUT_SECONDS)
+    await stop_watching_database(ctx)
     await ctx["http"].aclose()
     await ctx["engine"].dispose()
     await ctx["delivery_engine"].dispose()
@@ -237,7 +244,10 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
             # That chunk put back or recorded its messages as far as it got (a chunk past its
             # budget, a database error): the sweep and reconciliation take it from there. The
             # other chunks' outcomes still count.
-            log.error("delivery of a chunk failed", exc_info=done)
+            if "db_outage" in ctx and unavailable_dependency(done) == "postgresql":
+                ctx["db_outage"].failed(done, action="delivery")
+            else:
+                log.error("delivery of a chunk failed", exc_info=done)
             continue
         outcomes |= done
     try:
@@ -250,7 +260,7 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
                     _defer_by=timedelta(seconds=outcome.retry_in),
                 )
     except (RedisError, OSError) as error:  # still queued in PostgreSQL: the sweep retries them
-        log.warning("enqueue failed; the sweep will retry", extra={"error": repr(error)})
+        REDIS.failed(error, action="retry enqueue; the sweep will retry")
     return sum(outcome.status is MessageStatus.SENT for outcome in outcomes.values())
 
 
@@ -284,7 +294,7 @@ async def retention(ctx: dict[str, Any]) -> int:
     return sum(pruned.values())
 
 
-class DeliveryWorker(Worker):
+class DeliveryWorker(ResilientWorker):
     """arq's worker, which also stops its delivery feed the moment a stop signal arrives (arq
     itself only stops taking jobs then): what the feed already started gets the rest of the
     same grace period (`job_completion_wait`), not a second one after it."""
@@ -317,8 +327,9 @@ class WorkerSettings:
         cron(sweep, second=set(range(0, 60, 10)), run_at_startup=True),
         # Claims a dead worker left behind, every 5 s: recovery takes the job timeout plus that.
         cron(reconcile_sweep, second=set(range(2, 60, 5)), run_at_startup=True),
-        # `sent` messages whose final report is overdue (a lost callback): ask their provider.
-        cron(status_check_sweep, second={37}),
+        # `sent` messages whose final report is overdue (a lost callback): ask their provider,
+        # every STATUS_CHECK_SWEEP_SECONDS, at most STATUS_CHECK_RATE_PER_MINUTE.
+        cron(status_check_sweep, second=set(range(7, 60, STATUS_CHECK_SWEEP_SECONDS))),
         # Every five minutes, one worker (arq runs each cron job once across workers).
         cron(
             retention, minute=set(range(1, 60, 5)), second={23}, timeout=RETENTION_TIMEOUT_SECONDS

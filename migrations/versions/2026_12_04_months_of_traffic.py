@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = 'months_of_traffic'
-down_revision: str | None = '7e3a9c41b2d8'
+down_revision: str | None = 'twilio_compat'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

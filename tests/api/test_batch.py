@@ -30,6 +30,9 @@ from tests.conftest import World
 from tests.queueing import queued_message_ids
 from tests.test_end_to_end import run_worker
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 BATCH = "/v1/messages/batch"
 TWILIO = "+14155550100"  # the shop's default sender
 FAKE = "+14155550199"

@@ -29,6 +29,9 @@ from tests.domain.test_delivery import (
 from tests.queueing import queued_message_ids
 from tests.test_end_to_end import run_worker
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 CUSTOMER = "+14155550123"
 TWILIO_INBOUND = "/v1/webhooks/twilio/inbound"
 VONAGE_INBOUND = "/v1/webhooks/vonage/inbound"

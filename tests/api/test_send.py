@@ -14,6 +14,9 @@ from app.db.session import SessionFactory
 from tests.conftest import World
 from tests.queueing import queued_message_ids
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 PROBLEM = "application/problem+json"
 
 

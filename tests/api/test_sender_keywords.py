@@ -15,6 +15,9 @@ from app.db.session import SessionFactory
 from tests.api.test_send import assert_problem, message_count, send
 from tests.conftest import REPLIES, World, ready_keywords
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 ADDRESS = "+14155550177"
 
 BUILTIN_KEYWORDS: dict[str, Any] = {

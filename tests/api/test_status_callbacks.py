@@ -19,6 +19,9 @@ from tests.api.test_send import assert_problem
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_TOKEN, VONAGE_SIGNATURE_SECRET, World
 from tests.domain.test_delivery import load, queued_message
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 TWILIO_PATH = "/v1/webhooks/twilio/status"
 VONAGE_PATH = "/v1/webhooks/vonage/status"
 SID = "SM" + "cd" * 16

@@ -35,6 +35,10 @@ from app.worker.guarantees import build_dispatcher
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, World, make_settings
 from tests.domain.test_delivery import POLICY, history, load, twilio_error
 from tests.domain.test_dispatch import open_circuit, set_sender
+from tests.netguard import NetworkGuard
+
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
 
 Answer = Callable[[httpx.Request], httpx.Response]
 
@@ -454,7 +458,7 @@ async def test_a_slow_sender_sends_only_the_slots_within_the_inline_wait(
 
 
 async def test_slots_taken_by_another_worker_during_the_claim_are_not_used_twice(
-    session_factory: SessionFactory, world: World, redis: Redis
+    session_factory: SessionFactory, world: World, redis: Redis, network_guard: NetworkGuard
 ) -> None:
     """While the claim waited for a recipient's lock, another worker took the sender's next
     two slots. The gate runs after the claim, so it sees them gone: one message goes at the
@@ -473,7 +477,8 @@ async def test_slots_taken_by_another_worker_during_the_claim_are_not_used_twice
             deliver_batch(list(batch), session_factory, providers, POLICY, dispatcher)
         )
         await claim_waiting_for_a_lock(session_factory)
-        other = await dispatcher.pacer.reserve(world.twilio_sender.id, rate, 2, consume=True)
+        with network_guard.paused():  # the test's lock, another worker's Redis call
+            other = await dispatcher.pacer.reserve(world.twilio_sender.id, rate, 2, consume=True)
         assert other.count == 2  # the slots at 0 and 1 s
     result = await task
 

@@ -11,6 +11,7 @@ from unittest.mock import patch
 from urllib.parse import parse_qs
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select, text, update
 
@@ -34,6 +35,9 @@ from tests.domain.test_delivery import (
     queued_message,
     twilio_created,
 )
+
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
 
 STALE = timedelta(seconds=30)
 GIVE_UP = timedelta(minutes=15)

@@ -27,6 +27,9 @@ from tests.events.support import (
 )
 from tests.test_end_to_end import run_worker
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 # Each address class, as a URL with an address literal (no DNS lookups in tests).
 REFUSED_URLS = [
     ("https://127.0.0.1/events", "127.0.0.1 is a loopback address"),

@@ -54,6 +54,9 @@ from tests.events.support import (
     verify_standard_webhook,
 )
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 # ---- Arranging ----
 
 

@@ -34,6 +34,9 @@ from tests.events.support import events_settings
 from tests.queueing import queued_message_ids
 from tests.test_end_to_end import run_worker
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 HOOK = "https://93.184.215.14/sms-events"  # never called here: no events worker runs
 SENDER_HOOK = "https://93.184.215.15/inbound"
 

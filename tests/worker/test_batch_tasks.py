@@ -32,6 +32,9 @@ from tests.domain.test_dispatch import open_circuit, set_sender
 from tests.queueing import queued_jobs, ready_ids
 from tests.test_end_to_end import run_worker
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 
 async def test_take_gives_what_is_free_at_least_one_at_most_wanted() -> None:
     limit = InFlightLimit(3)

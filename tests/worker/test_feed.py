@@ -20,6 +20,9 @@ from app.worker.tasks import InFlightLimit
 from tests.conftest import TEST_REDIS_URL
 from tests.queueing import push_ids, ready_length
 
+# Every test here runs under the guard: no network call inside a transaction.
+pytestmark = pytest.mark.network_guard
+
 
 @pytest.fixture
 async def queue(redis: Redis) -> AsyncIterator[Queue]:
