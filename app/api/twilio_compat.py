@@ -15,7 +15,17 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Header, Path, Query, Request, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    Form,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -64,6 +74,10 @@ class TwilioRoute(APIRoute):
                 return _error(twilio.from_service_error(error))
             except RequestValidationError as error:
                 return _error(_parameter_error(error))
+            except HTTPException as error:  # FastAPI's own: a malformed Basic header (401)
+                if error.status_code == 401:
+                    return _error(twilio.authentication_failed())
+                raise
 
         return translated
 

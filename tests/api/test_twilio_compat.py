@@ -408,6 +408,11 @@ async def test_authentication_failures_are_20003(
         jsonschema.validate(answer.json(), ERROR_SCHEMA)
         anonymous = await raw.get(f"/2010-04-01/Accounts/{shop[0]}/Messages.json")
         assert anonymous.status_code == 401 and anonymous.json()["code"] == 20003
+        garbled = await raw.get(
+            f"/2010-04-01/Accounts/{shop[0]}/Messages.json",
+            headers={"Authorization": "Basic !!not-base64!!"},
+        )
+        assert garbled.status_code == 401 and garbled.json()["code"] == 20003
 
 
 async def test_other_clients_messages_are_not_found(
