@@ -3,7 +3,7 @@
 (a body-redaction mark on messages; BRIN indexes on the creation time of what it prunes).
 
 Revision ID: months_of_traffic
-Revises: 7e3a9c41b2d8
+Revises: twilio_compat
 Create Date: 2026-12-04 21:40:00.000000
 """
 

@@ -6,7 +6,7 @@ the status-check sweep.
 New nullable or defaulted columns (no table rewrite); the index covers `sent` messages only.
 
 Revision ID: status_check_schedule
-Revises: 7e3a9c41b2d8
+Revises: months_of_traffic
 Create Date: 2026-12-04 21:15:00.000000
 """
 
