@@ -375,6 +375,19 @@ class CheckSchedule:
         wait: timedelta = self.after * 2 ** min(checks, 20)
         return min(wait, self.max_interval)
 
+    def check_offsets(self) -> list[timedelta]:
+        """When a message that stays `sent` is asked about, counted from its last news: the
+        last check is the first at or past the horizon (it records why the checks stop)."""
+        offsets = [self.after]
+        while offsets[-1] < self.horizon:
+            offsets.append(offsets[-1] + self.interval(len(offsets) - 1))
+        return offsets
+
+    def lookups_per_day(self) -> list[int]:
+        """How many lookups such a message costs on each day after its last news."""
+        days = [int(offset / timedelta(days=1)) for offset in self.check_offsets()]
+        return [days.count(day) for day in range(days[-1] + 1)]
+
 
 # One statement: pick the longest-due messages (skipping rows another transaction holds) and
 # schedule each one's next check, so the next sweep does not pick them again while their job
