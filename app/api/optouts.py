@@ -213,7 +213,7 @@ async def put_opt_out(
 async def delete_opt_out(
     phone: PhonePath, session: SessionDep, admin: AdminDep, sender_id: SenderQuery = None
 ) -> OptOutStatus:
-    """Opt a number back in (admin key): recorded as an opt-in; history is never deleted."""
+    """Opt a number back in (admin key): recorded as an opt-in; the history stays."""
     return await _record(session, phone, sender_id, domain.OptAction.OPT_IN, admin)
 
 

@@ -298,8 +298,9 @@ class MessagePart(Base):
 
 
 class OptOut(Base):
-    """Opt-out history: the newest row for (phone, sender) is the current state; rows are never
-    deleted. A row with no sender applies to every sender."""
+    """Opt-out history: the newest row for (phone, sender) is the current state (copied to
+    `opt_out_states`); rows are kept unless RETENTION__OPT_OUT_HISTORY_DAYS is set, and the row
+    deciding a scope always. A row with no sender applies to every sender."""
 
     __tablename__ = "opt_outs"
     __table_args__ = (

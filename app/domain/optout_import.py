@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from app.db.session import SessionFactory
 from app.domain.optouts import OptAction, OptChange, OptSource, record_changes
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
-from app.domain.senders import find_sender_by_address
+from app.domain.senders import find_senders_by_address
 from app.errors import Unavailable, ValidationFailed
 
 MAX_LINES = 100_000
@@ -168,9 +168,8 @@ async def _resolve_senders(
         return senders
     try:
         async with session_factory() as session, session.begin():
-            for cell in sorted(cells):
-                sender = await find_sender_by_address(session, cell, default_region)
-                senders[cell] = sender.id if sender else None
+            found = await find_senders_by_address(session, cells, default_region)
+        senders = {cell: sender.id if sender else None for cell, sender in found.items()}
     except (DBAPIError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
         raise ImportInterrupted(1, 0) from None
     return senders

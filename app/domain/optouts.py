@@ -1,5 +1,7 @@
-"""Opt-out state: a history of rows, never deleted; the newest row for (phone, sender) decides,
-and a row without a sender applies to every sender.
+"""Opt-out state: a history of rows (pruned only when RETENTION__OPT_OUT_HISTORY_DAYS is set,
+never the row that decides); the newest row for (phone, sender) decides, and a row without a
+sender applies to every sender. `opt_out_states` holds that newest row per scope, kept by a
+trigger in the statement of each history insert: lists read it.
 
 Every change takes a transaction-scoped advisory lock on the phone number, and so does the
 worker's last check before sending (`lock_recipient`): a STOP and a send to the same number are

@@ -150,7 +150,11 @@ def test_every_operation_documents_the_statuses_of_the_http_edge() -> None:
 
 def test_documented_cursor_examples_are_cursors_the_lists_accept() -> None:
     spec = create_app().openapi()
-    parse_id = {"/v1/messages": uuid.UUID, "/v1/inbound": uuid.UUID}
+    parse_id = {
+        "/v1/messages": uuid.UUID,
+        "/v1/inbound": uuid.UUID,
+        "/v1/event-endpoints": uuid.UUID,
+    }
     checked = 0
     for path, _, operation in operations():
         for parameter in operation.get("parameters", []):
@@ -162,7 +166,7 @@ def test_documented_cursor_examples_are_cursors_the_lists_accept() -> None:
             checked += 1
     page = spec["components"]["schemas"]["MessagePage"]["examples"][0]
     decode_cursor(page["next_cursor"], uuid.UUID)
-    assert checked >= 4  # messages, inbound, opt-outs, events
+    assert checked >= 5  # messages, inbound, opt-outs, events, event endpoints
 
 
 async def test_the_documented_cursor_examples_are_accepted_by_the_service(

@@ -349,6 +349,16 @@ async def test_filters_by_recipient_in_any_format(api: httpx.AsyncClient, world:
     assert await list_ids(api, world, to="+14155550125") == []
 
 
+async def test_the_recipient_filter_lists_only_the_clients_own_messages(
+    api: httpx.AsyncClient, world: World
+) -> None:
+    mine = (await send(api, world, to="+14155550123"))["id"]
+    theirs = (await send(api, world, key=world.other_client_key, to="+14155550123"))["id"]
+
+    assert await list_ids(api, world, to="+14155550123") == [mine]
+    assert await list_ids(api, world, key=world.other_client_key, to="+14155550123") == [theirs]
+
+
 async def test_an_invalid_recipient_filter_is_422(api: httpx.AsyncClient, world: World) -> None:
     response = await api.get("/v1/messages", params={"to": "not a number"}, headers=world.auth())
 
