@@ -14,13 +14,8 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from app.db.models import IdempotencyKey
 from app.errors import Conflict, ValidationFailed
 
 HEADER = "Idempotency-Key"
@@ -73,11 +68,3 @@ def key_reused() -> ValidationFailed:
         HEADER,
         "this key was used with a different request body; use a new key",
     )
-
-
-async def delete_expired_keys(session: AsyncSession, ttl: timedelta) -> int:
-    """Forget keys older than `ttl`; returns how many."""
-    result = await session.execute(
-        delete(IdempotencyKey).where(IdempotencyKey.created_at < func.now() - ttl)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""The periodic sweep: finds committed work that is not on the queue, and old idempotency keys."""
+"""The periodic sweep: finds committed work that is not on the queue (old idempotency keys are
+retention's: app.domain.retention)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from sqlalchemy import select
 
 from app.db.models import Message
 from app.db.session import SessionFactory
-from app.domain.idempotency import delete_expired_keys
 from app.domain.status import MessageStatus
 
 SWEEP_BATCH = 1000
@@ -19,7 +19,6 @@ async def sweep_once(
     session_factory: SessionFactory,
     *,
     grace: timedelta,
-    idempotency_ttl: timedelta,
     limit: int = SWEEP_BATCH,
 ) -> list[uuid.UUID]:
     """Ids of queued messages due for more than `grace` (their job was lost or never queued),
@@ -34,7 +33,6 @@ async def sweep_once(
     and the conditional claim dedupes it in PostgreSQL.
     """
     async with session_factory.begin() as session:
-        await delete_expired_keys(session, idempotency_ttl)
         due = await session.scalars(
             select(Message.id)
             .where(

@@ -280,7 +280,6 @@ async def sweep(ctx: dict[str, Any]) -> int:
     message_ids = await sweep_once(
         ctx["session_factory"],
         grace=timedelta(seconds=settings.sweep_grace_seconds),
-        idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
     )
     return await enqueue_deliveries(ctx["redis"], message_ids)
 

@@ -57,9 +57,7 @@ async def test_a_deferred_backlog_does_not_starve_a_message_whose_enqueue_failed
         )
 
     # Even with a batch smaller than the backlog, the lost message is picked, and only it.
-    picked = await sweep_once(
-        session_factory, grace=timedelta(0), idempotency_ttl=timedelta(hours=24), limit=2
-    )
+    picked = await sweep_once(session_factory, grace=timedelta(0), limit=2)
     assert picked == [lost]
 
     # Each waiting message is due at its turn (10 s apart), not before.
@@ -80,7 +78,5 @@ async def test_a_deferred_backlog_does_not_starve_a_message_whose_enqueue_failed
             .where(Message.id.in_(waiting))
             .values(next_attempt_at=Message.next_attempt_at - timedelta(minutes=5))
         )
-    picked = await sweep_once(
-        session_factory, grace=timedelta(seconds=30), idempotency_ttl=timedelta(hours=24), limit=10
-    )
+    picked = await sweep_once(session_factory, grace=timedelta(seconds=30), limit=10)
     assert set(picked) == {*waiting, lost}
