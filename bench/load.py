@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import json
 import os
+import select
 import sys
 import time
 import uuid
@@ -233,11 +234,21 @@ def main() -> None:
     import uvloop
 
     result = uvloop.run(run(args))
-    # The event loop may have left stdout non-blocking: a large result (a batch run's ids) would
-    # then be cut short whenever the pipe is momentarily full.
-    os.set_blocking(sys.stdout.fileno(), True)
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+    write_all(sys.stdout.fileno(), (json.dumps(result) + "\n").encode())
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` to `fd`, waiting while the pipe is full.
+
+    The event loop can leave stdout non-blocking, and setting it back did not always hold: a
+    large result (a pickup run's ids) was then cut short at the pipe's 64 KiB, whole runs lost.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 if __name__ == "__main__":

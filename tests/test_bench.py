@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -248,3 +249,27 @@ def test_cpu_is_read_for_a_process_its_children_and_the_database_server() -> Non
         child.kill()
         child.wait()
     assert postgres_cpu() > 0  # the tests' PostgreSQL runs on this machine
+
+
+def test_the_load_generators_result_reaches_the_benchmark_whole_through_a_full_pipe() -> None:
+    """A pickup run's result (every accepted id) is far larger than a pipe holds; written to a
+    non-blocking pipe that the reader drains slowly, it used to be cut at 64 KiB."""
+    from bench.load import write_all
+
+    data = os.urandom(400_000).hex().encode()  # 800 kB
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    received = bytearray()
+
+    def reader() -> None:
+        while chunk := os.read(read_end, 4096):
+            received.extend(chunk)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    write_all(write_end, data)
+    os.close(write_end)
+    thread.join(timeout=30)
+    os.close(read_end)
+    assert bytes(received) == data
