@@ -20,6 +20,10 @@ from app.db.session import SessionFactory
 from app.metrics import RETENTION_PRUNED
 from app.settings import RetentionSettings
 
+# The advisory lock a retention run holds while it runs (session-level; other advisory locks are
+# transaction-level and keyed in spaces of their own).
+_RUN_LOCK: Final = 0x7265_7465_6E74
+
 # Messages whose body and history are still needed: not yet (known to be) submitted.
 _IN_FLIGHT: Final = "('queued', 'sending')"
 
@@ -93,10 +97,11 @@ _BATCHES: Final[dict[str, str]] = {
 # first (skipping any an event is being written for), then deleted if no event uses them, in a
 # second statement that sees every event committed meanwhile (the lock stops new ones).
 _LOCK_IDLE_ENDPOINTS: Final = """
-    SELECT id FROM webhook_endpoints
-    WHERE client_id IS NOT NULL AND NOT is_default
-        AND updated_at < now() - make_interval(days => :days)
-        AND NOT EXISTS (SELECT FROM webhook_events AS event WHERE event.endpoint_id = id)
+    SELECT endpoint.id FROM webhook_endpoints AS endpoint
+    WHERE endpoint.client_id IS NOT NULL AND NOT endpoint.is_default
+        AND endpoint.updated_at < now() - make_interval(days => :days)
+        AND NOT EXISTS (SELECT FROM webhook_events AS event WHERE event.endpoint_id = endpoint.id)
+    ORDER BY endpoint.updated_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED"""
 _DELETE_IDLE_ENDPOINTS: Final = """
@@ -154,7 +159,25 @@ async def prune(
     session_factory: SessionFactory, settings: RetentionSettings, idempotency_ttl_hours: int
 ) -> dict[str, int]:
     """One retention run: each kind in batches until none is left past its period or the run's
-    batches are used up. Rows pruned, by kind."""
+    batches are used up. Rows pruned, by kind; nothing when another run is still going (a run may
+    outlast the interval between runs, and two would fight over the same rows)."""
+    async with session_factory() as holder:
+        # Autocommit: the lock is the session's, and no transaction (nor snapshot) is held.
+        connection = await holder.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        locked = await connection.scalar(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": _RUN_LOCK}
+        )
+        if not locked:
+            return {}
+        try:
+            return await _prune(session_factory, settings, idempotency_ttl_hours)
+        finally:
+            await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _RUN_LOCK})
+
+
+async def _prune(
+    session_factory: SessionFactory, settings: RetentionSettings, idempotency_ttl_hours: int
+) -> dict[str, int]:
     pruned: dict[str, int] = {}
     for period in periods(settings, idempotency_ttl_hours):
         total = 0

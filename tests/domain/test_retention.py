@@ -263,3 +263,58 @@ async def test_the_worker_runs_retention_as_a_cron_job(
 
     assert pruned == 2  # the body and the old event
     assert "retention" in {job.name.removeprefix("cron:") for job in WorkerSettings.cron_jobs}
+
+
+async def test_idle_endpoints_behind_busy_ones_are_pruned_and_busy_ones_not_locked(
+    session_factory: SessionFactory, world: World
+) -> None:
+    """The idle-endpoint query once compared each event with itself: it locked endpoints that
+    events still use, deleted nothing, and with busy endpoints first never reached idle ones."""
+    ids = await seed_events(session_factory, world)
+    await execute(  # make "busy" the oldest, so a batch of one meets it first
+        session_factory,
+        "UPDATE webhook_endpoints SET updated_at = :at WHERE id = :busy",
+        at=days_ago(90),
+        busy=ids["busy"],
+    )
+    await execute(
+        session_factory,
+        "UPDATE webhook_events SET status = 'delivered', created_at = :at WHERE id = :old",
+        at=days_ago(5),
+        old=ids["old_pending"],
+    )  # the busy endpoint's event is recent and delivered: it stays, and so must its endpoint
+
+    pruned = await prune(session_factory, RetentionSettings(batch_size=1), 24)
+
+    endpoints = {
+        row[0] for row in await execute(session_factory, "SELECT id FROM webhook_endpoints")
+    }
+    assert ids["idle"] not in endpoints
+    assert {ids["busy"], ids["default"]} <= endpoints
+    assert pruned["webhook_endpoints"] == 1
+
+
+async def test_a_run_while_another_holds_the_run_lock_prunes_nothing(
+    session_factory: SessionFactory, world: World
+) -> None:
+    """Two workers' runs must not fight over the same rows: the second one leaves at once."""
+    from app.domain import retention as module
+
+    ids = await seed_events(session_factory, world)
+    async with session_factory() as other:
+        connection = await other.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        assert await connection.scalar(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": module._RUN_LOCK}
+        )
+        try:
+            skipped = await prune(session_factory, RetentionSettings(), 24)
+        finally:
+            await connection.execute(
+                text("SELECT pg_advisory_unlock(:key)"), {"key": module._RUN_LOCK}
+            )
+    ran = await prune(session_factory, RetentionSettings(), 24)
+
+    assert skipped == {}
+    assert ran["webhook_events"] == 2
+    remaining = {row[0] for row in await execute(session_factory, "SELECT id FROM webhook_events")}
+    assert ids["old_delivered"] not in remaining
