@@ -21,7 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+import aiohttp
 import asyncpg
+import httpx
 from redis.exceptions import RedisError
 from sqlalchemy import exc
 
@@ -35,8 +37,10 @@ REMIND_SECONDS: Final = 60.0
 # The probe's back-off: from the first to the last, doubling.
 PROBE_FIRST_SECONDS: Final = 0.2
 PROBE_MAX_SECONDS: Final = 2.0
-# SQLSTATE classes that say PostgreSQL is unavailable rather than the statement wrong.
-_UNAVAILABLE_SQLSTATES: Final = ("08", "57", "53")
+# SQLSTATEs that say PostgreSQL is unavailable rather than the statement wrong: connection
+# exceptions (08), shutting down or starting up (57P01-57P03; not 57014, a statement cancelled
+# or timed out), out of resources (53, too many connections among them).
+_UNAVAILABLE_SQLSTATES: Final = ("08", "57P", "53")
 
 Probe = Callable[[], Awaitable[object]]
 
@@ -152,8 +156,14 @@ def unavailable_dependency(error: BaseException) -> str | None:
         if isinstance(current, asyncpg.PostgresError):
             if str(current.sqlstate).startswith(_UNAVAILABLE_SQLSTATES):
                 return "postgresql"
-        if isinstance(current, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        if isinstance(current, asyncpg.InternalClientError):
             return "postgresql"
+        if isinstance(current, asyncpg.InterfaceError):
+            # Only a closed connection; the rest (a wrong argument count, "another operation is
+            # in progress") are bugs, and stay errors.
+            return "postgresql" if "connection is closed" in str(current) else None
+        if isinstance(current, httpx.HTTPError | aiohttp.ClientError):
+            return None  # a provider's or an endpoint's failure, whatever socket error it wraps
         if isinstance(current, ConnectionError):
             # A refused or dropped connection; Redis's are RedisErrors, so this is the
             # database's (asyncpg raises the socket's own error when it cannot connect).

@@ -134,3 +134,33 @@ def test_only_unavailability_counts_as_an_outage() -> None:
     assert unavailable_dependency(ConnectionRefusedError(111, "refused")) == "postgresql"
     assert unavailable_dependency(TimeoutError("past its budget")) is None
     assert unavailable_dependency(ValueError("a bug")) is None
+
+
+async def test_bugs_and_other_services_failures_are_not_database_outages(database: str) -> None:
+    """A wrong statement, a cancelled one, or a provider refusing a connection must stay an
+    error (a job put off as "postgresql unavailable" for half an hour hides a bug)."""
+    import asyncpg
+    import httpx
+
+    connection = await asyncpg.connect(database.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        try:
+            await connection.fetchval("SELECT $1::int", 1, 2)  # one argument too many
+        except asyncpg.InterfaceError as error:
+            wrong_arguments: BaseException = error
+        try:
+            await connection.execute("SET statement_timeout = 1; SELECT pg_sleep(1)")
+        except asyncpg.QueryCanceledError as error:
+            timed_out: BaseException = error
+    finally:
+        await connection.close()
+    try:
+        raise httpx.ConnectError("provider refused") from ConnectionRefusedError(111, "refused")
+    except httpx.ConnectError as error:
+        provider_down: BaseException = error
+    closed = asyncpg.InterfaceError("cannot perform operation: connection is closed")
+
+    assert unavailable_dependency(wrong_arguments) is None
+    assert unavailable_dependency(timed_out) is None
+    assert unavailable_dependency(provider_down) is None
+    assert unavailable_dependency(closed) == "postgresql"
