@@ -8,14 +8,12 @@ import io
 import uuid
 from dataclasses import dataclass, field
 
-import asyncpg
-from sqlalchemy.exc import DBAPIError
-
 from app.db.session import SessionFactory
 from app.domain.optouts import OptAction, OptChange, OptSource, record_changes
 from app.domain.phone import InvalidPhoneNumber, normalize_phone
 from app.domain.senders import find_senders_by_address
 from app.errors import Unavailable, ValidationFailed
+from app.outages import unavailable_dependency
 
 MAX_LINES = 100_000
 MAX_SENDER_LENGTH = 40
@@ -143,7 +141,11 @@ async def _record_chunk(
     try:
         async with session_factory() as session, session.begin():
             recorded = await record_changes(session, list(chunk.values()))
-    except (DBAPIError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+    except Exception as error:
+        # Only unavailability is "interrupted, send it again"; anything else is a bug and stays
+        # an error (a 500 with its traceback logged), not a 503 a client retries for ever.
+        if unavailable_dependency(error) != "postgresql":
+            raise
         raise ImportInterrupted(first_line, result.recorded) from None
     result.recorded += recorded
     result.unchanged += len(chunk) - recorded
@@ -170,7 +172,9 @@ async def _resolve_senders(
         async with session_factory() as session, session.begin():
             found = await find_senders_by_address(session, cells, default_region)
         senders = {cell: sender.id if sender else None for cell, sender in found.items()}
-    except (DBAPIError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+    except Exception as error:
+        if unavailable_dependency(error) != "postgresql":
+            raise
         raise ImportInterrupted(1, 0) from None
     return senders
 

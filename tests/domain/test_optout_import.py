@@ -80,3 +80,23 @@ async def test_each_chunk_is_a_transaction_of_its_own(
 
     assert result.recorded == 25
     assert sessions.opened == 3  # 10 + 10 + 5; no sender cells, so no lookup transaction
+
+
+async def test_a_failure_that_is_not_an_outage_stays_an_error(
+    session_factory: SessionFactory, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only unavailability is "interrupted, send it again": a refused statement (a bug) must
+    reach the error handler as itself, not as a 503 a client retries for ever."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from app.domain import optout_import
+
+    async def refused(*_: Any, **__: Any) -> int:
+        raise ProgrammingError("INSERT …", {}, Exception("syntax error"))
+
+    monkeypatch.setattr(optout_import, "record_changes", refused)
+
+    with pytest.raises(ProgrammingError):
+        await import_opt_outs(
+            session_factory, numbers(5), actor="t", default_region="US", chunk_size=10
+        )
