@@ -65,7 +65,10 @@ def upgrade() -> None:
         $$
         """
     )
-    # Backfill: the newest row of each scope.
+    # Backfill: the newest row of each scope. Opt-out writes wait until this migration commits
+    # (SHARE ROW EXCLUSIVE lets reads through): one committed between the backfill and the
+    # trigger below would otherwise be missing from the current state for good.
+    op.execute("LOCK TABLE opt_outs IN SHARE ROW EXCLUSIVE MODE")
     op.execute(
         """
         INSERT INTO opt_out_states (phone, sender_id, action, history_id, changed_at)
