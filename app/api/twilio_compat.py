@@ -223,7 +223,9 @@ async def create_message(
         check_key(key)
         idempotency = Idempotency(
             key=key,
-            fingerprint=fingerprint(parameters),
+            # Marked as this API's: a /v1 request naming the same key with the same body is a
+            # reuse of the key (422), never a replay of this Twilio-shaped answer.
+            fingerprint=fingerprint({"api": "twilio", "request": parameters}),
             ttl=timedelta(hours=acceptor.settings.idempotency_ttl_hours),
         )
     response = await accept_messages(

@@ -456,6 +456,29 @@ async def test_idempotency_token_replays_the_first_response(
     http.check_bodies()
 
 
+async def test_a_v1_request_naming_the_same_key_never_replays_the_twilio_answer(
+    live: str, shop: tuple[str, str], world: World, session_factory: SessionFactory
+) -> None:
+    """Both APIs store keys per client; the Twilio one is prefixed, and its fingerprint marked,
+    so /v1 with `Idempotency-Key: twilio:<token>` and the same message is a reused key (422),
+    not the Twilio resource replayed."""
+    client, http = sdk(live, *shop)
+    http.extra_headers = {"I-Twilio-Idempotency-Token": "abc"}
+    first = client.messages.create(to=RECIPIENT, body="once")
+
+    async with httpx.AsyncClient(base_url=live) as v1:
+        answer = await v1.post(
+            "/v1/messages",
+            json={"to": RECIPIENT, "body": "once"},
+            headers={**world.auth(), "Idempotency-Key": "twilio:abc"},
+        )
+
+    assert answer.status_code == 422, answer.text
+    assert "sid" not in answer.json() and first.sid.startswith("SM")
+    async with session_factory() as session:
+        assert len(list(await session.scalars(select(Message.id)))) == 1
+
+
 class _Receiver(BaseHTTPRequestHandler):
     received: ClassVar[list[tuple[str, dict[str, str], dict[str, str]]]] = []
 
