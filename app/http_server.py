@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -64,6 +64,10 @@ def _raw_response(status: int, reason: str, detail: str) -> bytes:
     ).encode() + body
 
 
+# The most a `_CoalescingTransport` holds back: a small answer is joined, a large one goes out.
+_HOLD_BYTES: Final = 64 * 1024
+
+
 class _CoalescingTransport:
     """A transport whose writes made in one turn of the event loop leave as one.
 
@@ -73,23 +77,29 @@ class _CoalescingTransport:
     closing is the real transport's.
     """
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_held", "_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._held = 0
 
     def write(self, data: bytes) -> None:
-        """Queue `data` for the end of this turn of the loop."""
+        """Queue `data` for the end of this turn of the loop (at once past `_HOLD_BYTES`: a body
+        streamed without pause must reach the real transport, whose buffer limits pause it)."""
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(bytes(data) if not isinstance(data, bytes) else data)
+        self._held += len(data)
+        if self._held > _HOLD_BYTES:
+            self._flush()
 
     def _flush(self) -> None:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
+            self._held = 0
             if not self._transport.is_closing():
                 self._transport.write(data)
 

@@ -75,11 +75,11 @@ class RedactingFilter(logging.Filter):
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
             # ('%s - "%s %s HTTP/%s" %d', client, method, path with query, version, status):
-            # only the path can carry a customer's data (one line per request, so only it is
-            # redacted).
+            # the path and the client (a forwarded address when proxy headers are trusted) are
+            # what can carry anything; each is redacted once, not the whole line again.
             client, method, path, version, status = args
             path = redact(without_query(str(path)))
-            record.msg = record.msg % (client, method, path, version, status)
+            record.msg = record.msg % (redact(str(client)), method, path, version, status)
         else:
             record.msg = redact(record.getMessage())
         record.args = None

@@ -247,3 +247,37 @@ async def test_a_response_head_and_body_reach_the_socket_in_one_write(
     assert [write.split(b" ", 2)[1] for write in RecordingWrites.writes] == [b"200", b"401"]
     assert RecordingWrites.writes[0].endswith(first[1])
     assert RecordingWrites.writes[1].endswith(second[1])
+
+
+def test_a_large_or_streamed_answer_is_not_held_back() -> None:
+    """The coalescing transport joins a small answer's writes, but past 64 KiB it hands what it
+    holds to the real transport at once: a body streamed without pause must meet the real
+    transport's buffer limits, not pile up in ours."""
+    from app.http_server import _HOLD_BYTES, _CoalescingTransport
+
+    class Real:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+    loop = asyncio.new_event_loop()
+    try:
+        real = Real()
+        transport = _CoalescingTransport(real, loop)  # type: ignore[arg-type]
+        transport.write(b"head")
+        transport.write(b"small body")
+        assert real.writes == []  # held for the end of the loop's turn
+        chunk = b"x" * (_HOLD_BYTES // 2)
+        for _ in range(3):
+            transport.write(chunk)
+        assert len(real.writes) == 1 and real.writes[0].startswith(b"headsmall body")
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # the end of the turn: the rest goes out
+        assert b"".join(real.writes) == b"headsmall body" + chunk * 3
+    finally:
+        loop.close()

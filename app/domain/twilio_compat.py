@@ -7,8 +7,8 @@ the JSON API makes, accepted by `app.domain.accept`; this module only translates
 
 * An account SID is `AC` + the client's id in hex, a message SID `SM` + the message's id in hex:
   both are derived, nothing new is stored.
-* The auth token is random, one per client, issued by an admin (`POST
-  /v1/clients/{client}/twilio-credentials` or `smsgate twilio-credentials`), stored encrypted
+* The auth token is random, one per client, issued by an admin (`POST /v1/twilio-credentials`
+  or `smsgate twilio-credentials`), stored encrypted
   with SECRETS_KEY (it signs callbacks, so it cannot be hashed). Issuing again replaces it.
 """
 
