@@ -15,26 +15,17 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import (
-    event_endpoints,
-    events,
-    health,
-    inbound,
-    keys,
-    messages,
-    optouts,
-    senders,
-    twilio_compat,
-    webhooks,
-)
-from app.api.docs import install_docs
-from app.api.limits import BodySizeLimit, UnhandledErrors
+from app.access import routes as keys
+from app.access.lookups import Lookups
+from app.callbacks import routes as webhooks
+from app.consent import inbound_routes as inbound
+from app.consent import optout_routes as optouts
 from app.db.migrations import head_revision
 from app.db.pg import Database
 from app.db.session import create_engine, create_session_factory, ping
-from app.domain.accept import Acceptor
-from app.domain.lookups import Lookups
-from app.errors import (
+from app.events import endpoint_routes as event_endpoints
+from app.events import routes as events
+from app.kernel.errors import (
     PROBLEM_JSON,
     Problem,
     ServiceError,
@@ -42,11 +33,18 @@ from app.errors import (
     document_edge_responses,
     problem_json_only,
 )
-from app.logs import RequestIdMiddleware, describe_error
-from app.outages import Outage
+from app.kernel.logs import RequestIdMiddleware, describe_error
+from app.kernel.outages import Outage
+from app.kernel.secrets import Keyring, install
+from app.kernel.settings import Settings, get_settings
 from app.providers.registry import build_http_client, build_providers
-from app.secrets_at_rest import Keyring, install
-from app.settings import Settings, get_settings
+from app.senders import routes as senders
+from app.sending import routes as messages
+from app.sending.accept import Acceptor
+from app.twilio_api import routes as twilio_compat
+from app.web import health
+from app.web.docs import install_docs
+from app.web.limits import BodySizeLimit, UnhandledErrors
 from app.worker.queue import DeliveryBatcher, close_queue, create_queue
 
 log = logging.getLogger(__name__)
@@ -197,7 +195,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OSError)
     async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
         # Expected back-pressure while PostgreSQL is away: one warning per outage, with counts
-        # (app.outages), not an error per request.
+        # (app.kernel.outages), not an error per request.
         outage: Outage | None = getattr(request.app.state, "db_outage", None)
         if outage is None:
             log.warning("dependency unavailable", extra=describe_error(error))

@@ -25,9 +25,9 @@ import asyncpg
 import pydantic
 import redis.asyncio as aioredis
 
-from app.api.schemas import SendMessageRequest
-from app.domain.encoding import analyze_body
-from app.settings import get_settings
+from app.kernel.settings import get_settings
+from app.sending.encoding import analyze_body
+from app.sending.schemas import SendMessageRequest
 
 CACHE_SECONDS = 5.0
 QUEUE_KEY = "bench:anchor:queue"
@@ -243,8 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     import uvicorn
 
-    from app.http_server import uvicorn_options
-    from app.logs import logging_config
+    from app.kernel.logs import logging_config
+    from app.web.server import uvicorn_options
 
     settings = get_settings()
     uvicorn.run(

@@ -9,7 +9,7 @@ import argparse
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from app.api.schemas import SendMessageRequest
+from app.sending.schemas import SendMessageRequest
 
 
 def create_app() -> FastAPI:
@@ -31,9 +31,9 @@ def main() -> None:
     args = parser.parse_args()
     import uvicorn
 
-    from app.http_server import uvicorn_options
-    from app.logs import logging_config
-    from app.settings import get_settings
+    from app.kernel.logs import logging_config
+    from app.kernel.settings import get_settings
+    from app.web.server import uvicorn_options
 
     settings = get_settings()
     uvicorn.run(

@@ -34,9 +34,9 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.consent.optouts import RECIPIENT_LOCKS_SQL
 from app.db.session import create_engine
-from app.domain.optouts import RECIPIENT_LOCKS_SQL
-from app.domain.pagination import encode_cursor
+from app.kernel.pagination import encode_cursor
 from bench.__main__ import PYTHON, ROOT, Processes, free_port, wait_until
 from bench.load import percentile
 

@@ -20,14 +20,14 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from app.cli import migrate
+from app.access.auth import create_api_key
+from app.cli.main import migrate
+from app.consent.keywords import KeywordConfig
 from app.db.models import Base, Client, Sender, SenderClient
 from app.db.session import SessionFactory, create_engine, create_session_factory
-from app.domain.auth import create_api_key
-from app.domain.keywords import KeywordConfig
+from app.kernel.secrets import Keyring, install
+from app.kernel.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
 from app.main import create_app
-from app.secrets_at_rest import Keyring, install
-from app.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
 from tests.netguard import NetworkGuard
 
 ADMIN_DATABASE_URL = os.environ.get(

@@ -5,7 +5,7 @@ Transactions are seen where every one of them starts and ends, whichever road op
 (SQLAlchemy sessions, `raw_transaction`, the send path's asyncpg pool): asyncpg's
 `Transaction.start`, `commit` and `rollback`. Only transactions opened with the service's code
 on the stack count (a test's own arranging session is not the service's doing). Network calls
-are seen at the service's DNS choke point (`app.domain.destinations._resolve`, which every
+are seen at the service's DNS choke point (`app.events.destinations._resolve`, which every
 lookup of a callback or endpoint URL takes), redis-py's `execute_command` and pipeline
 `execute`, and httpx's `AsyncClient.send`.
 
@@ -28,9 +28,9 @@ import httpx
 import pytest
 from redis.asyncio.client import Pipeline, Redis
 
-import app.domain.destinations
+import app.events.destinations
 
-APP_DIR = str(Path(app.domain.destinations.__file__).resolve().parent.parent)
+APP_DIR = str(Path(app.events.destinations.__file__).resolve().parent.parent)
 
 
 def _services_frame() -> str | None:
@@ -118,13 +118,13 @@ class NetworkGuard:
         wrap_tx("commit", guard.closed)
         wrap_tx("rollback", guard.closed)
 
-        resolve = app.domain.destinations._resolve
+        resolve = app.events.destinations._resolve
 
         async def guarded_resolve(resolver: Any, host: str, port: int, timeout: float) -> Any:
             guard.check("DNS lookup of", host)
             return await resolve(resolver, host, port, timeout)
 
-        monkeypatch.setattr(app.domain.destinations, "_resolve", guarded_resolve)
+        monkeypatch.setattr(app.events.destinations, "_resolve", guarded_resolve)
 
         execute_command: Any = Redis.execute_command
 

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from app.db.session import SessionFactory
-from app.metrics import serve_metrics
-from app.secrets_at_rest import Keyring, SecretsKeyError, generate_key, install, installed
-from app.settings import Settings
+from app.kernel.metrics import serve_metrics
+from app.kernel.secrets import Keyring, SecretsKeyError, generate_key, install, installed
+from app.kernel.settings import Settings
 from tests.api.test_send import assert_problem
 from tests.conftest import (
     ADMIN_DATABASE_URL,

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import app.metrics  # noqa: F401  (registers the metrics)
+import app.kernel.metrics  # noqa: F401  (registers the metrics)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "ops" / "prometheus"

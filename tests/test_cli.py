@@ -16,9 +16,9 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from app.access.auth import hash_key
 from app.db.models import ApiKey, Client, OptOut, Sender
 from app.db.session import SessionFactory
-from app.domain.auth import hash_key
 from tests.conftest import REPLIES, TEST_REDIS_URL, World, owned_database_url, ready_keywords
 from tests.processes import (
     clean_env,

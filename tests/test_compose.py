@@ -10,8 +10,8 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from app.cli import main
-from app.settings import Settings
+from app.cli.main import main
+from app.kernel.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import session as db_session
 from app.db.session import Tx, create_engine, create_session_factory
-from app.domain.transitions import run_raw_transaction
+from app.delivery.transitions import run_raw_transaction
 
 IDLE = 0.2  # IDLE_PING_SECONDS for these tests
 

@@ -1,4 +1,4 @@
-"""The HTTP edge as `smsgate serve` runs it (uvicorn with app.http_server's protocol), over real
+"""The HTTP edge as `smsgate serve` runs it (uvicorn with app.web.server's protocol), over real
 sockets: header size cap (431), header and body deadlines (408), and a connection kept alive
 after an error."""
 
@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
-from app.http_server import GuardedHttpToolsProtocol, HttpLimits, uvicorn_options
 from app.main import create_app
+from app.web.server import GuardedHttpToolsProtocol, HttpLimits, uvicorn_options
 from tests.conftest import World, make_settings
 from tests.processes import free_port
 
@@ -199,7 +199,7 @@ async def test_a_body_that_takes_too_long_is_answered_408_and_closed(
 async def test_the_connection_is_kept_alive_after_an_error(
     edge: Callable[..., Any], world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.api import messages
+    from app.sending import routes as messages
 
     async def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("a bug")
@@ -253,7 +253,7 @@ def test_a_large_or_streamed_answer_is_not_held_back() -> None:
     """The coalescing transport joins a small answer's writes, but past 64 KiB it hands what it
     holds to the real transport at once: a body streamed without pause must meet the real
     transport's buffer limits, not pile up in ours."""
-    from app.http_server import _HOLD_BYTES, _CoalescingTransport
+    from app.web.server import _HOLD_BYTES, _CoalescingTransport
 
     class Real:
         def __init__(self) -> None:

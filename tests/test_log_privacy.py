@@ -23,7 +23,7 @@ from sqlalchemy import select, text
 
 from app.db.models import Message
 from app.db.session import SessionFactory
-from app.logs import JsonFormatter, RedactingFilter, logging_config
+from app.kernel.logs import JsonFormatter, RedactingFilter, logging_config
 from tests.api.test_status_callbacks import vonage_signed
 from tests.conftest import TEST_REDIS_URL as REDIS_URL
 from tests.conftest import (
@@ -158,7 +158,7 @@ async def test_a_failing_statement_logs_no_parameter(
 ) -> None:
     """A statement PostgreSQL refuses, with a number and a body as its parameters, through the
     API's engine: its log lines (formatted as the processes write them) quote neither."""
-    from app.domain import messages as domain
+    from app.sending import messages as domain
 
     async def failing(session: Any, *_: Any, **__: Any) -> Any:
         await session.execute(

@@ -20,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.pg import Database
 from app.db.session import SessionFactory, Tx
-from app.domain import destinations
-from app.domain.transitions import run_raw_transaction, run_transaction
-from app.settings import EventsSettings
+from app.delivery.transitions import run_raw_transaction, run_transaction
+from app.events import destinations
+from app.kernel.settings import EventsSettings
 from tests.conftest import TEST_REDIS_URL, World, make_settings, owned_database_url
 from tests.netguard import NetworkGuard
 

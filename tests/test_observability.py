@@ -19,9 +19,9 @@ from sqlalchemy import update
 
 from app.db.models import Message
 from app.db.session import SessionFactory
-from app.domain.circuit import CircuitPolicy, CircuitState, ProviderHealth
-from app.domain.delivery import deliver_message
-from app.logs import JsonFormatter, logging_config, message_context
+from app.delivery.circuit import CircuitPolicy, CircuitState, ProviderHealth
+from app.delivery.pipeline import deliver_message
+from app.kernel.logs import JsonFormatter, logging_config, message_context
 from app.main import create_app
 from app.providers.base import ErrorKind, ProviderError
 from tests.api.test_status_callbacks import TWILIO_PATH

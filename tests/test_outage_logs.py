@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from app import outages
-from app.outages import Outage, unavailable_dependency
+from app.kernel import outages
+from app.kernel.outages import Outage, unavailable_dependency
 from tests.conftest import World, owned_database_url
 from tests.faults.proxy import TcpProxy
 from tests.faults.servers import free_port

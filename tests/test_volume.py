@@ -17,13 +17,13 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.access.auth import Principal
+from app.consent.optouts import RECIPIENT_LOCKS_SQL, current_opt_outs
 from app.db.models import Client
 from app.db.session import SessionFactory
-from app.domain.auth import Principal
-from app.domain.endpoints import list_endpoints
-from app.domain.messages import MessageFilter, list_messages
-from app.domain.optouts import RECIPIENT_LOCKS_SQL, current_opt_outs
-from app.domain.pagination import decode_cursor, encode_cursor
+from app.events.endpoints import list_endpoints
+from app.kernel.pagination import decode_cursor, encode_cursor
+from app.sending.messages import MessageFilter, list_messages
 from bench.volume import DEEP_ROWS, POPULAR, import_lines, seed_months
 from tests.api.test_opt_outs import import_csv
 from tests.conftest import World, owned_database_url

@@ -28,8 +28,8 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.domain.pacing import default_rate
-from app.secrets_at_rest import EncryptedSecret
+from app.delivery.pacing import default_rate
+from app.kernel.secrets import EncryptedSecret
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -76,7 +76,7 @@ class Client(Base):
 
 
 class TwilioCredential(Base):
-    """A client's Twilio-style credentials for the Twilio-compatible API (app.api.twilio_compat):
+    """A client's Twilio-style credentials for the Twilio-compatible API (app.twilio_api.routes):
     the account SID is derived from the client's id, the auth token is random. The token signs
     the status callbacks the client asked for (`X-Twilio-Signature`), so it cannot be hashed: it
     is encrypted with SECRETS_KEY like signing secrets. One per client; issuing again replaces it.
@@ -110,7 +110,7 @@ class ApiKey(Base):
     # The key stops working then (set by a rotation's overlap, or when it was made).
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Written at most once a minute per key, when an API process loads the key into its cache
-    # (`app.domain.lookups`), never by the request itself: accurate to about a minute.
+    # (`app.access.lookups`), never by the request itself: accurate to about a minute.
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
 
@@ -133,12 +133,12 @@ class Sender(Base):
     address: Mapped[str] = mapped_column(String(20), unique=True)
     kind: Mapped[str] = mapped_column(String(20))
     provider: Mapped[str] = mapped_column(String(20))
-    # Where its messages go while `provider`'s circuit is open (app.domain.circuit).
+    # Where its messages go while `provider`'s circuit is open (app.delivery.circuit).
     fallback_provider: Mapped[str | None] = mapped_column(String(20))
-    # Submissions per second, across every worker (app.domain.pacing); defaults by kind.
+    # Submissions per second, across every worker (app.delivery.pacing); defaults by kind.
     rate_per_second: Mapped[float] = mapped_column(Float, default=_default_sender_rate)
     description: Mapped[str | None] = mapped_column(String(200))
-    # The sender's keyword sets and replies: an `app.domain.keywords.KeywordConfig` as JSON.
+    # The sender's keyword sets and replies: an `app.consent.keywords.KeywordConfig` as JSON.
     keywords: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
@@ -160,7 +160,7 @@ class SenderClient(Base):
 
 
 class Message(Base):
-    """One outbound SMS. Its `status` only moves forward (see `app.domain.status`)."""
+    """One outbound SMS. Its `status` only moves forward (see `app.kernel.status`)."""
 
     __tablename__ = "messages"
     __table_args__ = (
@@ -186,7 +186,7 @@ class Message(Base):
         ),
         CheckConstraint("api IN ('v1', 'twilio')", name="api"),
         # The status-check sweep: `sent` messages never checked (due `STATUS_CHECK_AFTER_SECONDS`
-        # after their last news) or whose next check is due (app.domain.reconcile).
+        # after their last news) or whose next check is due (app.delivery.reconcile).
         Index(
             "ix_messages_sent_check",
             "next_check_at",
@@ -221,7 +221,7 @@ class Message(Base):
     attempts: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now()
     # When the current (or last) attempt claimed it: a `sending` message whose claim is older
-    # than a provider call can last is reconciled with the provider (app.domain.reconcile).
+    # than a provider call can last is reconciled with the provider (app.delivery.reconcile).
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Submissions made again because an earlier one's outcome was unknown and the provider had
     # no record of it (each is also an attempt). Such a message never fails over.
@@ -271,7 +271,7 @@ class MessagePart(Base):
 
     Written when the provider accepts the message (number, total and the part's id) and by each
     receipt for the part (its status, forward only); the message settles from all its parts
-    (`app.domain.parts`). Rows live as long as their message and are deleted with it.
+    (`app.delivery.parts`). Rows live as long as their message and are deleted with it.
     """
 
     __tablename__ = "message_parts"
@@ -516,7 +516,7 @@ class SigningSecret(Base):
         UUID, ForeignKey("senders.id", ondelete="CASCADE"), index=True
     )
     # Signing needs the key itself, so it cannot be hashed: it is encrypted with SECRETS_KEY
-    # (app.secrets_at_rest), so that a dump of the database alone cannot sign our webhooks.
+    # (app.kernel.secrets), so that a dump of the database alone cannot sign our webhooks.
     secret: Mapped[str] = mapped_column(EncryptedSecret())
     created_at: Mapped[datetime] = _now()
     # None while it is the current secret; set when a rotation retires it.

@@ -17,7 +17,7 @@ from typing import Any, Final
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from app.metrics import DB_STATEMENTS, DB_TRANSACTIONS
+from app.kernel.metrics import DB_STATEMENTS, DB_TRANSACTIONS
 
 APPLICATION_NAME: Final = "smsgate-api-send"
 # This pool's statements are few, prepared once per connection, and keyed by primary or unique

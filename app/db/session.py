@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from app.metrics import DB_STATEMENTS, DB_TRANSACTIONS
+from app.kernel.metrics import DB_STATEMENTS, DB_TRANSACTIONS
 
 SessionFactory = async_sessionmaker[AsyncSession]
 

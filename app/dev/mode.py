@@ -28,7 +28,7 @@ import httpx
 from app.dev.embedded import EmbeddedServiceError, start_postgres, start_redis
 from app.dev.embedded import stop_postgres as stop_embedded_postgres
 from app.dev.embedded import stop_redis as stop_embedded_redis
-from app.settings import Settings, get_settings
+from app.kernel.settings import Settings, get_settings
 
 DEV_SENDER = "+14155550100"
 DEV_CLIENT = "dev"
@@ -91,7 +91,7 @@ SECRETS_KEY_FILE = "dev-secrets-key"
 def dev_secrets_key(data_dir: Path) -> str:
     """The development `SECRETS_KEY`, made once and kept in `data_dir/dev-secrets-key` (mode
     0600) beside the data it encrypts: the one default key there is, and only in dev mode."""
-    from app.secrets_at_rest import generate_key
+    from app.kernel.secrets import generate_key
 
     path = data_dir / SECRETS_KEY_FILE
     try:
@@ -109,7 +109,7 @@ def dev_secrets_key(data_dir: Path) -> str:
 
 def dev_keywords() -> dict[str, object]:
     """The built-in keyword sets with the built-in replies filled in, so the sender may send."""
-    from app.domain.keywords import DEFAULT_REPLIES, KeywordConfig
+    from app.consent.keywords import DEFAULT_REPLIES, KeywordConfig
 
     config = KeywordConfig().model_dump(mode="json")
     for category, replies in DEFAULT_REPLIES.items():
@@ -121,12 +121,12 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
     """Ensure the development sender and client; reuse the kept API key while it is valid."""
     from sqlalchemy import select
 
+    from app.access.auth import authenticate, create_api_key
+    from app.consent.keywords import KeywordConfig
     from app.db.models import Client, Sender
     from app.db.session import create_engine, create_session_factory
-    from app.domain.auth import authenticate, create_api_key
-    from app.domain.keywords import KeywordConfig
-    from app.domain.senders import ProviderName, SenderKind, create_sender, grant_sender
-    from app.errors import Unauthorized
+    from app.kernel.errors import Unauthorized
+    from app.senders.service import ProviderName, SenderKind, create_sender, grant_sender
 
     engine = create_engine(database_url, pool_size=1)
     try:
@@ -314,7 +314,7 @@ def _wait_until_workers_report(
 
 def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = None) -> int:
     """Run everything until Ctrl-C or SIGTERM; the exit status (0 when stopped on request)."""
-    from app.cli import create_database_if_missing, migrate
+    from app.cli.main import create_database_if_missing, migrate
     from app.worker.queue import health_check_keys
 
     global _stop_requested

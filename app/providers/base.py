@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import httpx
 
-from app.domain.status import MessageStatus
+from app.kernel.status import MessageStatus
 
 
 class Encoding(StrEnum):
@@ -86,7 +86,7 @@ class ProviderError(Exception):
         # The provider said "too fast" (HTTP 429 or its own code): a rate-limit deferral.
         self.throttled = throttled
         # The provider itself is failing (a timeout, a connection error, a 5xx), as opposed to
-        # refusing this message: what its circuit breaker counts (app.domain.circuit).
+        # refusing this message: what its circuit breaker counts (app.delivery.circuit).
         self.provider_fault = provider_fault
 
 

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Protocol
 
-from app.domain.status import MessageStatus
+from app.kernel.settings import FakeProviderSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
     CallbackRequest,
@@ -23,7 +24,6 @@ from app.providers.base import (
     StatusReport,
     Submission,
 )
-from app.settings import FakeProviderSettings
 
 FAKE_ID_PREFIX = "fake-"
 

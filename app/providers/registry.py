@@ -8,11 +8,11 @@ import aiohttp
 import httpx
 import httpx_aiohttp
 
+from app.kernel.settings import Settings
 from app.providers.base import Provider
 from app.providers.fake import FakeLedger, FakeProvider, ReportScheduler
 from app.providers.twilio import TwilioProvider
 from app.providers.vonage import VonageProvider
-from app.settings import Settings
 
 
 class AiohttpTransport(httpx_aiohttp.AiohttpTransport):

@@ -29,7 +29,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from app.domain.status import MessageStatus
+from app.kernel.settings import TwilioSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
     CallbackRequest,
@@ -44,7 +45,6 @@ from app.providers.base import (
     post_form,
     retry_after_seconds,
 )
-from app.settings import TwilioSettings
 
 MESSAGES_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Messages.json"
 # FetchMessage: one message's current status, for a message whose final callback never came.

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Final
 
 import httpx
 
-from app.domain.status import MessageStatus
+from app.kernel.settings import VonageSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
     CallbackRequest,
@@ -42,7 +43,6 @@ from app.providers.base import (
     post_form,
     retry_after_seconds,
 )
-from app.settings import VonageSettings
 
 CALLBACK_PATH: Final = "/v1/webhooks/vonage/status"
 
@@ -365,7 +365,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
                 ErrorKind.UNKNOWN_OUTCOME, "Vonage accepted the message without a message-id"
             )
         # Each part has its own id and its own receipt (each echoing our client-ref); the
-        # message settles from all of them (app.domain.parts).
+        # message settles from all of them (app.delivery.parts).
         ids = tuple(str(part_id) for part_id in part_ids)
         return Accepted(provider_message_id=ids[0], part_ids=ids if len(ids) > 1 else ())
     first = next(n for n, part in enumerate(parts, 1) if str(part.get("status")) != "0")

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 from redis.exceptions import RedisError
 
-from app.domain.events import EventJob
-from app.outages import REDIS
+from app.events.outbox import EventJob
+from app.kernel.outages import REDIS
 from app.worker.queue import Queue
 
 log = logging.getLogger(__name__)

@@ -14,15 +14,15 @@ from typing import Any, ClassVar
 from arq import Retry, cron, func
 
 from app.db.session import create_engine, create_session_factory
-from app.domain.webhook_delivery import (
+from app.events.delivery import (
     attempt_budget_seconds,
     build_events_http_client,
     deliver_event,
     sweep_events,
 )
-from app.metrics import serve_metrics
-from app.secrets_at_rest import Keyring, install
-from app.settings import get_settings
+from app.kernel.metrics import serve_metrics
+from app.kernel.secrets import Keyring, install
+from app.kernel.settings import get_settings
 from app.worker.event_queue import DELIVER_EVENT_JOB, EVENTS_QUEUE, enqueue_events
 from app.worker.guarantees import worker_redis_settings
 from app.worker.resilience import stop_watching_database, watch_database

@@ -26,7 +26,7 @@ from typing import Any, Final, Protocol, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.outages import REDIS, Outage, unavailable_dependency
+from app.kernel.outages import REDIS, Outage, unavailable_dependency
 from app.worker.queue import READY_KEY
 
 log = logging.getLogger(__name__)

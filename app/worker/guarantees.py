@@ -6,7 +6,7 @@ messages whose claim is older than a delivery job can last and enqueues one `rec
 message (job id per message, so a message is reconciled by one job at a time, on any worker).
 
 `status_check_sweep` runs every `STATUS_CHECK_SWEEP_SECONDS`: it picks `sent` messages whose
-status check is due (app.domain.reconcile: first `STATUS_CHECK_AFTER_SECONDS` after their last
+status check is due (app.delivery.reconcile: first `STATUS_CHECK_AFTER_SECONDS` after their last
 news, then with back-off, until the horizon), this run's share of `STATUS_CHECK_RATE_PER_MINUTE`,
 and enqueues one `status_check` job per message, deferred so that the lookups start evenly spread
 at that rate (after an outage, the backlog is worked off at the provider's pace, not in a burst).
@@ -29,10 +29,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.domain.circuit import CircuitPolicy, ProviderHealth
-from app.domain.dispatch import Dispatcher
-from app.domain.pacing import MAX_INLINE_WAIT_SECONDS, SenderPacer
-from app.domain.reconcile import (
+from app.delivery.circuit import CircuitPolicy, ProviderHealth
+from app.delivery.dispatch import Dispatcher
+from app.delivery.pacing import MAX_INLINE_WAIT_SECONDS, SenderPacer
+from app.delivery.reconcile import (
     STATUS_CHECK_SWEEP_SECONDS,
     CheckSchedule,
     Decision,
@@ -42,11 +42,11 @@ from app.domain.reconcile import (
     reconcile_message,
     stale_claims,
 )
-from app.logs import message_context
-from app.metrics import OLDEST_SENT_AGE
-from app.outages import REDIS
+from app.kernel.logs import message_context
+from app.kernel.metrics import OLDEST_SENT_AGE
+from app.kernel.outages import REDIS
+from app.kernel.settings import Settings, provider_call_budget_seconds
 from app.providers.base import Provider
-from app.settings import Settings, provider_call_budget_seconds
 from app.worker.event_queue import enqueue_events
 from app.worker.queue import Queue, enqueue_deliveries
 
@@ -142,7 +142,7 @@ async def reconcile_sweep(ctx: dict[str, Any]) -> int:
 
 
 async def reconcile(ctx: dict[str, Any], message_id: str) -> str:
-    """Settle one stale `sending` message (app.domain.reconcile); resubmit it if need be."""
+    """Settle one stale `sending` message (app.delivery.reconcile); resubmit it if need be."""
     settings: Settings = ctx["settings"]
     with message_context(message_id):
         result = await reconcile_message(

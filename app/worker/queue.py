@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
-from app.outages import REDIS
+from app.kernel.outages import REDIS
 
 log = logging.getLogger(__name__)
 

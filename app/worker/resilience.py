@@ -7,13 +7,13 @@ both are caught: the worker pauses with back-off (at most `PAUSE_MAX_SECONDS`), 
 slot the failed pickup had taken, and polls again; the job itself stays in Redis (or, with Redis
 restarted empty, in PostgreSQL for the sweeps).
 
-A job that meets an unavailable dependency (app.outages) is put off (`Retry`, logged by arq at
-info) or, for a periodic job, skipped until its next run, instead of failing with a traceback.
+A job that meets an unavailable dependency (app.kernel.outages) is put off (`Retry`, logged by arq
+at info) or, for a periodic job, skipped until its next run, instead of failing with a traceback.
 
 While Redis or PostgreSQL is down the worker does not refresh its health key (after a
 PostgreSQL failure it deletes it), so `smsgate worker --check` reports it not ready; the key is
 written again at the first poll after the return. Each outage is one warning when it starts and
-one with its counts when it ends (app.outages).
+one with its counts when it ends (app.kernel.outages).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
 from app.db.session import ping
-from app.outages import REDIS, Outage, unavailable_dependency
+from app.kernel.outages import REDIS, Outage, unavailable_dependency
 
 log = logging.getLogger(__name__)
 

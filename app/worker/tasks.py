@@ -18,20 +18,20 @@ from arq import Retry, cron, func
 from arq.worker import get_kwargs
 from redis.exceptions import RedisError
 
+from app.db.retention import prune
 from app.db.session import create_engine, create_session_factory
-from app.domain.delivery import Outcome, RetryPolicy, deliver_message
-from app.domain.delivery import deliver as deliver_messages
-from app.domain.reconcile import STATUS_CHECK_SWEEP_SECONDS
-from app.domain.retention import prune
-from app.domain.status import MessageStatus
-from app.domain.sweep import sweep_once
-from app.domain.transitions import record_status_report
-from app.logs import message_context
-from app.metrics import serve_metrics
-from app.outages import REDIS, unavailable_dependency
+from app.delivery.pipeline import Outcome, RetryPolicy, deliver_message
+from app.delivery.pipeline import deliver as deliver_messages
+from app.delivery.reconcile import STATUS_CHECK_SWEEP_SECONDS
+from app.delivery.sweep import sweep_once
+from app.delivery.transitions import record_status_report
+from app.kernel.logs import message_context
+from app.kernel.metrics import serve_metrics
+from app.kernel.outages import REDIS, unavailable_dependency
+from app.kernel.settings import Settings, get_settings
+from app.kernel.status import MessageStatus
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
-from app.settings import Settings, get_settings
 from app.worker.event_queue import enqueue_events
 from app.worker.feed import DeliveryFeed
 from app.worker.guarantees import (
@@ -196,7 +196,7 @@ async def deliver_batch(ctx: dict[str, Any], message_ids: list[str]) -> int:
 
 
 async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
-    """Deliver messages together (app.domain.delivery, the road every job takes), in chunks of
+    """Deliver messages together (app.delivery.pipeline, the road every job takes), in chunks of
     what the in-flight limit allows; a message that must wait gets a job of its own, deferred.
     Returns how many were sent."""
     in_flight: InFlightLimit = ctx["in_flight"]
@@ -285,7 +285,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
 
 
 async def retention(ctx: dict[str, Any]) -> int:
-    """Prune what has outlived its retention period (app.domain.retention), in small batches."""
+    """Prune what has outlived its retention period (app.db.retention), in small batches."""
     settings: Settings = ctx["settings"]
     pruned = await prune(ctx["session_factory"], settings.retention, settings.idempotency_ttl_hours)
     if any(pruned.values()):

@@ -1,4 +1,4 @@
-"""Signing secrets encrypted at rest (AES-256-GCM under SECRETS_KEY, app.secrets_at_rest): the
+"""Signing secrets encrypted at rest (AES-256-GCM under SECRETS_KEY, app.kernel.secrets): the
 column widens for the ciphertext and every plain `whsec_` secret is encrypted in place. The
 downgrade decrypts them again (it needs the same key).
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from app.secrets_at_rest import Keyring
-from app.settings import Settings
+from app.kernel.secrets import Keyring
+from app.kernel.settings import Settings
 
 revision: str = '7e3a9c41b2d8'
 down_revision: str | None = 'message_parts'

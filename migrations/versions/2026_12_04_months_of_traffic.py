@@ -47,7 +47,7 @@ def upgrade() -> None:
         sa.UniqueConstraint('history_id', name=op.f('uq_opt_out_states_history_id')),
     )
     # Each insert into the history moves its scopes' states to the newest row of each (the rule
-    # of app.domain.optouts: the newest row decides), in the inserting statement's transaction.
+    # of app.consent.optouts: the newest row decides), in the inserting statement's transaction.
     op.execute(
         """
         CREATE FUNCTION opt_outs_move_states() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -14,14 +14,14 @@ import httpx
 import pytest
 from sqlalchemy import select, text, update
 
+from app.access.auth import hash_key
 from app.db.models import ApiKey, IdempotencyKey, Message, MessageEvent, Sender
 from app.db.pg import APPLICATION_NAME, Database
 from app.db.session import SessionFactory
-from app.domain import accept
-from app.domain.accept import _insert, message_row
-from app.domain.auth import hash_key
-from app.domain.encoding import analyze_body
-from app.metrics import DB_STATEMENTS, DB_TRANSACTIONS
+from app.kernel.metrics import DB_STATEMENTS, DB_TRANSACTIONS
+from app.sending import accept
+from app.sending.accept import _insert, message_row
+from app.sending.encoding import analyze_body
 from tests.api.test_send import assert_problem, send
 from tests.conftest import World, owned_database_url
 

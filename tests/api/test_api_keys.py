@@ -12,10 +12,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from app.access import api_keys
+from app.access.auth import hash_key
 from app.db.models import ApiKey, Client
 from app.db.session import SessionFactory
-from app.domain import api_keys
-from app.domain.auth import hash_key
 from tests.api.test_send import assert_problem
 from tests.conftest import World
 

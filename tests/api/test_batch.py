@@ -19,12 +19,12 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 from starlette.responses import JSONResponse
 
+from app.consent.keywords import KeywordConfig
 from app.db.models import IdempotencyKey, Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
-from app.domain.idempotency import lock_id
-from app.domain.keywords import KeywordConfig
-from app.logs import JsonFormatter
+from app.kernel.logs import JsonFormatter
 from app.main import create_app
+from app.sending.idempotency import lock_id
 from tests.api.test_send import assert_problem
 from tests.conftest import World
 from tests.queueing import queued_message_ids
@@ -524,7 +524,7 @@ async def test_one_log_line_and_one_count_per_sender_for_the_batch(
     assert queued_total(TWILIO, "twilio") == twilio_before + 3
     assert queued_total(FAKE, "fake") == fake_before + 2
     records = [json.loads(line) for line in json_logs.getvalue().splitlines() if line.strip()]
-    ours = [r for r in records if r["logger"].startswith("app.domain")]
+    ours = [r for r in records if r["logger"].startswith("app.sending")]
     assert [(r["msg"], r["accepted"], r["rejected"]) for r in ours] == [("batch processed", 5, 2)]
     assert ours[0]["refused"] == {"validation_error": 2}
 

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from app.db.models import IdempotencyKey, Message
 from app.db.session import SessionFactory
-from app.domain.phone import InvalidPhoneNumber, canonical_phone, normalize_phone
+from app.kernel.phone import InvalidPhoneNumber, canonical_phone, normalize_phone
 from tests.api.test_send import assert_problem
 from tests.conftest import World
 
@@ -248,7 +248,7 @@ async def test_a_webhook_with_a_lone_surrogate_and_a_signature_is_refused_not_a_
 async def test_an_unexpected_error_is_a_problem_500_naming_nothing_of_the_input(
     api: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.api import messages
+    from app.sending import routes as messages
 
     async def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("boom: +14155550123 said 'Your code is 1234'")

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text, update
 
 from app.db.models import IdempotencyKey, Message
 from app.db.session import SessionFactory
-from app.domain.idempotency import lock_id
+from app.sending.idempotency import lock_id
 from tests.api.test_send import assert_problem
 from tests.conftest import World
 from tests.queueing import queued_message_ids

@@ -11,10 +11,10 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from app.consent.optouts import lock_recipients
 from app.db.models import InboundMessage, Message, OptOut
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver_message
-from app.domain.optouts import lock_recipients
+from app.delivery.pipeline import deliver_message
 from tests.api.test_send import assert_problem
 from tests.api.test_status_callbacks import twilio_signature, vonage_signed
 from tests.conftest import PUBLIC_BASE_URL, REPLIES, World

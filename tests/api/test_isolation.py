@@ -15,9 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from app.access.auth import create_api_key
 from app.db.models import Client, Message, OptOut, Sender, SenderClient
 from app.db.session import SessionFactory
-from app.domain.auth import create_api_key
 from tests.api.test_inbound import twilio_inbound
 from tests.api.test_send import assert_problem
 from tests.conftest import ready_keywords

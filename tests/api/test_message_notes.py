@@ -13,8 +13,8 @@ from sqlalchemy import func, update
 
 from app.db.models import Message
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver_message
-from app.domain.reconcile import Decision, reconcile_message
+from app.delivery.pipeline import deliver_message
+from app.delivery.reconcile import Decision, reconcile_message
 from tests.conftest import World
 from tests.domain.test_delivery import POLICY, RecordingProvider, queued_message, raising
 from tests.domain.test_reconcile import FOUND_SID, GIVE_UP, STALE, listed, twilio_listing

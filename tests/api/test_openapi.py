@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 from openapi_spec_validator import validate
 
-from app.api.events import message_event_example
-from app.api.params import CURSOR_EXAMPLE, SEQUENCE_CURSOR_EXAMPLE
-from app.domain.events import EventType, MessageEventPayload
-from app.domain.pagination import decode_cursor
+from app.events.outbox import EventType, MessageEventPayload
+from app.events.routes import message_event_example
+from app.kernel.pagination import decode_cursor
 from app.main import create_app
+from app.web.params import CURSOR_EXAMPLE, SEQUENCE_CURSOR_EXAMPLE
 from tests.conftest import World
 
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from app.consent.optouts import OptAction, OptChange, OptSource, record_change
 from app.db.models import OptOut
 from app.db.session import SessionFactory
-from app.domain.optouts import OptAction, OptChange, OptSource, record_change
 from tests.api.test_send import assert_problem, message_count, send
 from tests.conftest import World
 

@@ -30,13 +30,13 @@ from twilio.rest import Client as TwilioClient
 
 from app.db.models import Message, MessageEvent, OptOut, WebhookEvent
 from app.db.session import SessionFactory
-from app.domain.status import MessageStatus
-from app.domain.transitions import record_status_report
-from app.domain.twilio_compat import issue_credentials
-from app.domain.webhook_delivery import build_events_http_client, deliver_event
+from app.delivery.transitions import record_status_report
+from app.events.delivery import build_events_http_client, deliver_event
+from app.kernel.settings import EventsSettings
+from app.kernel.status import MessageStatus
 from app.main import create_app
 from app.providers.base import StatusReport
-from app.settings import EventsSettings
+from app.twilio_api.vocabulary import issue_credentials
 from tests.conftest import TEST_REDIS_URL, World, make_settings, owned_database_url
 from tests.processes import (
     clean_env,

@@ -19,16 +19,16 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select, text
 
+from app.consent.optouts import lock_recipients
 from app.db.models import Message, MessageEvent, OptOut, Sender, WebhookEndpoint
 from app.db.session import SessionFactory
-from app.domain import transitions
-from app.domain.circuit import CircuitState
-from app.domain.delivery import Outcome, deliver_message
-from app.domain.delivery import deliver as deliver_batch
-from app.domain.dispatch import Dispatcher
-from app.domain.optouts import lock_recipients
-from app.domain.status import MessageStatus
-from app.metrics import DB_STATEMENTS
+from app.delivery import transitions
+from app.delivery.circuit import CircuitState
+from app.delivery.dispatch import Dispatcher
+from app.delivery.pipeline import Outcome, deliver_message
+from app.delivery.pipeline import deliver as deliver_batch
+from app.kernel.metrics import DB_STATEMENTS
+from app.kernel.status import MessageStatus
 from app.providers.base import ErrorKind, Provider, ProviderError
 from app.providers.twilio import TwilioProvider
 from app.worker.guarantees import build_dispatcher
@@ -664,7 +664,7 @@ async def test_claimed_at_is_the_databases_clock_not_the_workers(
     twilio = FakeTwilio()
     providers = twilio.providers()
     message_id = await fresh(session_factory, world, number(1))
-    monkeypatch.setattr("app.domain.delivery.datetime", SkewedClock)
+    monkeypatch.setattr("app.delivery.pipeline.datetime", SkewedClock)
     dispatcher = dispatcher_for(redis, providers)
 
     if path == "batch":
@@ -740,7 +740,7 @@ async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(
     redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One claim for 1..N messages (app.domain.transitions): the rules cannot drift apart."""
+    """One claim for 1..N messages (app.delivery.transitions): the rules cannot drift apart."""
     claims: list[int] = []
     real = transitions._claim_rows
 

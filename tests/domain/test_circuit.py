@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from app.domain.circuit import CircuitPolicy, CircuitState, ProviderHealth, is_provider_fault
+from app.delivery.circuit import CircuitPolicy, CircuitState, ProviderHealth, is_provider_fault
 from app.providers.base import ErrorKind, ProviderError
 
 POLICY = CircuitPolicy(

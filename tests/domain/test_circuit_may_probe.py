@@ -7,7 +7,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from app.domain.circuit import CircuitState, ProviderHealth
+from app.delivery.circuit import CircuitState, ProviderHealth
 from tests.domain.test_circuit import POLICY, SERVER_ERROR, THROTTLED
 
 

@@ -16,12 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
-from app.domain.delivery import RetryPolicy, deliver_message
-from app.domain.status import MessageStatus
+from app.delivery.pipeline import RetryPolicy, deliver_message
+from app.kernel.settings import VonageSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import Provider
 from app.providers.twilio import TwilioProvider
 from app.providers.vonage import VonageProvider
-from app.settings import VonageSettings
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, World, make_settings
 from tests.providers.vonage_spec import assert_valid_send_sms
 

@@ -12,10 +12,10 @@ from sqlalchemy import select, update
 
 from app.db.models import MessageEvent, Sender
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver_message
-from app.domain.dispatch import RUN_HORIZON_SECONDS, Dispatcher, Go, Ticket, Wait
-from app.domain.pacing import SenderPacer
-from app.domain.status import MessageStatus
+from app.delivery.dispatch import RUN_HORIZON_SECONDS, Dispatcher, Go, Ticket, Wait
+from app.delivery.pacing import SenderPacer
+from app.delivery.pipeline import deliver_message
+from app.kernel.status import MessageStatus
 from app.providers.base import Provider
 from app.worker.guarantees import build_dispatcher
 from tests.conftest import World, make_settings

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.domain.encoding import BodyAnalysis, analyze_body
 from app.providers.base import Encoding
+from app.sending.encoding import BodyAnalysis, analyze_body
 
 # Written out by kind rather than in table order, so it is not a copy of the module's table.
 # 127 characters: the 128 of the basic table minus ESC.

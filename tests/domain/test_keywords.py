@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.domain.encoding import analyze_body
-from app.domain.keywords import (
+from app.consent.keywords import (
     BUILTIN_KEYWORDS,
     DEFAULT_REPLIES,
     CategoryConfig,
@@ -27,6 +26,7 @@ from app.domain.keywords import (
     reply_text,
 )
 from app.providers.base import Encoding
+from app.sending.encoding import analyze_body
 
 OPT_OUT = KeywordCategory.OPT_OUT
 OPT_IN = KeywordCategory.OPT_IN

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.domain.lookups import TtlCache
+from app.access.lookups import TtlCache
 
 
 class Loader:

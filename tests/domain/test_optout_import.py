@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from app.consent.optout_import import ImportInterrupted, import_opt_outs
 from app.db.models import OptOut
 from app.db.session import SessionFactory, create_engine, create_session_factory
-from app.domain.optout_import import ImportInterrupted, import_opt_outs
 from tests.conftest import World
 
 
@@ -89,7 +89,7 @@ async def test_a_failure_that_is_not_an_outage_stays_an_error(
     reach the error handler as itself, not as a 503 a client retries for ever."""
     from sqlalchemy.exc import ProgrammingError
 
-    from app.domain import optout_import
+    from app.consent import optout_import
 
     async def refused(*_: Any, **__: Any) -> int:
         raise ProgrammingError("INSERT …", {}, Exception("syntax error"))

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from app.domain.pacing import (
+from app.delivery.pacing import (
     ALPHANUMERIC_RATE,
     LONG_CODE_RATE,
     SHORT_CODE_RATE,
@@ -18,7 +18,7 @@ from app.domain.pacing import (
     SenderPacer,
     default_rate,
 )
-from app.metrics import RATE_LIMIT_DEFERRALS
+from app.kernel.metrics import RATE_LIMIT_DEFERRALS
 from tests.conftest import TEST_REDIS_URL
 
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from app.domain.pacing import MAX_INLINE_WAIT_SECONDS, Reservation, SenderPacer
+from app.delivery.pacing import MAX_INLINE_WAIT_SECONDS, Reservation, SenderPacer
 
 TOLERANCE = 0.02  # Redis' clock against ours, and the time between two commands
 

@@ -21,9 +21,9 @@ from sqlalchemy import select, update
 
 from app.db.models import Message, MessageEvent, MessagePart
 from app.db.session import SessionFactory, Tx
-from app.domain.delivery import Submitted, deliver_message, record_submissions
-from app.domain.status import MessageStatus
-from app.domain.transitions import claim, record_status_report, run_raw_transaction
+from app.delivery.pipeline import Submitted, deliver_message, record_submissions
+from app.delivery.transitions import claim, record_status_report, run_raw_transaction
+from app.kernel.status import MessageStatus
 from app.providers.base import Accepted, CallbackRequest
 from app.providers.vonage import VonageProvider
 from tests.api.test_status_callbacks import VONAGE_PATH, vonage_signed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.domain.phone import InvalidPhoneNumber, normalize_phone
-from app.domain.status import TERMINAL_STATUSES, MessageStatus, can_advance, statuses_before
+from app.kernel.phone import InvalidPhoneNumber, normalize_phone
+from app.kernel.status import TERMINAL_STATUSES, MessageStatus, can_advance, statuses_before
 
 
 @pytest.mark.parametrize(

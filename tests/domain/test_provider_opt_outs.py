@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from app.consent.optouts import OptAction, OptChange, OptSource, record_change
 from app.db.models import OptOut
 from app.db.session import SessionFactory
-from app.domain.optouts import OptAction, OptChange, OptSource, record_change
-from app.domain.status import MessageStatus
-from app.domain.transitions import record_status_report
+from app.delivery.transitions import record_status_report
+from app.kernel.status import MessageStatus
 from app.providers.base import StatusReport
 from tests.conftest import World
 from tests.domain.test_batch_delivery import fresh, number

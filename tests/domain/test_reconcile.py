@@ -17,12 +17,12 @@ from sqlalchemy import func, select, text, update
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver_message
-from app.domain.reconcile import Decision, reconcile_message, stale_claims
-from app.domain.status import MessageStatus
+from app.delivery.pipeline import deliver_message
+from app.delivery.reconcile import Decision, reconcile_message, stale_claims
+from app.kernel.settings import FakeProviderSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import Provider
 from app.providers.fake import FakeProvider
-from app.settings import FakeProviderSettings
 from app.worker import guarantees
 from app.worker.guarantees import RedisFakeLedger
 from app.worker.queue import close_queue, create_queue, enqueue_deliveries

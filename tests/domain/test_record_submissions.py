@@ -14,16 +14,16 @@ from sqlalchemy import select, update
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
-from app.domain.delivery import (
+from app.delivery.pipeline import (
     Outcome,
     Submitted,
     deliver_message,
     record_submissions,
     submit,
 )
-from app.domain.delivery import deliver as deliver_batch
-from app.domain.status import MessageStatus
-from app.domain.transitions import apply_status_report
+from app.delivery.pipeline import deliver as deliver_batch
+from app.delivery.transitions import apply_status_report
+from app.kernel.status import MessageStatus
 from app.providers.base import Accepted, StatusReport
 from tests.conftest import World
 from tests.domain.test_batch_delivery import FakeTwilio, dispatcher_for, fresh, number

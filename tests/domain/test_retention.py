@@ -11,9 +11,9 @@ import httpx
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
+from app.db.retention import prune
 from app.db.session import SessionFactory
-from app.domain.retention import prune
-from app.settings import RetentionSettings
+from app.kernel.settings import RetentionSettings
 from app.worker.tasks import WorkerSettings, retention
 from tests.api.test_idempotency import post
 from tests.conftest import World, make_settings
@@ -185,7 +185,7 @@ async def test_events_attempts_and_idle_callback_endpoints(
 async def test_a_callback_url_used_again_after_its_endpoint_was_pruned_gets_a_new_one(
     session_factory: SessionFactory, world: World
 ) -> None:
-    from app.domain.endpoints import Owner, endpoint_for_url
+    from app.events.endpoints import Owner, endpoint_for_url
 
     ids = await seed_events(session_factory, world)
     await prune(session_factory, RetentionSettings(), 24)
@@ -298,7 +298,7 @@ async def test_a_run_while_another_holds_the_run_lock_prunes_nothing(
     session_factory: SessionFactory, world: World
 ) -> None:
     """Two workers' runs must not fight over the same rows: the second one leaves at once."""
-    from app.domain import retention as module
+    from app.db import retention as module
 
     ids = await seed_events(session_factory, world)
     async with session_factory() as other:

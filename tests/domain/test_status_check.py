@@ -16,11 +16,11 @@ from sqlalchemy import func, select, text, update
 
 from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
-from app.domain import reconcile
-from app.domain.reconcile import CheckSchedule, Decision, check_status, overdue_sent
+from app.delivery import reconcile
+from app.delivery.reconcile import CheckSchedule, Decision, check_status, overdue_sent
+from app.kernel.settings import FakeProviderSettings
 from app.providers.base import Provider
 from app.providers.fake import FakeProvider
-from app.settings import FakeProviderSettings
 from app.worker import guarantees
 from app.worker.queue import close_queue, create_queue
 from tests.conftest import TEST_REDIS_URL, TWILIO_TOKEN, World, make_settings

@@ -12,9 +12,9 @@ from sqlalchemy import func, select, update
 
 from app.db.models import Message
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver
-from app.domain.status import MessageStatus
-from app.domain.sweep import sweep_once
+from app.delivery.pipeline import deliver
+from app.delivery.sweep import sweep_once
+from app.kernel.status import MessageStatus
 from tests.conftest import World
 from tests.domain.test_batch_delivery import FakeTwilio, dispatcher_for, fresh, fresh_batch
 from tests.domain.test_delivery import POLICY

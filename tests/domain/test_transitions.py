@@ -12,10 +12,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.consent.optouts import lock_recipients
 from app.db.models import Message, MessageEvent, OptOut
 from app.db.session import SessionFactory, Tx
-from app.domain.optouts import lock_recipients
-from app.domain.transitions import (
+from app.delivery.transitions import (
     TRANSACTION_ATTEMPTS,
     claim,
     is_retryable,

@@ -10,9 +10,9 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from app.db.models import Message
-from app.domain import twilio_compat as twilio
-from app.domain.status import MessageStatus
-from app.errors import PolicyRefusal, ValidationFailed
+from app.kernel.errors import PolicyRefusal, ValidationFailed
+from app.kernel.status import MessageStatus
+from app.twilio_api import vocabulary as twilio
 
 
 def _message(**changes: Any) -> Message:

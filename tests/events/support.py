@@ -20,7 +20,7 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.worker import Worker
 
-from app.settings import EventsSettings
+from app.kernel.settings import EventsSettings
 from app.worker.event_queue import EVENTS_QUEUE
 from app.worker.events import EventsWorkerSettings
 from tests.conftest import TEST_REDIS_URL, make_settings

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from app.db.models import Client, Message
 from app.db.session import SessionFactory
-from app.domain.events import EventType
+from app.events.outbox import EventType
 from app.main import create_app
 from tests.api.test_send import assert_problem
 from tests.conftest import World

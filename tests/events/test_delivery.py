@@ -24,11 +24,7 @@ from app.db.models import (
     WebhookEvent,
 )
 from app.db.session import SessionFactory
-from app.domain.destinations import IPAddress
-from app.domain.endpoints import Owner, set_default
-from app.domain.events import EventJob, EventStatus, emit_message_status, scheduled
-from app.domain.signing import active_secrets, rotate
-from app.domain.webhook_delivery import (
+from app.events.delivery import (
     EventOutcome,
     EventRetryPolicy,
     build_events_http_client,
@@ -36,7 +32,11 @@ from app.domain.webhook_delivery import (
     deliver_event,
     sweep_events,
 )
-from app.settings import EventsSettings
+from app.events.destinations import IPAddress
+from app.events.endpoints import Owner, set_default
+from app.events.outbox import EventJob, EventStatus, emit_message_status, scheduled
+from app.events.signing import active_secrets, rotate
+from app.kernel.settings import EventsSettings
 from app.worker.event_queue import enqueue_events
 from app.worker.queue import create_queue
 from tests.conftest import TEST_REDIS_URL, World

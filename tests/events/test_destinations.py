@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from app.domain.destinations import (
+from app.events.destinations import (
     DestinationRefused,
     IPAddress,
     Resolver,
@@ -19,8 +19,8 @@ from app.domain.destinations import (
     resolve_destination,
     system_resolver,
 )
-from app.errors import ValidationFailed
-from app.settings import EventsSettings
+from app.kernel.errors import ValidationFailed
+from app.kernel.settings import EventsSettings
 
 STRICT = EventsSettings()  # production defaults: https only, no network allowed
 

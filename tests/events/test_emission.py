@@ -12,13 +12,13 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select
 
+from app.consent.optouts import OptAction, OptChange, OptSource, record_change
 from app.db.models import Message, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver_message
-from app.domain.endpoints import Owner, set_default
-from app.domain.optouts import OptAction, OptChange, OptSource, record_change
-from app.domain.status import MessageStatus
-from app.domain.transitions import apply_status_report
+from app.delivery.pipeline import deliver_message
+from app.delivery.transitions import apply_status_report
+from app.events.endpoints import Owner, set_default
+from app.kernel.status import MessageStatus
 from app.providers.base import StatusReport
 from tests.api.test_inbound import twilio_inbound
 from tests.api.test_status_callbacks import twilio_callback

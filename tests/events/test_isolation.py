@@ -13,11 +13,11 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select
 
-from app.cli import main
+from app.cli.main import main
 from app.db.models import Client, Message, WebhookEvent
 from app.db.session import SessionFactory
-from app.domain.endpoints import Owner, set_default
-from app.domain.events import EventJob, emit_message_status, scheduled
+from app.events.endpoints import Owner, set_default
+from app.events.outbox import EventJob, emit_message_status, scheduled
 from app.worker.event_queue import enqueue_events
 from app.worker.events import EventsWorkerSettings
 from app.worker.queue import create_queue

@@ -36,10 +36,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from app.cli import migrate
+from app.access.auth import create_api_key
+from app.cli.main import migrate
 from app.db.session import create_session_factory
-from app.domain.auth import create_api_key
-from app.domain.status import TERMINAL_STATUSES
+from app.kernel.status import TERMINAL_STATUSES
 from tests.faults.cluster import ROOT, Cluster, tail
 from tests.faults.proxy import TcpProxy
 from tests.faults.servers import (

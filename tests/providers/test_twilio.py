@@ -24,7 +24,8 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from pydantic import SecretStr
 
-from app.domain.status import MessageStatus
+from app.kernel.settings import TwilioSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
     CallbackRequest,
@@ -36,7 +37,6 @@ from app.providers.base import (
     ProviderError,
 )
 from app.providers.twilio import TwilioProvider, compute_signature
-from app.settings import TwilioSettings
 from tests.fixtures.extract_twilio_schema import FIXTURE
 
 SPEC: dict[str, Any] = json.loads(FIXTURE.read_text(encoding="utf-8"))

@@ -12,7 +12,7 @@ import httpx
 import jsonschema  # type: ignore[import-untyped]
 import pytest
 
-from app.domain.status import MessageStatus
+from app.kernel.status import MessageStatus
 from app.providers.base import ErrorKind, ProviderError, StatusReport
 from tests.fixtures.extract_twilio_fetch import FIXTURE
 from tests.providers.test_twilio import (

@@ -14,7 +14,7 @@ import httpx
 import jsonschema  # type: ignore[import-untyped]
 import pytest
 
-from app.domain.status import MessageStatus
+from app.kernel.status import MessageStatus
 from app.providers.base import ErrorKind, ProviderError, Submission
 from app.providers.twilio import TRIAL_PREFIX
 from tests.fixtures.extract_twilio_list import FIXTURE

@@ -19,7 +19,8 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from pydantic import SecretStr
 
-from app.domain.status import MessageStatus
+from app.kernel.settings import VonageSettings
+from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
     CallbackRequest,
@@ -32,7 +33,6 @@ from app.providers.base import (
     ProviderError,
 )
 from app.providers.vonage import SEND_STATUS_KINDS, SEND_STATUS_TEXT, VonageProvider
-from app.settings import VonageSettings
 from tests.providers.vonage_spec import SPEC, assert_valid_send_sms
 
 Handler = Callable[[httpx.Request], httpx.Response]

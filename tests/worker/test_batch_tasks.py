@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 
 from app.db.session import SessionFactory
-from app.domain.delivery import deliver
-from app.domain.dispatch import Dispatcher
+from app.delivery.dispatch import Dispatcher
+from app.delivery.pipeline import deliver
 from app.providers.base import Provider
 from app.worker import tasks
 from app.worker.queue import DELIVER_JOB, close_queue, create_queue

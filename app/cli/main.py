@@ -1,0 +1,288 @@
+"""`smsgate`: one entry point for the API, the worker, migrations and API keys, plus tools for
+development and operations (`dev`, `services`, `send`, `import-opt-outs`: app/cli/commands.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from app.cli.admin import add_admin_commands
+from app.cli.commands import add_commands
+from app.kernel.settings import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrate(database_url: str | None = None, revision: str = "head") -> None:
+    """Upgrade the database schema to `revision` with Alembic."""
+    from alembic import command
+
+    from app.db.migrations import alembic_config
+
+    try:
+        config = alembic_config(database_url)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    command.upgrade(config, revision)
+
+
+async def create_database_if_missing(database_url: str) -> bool:
+    """Create the database named in `database_url` if it does not exist; True if created."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = make_url(database_url)
+    name = url.database
+    if not name:
+        raise SystemExit("DATABASE_URL names no database")
+    server = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with server.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if exists:
+                return False
+            quoted = name.replace('"', '""')
+            await connection.execute(text(f'CREATE DATABASE "{quoted}"'))
+            return True
+    finally:
+        await server.dispose()
+
+
+async def _create_api_key(
+    client: str, admin: bool, default_sender: str | None, name: str | None = None
+) -> str:
+    from sqlalchemy import select, update
+
+    from app.access.auth import create_api_key
+    from app.db.models import Client, Sender
+    from app.db.session import create_engine, create_session_factory
+    from app.senders.service import grant_sender
+
+    settings = get_settings()
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with create_session_factory(engine).begin() as session:
+            raw_key = await create_api_key(session, client, is_admin=admin, name=name)
+            if default_sender is not None:
+                sender_id = await session.scalar(
+                    select(Sender.id).where(Sender.address == default_sender)
+                )
+                if sender_id is None:
+                    raise SystemExit(f"no sender with address {default_sender!r}")
+                # A client's default sender is one of its senders.
+                await grant_sender(session, sender_id, client)
+                await session.execute(
+                    update(Client).where(Client.name == client).values(default_sender_id=sender_id)
+                )
+    finally:
+        await engine.dispose()
+    return raw_key
+
+
+async def _seed_senders(path: Path) -> tuple[int, int]:
+    from pydantic import TypeAdapter, ValidationError
+
+    from app.db.session import create_engine, create_session_factory
+    from app.kernel.errors import ServiceError
+    from app.senders.schemas import SenderIn
+    from app.senders.service import upsert_sender
+
+    try:
+        specs = TypeAdapter(list[SenderIn]).validate_json(path.read_bytes())
+    except (OSError, ValidationError) as error:
+        raise SystemExit(f"{path}: {error}") from None
+    settings = get_settings()
+    engine = create_engine(settings.database_url, pool_size=1)
+    created = updated = 0
+    try:
+        async with create_session_factory(engine).begin() as session:
+            for spec in specs:
+                try:
+                    is_new = await upsert_sender(
+                        session,
+                        address=spec.address,
+                        kind=spec.kind,
+                        provider=spec.provider,
+                        description=spec.description,
+                        keywords=spec.keywords,
+                        default_region=settings.default_region,
+                        rate_per_second=spec.rate_per_second,
+                        fallback_provider=spec.fallback_provider,
+                    )
+                except ServiceError as error:
+                    raise SystemExit(f"{path}: {spec.address}: {error.detail}") from None
+                created += is_new
+                updated += not is_new
+    finally:
+        await engine.dispose()
+    return created, updated
+
+
+async def _reencrypt_secrets() -> tuple[int, int]:
+    """Rewrite every signing secret and Twilio auth token not encrypted with the current
+    SECRETS_KEY (a rotation): (rewritten, total). Reads with the previous keys, writes with the
+    current one."""
+    from sqlalchemy import text
+
+    from app.db.session import create_engine
+    from app.kernel.secrets import Keyring
+
+    keyring = Keyring.from_settings(get_settings())
+    engine = create_engine(get_settings().database_url, pool_size=1)
+    rewritten = total = 0
+    try:
+        async with engine.begin() as connection:
+            for table, key, column in (
+                ("signing_secrets", "id", "secret"),
+                ("twilio_credentials", "client_id", "auth_token"),
+            ):
+                rows = (
+                    await connection.execute(
+                        text(f"SELECT {key}, {column} FROM {table} FOR UPDATE")
+                    )
+                ).all()
+                for row_id, stored in rows:
+                    total += 1
+                    if keyring.is_current(stored):
+                        continue
+                    await connection.execute(
+                        text(f"UPDATE {table} SET {column} = :secret WHERE {key} = :id"),
+                        {"secret": keyring.encrypt(keyring.decrypt(stored)), "id": row_id},
+                    )
+                    rewritten += 1
+    finally:
+        await engine.dispose()
+    return rewritten, total
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the chosen subcommand."""
+    parser = argparse.ArgumentParser(prog="smsgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP API with uvicorn")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--workers", type=int, default=1, help="API processes")
+
+    worker = commands.add_parser("worker", help="run a delivery worker (arq)")
+    worker.add_argument(
+        "--check",
+        action="store_true",
+        help="instead, exit 0 if a worker recorded its health check recently, else 1",
+    )
+    worker.add_argument(
+        "--queue",
+        choices=("sms", "events"),
+        default="sms",
+        help="sms: send messages (the default); events: deliver events to clients' endpoints "
+        "(a queue of its own, so a slow endpoint never delays an SMS)",
+    )
+    migrate_command = commands.add_parser(
+        "migrate", help="upgrade the database schema to the latest revision"
+    )
+    migrate_command.add_argument(
+        "--create-database", action="store_true", help="create the database first if missing"
+    )
+
+    key = commands.add_parser("create-api-key", help="create an API key and print it once")
+    key.add_argument("--client", required=True, help="client name (created if new)")
+    key.add_argument("--admin", action="store_true", help="may manage senders")
+    key.add_argument(
+        "--default-sender", help="address of the client's default sender (granted to it)"
+    )
+    key.add_argument("--name", help="what the key is for, shown by `smsgate api-keys list`")
+
+    seed = commands.add_parser(
+        "seed-senders",
+        help="create or update senders (and their keywords) from a JSON file, in one transaction",
+    )
+    seed.add_argument("file", type=Path, help="a JSON list of senders, as POST /v1/senders takes")
+
+    commands.add_parser(
+        "generate-secrets-key", help="print a new SECRETS_KEY (32 random bytes, base64)"
+    )
+    commands.add_parser(
+        "reencrypt-secrets",
+        help="re-encrypt every signing secret with SECRETS_KEY (after a key rotation; the old "
+        "key must be in SECRETS_PREVIOUS_KEYS)",
+    )
+
+    add_commands(commands)  # dev, services, send, import-opt-outs
+    add_admin_commands(commands)  # api-keys, grant-sender, revoke-sender, sender-clients
+
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is not None:
+        raise SystemExit(args.run(args))
+    if args.command == "serve":
+        import uvicorn
+
+        from app.kernel.logs import logging_config
+        from app.web.server import uvicorn_options
+
+        settings = get_settings()
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=logging_config(
+                settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+            ),
+            **uvicorn_options(settings),
+        )
+    elif args.command == "worker":
+        from arq.worker import check_health
+
+        from app.kernel.logs import configure_logging
+        from app.worker.events import EventsWorkerSettings
+        from app.worker.resilience import ResilientWorker, run_worker
+        from app.worker.tasks import WorkerSettings, run_delivery_worker
+
+        worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
+        settings = get_settings()
+        configure_logging(
+            settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+        )
+        if args.check:
+            healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
+            sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
+            raise SystemExit(0 if healthy else 1)
+        # uvloop, as uvicorn uses for the API (arq takes the current loop).
+        import uvloop
+
+        asyncio.set_event_loop(uvloop.new_event_loop())
+        if args.queue == "events":
+            # Outlives Redis and PostgreSQL outages, as the delivery worker does.
+            run_worker(worker_settings, ResilientWorker)
+        else:
+            run_delivery_worker()
+    elif args.command == "migrate":
+        if args.create_database:
+            asyncio.run(create_database_if_missing(get_settings().database_url))
+        migrate()
+    elif args.command == "seed-senders":
+        created, updated = asyncio.run(_seed_senders(args.file))
+        sys.stdout.write(f"{created} senders created, {updated} updated\n")
+    elif args.command == "generate-secrets-key":
+        from app.kernel.secrets import generate_key
+
+        sys.stdout.write(generate_key() + "\n")
+    elif args.command == "reencrypt-secrets":
+        rewritten, total = asyncio.run(_reencrypt_secrets())
+        sys.stdout.write(f"{rewritten} of {total} secrets re-encrypted\n")
+    elif args.command == "create-api-key":
+        raw_key = asyncio.run(
+            _create_api_key(args.client, args.admin, args.default_sender, args.name)
+        )
+        sys.stdout.write(raw_key + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,874 @@
+"""The changes of a message's state that follow its acceptance, and how their transactions run.
+
+Every change here is conditional (it matches only while the message is where the change expects
+it, so duplicates and races are harmless) and takes its locks in the one order used everywhere:
+the recipient's advisory lock (app.consent.optouts.lock_recipients) first, then the message row.
+Timestamps come from the database's clock.
+
+`run_transaction` runs a whole unit of work in a fresh transaction and runs it again, a bounded
+number of times, when PostgreSQL aborts it for a deadlock (40P01) or a serialization failure
+(40001): such an abort is about timing, not about the work, and the caller (a provider's status
+callback, which is never sent again; a worker's record of a provider's answer) has nobody to
+pass it on to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.consent.optouts import (
+    OPTED_OUT_SQL,
+    RECIPIENT_LOCKS_SQL,
+    lock_recipients,
+    record_provider_opt_out,
+)
+from app.db.models import Message, MessageEvent
+from app.db.session import SessionFactory, Tx, raw_statement, raw_transaction, sqlstate_of
+from app.delivery.parts import (
+    Settlement,
+    apply_part_report,
+    find_by_part,
+    is_split,
+    record_accepted_parts,
+)
+from app.events.outbox import (
+    EVENTS_AFTER_COMMIT,
+    MAY_NOTIFY_SQL,
+    EventJob,
+    emit_message_status,
+    emit_message_statuses,
+    scheduled,
+)
+from app.kernel.errors import NotFound
+from app.kernel.logs import message_id_var
+from app.kernel.metrics import count_status
+from app.kernel.status import MessageStatus, can_advance, statuses_before
+from app.kernel.text import storable, storable_mapping
+from app.providers.base import StatusReport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATEs after which the same transaction, run again, may well succeed.
+RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})  # deadlock, serialization failure
+# How many times a unit of work runs at most; between runs a short random pause (seconds, times
+# the run's number) lets the transaction that won finish first.
+TRANSACTION_ATTEMPTS: Final = 5
+RETRY_PAUSE_SECONDS: Final = 0.02
+
+# The only messages sent to a recipient who opted out: the confirmation of that opt-out, and the
+# answer to HELP (which is always answered).
+PASSES_OPT_OUT = frozenset({"opt_out_confirmation", "help_reply"})
+# A job may start a little before the time it was deferred to (clocks, rounding): that is due.
+NOT_DUE_TOLERANCE_SECONDS: Final = 0.1
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether PostgreSQL aborted the transaction for its timing (deadlock, serialization)."""
+    return sqlstate_of(error) in RETRYABLE_SQLSTATES
+
+
+async def run_transaction(
+    session_factory: SessionFactory,
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = TRANSACTION_ATTEMPTS,
+) -> tuple[T, tuple[EventJob, ...]]:
+    """Run `work` in a transaction and commit; run it again in a new one after a deadlock or a
+    serialization failure (at most `attempts` runs). Returns its result and the event deliveries
+    the committed transaction scheduled (to enqueue after the commit)."""
+
+    async def once() -> tuple[T, tuple[EventJob, ...]]:
+        async with session_factory.begin() as session:
+            result = await work(session)
+        return result, scheduled(session)
+
+    return await _retrying(once, attempts)
+
+
+async def run_raw_transaction(
+    session_factory: SessionFactory,
+    work: Callable[[Tx], Awaitable[T]],
+    *,
+    attempts: int = TRANSACTION_ATTEMPTS,
+) -> tuple[T, tuple[EventJob, ...]]:
+    """`run_transaction` for the hot state changes: `work` speaks plain asyncpg (`Tx.fetch`),
+    and an ORM session inside the same transaction (`Tx.session()`) where it needs one."""
+
+    async def once() -> tuple[T, tuple[EventJob, ...]]:
+        async with raw_transaction(session_factory) as (tx, info):
+            result = await work(tx)
+        return result, tuple(info.get(EVENTS_AFTER_COMMIT, ()))
+
+    return await _retrying(once, attempts)
+
+
+async def _retrying(once: Callable[[], Awaitable[T]], attempts: int) -> T:
+    for attempt in range(1, attempts + 1):
+        try:
+            return await once()
+        except Exception as error:
+            if attempt == attempts or not is_retryable(error):
+                raise
+            log.warning(
+                "transaction aborted by the database; running it again",
+                extra={"attempt": attempt, "error": str(error)[:200]},
+            )
+            await asyncio.sleep(random.uniform(0.5, 1.0) * RETRY_PAUSE_SECONDS * attempt)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one message in a delivery run; `retry_in` is set when it must run
+    again later, and `events` are the event deliveries its committed transactions wrote."""
+
+    status: MessageStatus | None
+    retry_in: float | None = None
+    events: tuple[EventJob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SenderTerms:
+    """What the delivery gate needs of a claimed message's sender: its rate, its fallback."""
+
+    rate: float
+    fallback_provider: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim did: the messages now `sending` (this attempt), and an outcome for every
+    other id (nothing to do, not due yet, expired, canceled for an opt-out); the claimed
+    messages' senders' terms, read with them."""
+
+    claimed: list[Message]
+    outcomes: dict[uuid.UUID, Outcome] = field(default_factory=dict)
+    senders: dict[uuid.UUID, SenderTerms] = field(default_factory=dict)
+
+
+# The claim's read: every column of the messages (as `_message` builds them) and their senders'
+# terms, with the database's now; and, in the same statement, the locks of the queued ones'
+# recipients (their order: `optouts.RECIPIENT_LOCKS_SQL`), held until the claim commits.
+_COLUMNS: Final = tuple((p.key, p.columns[0].name) for p in Message.__mapper__.column_attrs)
+_QUEUED_RECIPIENTS: Final = """SELECT "to" AS phone FROM found WHERE status = 'queued'"""
+_READ_AND_LOCK: Final = f"""
+WITH found AS (
+    SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
+        s.rate_per_second, s.fallback_provider
+    FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
+    WHERE m.id = ANY($1::uuid[])
+), held AS MATERIALIZED {RECIPIENT_LOCKS_SQL.format(phones=_QUEUED_RECIPIENTS)}
+SELECT found.*, now() FROM found, held
+"""
+
+
+def _message(row: Any) -> Message:
+    """A message read by `_READ_AND_LOCK`, as an object outside any session (the ORM's would
+    cost more than the read): changes go through the conditional statements here, never it."""
+    return Message(**{key: row[i] for i, (key, _) in enumerate(_COLUMNS)})
+
+
+async def claim(tx: Tx, message_ids: Collection[uuid.UUID]) -> Claim:
+    """Move 1..N queued, due messages to `sending` (attempts + 1, `claimed_at` the database's
+    now), in the caller's transaction: the one claim for a job of one message or of many.
+
+    The recipients' locks are taken first, then the opt-out check: a STOP recorded before this
+    point is seen, and one recorded after it finds the message already claimed. An expired
+    message ends `expired` and an opted-out one `canceled`, here. Two statements in the common
+    case: the read with the locks (`_READ_AND_LOCK`), then one statement for the opt-out check,
+    the claim and its history rows (`_CLAIM`), whose snapshot follows the locks.
+    """
+    rows = await tx.fetch(_READ_AND_LOCK, list(message_ids))
+    outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(message_ids, Outcome(None))
+    if not rows:
+        return Claim([], outcomes)
+    terms = len(_COLUMNS)
+    now: datetime = rows[0][terms + 2]
+    senders = {row["sender_id"]: SenderTerms(row[terms], row[terms + 1]) for row in rows}
+    # The queued ones' recipients are locked (by the read): the one lock order, recipients
+    # first, before any row is changed (an expired one too).
+    queued = [_message(row) for row in rows if row["status"] == MessageStatus.QUEUED.value]
+    if not queued:
+        return Claim([], outcomes)
+    candidates = []
+    unsent: list[tuple[Message, MessageStatus, str, str | None]] = []
+    for message in queued:
+        if message.expires_at is not None and now >= message.expires_at:
+            reason = "validity period ended before sending"
+            unsent.append((message, MessageStatus.EXPIRED, reason, None))
+        elif (wait := (message.next_attempt_at - now).total_seconds()) > NOT_DUE_TOLERANCE_SECONDS:
+            # Picked up early (a duplicate job, a restarted worker): keep the backoff.
+            outcomes[message.id] = Outcome(MessageStatus.QUEUED, retry_in=wait)
+        else:
+            candidates.append(message)
+    claimed, refused = await _claim_rows(tx, candidates)
+    for message in candidates:
+        if message.id in refused:
+            reason = "recipient opted out after the message was accepted"
+            unsent.append((message, MessageStatus.CANCELED, reason, "recipient_opted_out"))
+    if unsent:  # rare: through the ORM, for the events these write
+        session = await tx.session()
+        for message, status, reason, code in unsent:
+            outcomes[message.id] = await finish_unsent(
+                session, message, status, reason, error_code=code
+            )
+    for message in claimed:
+        del outcomes[message.id]
+    return Claim(claimed, outcomes, senders)
+
+
+# The claim of every delivery, after the recipients' locks (so its snapshot sees every opt-out
+# recorded before them): the messages whose recipient opted out of their sender are refused
+# (the rule of `optouts.OPTED_OUT_SQL`; opt-out confirmations and HELP replies pass), the others
+# still queued, due and unexpired move to `sending` with the database's time, each with its
+# history row. Returns the claimed (id, attempts, claimed_at) and the refused ids.
+_CLAIM: Final = f"""
+WITH wanted AS (
+    SELECT m.id, m.kind, m."to", m.sender_id FROM messages AS m
+    WHERE m.id = ANY($1::uuid[])
+), refused AS (
+    SELECT id FROM wanted
+    WHERE kind <> ALL($2::varchar[])
+        AND {OPTED_OUT_SQL.format(phone='wanted."to"', sender_id="wanted.sender_id")}
+), claimed AS (
+    UPDATE messages AS m
+    SET status = 'sending', attempts = m.attempts + 1, claimed_at = now(), updated_at = now()
+    FROM wanted
+    WHERE m.id = wanted.id AND wanted.id NOT IN (SELECT id FROM refused)
+        AND m.status = 'queued'
+        AND m.next_attempt_at <= now() + make_interval(secs => $3::float8)
+        AND (m.expires_at IS NULL OR m.expires_at > now())
+    RETURNING m.id, m.attempts, m.claimed_at
+), history AS (
+    INSERT INTO message_events (message_id, status, applied, source, detail)
+    SELECT id, 'sending', true, 'worker', 'attempt ' || attempts FROM claimed
+)
+SELECT id, attempts, claimed_at, false AS refused FROM claimed
+UNION ALL
+SELECT id, NULL, NULL, true FROM refused
+"""
+
+
+async def _claim_rows(
+    tx: Tx, candidates: Sequence[Message]
+) -> tuple[list[Message], set[uuid.UUID]]:
+    """Run `_CLAIM` for these (locked, due, unexpired) messages: the claimed ones, brought up
+    to date without a second read, and the ids refused for an opt-out."""
+    if not candidates:
+        return [], set()
+    rows = await tx.fetch(
+        _CLAIM, [m.id for m in candidates], sorted(PASSES_OPT_OUT), NOT_DUE_TOLERANCE_SECONDS
+    )
+    by_id = {m.id: m for m in candidates}
+    claimed, refused = [], set()
+    for message_id, attempts, claimed_at, was_refused in rows:
+        if was_refused:
+            refused.add(message_id)
+            continue
+        message = by_id[message_id]
+        message.status = MessageStatus.SENDING.value
+        message.attempts = attempts
+        message.claimed_at = claimed_at
+        claimed.append(message)
+    return claimed, refused
+
+
+async def finish_unsent(
+    session: AsyncSession,
+    message: Message,
+    status: MessageStatus,
+    reason: str,
+    *,
+    error_code: str | None = None,
+    source: str = "worker",
+) -> Outcome:
+    """End a queued message without sending it (expired, canceled); a no-op if it moved."""
+    done = await session.scalar(
+        update(Message)
+        .where(Message.id == message.id, Message.status == MessageStatus.QUEUED.value)
+        .values(status=status.value, error_code=error_code or status.value, error_message=reason)
+        .returning(Message.id)
+    )
+    if done is None:
+        return Outcome(None)
+    count_status(status.value, message.provider, message.from_)
+    session.add(
+        _history(
+            message.id, status, applied=True, detail=reason, error_code=error_code, source=source
+        )
+    )
+    await emit_message_status(session, message.id)
+    return Outcome(status)
+
+
+async def cancel_queued(session: AsyncSession, client_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+    """Cancel a client's message that is still queued (no attempt holds it), in the session's
+    transaction: the recipient's lock, then the conditional UPDATE of `finish_unsent`, as a
+    claim takes them. Whether it was canceled (False: it has moved on, or it never was the
+    client's to cancel; `NotFound` for a message that is not the client's)."""
+    message = await session.scalar(
+        select(Message).where(Message.id == message_id, Message.client_id == client_id)
+    )
+    if message is None:
+        raise NotFound("message_not_found", f"no message with id {message_id}")
+    if message.status != MessageStatus.QUEUED.value:
+        return False
+    await lock_recipients(session, [message.to])
+    outcome = await finish_unsent(
+        session,
+        message,
+        MessageStatus.CANCELED,
+        "canceled by its client",
+        error_code="canceled",
+        source="api",
+    )
+    return outcome.status is MessageStatus.CANCELED
+
+
+def _pending(message: Message) -> ColumnElement[bool]:
+    """The condition every change of a claimed message is conditional on: it is still this
+    attempt's (no report, reconciliation or later attempt moved it meanwhile)."""
+    return and_(
+        Message.id == message.id,
+        Message.status == MessageStatus.SENDING.value,
+        Message.attempts == message.attempts,
+        # A claim put back and claimed again has the same attempt number (waiting is not an
+        # attempt) but a new claim time: what was decided about the old claim misses it.
+        Message.claimed_at.is_not_distinct_from(message.claimed_at),
+    )
+
+
+async def release(
+    session: AsyncSession,
+    message: Message,
+    reason: str,
+    home: str,
+    *,
+    quiet: bool = False,
+    retry_in: float | None = None,
+) -> bool:
+    """Undo a claim before the provider was called: back to `queued` on its own provider
+    (`home`), the attempt not counted, due again in `retry_in` seconds (database clock) when
+    its turn is known, so the lost-message sweep does not pick it up meanwhile. Whether it was
+    still this attempt's to undo.
+
+    `quiet` for a message the delivery gate turned back (an open circuit, a paused provider, a
+    sender's line): its history reads as if it was never claimed (the claim's `sending` row is
+    removed, and the reason is a note counting a run of waits), as waiting is never an attempt."""
+    changes: dict[str, Any] = {
+        "status": MessageStatus.QUEUED.value,
+        "attempts": Message.attempts - 1,
+        "provider": home,
+    }
+    if retry_in is not None:
+        changes["next_attempt_at"] = func.now() + timedelta(seconds=retry_in)
+    released = await session.scalar(
+        update(Message).where(_pending(message)).values(**changes).returning(Message.id)
+    )
+    if released is None:
+        return False
+    if not quiet:
+        session.add(
+            _history(message.id, MessageStatus.QUEUED, applied=True, detail=f"not sent: {reason}")
+        )
+        return True
+    claim_row = (
+        select(func.max(MessageEvent.id))
+        .where(MessageEvent.message_id == message.id, MessageEvent.status == "sending")
+        .scalar_subquery()
+    )
+    await session.execute(delete(MessageEvent).where(MessageEvent.id == claim_row))
+    # One note per run of waits for the same reason, counting them (a message behind a slow
+    # sender may wait hundreds of times).
+    await note_repeatable(session, message.id, f"not sent: {reason}", key=reason.split(";")[0])
+    return True
+
+
+async def reroute(session: AsyncSession, message: Message, provider: str, reason: str) -> bool:
+    """Send a claimed message through another provider (failover), before it is called: its
+    callbacks and any reconciliation go there too. Whether it was still this attempt's."""
+    moved = await session.scalar(
+        update(Message).where(_pending(message)).values(provider=provider).returning(Message.id)
+    )
+    if moved is not None:
+        log.warning(
+            "message failed over",
+            extra={"message_id": str(message.id), "from": message.provider, "to": provider},
+        )
+        # A note beside the attempt's `sending` row (the status does not change).
+        detail = f"attempt {message.attempts} via {provider}: {reason} (failover)"
+        session.add(_note(message.id, detail))
+    return moved is not None
+
+
+async def requeue(
+    session: AsyncSession, message: Message, retry_in: float, code: str | None, detail: str
+) -> bool:
+    """A retryable failure: back to `queued`, due in `retry_in` seconds (database clock)."""
+    requeued = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(
+            status=MessageStatus.QUEUED.value,
+            next_attempt_at=func.now() + timedelta(seconds=retry_in),
+            error_code=code,
+            error_message=detail,
+        )
+        .returning(Message.id)
+    )
+    session.add(
+        _history(
+            message.id,
+            MessageStatus.QUEUED,
+            applied=requeued is not None,
+            detail=f"retry in {retry_in:.1f}s after: {detail}",
+            error_code=code,
+        )
+    )
+    return requeued is not None
+
+
+async def fail(
+    session: AsyncSession,
+    message: Message,
+    *,
+    error_code: str,
+    detail: str,
+    source: str = "worker",
+    event_code: str | None = None,
+    note_if_moved_on: bool = True,
+) -> bool:
+    """End a claimed message as `failed`. Whether it moved; when it had moved on already, the
+    attempt is still noted in its history unless `note_if_moved_on` is false."""
+    failed = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(status=MessageStatus.FAILED.value, error_code=error_code, error_message=detail)
+        .returning(Message.id)
+    )
+    if failed is None and not note_if_moved_on:
+        return False
+    session.add(
+        _history(
+            message.id,
+            MessageStatus.FAILED,
+            applied=failed is not None,
+            detail=detail,
+            error_code=event_code,
+            source=source,
+        )
+    )
+    if failed is not None:
+        count_status(MessageStatus.FAILED.value, message.provider, message.from_)
+        await emit_message_status(session, message.id)
+    return failed is not None
+
+
+def note_unknown_outcome(
+    session: AsyncSession, message: Message, code: str | None, detail: str
+) -> None:
+    """The provider may have the message: it stays `sending` (never resent blindly) until a
+    status report or reconciliation settles it; only its history says so."""
+    session.add(_note(message.id, f"outcome unknown: {detail}", error_code=code))
+
+
+# A note that repeats the message's latest one (same `key`) updates it and counts it instead of
+# adding a row: `payload.times`, `payload.last_at`, and the newest detail.
+_REPEATABLE_NOTE: Final = text(
+    """
+WITH latest AS (
+    SELECT id FROM message_events WHERE message_id = :message_id ORDER BY id DESC LIMIT 1
+), bumped AS (
+    UPDATE message_events AS e
+    SET detail = :detail || ' (' || ((e.payload->>'times')::int + 1) || ' times since '
+            || to_char(e.created_at AT TIME ZONE 'UTC', 'HH24:MI:SS') || ' UTC)',
+        payload = e.payload || jsonb_build_object(
+            'times', (e.payload->>'times')::int + 1, 'last_at', now())
+    FROM latest
+    WHERE e.id = latest.id AND e.status IS NULL AND e.payload->>'repeat' = :key
+    RETURNING e.id
+)
+INSERT INTO message_events (message_id, status, applied, source, detail, payload)
+SELECT :message_id, NULL, false, :source, :detail,
+    jsonb_build_object('repeat', CAST(:key AS text), 'times', 1, 'last_at', now())
+WHERE NOT EXISTS (SELECT 1 FROM bumped)
+"""
+)
+
+
+async def note_repeatable(
+    session: AsyncSession, message_id: uuid.UUID, detail: str, *, key: str, source: str = "worker"
+) -> None:
+    """A note (no status change) that summarises repeats: when the message's latest history row
+    is a note with the same `key`, that row is updated and counted rather than a row added."""
+    await session.execute(
+        _REPEATABLE_NOTE,
+        {"message_id": message_id, "detail": detail, "key": key, "source": source},
+    )
+
+
+def _note(message_id: uuid.UUID, detail: str, *, error_code: str | None = None) -> MessageEvent:
+    """A history row that changes no status (it is not shown as a transition)."""
+    return MessageEvent(
+        message_id=message_id,
+        status=None,
+        applied=False,
+        source="worker",
+        error_code=error_code,
+        detail=detail,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """A claimed message its provider accepted, as `provider_message_id`."""
+
+    message: Message
+    provider: str
+    provider_message_id: str
+    part_ids: tuple[str, ...] = ()  # each part's id, when its provider reports per part
+
+
+# Record acceptances in one statement: each message still at this attempt moves to `sent` with
+# its provider id, and without the error of an earlier attempt (it stays in the history); one a
+# report or a later attempt moved on keeps its status and gets the id only if it has none (a
+# report may have set it first); every acceptance gets its history row. Returns the moved ids,
+# each with whether its client is to be told (`events.MAY_NOTIFY_SQL`).
+# With $6 ("quiet only"), the acceptances whose client is to be told are left alone and returned
+# as `deferred`: the statement then writes no event and can commit on its own.
+_MARK_SENT: Final = f"""
+WITH accepted AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::smallint[], $3::timestamptz[], $4::varchar[], $5::text[]
+    ) AS a(id, attempts, claimed_at, pid, detail)
+), deferred AS (
+    SELECT a.id FROM accepted AS a JOIN messages AS m ON m.id = a.id
+    WHERE $6::boolean AND {MAY_NOTIFY_SQL.format(m="m")}
+), recorded AS (
+    SELECT * FROM accepted WHERE id NOT IN (SELECT id FROM deferred)
+), moved AS (
+    UPDATE messages AS m
+    SET status = 'sent', provider_message_id = a.pid, error_code = NULL, error_message = NULL,
+        updated_at = now()
+    FROM recorded AS a
+    WHERE m.id = a.id AND m.status = 'sending' AND m.attempts = a.attempts
+      AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
+    RETURNING m.id, {MAY_NOTIFY_SQL.format(m="m")} AS notify
+), late AS (
+    UPDATE messages AS m SET provider_message_id = a.pid, updated_at = now()
+    FROM recorded AS a
+    WHERE m.id = a.id AND m.provider_message_id IS NULL
+      AND NOT (
+          m.status = 'sending' AND m.attempts = a.attempts
+          AND m.claimed_at IS NOT DISTINCT FROM a.claimed_at
+      )
+), history AS (
+    INSERT INTO message_events (message_id, status, applied, source, detail)
+    SELECT a.id, 'sent', a.id IN (SELECT id FROM moved), 'worker', a.detail FROM recorded AS a
+)
+SELECT id, notify, false AS deferred FROM moved
+UNION ALL
+SELECT id, NULL, true FROM deferred
+"""
+
+
+def _mark_sent_arguments(accepted: Sequence[Acceptance], *, quiet_only: bool) -> list[Any]:
+    return [
+        [a.message.id for a in accepted],
+        [a.message.attempts for a in accepted],
+        [a.message.claimed_at for a in accepted],
+        [a.provider_message_id for a in accepted],
+        [f"accepted by {a.provider} as {a.provider_message_id}" for a in accepted],
+        quiet_only,
+    ]
+
+
+async def record_acceptances(
+    session_factory: SessionFactory, accepted: Sequence[Acceptance]
+) -> tuple[set[uuid.UUID], tuple[EventJob, ...]]:
+    """Record that the provider accepted these messages: the ids that moved to `sent`, and the
+    event deliveries written. Those whose client has no endpoint to tell (most, for a busy
+    sender) in one statement that commits on its own; the others in a transaction with their
+    events (`mark_sent`)."""
+    if not accepted:
+        return set(), ()
+    # A long message reported part by part records its parts with its acceptance (`record_parts`).
+    split = [a for a in accepted if a.part_ids]
+    quiet = [a for a in accepted if not a.part_ids]
+
+    async def quietly() -> list[Any]:
+        arguments = _mark_sent_arguments(quiet, quiet_only=True)
+        return await raw_statement(session_factory, _MARK_SENT, *arguments)
+
+    rows = await _retrying(quietly, TRANSACTION_ATTEMPTS) if quiet else []
+    moved = {message_id for message_id, _, deferred in rows if not deferred}
+    _count_sent([a for a in accepted if a.message.id in moved])
+    deferred = {message_id for message_id, _, was_deferred in rows if was_deferred}
+    if not deferred and not split:
+        return moved, ()
+
+    async def with_events(tx: Tx) -> set[uuid.UUID]:
+        told = await mark_sent(tx, [a for a in quiet if a.message.id in deferred] + split)
+        await record_parts(tx, split)
+        return told
+
+    told, events = await run_raw_transaction(session_factory, with_events)
+    return moved | told, events
+
+
+async def mark_sent(tx: Tx, accepted: Sequence[Acceptance]) -> set[uuid.UUID]:
+    """Record that the provider accepted these messages, with the events of the clients that
+    have an endpoint, in the caller's transaction: the ids that moved to `sent`. A fast delivery
+    report may already have moved a message past `sent` (or a later attempt may own it): then
+    only the provider's id is recorded, where it has none."""
+    if not accepted:
+        return set()
+    rows = await tx.fetch(_MARK_SENT, *_mark_sent_arguments(accepted, quiet_only=False))
+    moved = {message_id for message_id, _, _ in rows}
+    notify = [message_id for message_id, told, _ in rows if told]
+    if notify:
+        session = await tx.session()
+        for message_id in notify:
+            await emit_message_status(session, message_id)
+    _count_sent([a for a in accepted if a.message.id in moved])
+    return moved
+
+
+def _count_sent(accepted: Sequence[Acceptance]) -> None:
+    for a in accepted:
+        count_status(MessageStatus.SENT.value, a.message.provider, a.message.from_)
+
+
+async def resubmit(session: AsyncSession, message: Message, detail: str) -> int | None:
+    """Reconciliation found no trace of an unknown outcome at the provider: queue the message
+    again, due now. Its new resubmission count, or None if it had moved on."""
+    requeued: int | None = await session.scalar(
+        update(Message)
+        .where(_pending(message))
+        .values(
+            status=MessageStatus.QUEUED.value,
+            next_attempt_at=func.now(),
+            resubmissions=Message.resubmissions + 1,
+        )
+        .returning(Message.resubmissions)
+    )
+    if requeued is not None:
+        session.add(
+            _history(
+                message.id,
+                MessageStatus.QUEUED,
+                applied=True,
+                detail=detail,
+                error_code="outcome_unknown",
+                source="reconcile",
+            )
+        )
+    return requeued
+
+
+async def lock_pending(session: AsyncSession, message: Message) -> bool:
+    """Lock the claimed message's row while it is still this attempt's (reconciliation settles
+    it under this lock); whether it was."""
+    return (
+        await session.scalar(select(Message.id).where(_pending(message)).with_for_update())
+    ) is not None
+
+
+def _history(
+    message_id: uuid.UUID,
+    status: MessageStatus,
+    *,
+    applied: bool,
+    detail: str,
+    error_code: str | None = None,
+    source: str = "worker",
+) -> MessageEvent:
+    return MessageEvent(
+        message_id=message_id,
+        status=status.value,
+        applied=applied,
+        source=source,
+        error_code=error_code,
+        detail=detail,
+    )
+
+
+async def apply_status_report(session: AsyncSession, provider: str, report: StatusReport) -> bool:
+    """Record a provider's report and move the message forward if it is news.
+
+    Returns False when no message matches (the caller still acknowledges it). Duplicated and
+    late reports are stored as events with `applied` false and change nothing: the conditional
+    UPDATE only matches while the message is at an earlier stage, which also makes concurrent
+    reports for the same message safe. A report that the recipient opted out takes the
+    recipient's lock before it touches the message row, as a claim does.
+    """
+    report = _storable_report(report)
+    message = await _find_reported_message(session, provider, report)
+    if message is None:
+        return False
+    message_id_var.set(str(message.id))  # the rest of this request's log lines are about it
+    if report.recipient_opted_out:
+        # Before the row: a claim holds this lock while it updates the row (one lock order).
+        await lock_recipients(session, [message.to])
+    split = report.per_part and await is_split(session, message)
+    if split:
+        # One part of a long message: the message settles from all its parts.
+        settlement = await apply_part_report(session, message, report)
+    else:
+        settlement = Settlement(
+            report.status, report.error_code, report.error_message, report.error_message
+        )
+    applied = await _advance(session, provider, message, settlement)
+    if report.recipient_opted_out:
+        await record_provider_opt_out(
+            session,
+            phone=message.to,
+            sender_id=message.sender_id,
+            provider=provider,
+            code=report.error_code,
+            detail=report.error_message,
+        )
+    if message.provider_message_id is None and not split:
+        # The report may beat the worker's own record of the provider's id (a part's id is not
+        # the message's: the acceptance records the first part's).
+        await session.execute(
+            update(Message)
+            .where(Message.id == message.id, Message.provider_message_id.is_(None))
+            .values(provider_message_id=report.provider_message_id)
+        )
+    status = settlement.status if applied else report.status
+    session.add(
+        MessageEvent(
+            message_id=message.id,
+            status=status.value if status else None,
+            applied=applied,
+            source=provider,
+            provider_status=report.provider_status,
+            error_code=report.error_code,
+            detail=settlement.detail,
+            payload=dict(report.raw),
+        )
+    )
+    await session.flush()
+    if applied:
+        await emit_message_statuses(session, [message])  # events out (after commit)
+    return True
+
+
+async def record_status_report(
+    session_factory: SessionFactory, provider: str, report: StatusReport
+) -> tuple[bool, tuple[EventJob, ...]]:
+    """`apply_status_report` in a transaction of its own, run again after a deadlock: a status
+    callback answered 500 is not sent again by Twilio. Returns whether a message matched, and
+    the event deliveries to enqueue."""
+
+    async def work(session: AsyncSession) -> bool:
+        return await apply_status_report(session, provider, report)
+
+    return await run_transaction(session_factory, work)
+
+
+async def _advance(
+    session: AsyncSession, provider: str, message: Message, settlement: Settlement
+) -> bool:
+    """Move the message to the settlement's status if that is forward; whether it moved. Its
+    error becomes the settlement's: an earlier attempt's error does not describe the new state
+    (the history keeps it)."""
+    status = settlement.status
+    if status is None or not can_advance(MessageStatus(message.status), status):
+        return False
+    moved = await session.scalar(
+        update(Message)
+        .where(
+            Message.id == message.id,
+            Message.status.in_([s.value for s in statuses_before(status)]),
+        )
+        .values(
+            status=status.value,
+            error_code=settlement.error_code,
+            error_message=settlement.error_message,
+            # Whatever the service had given up on (status checks) is settled by this news.
+            status_detail=None,
+        )
+        .returning(Message.id)
+    )
+    if moved is not None:
+        count_status(status.value, provider, message.from_)
+    return moved is not None
+
+
+async def record_parts(tx: Tx, accepted: Sequence[Acceptance]) -> None:
+    """After `mark_sent`: record the parts of the accepted messages their provider reports on
+    part by part (`Accepted.part_ids`), and settle those whose receipts all came first (a cold
+    path: the ORM session of the transaction, only for such messages)."""
+    if not accepted:
+        return
+    session = await tx.session()
+    settled = await record_accepted_parts(session, [(a.message.id, a.part_ids) for a in accepted])
+    if not settled:
+        return
+    providers = {a.message.id: a.provider for a in accepted}
+    # Read again under the lock `record_accepted_parts` took: the status a receipt left.
+    messages = await session.scalars(
+        select(Message).where(Message.id.in_(settled)).execution_options(populate_existing=True)
+    )
+    moved = []
+    for message in messages:
+        settlement = settled[message.id]
+        if await _advance(session, providers[message.id], message, settlement):
+            assert settlement.status is not None
+            detail = settlement.detail or settlement.status.value
+            session.add(_history(message.id, settlement.status, applied=True, detail=detail))
+            moved.append(message)
+    await emit_message_statuses(session, moved)
+
+
+def _storable_report(report: StatusReport) -> StatusReport:
+    """The report cut to our columns' sizes and without NUL: a report is recorded, never
+    refused for its shape (the provider would retry it forever)."""
+    return replace(
+        report,
+        provider_message_id=storable(report.provider_message_id)[:64],
+        provider_status=storable(report.provider_status)[:32],
+        error_code=storable(report.error_code)[:32] if report.error_code else None,
+        error_message=storable(report.error_message) if report.error_message else None,
+        raw=storable_mapping(report.raw),
+    )
+
+
+async def _find_reported_message(
+    session: AsyncSession, provider: str, report: StatusReport
+) -> Message | None:
+    if report.message_id is not None:
+        message = await session.get(Message, report.message_id, populate_existing=True)
+        if message is not None and message.provider == provider:
+            return message
+    message = await session.scalar(
+        select(Message).where(
+            Message.provider == provider,
+            Message.provider_message_id == report.provider_message_id,
+        )
+    )
+    if message is None and report.per_part:
+        return await find_by_part(session, provider, report.provider_message_id)
+    return message

@@ -1,0 +1,138 @@
+"""Request dependencies: the session (one transaction per request), the caller, settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.access.auth import Principal
+from app.access.lookups import Lookups
+from app.db.session import SessionFactory
+from app.delivery.transitions import record_status_report
+from app.events.outbox import scheduled
+from app.kernel.errors import Forbidden
+from app.kernel.settings import Settings
+from app.providers.base import Provider, StatusReport
+from app.sending.accept import Acceptor
+from app.sending.messages import AFTER_COMMIT, ENQUEUE_AFTER_COMMIT
+from app.worker.event_queue import enqueue_events
+
+
+async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:
+    """A session whose transaction commits when the endpoint returns, before the response is sent.
+
+    Messages the request accepted (and events it wrote) are enqueued only after that commit, so a
+    job never points at a row that was rolled back.
+    """
+    async with request.app.state.session_factory() as session, session.begin():
+        yield session
+    for callback in session.info.pop(AFTER_COMMIT, []):
+        callback()
+    to_enqueue = session.info.pop(ENQUEUE_AFTER_COMMIT, [])
+    if to_enqueue:
+        await request.app.state.delivery_batcher.enqueue(to_enqueue)
+    events = scheduled(session)
+    if events:
+        await enqueue_events(request.app.state.queue, events)
+
+
+# scope="function": commit before the response goes out, so a 2xx means the data is stored.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def get_session_factory(request: Request) -> SessionFactory:
+    """The session factory, for the few endpoints that commit in several transactions (a bulk
+    import, chunk by chunk) instead of the request's one."""
+    factory: SessionFactory = request.app.state.session_factory
+    return factory
+
+
+SessionFactoryDep = Annotated[SessionFactory, Depends(get_session_factory)]
+
+
+async def get_settings_dep(request: Request) -> Settings:
+    """The settings the app was built with (async: FastAPI runs a plain function in a thread)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+_bearer = HTTPBearer(auto_error=False, description="Your API key, as `Bearer <key>`.")
+
+
+async def get_lookups(request: Request) -> Lookups:
+    """The process's cached lookups of API keys and senders."""
+    lookups: Lookups = request.app.state.lookups
+    return lookups
+
+
+LookupsDep = Annotated[Lookups, Depends(get_lookups)]
+
+
+async def get_principal(
+    lookups: LookupsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The client behind the request's API key (cached; no session: the send path has none)."""
+    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
+    return await lookups.principal(header)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin(principal: PrincipalDep) -> Principal:
+    """The caller, who must hold an admin key."""
+    if not principal.is_admin:
+        raise Forbidden("admin_key_required", "this endpoint needs an admin API key")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def get_providers(request: Request) -> dict[str, Provider]:
+    """Provider adapters, for verifying and parsing callbacks."""
+    providers: dict[str, Provider] = request.app.state.providers
+    return providers
+
+
+ProvidersDep = Annotated[dict[str, Provider], Depends(get_providers)]
+
+
+class StatusRecorder:
+    """Records a provider's status report in a transaction of its own (run again after a
+    deadlock: a callback answered 500 is lost), then enqueues the events it wrote."""
+
+    def __init__(self, request: Request) -> None:
+        self._state = request.app.state
+
+    async def __call__(self, provider: str, report: StatusReport) -> bool:
+        """Whether a message matched the report."""
+        matched, events = await record_status_report(self._state.session_factory, provider, report)
+        if events:
+            await enqueue_events(self._state.queue, events)
+        return matched
+
+
+async def get_status_recorder(request: Request) -> StatusRecorder:
+    """The status-report recorder, for callback endpoints (no request-wide transaction)."""
+    return StatusRecorder(request)
+
+
+StatusRecorderDep = Annotated[StatusRecorder, Depends(get_status_recorder)]
+
+
+async def get_acceptor(request: Request) -> Acceptor:
+    """What the send endpoints accept messages with."""
+    acceptor: Acceptor = request.app.state.acceptor
+    return acceptor
+
+
+AcceptorDep = Annotated[Acceptor, Depends(get_acceptor)]
