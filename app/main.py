@@ -18,13 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.access import routes as keys
 from app.access.lookups import Lookups
 from app.callbacks import routes as webhooks
-from app.consent import inbound_routes as inbound
 from app.consent import optout_routes as optouts
 from app.db.migrations import head_revision
 from app.db.pg import Database
 from app.db.session import create_engine, create_session_factory, ping
 from app.events import endpoint_routes as event_endpoints
 from app.events import routes as events
+from app.health import routes as health
+from app.inbound import routes as inbound
 from app.kernel.errors import (
     PROBLEM_JSON,
     Problem,
@@ -42,7 +43,6 @@ from app.senders import routes as senders
 from app.sending import routes as messages
 from app.sending.accept import Acceptor
 from app.twilio_api import routes as twilio_compat
-from app.web import health
 from app.web.docs import install_docs
 from app.web.limits import BodySizeLimit, UnhandledErrors
 from app.worker.queue import DeliveryBatcher, close_queue, create_queue

@@ -21,13 +21,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from app.access.auth import create_api_key
-from app.cli.main import migrate
-from app.consent.keywords import KeywordConfig
+from app.db.migrations import migrate
 from app.db.models import Base, Client, Sender, SenderClient
 from app.db.session import SessionFactory, create_engine, create_session_factory
 from app.kernel.secrets import Keyring, install
 from app.kernel.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
 from app.main import create_app
+from app.senders.keywords import KeywordConfig
 from tests.netguard import NetworkGuard
 
 ADMIN_DATABASE_URL = os.environ.get(

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from app.cli.main import ROOT, migrate
+from app.db.migrations import ROOT, migrate
 from app.db.models import Base
 from tests.conftest import ADMIN_DATABASE_URL
 
@@ -35,7 +35,7 @@ SEND_PATH_TABLES = {
 
 
 def alembic_config(url: str) -> Config:
-    """An Alembic config like `app.cli.main.migrate` builds, aimed at `url`."""
+    """An Alembic config like `app.db.migrations.migrate` builds, aimed at `url`."""
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = url
     return config

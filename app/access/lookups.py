@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from app.access.auth import Principal, api_key_from_header, hash_key, unknown_key
-from app.consent.keywords import KeywordConfig, missing_replies
 from app.db.pg import Database, fetch
 from app.kernel.errors import PolicyRefusal
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.secrets import installed
+from app.senders.keywords import KeywordConfig, missing_replies
 from app.senders.service import PHONE_LIKE, no_default_sender, sender_not_found, unknown_sender
 from app.twilio_api.vocabulary import ACCOUNT_PREFIX, parse_sid
 

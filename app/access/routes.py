@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.access import api_keys as domain
 from app.access.lookups import Lookups
 from app.access.schemas import ApiKeyCreated, ApiKeyIn, ApiKeyList, ApiKeyOut, RotateKeyIn
+from app.db.session import AFTER_COMMIT
 from app.kernel.errors import (
     Conflict,
     Forbidden,
@@ -21,7 +22,6 @@ from app.kernel.errors import (
     problem_responses,
 )
 from app.kernel.text import StorableStr
-from app.sending.messages import AFTER_COMMIT
 from app.web.deps import AdminDep, LookupsDep, SessionDep
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])

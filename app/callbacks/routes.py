@@ -7,7 +7,7 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 
-from app.consent.inbound import receive_inbound
+from app.inbound.service import receive_inbound
 from app.kernel.errors import Forbidden, ValidationFailed, problem_responses
 from app.kernel.metrics import WEBHOOK_VERIFICATION_FAILURES
 from app.kernel.settings import Settings

@@ -12,46 +12,6 @@ from app.cli.admin import add_admin_commands
 from app.cli.commands import add_commands
 from app.kernel.settings import get_settings
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def migrate(database_url: str | None = None, revision: str = "head") -> None:
-    """Upgrade the database schema to `revision` with Alembic."""
-    from alembic import command
-
-    from app.db.migrations import alembic_config
-
-    try:
-        config = alembic_config(database_url)
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
-    command.upgrade(config, revision)
-
-
-async def create_database_if_missing(database_url: str) -> bool:
-    """Create the database named in `database_url` if it does not exist; True if created."""
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    url = make_url(database_url)
-    name = url.database
-    if not name:
-        raise SystemExit("DATABASE_URL names no database")
-    server = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        async with server.connect() as connection:
-            exists = await connection.scalar(
-                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
-            )
-            if exists:
-                return False
-            quoted = name.replace('"', '""')
-            await connection.execute(text(f'CREATE DATABASE "{quoted}"'))
-            return True
-    finally:
-        await server.dispose()
-
 
 async def _create_api_key(
     client: str, admin: bool, default_sender: str | None, name: str | None = None
@@ -264,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_delivery_worker()
     elif args.command == "migrate":
+        from app.db.migrations import create_database_if_missing, migrate
+
         if args.create_database:
             asyncio.run(create_database_if_missing(get_settings().database_url))
         migrate()

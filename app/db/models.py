@@ -28,8 +28,8 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.delivery.pacing import default_rate
 from app.kernel.secrets import EncryptedSecret
+from app.kernel.sender_rates import default_rate
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -138,7 +138,7 @@ class Sender(Base):
     # Submissions per second, across every worker (app.delivery.pacing); defaults by kind.
     rate_per_second: Mapped[float] = mapped_column(Float, default=_default_sender_rate)
     description: Mapped[str | None] = mapped_column(String(200))
-    # The sender's keyword sets and replies: an `app.consent.keywords.KeywordConfig` as JSON.
+    # The sender's keyword sets and replies: an `app.senders.keywords.KeywordConfig` as JSON.
     keywords: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()

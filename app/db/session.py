@@ -22,6 +22,12 @@ from app.kernel.metrics import DB_STATEMENTS, DB_TRANSACTIONS
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
+# Session.info key holding ids of messages to enqueue once the transaction has committed.
+ENQUEUE_AFTER_COMMIT: Final = "enqueue_after_commit"
+# Session.info key holding callables to run once the transaction has committed (forgetting
+# cached copies of what it changed: forgotten earlier, a concurrent request could cache the old).
+AFTER_COMMIT: Final = "after_commit"
+
 # A pooled connection that sat unused longer than this is pinged before it is handed out:
 # PostgreSQL may have restarted meanwhile. One in steady use is not: a ping costs three round
 # trips (BEGIN, an empty query, ROLLBACK), as much as the work of a whole request. A connection

@@ -32,16 +32,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Final
 
-import phonenumbers
 from redis.asyncio import Redis
 
 from app.kernel.metrics import RATE_LIMIT_DEFERRALS
-
-# Messages per second by sender kind (see `default_rate`).
-LONG_CODE_RATE: Final = 1.0
-TOLL_FREE_RATE: Final = 3.0
-SHORT_CODE_RATE: Final = 100.0
-ALPHANUMERIC_RATE: Final = 10.0
 
 # How long a job may wait for its slot itself; a longer wait is deferred on the queue, to come
 # back `DEFER_LEAD_SECONDS` before the slot (arq polls for due jobs every half second).
@@ -129,21 +122,6 @@ class Reservation:
     def offset(self, index: int) -> float:
         """Seconds from the reservation until slot `index` begins."""
         return self.first + index * self.interval
-
-
-def default_rate(kind: str, address: str) -> float:
-    """A new sender's rate when none is given: what carriers allow its kind by default."""
-    if kind == "short_code":
-        return SHORT_CODE_RATE
-    if kind == "alphanumeric":
-        return ALPHANUMERIC_RATE
-    try:
-        number = phonenumbers.parse(address, None)
-    except phonenumbers.NumberParseException:
-        return LONG_CODE_RATE
-    if phonenumbers.number_type(number) == phonenumbers.PhoneNumberType.TOLL_FREE:
-        return TOLL_FREE_RATE
-    return LONG_CODE_RATE
 
 
 @dataclass(frozen=True, slots=True)

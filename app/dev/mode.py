@@ -109,7 +109,7 @@ def dev_secrets_key(data_dir: Path) -> str:
 
 def dev_keywords() -> dict[str, object]:
     """The built-in keyword sets with the built-in replies filled in, so the sender may send."""
-    from app.consent.keywords import DEFAULT_REPLIES, KeywordConfig
+    from app.senders.keywords import DEFAULT_REPLIES, KeywordConfig
 
     config = KeywordConfig().model_dump(mode="json")
     for category, replies in DEFAULT_REPLIES.items():
@@ -122,10 +122,10 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
     from sqlalchemy import select
 
     from app.access.auth import authenticate, create_api_key
-    from app.consent.keywords import KeywordConfig
     from app.db.models import Client, Sender
     from app.db.session import create_engine, create_session_factory
     from app.kernel.errors import Unauthorized
+    from app.senders.keywords import KeywordConfig
     from app.senders.service import ProviderName, SenderKind, create_sender, grant_sender
 
     engine = create_engine(database_url, pool_size=1)
@@ -314,7 +314,7 @@ def _wait_until_workers_report(
 
 def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = None) -> int:
     """Run everything until Ctrl-C or SIGTERM; the exit status (0 when stopped on request)."""
-    from app.cli.main import create_database_if_missing, migrate
+    from app.db.migrations import create_database_if_missing, migrate
     from app.worker.queue import health_check_keys
 
     global _stop_requested

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from app.db.session import AFTER_COMMIT
 from app.kernel.errors import (
     Conflict,
     Forbidden,
@@ -18,7 +19,6 @@ from app.kernel.errors import (
 from app.kernel.text import StorableStr
 from app.senders import service as domain
 from app.senders.schemas import SenderClients, SenderIn, SenderList, SenderOut, SenderPatch
-from app.sending.messages import AFTER_COMMIT
 from app.web.deps import AdminDep, LookupsDep, PrincipalDep, SessionDep, SettingsDep
 from app.web.params import SenderIdPath
 

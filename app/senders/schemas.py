@@ -13,9 +13,9 @@ from pydantic import (
     StrictFloat,
 )
 
-from app.consent.keywords import KeywordConfig, missing_replies
 from app.db.models import Sender
 from app.kernel.text import StorableStr
+from app.senders.keywords import KeywordConfig, missing_replies
 from app.senders.service import ProviderName, SenderKind
 
 _SENDER_EXAMPLE: dict[str, Any] = {

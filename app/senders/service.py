@@ -13,11 +13,11 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.consent.keywords import KeywordConfig
 from app.db.models import Client, Sender, SenderClient
-from app.delivery.pacing import default_rate
 from app.kernel.errors import Conflict, NotFound, ValidationFailed
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
+from app.kernel.sender_rates import default_rate
+from app.senders.keywords import KeywordConfig
 
 
 class SenderKind(StrEnum):
@@ -84,7 +84,7 @@ async def create_sender(
     fallback_provider: ProviderName | None = None,
 ) -> Sender:
     """Add a sender; its address must be unique. Keywords default to the built-in sets, the
-    rate to what its kind allows by default (`app.delivery.pacing.default_rate`)."""
+    rate to what its kind allows by default (`app.kernel.sender_rates.default_rate`)."""
     _check_fallback(provider, fallback_provider)
     canonical = normalize_sender_address(kind, address, default_region)
     sender = Sender(

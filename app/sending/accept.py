@@ -34,6 +34,7 @@ from app.access.lookups import Lookups, SenderInfo
 from app.consent.optouts import OPTED_OUT_SQL
 from app.db.models import Message
 from app.db.pg import Database, fetch
+from app.db.session import ENQUEUE_AFTER_COMMIT
 from app.events.destinations import check_destination
 from app.kernel.errors import PolicyRefusal, ServiceError, ValidationFailed
 from app.kernel.metrics import count_status
@@ -41,7 +42,6 @@ from app.kernel.settings import Settings
 from app.kernel.status import MessageStatus
 from app.sending.encoding import BodyAnalysis, analyze_body
 from app.sending.idempotency import StoredResponse, key_in_use, key_reused, lock_id
-from app.sending.messages import ENQUEUE_AFTER_COMMIT
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +546,7 @@ async def queue_reply(
     """Store one of the service's own messages (a keyword reply) in the session's transaction,
     with the same row and INSERT as a client's; it is enqueued after commit.
 
-    Checks are the caller's (`app.consent.inbound`, under the recipient's lock): an opt-out
+    Checks are the caller's (`app.inbound.service`, under the recipient's lock): an opt-out
     confirmation goes to a number that just opted out.
     """
     row = message_row(

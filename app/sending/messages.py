@@ -19,12 +19,6 @@ from app.kernel.status import MessageStatus
 
 log = logging.getLogger(__name__)
 
-# Session.info key holding ids of messages to enqueue once the transaction has committed.
-ENQUEUE_AFTER_COMMIT = "enqueue_after_commit"
-# Session.info key holding callables to run once the transaction has committed (forgetting
-# cached copies of what it changed: forgotten earlier, a concurrent request could cache the old).
-AFTER_COMMIT = "after_commit"
-
 
 async def get_message(
     session: AsyncSession, principal: Principal, message_id: uuid.UUID

@@ -33,13 +33,13 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import ValidationError as PydanticValidationError
 
 from app.access.auth import Principal
+from app.db.session import AFTER_COMMIT
 from app.delivery.transitions import cancel_queued
 from app.kernel.errors import Forbidden, NotFound, ServiceError, Unauthorized, ValidationFailed
 from app.kernel.errors import problem_responses as _problems
 from app.sending import messages as domain
 from app.sending.accept import Idempotency, Result, SendCommand, accept_messages
 from app.sending.idempotency import check_key, fingerprint
-from app.sending.messages import AFTER_COMMIT
 from app.sending.schemas import SendMessageRequest
 from app.twilio_api import vocabulary as twilio
 from app.twilio_api.schemas import (

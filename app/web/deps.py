@@ -11,15 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access.auth import Principal
 from app.access.lookups import Lookups
-from app.db.session import SessionFactory
+from app.db.session import AFTER_COMMIT, ENQUEUE_AFTER_COMMIT, SessionFactory
 from app.delivery.transitions import record_status_report
 from app.events.outbox import scheduled
 from app.kernel.errors import Forbidden
 from app.kernel.settings import Settings
 from app.providers.base import Provider, StatusReport
 from app.sending.accept import Acceptor
-from app.sending.messages import AFTER_COMMIT, ENQUEUE_AFTER_COMMIT
-from app.worker.event_queue import enqueue_events
+from app.worker.queue import enqueue_events
 
 
 async def get_session(request: Request) -> AsyncGenerator[AsyncSession]:

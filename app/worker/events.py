@@ -23,8 +23,8 @@ from app.events.delivery import (
 from app.kernel.metrics import serve_metrics
 from app.kernel.secrets import Keyring, install
 from app.kernel.settings import get_settings
-from app.worker.event_queue import DELIVER_EVENT_JOB, EVENTS_QUEUE, enqueue_events
 from app.worker.guarantees import worker_redis_settings
+from app.worker.queue import DELIVER_EVENT_JOB, EVENTS_QUEUE, enqueue_events
 from app.worker.resilience import stop_watching_database, watch_database
 
 # One attempt (bounded by EVENTS__TIMEOUT_SECONDS) plus two short transactions.

@@ -47,8 +47,7 @@ from app.kernel.metrics import OLDEST_SENT_AGE
 from app.kernel.outages import REDIS
 from app.kernel.settings import Settings, provider_call_budget_seconds
 from app.providers.base import Provider
-from app.worker.event_queue import enqueue_events
-from app.worker.queue import Queue, enqueue_deliveries
+from app.worker.queue import Queue, enqueue_deliveries, enqueue_events
 
 log = logging.getLogger(__name__)
 

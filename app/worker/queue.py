@@ -1,4 +1,12 @@
-"""Putting work on the arq queue. The API and the sweep use this; nothing else touches arq."""
+"""Putting work on the arq queues: SMS deliveries and, on a queue of their own, event deliveries.
+
+The worker package's one door for the rest of the app: the API and the sweeps enqueue through
+this module; only the worker package imports arq.
+
+Events have a queue (`arq:events`) and a worker of their own (`smsgate worker --queue events`),
+so a slow or dead client endpoint can never hold up an SMS: the SMS worker never runs an event
+job, whatever happens to receivers.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
+from app.events.outbox import EventJob
 from app.kernel.outages import REDIS
 
 log = logging.getLogger(__name__)
@@ -32,8 +41,6 @@ Queue = ArqRedis
 def health_check_keys() -> list[str]:
     """The Redis keys where the SMS and the events worker record their health (arq's naming)."""
     from arq.constants import default_queue_name, health_check_key_suffix
-
-    from app.worker.event_queue import EVENTS_QUEUE
 
     return [f"{queue}{health_check_key_suffix}" for queue in (default_queue_name, EVENTS_QUEUE)]
 
@@ -150,3 +157,31 @@ class DeliveryBatcher:
         """Wait for the flushes in progress (on shutdown)."""
         if self._flushes:
             await asyncio.wait(set(self._flushes))
+
+
+EVENTS_QUEUE = "arq:events"
+DELIVER_EVENT_JOB = "deliver_event"
+
+
+def event_job_id(job: EventJob) -> str:
+    """One job id per event (plus a tag for redeliveries and wake-ups), so enqueueing an event
+    twice queues it once."""
+    return f"event:{job.event_id}" + (f":{job.tag}" if job.tag else "")
+
+
+async def enqueue_events(queue: Queue, jobs: Iterable[EventJob]) -> int:
+    """Queue event deliveries; returns how many were queued. Never raises: on a Redis error the
+    events stay pending in PostgreSQL and the events sweep enqueues them."""
+    queued = 0
+    try:
+        for job in jobs:
+            queued_job = await queue.enqueue_job(
+                DELIVER_EVENT_JOB,
+                str(job.event_id),
+                _job_id=event_job_id(job),
+                _queue_name=EVENTS_QUEUE,
+            )
+            queued += queued_job is not None
+    except (RedisError, OSError) as error:
+        REDIS.failed(error, action="event enqueue; the sweep will retry")
+    return queued

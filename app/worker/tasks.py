@@ -32,7 +32,6 @@ from app.kernel.settings import Settings, get_settings
 from app.kernel.status import MessageStatus
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
-from app.worker.event_queue import enqueue_events
 from app.worker.feed import DeliveryFeed
 from app.worker.guarantees import (
     RedisFakeLedger,
@@ -49,6 +48,7 @@ from app.worker.queue import (
     FAKE_REPORT_JOB,
     delivery_job_id,
     enqueue_deliveries,
+    enqueue_events,
     push_ready,
 )
 from app.worker.resilience import ResilientWorker, stop_watching_database, watch_database

@@ -16,7 +16,7 @@ down_revision: str | None = '6c1d0e5f9a47'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The defaults `app.delivery.pacing.default_rate` gives new senders: a US long code 1/s, a US or
+# The defaults `app.kernel.sender_rates.default_rate` gives new senders: a US long code 1/s, a US or
 # Canadian toll-free number 3/s, a short code 100/s, an alphanumeric sender ID 10/s.
 DEFAULT_RATES = """
     CASE

@@ -19,11 +19,11 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 from starlette.responses import JSONResponse
 
-from app.consent.keywords import KeywordConfig
 from app.db.models import IdempotencyKey, Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
 from app.kernel.logs import JsonFormatter
 from app.main import create_app
+from app.senders.keywords import KeywordConfig
 from app.sending.idempotency import lock_id
 from tests.api.test_send import assert_problem
 from tests.conftest import World

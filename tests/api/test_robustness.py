@@ -12,9 +12,8 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from app.db.models import Message
-from app.db.session import SessionFactory
+from app.db.session import ENQUEUE_AFTER_COMMIT, SessionFactory
 from app.main import create_app
-from app.sending.messages import ENQUEUE_AFTER_COMMIT
 from app.web.deps import get_session
 from app.worker.queue import DeliveryBatcher, close_queue, create_queue
 from app.worker.tasks import WorkerSettings, sweep

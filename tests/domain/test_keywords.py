@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.consent.keywords import (
+from app.providers.base import Encoding
+from app.senders.keywords import (
     BUILTIN_KEYWORDS,
     DEFAULT_REPLIES,
     CategoryConfig,
@@ -25,7 +26,6 @@ from app.consent.keywords import (
     normalize_keyword,
     reply_text,
 )
-from app.providers.base import Encoding
 from app.sending.encoding import analyze_body
 
 OPT_OUT = KeywordCategory.OPT_OUT

@@ -10,15 +10,15 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from app.delivery.pacing import (
+from app.delivery.pacing import SenderPacer
+from app.kernel.metrics import RATE_LIMIT_DEFERRALS
+from app.kernel.sender_rates import (
     ALPHANUMERIC_RATE,
     LONG_CODE_RATE,
     SHORT_CODE_RATE,
     TOLL_FREE_RATE,
-    SenderPacer,
     default_rate,
 )
-from app.kernel.metrics import RATE_LIMIT_DEFERRALS
 from tests.conftest import TEST_REDIS_URL
 
 

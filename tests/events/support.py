@@ -21,8 +21,8 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from app.kernel.settings import EventsSettings
-from app.worker.event_queue import EVENTS_QUEUE
 from app.worker.events import EventsWorkerSettings
+from app.worker.queue import EVENTS_QUEUE
 from tests.conftest import TEST_REDIS_URL, make_settings
 
 # ---- An independent implementation of the Standard Webhooks verification, from the spec ----

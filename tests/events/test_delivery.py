@@ -37,8 +37,7 @@ from app.events.endpoints import Owner, set_default
 from app.events.outbox import EventJob, EventStatus, emit_message_status, scheduled
 from app.events.signing import active_secrets, rotate
 from app.kernel.settings import EventsSettings
-from app.worker.event_queue import enqueue_events
-from app.worker.queue import create_queue
+from app.worker.queue import create_queue, enqueue_events
 from tests.conftest import TEST_REDIS_URL, World
 from tests.domain.test_delivery import queued_message
 from tests.events.conftest import StartReceiver

@@ -18,9 +18,8 @@ from app.db.models import Client, Message, WebhookEvent
 from app.db.session import SessionFactory
 from app.events.endpoints import Owner, set_default
 from app.events.outbox import EventJob, emit_message_status, scheduled
-from app.worker.event_queue import enqueue_events
 from app.worker.events import EventsWorkerSettings
-from app.worker.queue import create_queue
+from app.worker.queue import create_queue, enqueue_events
 from app.worker.tasks import WorkerSettings
 from tests.conftest import TEST_REDIS_URL, World
 from tests.events.conftest import StartReceiver

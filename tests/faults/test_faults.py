@@ -37,7 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.access.auth import create_api_key
-from app.cli.main import migrate
+from app.db.migrations import migrate
 from app.db.session import create_session_factory
 from app.kernel.status import TERMINAL_STATUSES
 from tests.faults.cluster import ROOT, Cluster, tail

@@ -8,12 +8,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.consent.inbound import InboundFilter, list_inbound
-from app.consent.keywords import KeywordCategory
-from app.consent.schemas import InboundOut, InboundPage
+from app.inbound.schemas import InboundOut, InboundPage
+from app.inbound.service import InboundFilter, list_inbound
 from app.kernel.errors import Unauthorized, ValidationFailed, problem_responses
 from app.kernel.pagination import as_utc, decode_cursor, encode_cursor
 from app.kernel.phone import E164
+from app.senders.keywords import KeywordCategory
 from app.web.deps import PrincipalDep, SessionDep
 from app.web.params import (
     CreatedAfterQuery,

@@ -17,13 +17,6 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.consent.keywords import (
-    KeywordCategory,
-    KeywordConfig,
-    KeywordMatch,
-    match_keyword,
-    reply_text,
-)
 from app.consent.optouts import OptAction, OptChange, OptSource, is_opted_out, record_change
 from app.db.models import InboundMessage, InboundPart, Sender
 from app.events.outbox import emit_inbound_received
@@ -31,6 +24,13 @@ from app.kernel.metrics import INBOUND_MESSAGES
 from app.kernel.phone import canonical_phone
 from app.kernel.text import storable, storable_mapping
 from app.providers.base import InboundSms
+from app.senders.keywords import (
+    KeywordCategory,
+    KeywordConfig,
+    KeywordMatch,
+    match_keyword,
+    reply_text,
+)
 from app.senders.service import find_sender_by_address, owned_sender_ids
 from app.sending.accept import queue_reply
 
