@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.access import routes as keys
 from app.access.lookups import Lookups
 from app.callbacks import routes as webhooks
-from app.consent import optout_routes as optouts
+from app.consent import routes as optouts
 from app.db.migrations import head_revision
 from app.db.pg import Database
 from app.db.session import create_engine, create_session_factory, ping
