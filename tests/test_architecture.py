@@ -1,0 +1,156 @@
+"""The house's rules, checked: the import contracts in pyproject.toml hold (and would catch a
+break), no module imports itself back through others, and no function runs past 60 lines
+without a reason written above it."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+MAX_FUNCTION_LINES = 60
+REASON_MARKER = "# Long because:"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """`lint-imports` run on the tree at `root` (its pyproject.toml and app/)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_import_contracts_are_kept() -> None:
+    result = lint_imports(ROOT)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "BROKEN" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("app/providers/base.py", "from app.sending import accept", "know no capability"),
+        ("app/db/models.py", "from app.delivery import pacing", "know no capability"),
+        ("app/kernel/errors.py", "from app.senders import service", "know no capability"),
+        ("app/web/deps.py", "from app.worker import tasks", "Only the worker runs jobs"),
+        ("app/sending/accept.py", "import arq", "arq is imported by the worker package only"),
+        ("app/delivery/pipeline.py", "from app.sending import routes", "Route modules are leaves"),
+        ("app/senders/service.py", "from app.sending import accept", "depend one way"),
+        ("app/events/outbox.py", "from app.delivery import transitions", "depend one way"),
+        ("app/cli/commands.py", "from app.cli import main", "No import loops"),
+    ],
+)
+def test_a_broken_rule_is_caught(tmp_path: Path, module: str, line: str, contract: str) -> None:
+    shutil.copytree(ROOT / "app", tmp_path / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
+
+    result = lint_imports(tmp_path)
+
+    assert result.returncode != 0
+    broken = " ".join(result.stdout.split("Broken contracts", 1)[1].split())  # unwrapped
+    assert contract in broken, result.stdout
+
+
+def import_loops(graph: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """The groups of modules that import each other round in a loop (Tarjan's strongly
+    connected components of more than one module, or a module importing itself)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    loops: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in graph.get(module, ()):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1 or module in graph.get(module, ()):
+                loops.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return loops
+
+
+def app_import_graph() -> dict[str, list[str]]:
+    """Which app modules each app module imports at run time (imports made only for the type
+    checker are left out: they never run)."""
+    graph = grimp.build_graph("app", exclude_type_checking_imports=True, cache_dir=None)
+    return {
+        module: sorted(graph.find_modules_directly_imported_by(module)) for module in graph.modules
+    }
+
+
+def test_no_module_imports_itself_back_through_others() -> None:
+    assert import_loops(app_import_graph()) == []
+
+
+def test_an_import_loop_is_found() -> None:
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"], "e": ["e"]}
+
+    assert import_loops(graph) == [["a", "b", "c"], ["e"]]
+
+
+def long_functions(source: str) -> Iterator[tuple[str, int]]:
+    """Functions over `MAX_FUNCTION_LINES` lines (from the first decorator to the last line)
+    with no `# Long because:` comment on the line above them."""
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+        length = (node.end_lineno or node.lineno) - start + 1
+        above = lines[start - 2].strip() if start > 1 else ""
+        if length > MAX_FUNCTION_LINES and not above.startswith(REASON_MARKER):
+            yield node.name, length
+
+
+def test_no_function_runs_past_60_lines_without_a_reason() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{name} ({length} lines)"
+        for path in sorted((ROOT / "app").rglob("*.py"))
+        for name, length in long_functions(path.read_text())
+    ]
+
+    assert found == []
+
+
+def test_a_long_function_is_found_unless_its_reason_is_written() -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    source = f"def long():\n{body}\n\n{REASON_MARKER} a table\ndef excused():\n{body}\n"
+    source += "\n\ndef short():\n    return 1\n"
+
+    assert list(long_functions(source)) == [("long", MAX_FUNCTION_LINES + 1)]
