@@ -154,3 +154,32 @@ def test_a_long_function_is_found_unless_its_reason_is_written() -> None:
     source += "\n\ndef short():\n    return 1\n"
 
     assert list(long_functions(source)) == [("long", MAX_FUNCTION_LINES + 1)]
+
+
+def readme_folder_map() -> set[str]:
+    """The folders under `app/` that README's Architecture section draws."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    tree = section.split("```\n", 2)[1]
+    drawn: set[str] = set()
+    inside_app = False
+    for line in tree.splitlines():
+        if line.startswith("app/"):
+            inside_app = True
+        elif line and not line.startswith(" "):
+            inside_app = False
+        elif inside_app and line.startswith("  ") and not line.startswith("   "):
+            name = line.split()[0]
+            if name.endswith("/"):
+                drawn.add(name.rstrip("/"))
+    return drawn
+
+
+def test_the_readme_draws_every_folder_of_the_app() -> None:
+    folders = {
+        path.name
+        for path in (ROOT / "app").iterdir()
+        if path.is_dir() and (path / "__init__.py").exists()
+    }
+
+    assert readme_folder_map() == folders
