@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
@@ -60,43 +60,27 @@ message to `delivered`.
 """
 
 
+_ROUTERS = (
+    messages.router,
+    senders.router,
+    optouts.router,
+    inbound.router,
+    webhooks.router,
+    health.router,
+    events.router,
+    event_endpoints.router,
+    keys.router,
+    twilio_compat.admin_router,
+    twilio_compat.router,
+)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API; everything it connects to comes from `settings`."""
     settings = settings or get_settings()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Signing secrets are stored encrypted: without the key the API does not start.
-        install(Keyring.from_settings(settings))
-        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
-        db = Database(settings.database_url, size=settings.db_pool_size)
-        http = build_http_client(settings)
-        app.state.settings = settings
-        app.state.engine = engine
-        app.state.session_factory = create_session_factory(engine)
-        app.state.queue = create_queue(settings.redis_url)
-        app.state.delivery_batcher = DeliveryBatcher(app.state.queue)
-        app.state.lookups = Lookups(
-            db,
-            ttl=settings.lookup_cache_seconds,
-            accept_default_replies=settings.accept_default_keyword_replies,
-        )
-        app.state.acceptor = Acceptor(
-            db, app.state.lookups, settings, app.state.delivery_batcher.enqueue
-        )
-        app.state.http = http
-        app.state.providers = build_providers(settings, http)
-        app.state.schema_head = head_revision()
-        app.state.db_outage = Outage("postgresql", probe=lambda: ping(engine))
-        try:
-            yield
-        finally:
-            await app.state.db_outage.close()
-            await app.state.delivery_batcher.close()
-            await close_queue(app.state.queue)
-            await http.aclose()
-            await db.close()
-            await engine.dispose()
+    def lifespan(app: FastAPI) -> AbstractAsyncContextManager[None]:
+        return _connected(app, settings)
 
     app = FastAPI(
         title="smsgate",
@@ -107,19 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_docs(app)
-    for router in (
-        messages.router,
-        senders.router,
-        optouts.router,
-        inbound.router,
-        webhooks.router,
-        health.router,
-        events.router,
-        event_endpoints.router,
-        keys.router,
-        twilio_compat.admin_router,
-        twilio_compat.router,
-    ):
+    for router in _ROUTERS:
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented
     _install_error_handlers(app)
@@ -139,6 +111,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+@asynccontextmanager
+async def _connected(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """The API's lifespan: open what it connects to (on `app.state`), close it all at the end."""
+    # Signing secrets are stored encrypted: without the key the API does not start.
+    install(Keyring.from_settings(settings))
+    engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+    db = Database(settings.database_url, size=settings.db_pool_size)
+    http = build_http_client(settings)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = create_session_factory(engine)
+    app.state.queue = create_queue(settings.redis_url)
+    app.state.delivery_batcher = DeliveryBatcher(app.state.queue)
+    app.state.lookups = Lookups(
+        db,
+        ttl=settings.lookup_cache_seconds,
+        accept_default_replies=settings.accept_default_keyword_replies,
+    )
+    app.state.acceptor = Acceptor(
+        db, app.state.lookups, settings, app.state.delivery_batcher.enqueue
+    )
+    app.state.http = http
+    app.state.providers = build_providers(settings, http)
+    app.state.schema_head = head_revision()
+    app.state.db_outage = Outage("postgresql", probe=lambda: ping(engine))
+    try:
+        yield
+    finally:
+        await app.state.db_outage.close()
+        await app.state.delivery_batcher.close()
+        await close_queue(app.state.queue)
+        await http.aclose()
+        await db.close()
+        await engine.dispose()
+
+
 def _problem(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         problem.model_dump(exclude_none=True),
@@ -148,92 +156,110 @@ def _problem(problem: Problem, headers: dict[str, str] | None = None) -> JSONRes
     )
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, error: ServiceError) -> JSONResponse:
-        return _problem(error.to_problem(), error.headers)
+async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
+    return _problem(error.to_problem(), error.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _problem(ValidationFailed.from_pydantic(error.errors()).to_problem())
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Starlette's own errors (unknown path, wrong method, unreadable body) as problems too.
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return _problem(
-            Problem(
-                title=HTTPStatus(error.status_code).phrase,
-                status=error.status_code,
-                code=codes.get(error.status_code, "bad_request"),
-                detail=str(error.detail),
-            ),
-            headers=dict(error.headers or {}),
+async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+    return _problem(ValidationFailed.from_pydantic(error.errors()).to_problem())
+
+
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown path, wrong method, unreadable body) as problems too."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    return _problem(
+        Problem(
+            title=HTTPStatus(error.status_code).phrase,
+            status=error.status_code,
+            code=codes.get(error.status_code, "bad_request"),
+            detail=str(error.detail),
+        ),
+        headers=dict(error.headers or {}),
+    )
+
+
+async def _unstorable(_: Request, error: Exception) -> JSONResponse:
+    """Validation should have caught it; if not, the input (not the service) is at fault."""
+    log.warning("input the database refused", extra=describe_error(error))
+    return _problem(
+        Problem(
+            title="Invalid request",
+            status=422,
+            code="invalid_input",
+            detail="a value cannot be stored (out of range or an invalid character)",
         )
+    )
 
-    @app.exception_handler(DataError)
+
+async def _database_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """Expected back-pressure while PostgreSQL is away: one warning per outage, with counts
+    (app.kernel.outages), not an error per request."""
+    outage: Outage | None = getattr(request.app.state, "db_outage", None)
+    if outage is None:
+        log.warning("dependency unavailable", extra=describe_error(error))
+    else:
+        outage.failed(error)
+    return _problem(
+        Problem(
+            title="Service unavailable",
+            status=503,
+            code="service_unavailable",
+            detail="the database is unreachable; nothing was stored, retry later",
+        ),
+        headers={"Retry-After": "5"},
+    )
+
+
+# SQLSTATE classes that say the database is unavailable, not the request wrong: 57 (starting,
+# shutting down, restarted), 08 (connection lost), 53 (out of resources: too many
+# connections, no memory or disk).
+_UNAVAILABLE_SQLSTATES = ("57", "08", "53")
+
+
+async def _database_error(request: Request, error: DBAPIError) -> JSONResponse:
+    """PostgreSQL unavailable (above), or the connection lost mid-request: a 503. Anything
+    else stays a 500."""
+    sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
+    if error.connection_invalidated or sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return await _database_unavailable(request, error)
+    driver_error = getattr(error, "driver_exception", None)
+    if sqlstate.startswith("22") or isinstance(driver_error, asyncpg.exceptions.DataError):
+        return await _unstorable(request, error)  # class 22: data exception
+    raise error
+
+
+async def _asyncpg_error(request: Request, error: asyncpg.PostgresError) -> JSONResponse:
+    """The send path's pool (app.db.pg) speaks asyncpg directly: the same answers as above."""
+    sqlstate = str(getattr(error, "sqlstate", None) or "")
+    if sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return await _database_unavailable(request, error)
+    if sqlstate.startswith("22"):
+        return await _unstorable(request, error)
+    raise error
+
+
+# Exception class -> its handler, registered in this order.
+_ERROR_HANDLERS: tuple[
+    tuple[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]], ...
+] = (
+    (ServiceError, _service_error),
+    (RequestValidationError, _invalid_request),
+    (StarletteHTTPException, _http_error),
     # asyncpg's own refusal of a value it cannot encode (a lone surrogate, say): not the
     # database unavailable, as the InterfaceError it also is would say.
-    @app.exception_handler(asyncpg.exceptions.DataError)
-    async def unstorable(_: Request, error: Exception) -> JSONResponse:
-        # Validation should have caught it; if not, the input (not the service) is at fault.
-        log.warning("input the database refused", extra=describe_error(error))
-        return _problem(
-            Problem(
-                title="Invalid request",
-                status=422,
-                code="invalid_input",
-                detail="a value cannot be stored (out of range or an invalid character)",
-            )
-        )
-
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    @app.exception_handler(asyncpg.InterfaceError)
+    (asyncpg.exceptions.DataError, _unstorable),
+    (DataError, _unstorable),
+    (OSError, _database_unavailable),
     # asyncpg's answer when a statement meets a connection the server has just closed.
-    @app.exception_handler(asyncpg.exceptions.InternalClientError)
-    @app.exception_handler(OSError)
-    async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
-        # Expected back-pressure while PostgreSQL is away: one warning per outage, with counts
-        # (app.kernel.outages), not an error per request.
-        outage: Outage | None = getattr(request.app.state, "db_outage", None)
-        if outage is None:
-            log.warning("dependency unavailable", extra=describe_error(error))
-        else:
-            outage.failed(error)
-        return _problem(
-            Problem(
-                title="Service unavailable",
-                status=503,
-                code="service_unavailable",
-                detail="the database is unreachable; nothing was stored, retry later",
-            ),
-            headers={"Retry-After": "5"},
-        )
+    (asyncpg.exceptions.InternalClientError, _database_unavailable),
+    (asyncpg.InterfaceError, _database_unavailable),
+    (InterfaceError, _database_unavailable),
+    (OperationalError, _database_unavailable),
+    (DBAPIError, _database_error),
+    (asyncpg.PostgresError, _asyncpg_error),
+)
 
-    # SQLSTATE classes that say the database is unavailable, not the request wrong: 57 (starting,
-    # shutting down, restarted), 08 (connection lost), 53 (out of resources: too many
-    # connections, no memory or disk).
-    unavailable = ("57", "08", "53")
 
-    @app.exception_handler(DBAPIError)
-    async def database_error(request: Request, error: DBAPIError) -> JSONResponse:
-        # PostgreSQL unavailable (above), or the connection lost mid-request: a 503. Anything
-        # else stays a 500.
-        sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
-        if error.connection_invalidated or sqlstate.startswith(unavailable):
-            return await database_unavailable(request, error)
-        driver_error = getattr(error, "driver_exception", None)
-        if sqlstate.startswith("22") or isinstance(driver_error, asyncpg.exceptions.DataError):
-            return await unstorable(request, error)  # class 22: data exception
-        raise error
-
-    @app.exception_handler(asyncpg.PostgresError)
-    async def asyncpg_error(request: Request, error: asyncpg.PostgresError) -> JSONResponse:
-        # The send path's pool (app.db.pg) speaks asyncpg directly: the same answers as above.
-        sqlstate = str(getattr(error, "sqlstate", None) or "")
-        if sqlstate.startswith(unavailable):
-            return await database_unavailable(request, error)
-        if sqlstate.startswith("22"):
-            return await unstorable(request, error)
-        raise error
+def _install_error_handlers(app: FastAPI) -> None:
+    for exception, handler in _ERROR_HANDLERS:
+        app.add_exception_handler(exception, handler)

@@ -26,6 +26,19 @@ T = TypeVar("T")
 
 def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the operators' subcommands to `smsgate`'s parser."""
+    _add_api_keys(commands)
+    _add_sender_grants(commands)
+    twilio = commands.add_parser(
+        "twilio-credentials",
+        help="issue a client's account SID and auth token for the Twilio-compatible API "
+        "(replacing its earlier token) and print them once",
+    )
+    twilio.add_argument("--client", required=True, help="the client's name")
+    twilio.set_defaults(run=_twilio_credentials)
+
+
+def _add_api_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`api-keys list|create|revoke|rotate`."""
     keys = commands.add_parser(
         "api-keys",
         help="list, create, revoke or rotate API keys",
@@ -67,6 +80,9 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     rotate.set_defaults(run=_rotate_key)
 
+
+def _add_sender_grants(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`grant-sender`, `revoke-sender`, `sender-clients`."""
     for name, verb, run in (
         ("grant-sender", "let a client send from a sender", _grant),
         ("revoke-sender", "take a sender away from a client", _revoke_grant),
@@ -78,14 +94,6 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     clients = commands.add_parser("sender-clients", help="the clients that may use a sender")
     clients.add_argument("sender", help="the sender's address")
     clients.set_defaults(run=_sender_clients)
-
-    twilio = commands.add_parser(
-        "twilio-credentials",
-        help="issue a client's account SID and auth token for the Twilio-compatible API "
-        "(replacing its earlier token) and print them once",
-    )
-    twilio.add_argument("--client", required=True, help="the client's name")
-    twilio.set_defaults(run=_twilio_credentials)
 
 
 def _in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:

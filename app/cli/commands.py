@@ -26,19 +26,29 @@ SEND_WAIT_SECONDS = 30.0
 IMPORT_BATCH_LINES = 5000
 
 
+# Descriptions keep their line breaks.
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the subcommands of this module to `smsgate`'s parser."""
-    formatter = argparse.RawDescriptionHelpFormatter
+    _add_dev(commands)
+    _add_services(commands)
+    _add_send(commands)
+    _add_import_opt_outs(commands)
 
-    def data_option(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--data",
-            type=Path,
-            default=None,
-            metavar="DIR",
-            help="where the embedded servers keep their data (default: DEV_DATA_DIR, .data)",
-        )
 
+def _data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the embedded servers keep their data (default: DEV_DATA_DIR, .data)",
+    )
+
+
+def _add_dev(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = commands.add_parser(
         "dev",
         help="run everything for development: database, Redis, migrations, API and a worker",
@@ -47,13 +57,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and Redis with their data in DEV_DATA_DIR (.data). Creates and migrates the database,\n"
         "ensures a development sender (+14155550100, fake provider) and client, prints the docs\n"
         "URL and an API key (kept in DIR/dev-api-key), and stops everything on Ctrl-C.",
-        formatter_class=formatter,
+        formatter_class=_FORMATTER,
     )
     dev.add_argument("--host", default="127.0.0.1", help="address the API listens on")
     dev.add_argument("--port", type=int, default=8000, help="port the API listens on")
-    data_option(dev)
+    _data_option(dev)
     dev.set_defaults(run=_dev)
 
+
+def _add_services(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     services = commands.add_parser(
         "services",
         help="start or stop the embedded PostgreSQL and Redis (detached)",
@@ -61,12 +73,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "`start` prints `export` lines for DATABASE_URL, REDIS_URL, TEST_ADMIN_DATABASE_URL and\n"
         'TEST_REDIS_URL: eval "$(smsgate services start)". PostgreSQL listens on a unix socket\n'
         "in DIR/postgres, Redis on a free port of 127.0.0.1.",
-        formatter_class=formatter,
+        formatter_class=_FORMATTER,
     )
     services.add_argument("action", choices=["start", "stop"], help="start or stop both servers")
-    data_option(services)
+    _data_option(services)
     services.set_defaults(run=_services)
 
+
+def _add_send(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send = commands.add_parser(
         "send",
         help="send a message through the HTTP API, as a client would",
@@ -74,7 +88,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "With --wait, follow it until it reaches a final status: the exit status is 0 when it\n"
         "was delivered, 1 when it failed, was undelivered, expired, canceled or rejected, or\n"
         "did not settle in time.",
-        formatter_class=formatter,
+        formatter_class=_FORMATTER,
     )
     send.add_argument("--to", required=True, help="recipient, E.164 or national format")
     send.add_argument("--body", required=True, help="message text")
@@ -103,6 +117,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     send.set_defaults(run=_send)
 
+
+def _add_import_opt_outs(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     optouts = commands.add_parser(
         "import-opt-outs",
         help="record opt-outs from a CSV file, straight into the database",
@@ -110,7 +126,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "optional `phone,sender` header), in batches of one transaction each, showing progress.\n"
         "Invalid numbers and unknown senders are reported with their line numbers; the other\n"
         "lines are recorded. Exit status 1 when any line was skipped.",
-        formatter_class=formatter,
+        formatter_class=_FORMATTER,
     )
     optouts.add_argument("file", help="the CSV file, or - for standard input")
     optouts.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from app.cli.admin import add_admin_commands
@@ -122,9 +123,27 @@ async def _reencrypt_secrets() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen subcommand."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "run", None) is not None:
+        raise SystemExit(args.run(args))
+    run = _RUNS.get(args.command)
+    if run is not None:
+        run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """`smsgate`'s parser: this module's subcommands, then commands.py's and admin.py's."""
     parser = argparse.ArgumentParser(prog="smsgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_process_commands(commands)  # serve, worker, migrate
+    _add_setup_commands(commands)  # create-api-key, seed-senders, *-secrets-key
+    add_commands(commands)  # dev, services, send, import-opt-outs
+    add_admin_commands(commands)  # api-keys, grant-sender, revoke-sender, sender-clients
+    return parser
 
+
+def _add_process_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The long-running processes, and the schema they need."""
     serve = commands.add_parser("serve", help="run the HTTP API with uvicorn")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -150,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         "--create-database", action="store_true", help="create the database first if missing"
     )
 
+
+def _add_setup_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """One-off setup: the first API keys and senders, and the secrets key."""
     key = commands.add_parser("create-api-key", help="create an API key and print it once")
     key.add_argument("--client", required=True, help="client name (created if new)")
     key.add_argument("--admin", action="store_true", help="may manage senders")
@@ -173,77 +195,94 @@ def main(argv: list[str] | None = None) -> None:
         "key must be in SECRETS_PREVIOUS_KEYS)",
     )
 
-    add_commands(commands)  # dev, services, send, import-opt-outs
-    add_admin_commands(commands)  # api-keys, grant-sender, revoke-sender, sender-clients
 
-    args = parser.parse_args(argv)
-    if getattr(args, "run", None) is not None:
-        raise SystemExit(args.run(args))
-    if args.command == "serve":
-        import uvicorn
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
 
-        from app.kernel.logs import logging_config
-        from app.web.server import uvicorn_options
+    from app.kernel.logs import logging_config
+    from app.web.server import uvicorn_options
 
-        settings = get_settings()
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_config=logging_config(
-                settings.log_level, settings.log_format, redact=not settings.log_message_bodies
-            ),
-            **uvicorn_options(settings),
-        )
-    elif args.command == "worker":
-        from arq.worker import check_health
-
-        from app.kernel.logs import configure_logging
-        from app.worker.events import EventsWorkerSettings
-        from app.worker.resilience import ResilientWorker, run_worker
-        from app.worker.tasks import WorkerSettings, run_delivery_worker
-
-        worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
-        settings = get_settings()
-        configure_logging(
+    settings = get_settings()
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=logging_config(
             settings.log_level, settings.log_format, redact=not settings.log_message_bodies
-        )
-        if args.check:
-            healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
-            sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
-            raise SystemExit(0 if healthy else 1)
-        # uvloop, as uvicorn uses for the API (arq takes the current loop).
-        import uvloop
+        ),
+        **uvicorn_options(settings),
+    )
 
-        asyncio.set_event_loop(uvloop.new_event_loop())
-        if args.queue == "events":
-            # Outlives Redis and PostgreSQL outages, as the delivery worker does.
-            run_worker(worker_settings, ResilientWorker)
-        else:
-            run_delivery_worker()
-    elif args.command == "migrate":
-        from app.db.migrations import create_database_if_missing, migrate
 
-        if args.create_database:
-            asyncio.run(create_database_if_missing(get_settings().database_url))
-        migrate()
-    elif args.command == "seed-senders":
-        created, updated = asyncio.run(_seed_senders(args.file))
-        sys.stdout.write(f"{created} senders created, {updated} updated\n")
-    elif args.command == "generate-secrets-key":
-        from app.kernel.secrets import generate_key
+def _worker(args: argparse.Namespace) -> None:
+    from arq.worker import check_health
 
-        sys.stdout.write(generate_key() + "\n")
-    elif args.command == "reencrypt-secrets":
-        rewritten, total = asyncio.run(_reencrypt_secrets())
-        sys.stdout.write(f"{rewritten} of {total} secrets re-encrypted\n")
-    elif args.command == "create-api-key":
-        raw_key = asyncio.run(
-            _create_api_key(args.client, args.admin, args.default_sender, args.name)
-        )
-        sys.stdout.write(raw_key + "\n")
+    from app.kernel.logs import configure_logging
+    from app.worker.events import EventsWorkerSettings
+    from app.worker.resilience import ResilientWorker, run_worker
+    from app.worker.tasks import WorkerSettings, run_delivery_worker
+
+    worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
+    settings = get_settings()
+    configure_logging(
+        settings.log_level, settings.log_format, redact=not settings.log_message_bodies
+    )
+    if args.check:
+        healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
+        sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
+        raise SystemExit(0 if healthy else 1)
+    # uvloop, as uvicorn uses for the API (arq takes the current loop).
+    import uvloop
+
+    asyncio.set_event_loop(uvloop.new_event_loop())
+    if args.queue == "events":
+        # Outlives Redis and PostgreSQL outages, as the delivery worker does.
+        run_worker(worker_settings, ResilientWorker)
+    else:
+        run_delivery_worker()
+
+
+def _migrate(args: argparse.Namespace) -> None:
+    from app.db.migrations import create_database_if_missing, migrate
+
+    if args.create_database:
+        asyncio.run(create_database_if_missing(get_settings().database_url))
+    migrate()
+
+
+def _seed(args: argparse.Namespace) -> None:
+    created, updated = asyncio.run(_seed_senders(args.file))
+    sys.stdout.write(f"{created} senders created, {updated} updated\n")
+
+
+def _generate_secrets_key(args: argparse.Namespace) -> None:
+    from app.kernel.secrets import generate_key
+
+    sys.stdout.write(generate_key() + "\n")
+
+
+def _reencrypt(args: argparse.Namespace) -> None:
+    rewritten, total = asyncio.run(_reencrypt_secrets())
+    sys.stdout.write(f"{rewritten} of {total} secrets re-encrypted\n")
+
+
+def _api_key(args: argparse.Namespace) -> None:
+    raw_key = asyncio.run(_create_api_key(args.client, args.admin, args.default_sender, args.name))
+    sys.stdout.write(raw_key + "\n")
+
+
+# This module's subcommands (the others set `run` on their parsers).
+_RUNS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "serve": _serve,
+    "worker": _worker,
+    "migrate": _migrate,
+    "seed-senders": _seed,
+    "generate-secrets-key": _generate_secrets_key,
+    "reencrypt-secrets": _reencrypt,
+    "create-api-key": _api_key,
+}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.consent.optouts import lock_recipients
@@ -120,20 +120,15 @@ async def reconcile_message(
     give_up_after: timedelta,
 ) -> Reconciled:
     """Settle one stale `sending` message with its provider's help (see the module doc)."""
-    async with session_factory() as session:
-        row = (
-            await session.execute(
-                select(Message, func.now()).where(
-                    Message.id == message_id,
-                    Message.status == MessageStatus.SENDING.value,
-                    Message.claimed_at < func.now() - older_than,
-                )
-            )
-        ).one_or_none()
+    row = await _message_at_db_time(
+        session_factory,
+        message_id,
+        Message.status == MessageStatus.SENDING.value,
+        Message.claimed_at < func.now() - older_than,
+    )
     if row is None:
         return Reconciled(Decision.NOTHING)
-    message: Message = row[0]
-    now: datetime = row[1]
+    message, now = row
     assert message.claimed_at is not None  # the query required it
     provider = providers.get(message.provider)
     waited = now - message.claimed_at
@@ -146,15 +141,8 @@ async def reconcile_message(
             retry_in=(give_up_after - waited).total_seconds(),
             reason=f"{message.provider} cannot be asked",
         )
-    sms = OutboundSms(
-        message_id=message.id,
-        to=message.to,
-        sender=message.from_,
-        body=message.body,
-        encoding=Encoding(message.encoding),
-    )
     try:
-        found = await provider.find_submissions(sms, since=message.claimed_at)
+        found = await provider.find_submissions(_outbound(message), since=message.claimed_at)
     except Exception as error:  # any failure to ask means "cannot be asked yet"
         detail = error.detail if isinstance(error, ProviderError) else repr(error)
         log.warning(
@@ -174,6 +162,13 @@ async def reconcile_message(
     submission = await _first_unclaimed(session_factory, message, found)
     if submission is not None:
         return await _settle(session_factory, message, submission)
+    return await _resubmit_or_fail(session_factory, message, policy)
+
+
+async def _resubmit_or_fail(
+    session_factory: SessionFactory, message: Message, policy: RetryPolicy
+) -> Reconciled:
+    """The provider has no record of the message: submit it again, if attempts are left."""
     if message.attempts >= policy.max_attempts:
         return await _fail(
             session_factory,
@@ -183,6 +178,32 @@ async def reconcile_message(
             f"attempt {message.attempts}, whose outcome was unknown",
         )
     return await _resubmit(session_factory, message)
+
+
+async def _message_at_db_time(
+    session_factory: SessionFactory, message_id: uuid.UUID, *criteria: ColumnElement[bool]
+) -> tuple[Message, datetime] | None:
+    """The message, if it still meets `criteria`, with the database's clock (one read)."""
+    async with session_factory() as session:
+        row = (
+            await session.execute(
+                select(Message, func.now()).where(Message.id == message_id, *criteria)
+            )
+        ).one_or_none()
+    if row is None:
+        return None
+    return row[0], row[1]
+
+
+def _outbound(message: Message) -> OutboundSms:
+    """The message as it was submitted, for a provider's lookup."""
+    return OutboundSms(
+        message_id=message.id,
+        to=message.to,
+        sender=message.from_,
+        body=message.body,
+        encoding=Encoding(message.encoding),
+    )
 
 
 async def _wait_or_give_up(
@@ -458,28 +479,35 @@ async def check_status(
     SETTLED when that moved it (through `apply_status_report`), else NOTHING (the check is
     recorded and counted; once the message has had no news for the schedule's horizon, its
     checks stop, and why is written on it)."""
-    async with session_factory() as session:
-        row = (
-            await session.execute(
-                select(Message, func.now()).where(
-                    Message.id == message_id,
-                    Message.status == MessageStatus.SENT.value,
-                    Message.updated_at < func.now() - schedule.after,
-                )
-            )
-        ).one_or_none()
+    row = await _message_at_db_time(
+        session_factory,
+        message_id,
+        Message.status == MessageStatus.SENT.value,
+        Message.updated_at < func.now() - schedule.after,
+    )
     if row is None:
         return Reconciled(Decision.NOTHING)
-    message: Message = row[0]
-    now: datetime = row[1]
+    message, now = row
     if message.provider_message_id is None:
         return Reconciled(Decision.NOTHING)
     provider = providers.get(message.provider)
     if provider is None or not provider.can_fetch_status:
         return Reconciled(Decision.NOTHING)
+    report, outcome = await _fetch_status(provider, message, message.provider_message_id)
+    if report is not None and report.status not in (None, MessageStatus.SENT):
+        return await _recover(session_factory, message, report)
+    await _record_check(session_factory, message, now, schedule, report, outcome)
+    return Reconciled(Decision.NOTHING)
+
+
+async def _fetch_status(
+    provider: Provider, message: Message, provider_message_id: str
+) -> tuple[StatusReport | None, str]:
+    """The provider's report on the message (None when it has none or could not be asked), and
+    the check's outcome in words."""
     report: StatusReport | None = None
     try:
-        report = await provider.fetch_status(message.provider_message_id)
+        report = await provider.fetch_status(provider_message_id)
     except Exception as error:  # asked again at the next check
         detail = error.detail if isinstance(error, ProviderError) else repr(error)
         log.warning("status check failed", extra={"message_id": str(message.id), "error": detail})
@@ -489,17 +517,34 @@ async def check_status(
             outcome = f"{message.provider} has no status for {message.provider_message_id}"
         else:
             outcome = f"{message.provider} holds it as {report.provider_status}"
-    if report is not None and report.status not in (None, MessageStatus.SENT):
-        applied, events = await record_status_report(
-            session_factory, message.provider, replace(report, message_id=message.id)
+    return report, outcome
+
+
+async def _recover(
+    session_factory: SessionFactory, message: Message, report: StatusReport
+) -> Reconciled:
+    """Record the news a check found, as a callback would have."""
+    applied, events = await record_status_report(
+        session_factory, message.provider, replace(report, message_id=message.id)
+    )
+    if applied:
+        log.info(
+            "lost report recovered by a status check",
+            extra={"message_id": str(message.id), "status": report.provider_status},
         )
-        if applied:
-            log.info(
-                "lost report recovered by a status check",
-                extra={"message_id": str(message.id), "status": report.provider_status},
-            )
-            return Reconciled(Decision.SETTLED, events=events)
-        return Reconciled(Decision.NOTHING, events=events)
+        return Reconciled(Decision.SETTLED, events=events)
+    return Reconciled(Decision.NOTHING, events=events)
+
+
+async def _record_check(
+    session_factory: SessionFactory,
+    message: Message,
+    now: datetime,
+    schedule: CheckSchedule,
+    report: StatusReport | None,
+    outcome: str,
+) -> None:
+    """Count a check without news and schedule the next one (or stop them at the horizon)."""
     checks = message.status_checks + 1
     changes: dict[str, Any] = {
         "status_checks": Message.status_checks + 1,
@@ -535,4 +580,3 @@ async def check_status(
                 detail=outcome,
             )
         )
-    return Reconciled(Decision.NOTHING)

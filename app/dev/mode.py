@@ -314,9 +314,6 @@ def _wait_until_workers_report(
 
 def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = None) -> int:
     """Run everything until Ctrl-C or SIGTERM; the exit status (0 when stopped on request)."""
-    from app.db.migrations import create_database_if_missing, migrate
-    from app.worker.queue import health_check_keys
-
     global _stop_requested
     _stop_requested = False
     settings = settings or get_settings()
@@ -330,54 +327,11 @@ def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = No
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         say(f"smsgate dev: data in {data_dir}")
-        # Set in the environment (or .env): use it. Otherwise the embedded server.
-        if "database_url" in settings.model_fields_set:
-            database_url = settings.database_url
-            say("PostgreSQL: DATABASE_URL")
-        else:
-            postgres = start_postgres(data_dir)
-            if postgres.started:
-                stops.append(lambda: stop_embedded_postgres(data_dir))
-            database_url = postgres.url
-            say(f"PostgreSQL: embedded ({'started' if postgres.started else 'already running'})")
-        if "redis_url" in settings.model_fields_set:
-            redis_url = settings.redis_url
-            say("Redis: REDIS_URL")
-        else:
-            redis = start_redis(data_dir)
-            if redis.started:
-                stops.append(lambda: stop_embedded_redis(data_dir))
-            redis_url = redis.url
-            say(f"Redis: embedded at {redis_url} ({'started' if redis.started else 'running'})")
-
-        if not settings.secrets_key.get_secret_value():
-            # The migration and the children read it from the environment.
-            os.environ["SECRETS_KEY"] = dev_secrets_key(data_dir)
-        if asyncio.run(create_database_if_missing(database_url)):
-            say("Created the database.")
-        say("Migrating the database to the latest schema...")
-        migrate(database_url)
-        say("The database schema is up to date.")
-        key = asyncio.run(prepare_database(database_url, data_dir, settings.default_region))
-
+        database_url, redis_url = _start_servers(settings, data_dir, stops)
+        key = _prepare_database(settings, data_dir, database_url)
         base_url = f"http://{_url_host(host)}:{port}"
-        env = {
-            # Lines for a person, not for a log pipeline (LOG_FORMAT set explicitly wins).
-            "LOG_FORMAT": "text",
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            # Set explicitly (a tunnel for real providers' callbacks, say), it is kept.
-            "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base_url),
-        }
-        health_keys = health_check_keys()
-        _forget_worker_health(redis_url, health_keys)  # a worker of an earlier run is not ours
-        say(f"Starting the API on {base_url}, an SMS worker and an events worker...")
-        children["API"] = _spawn(["serve", "--host", host, "--port", str(port)], env)
-        children["worker"] = _spawn(["worker"], env)
-        children["events worker"] = _spawn(["worker", "--queue", "events"], env)
-        _wait_until_serving(f"{base_url}/healthz", children, READY_TIMEOUT_SECONDS)
-        _wait_until_workers_report(redis_url, health_keys, children, READY_TIMEOUT_SECONDS)
+        env = _children_env(database_url, redis_url, base_url)
+        _start_children(host, port, base_url, env, redis_url, children)
         (data_dir / API_URL_FILE).write_text(base_url + "\n", encoding="utf-8")
         stops.append(lambda: (data_dir / API_URL_FILE).unlink(missing_ok=True))
         say(_banner(base_url, key, data_dir, env))
@@ -402,3 +356,78 @@ def run_dev(host: str, port: int, data_dir: Path, settings: Settings | None = No
             stop()
         say("Stopped." if status == 0 else "Stopped after an error.")
     return status
+
+
+def _start_servers(
+    settings: Settings, data_dir: Path, stops: list[Callable[[], object]]
+) -> tuple[str, str]:
+    """The database and Redis URLs: the configured ones, else embedded servers (started if need
+    be; the ones started here are added to `stops` as soon as they run)."""
+    # Set in the environment (or .env): use it. Otherwise the embedded server.
+    if "database_url" in settings.model_fields_set:
+        database_url = settings.database_url
+        say("PostgreSQL: DATABASE_URL")
+    else:
+        postgres = start_postgres(data_dir)
+        if postgres.started:
+            stops.append(lambda: stop_embedded_postgres(data_dir))
+        database_url = postgres.url
+        say(f"PostgreSQL: embedded ({'started' if postgres.started else 'already running'})")
+    if "redis_url" in settings.model_fields_set:
+        redis_url = settings.redis_url
+        say("Redis: REDIS_URL")
+    else:
+        redis = start_redis(data_dir)
+        if redis.started:
+            stops.append(lambda: stop_embedded_redis(data_dir))
+        redis_url = redis.url
+        say(f"Redis: embedded at {redis_url} ({'started' if redis.started else 'running'})")
+    return database_url, redis_url
+
+
+def _prepare_database(settings: Settings, data_dir: Path, database_url: str) -> DevKey:
+    """Create and migrate the database; ensure the development sender, client and key."""
+    from app.db.migrations import create_database_if_missing, migrate
+
+    if not settings.secrets_key.get_secret_value():
+        # The migration and the children read it from the environment.
+        os.environ["SECRETS_KEY"] = dev_secrets_key(data_dir)
+    if asyncio.run(create_database_if_missing(database_url)):
+        say("Created the database.")
+    say("Migrating the database to the latest schema...")
+    migrate(database_url)
+    say("The database schema is up to date.")
+    return asyncio.run(prepare_database(database_url, data_dir, settings.default_region))
+
+
+def _children_env(database_url: str, redis_url: str, base_url: str) -> dict[str, str]:
+    return {
+        # Lines for a person, not for a log pipeline (LOG_FORMAT set explicitly wins).
+        "LOG_FORMAT": "text",
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        # Set explicitly (a tunnel for real providers' callbacks, say), it is kept.
+        "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base_url),
+    }
+
+
+def _start_children(
+    host: str,
+    port: int,
+    base_url: str,
+    env: dict[str, str],
+    redis_url: str,
+    children: dict[str, subprocess.Popen[bytes]],
+) -> None:
+    """Spawn the API and both workers into `children`; return once all of them are ready."""
+    from app.worker.queue import health_check_keys
+
+    health_keys = health_check_keys()
+    _forget_worker_health(redis_url, health_keys)  # a worker of an earlier run is not ours
+    say(f"Starting the API on {base_url}, an SMS worker and an events worker...")
+    children["API"] = _spawn(["serve", "--host", host, "--port", str(port)], env)
+    children["worker"] = _spawn(["worker"], env)
+    children["events worker"] = _spawn(["worker", "--queue", "events"], env)
+    _wait_until_serving(f"{base_url}/healthz", children, READY_TIMEOUT_SECONDS)
+    _wait_until_workers_report(redis_url, health_keys, children, READY_TIMEOUT_SECONDS)

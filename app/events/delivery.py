@@ -263,74 +263,91 @@ async def _claim(
         if await _waiting_for_earlier(session, event):
             # The earlier one enqueues this one when it is done (and the sweep if that is lost).
             return EventOutcome(EventStatus.PENDING)
-        in_flight = await session.scalar(
-            select(func.count())
-            .select_from(WebhookEvent)
-            .where(WebhookEvent.endpoint_id == endpoint.id, WebhookEvent.in_flight_until > now)
-        )
-        same_owner = (
-            WebhookEndpoint.client_id == endpoint.client_id
-            if endpoint.client_id is not None
-            else WebhookEndpoint.sender_id == endpoint.sender_id
-        )
-        # Claims against one owner's endpoints are serialised too, so its count is exact.
-        owner_key = f"event-owner:{endpoint.client_id or endpoint.sender_id}"
-        await session.execute(
-            select(
-                func.pg_advisory_xact_lock(
-                    int.from_bytes(
-                        hashlib.sha256(owner_key.encode()).digest()[:8], "big", signed=True
-                    )
-                )
-            )
-        )
-        owner_in_flight = await session.scalar(
-            select(func.count())
-            .select_from(WebhookEvent)
-            .join(WebhookEndpoint, WebhookEndpoint.id == WebhookEvent.endpoint_id)
-            .where(same_owner, WebhookEvent.in_flight_until > now)
-        )
-        if (in_flight or 0) >= settings.max_in_flight_per_endpoint or (
-            owner_in_flight or 0
-        ) >= settings.max_in_flight_per_owner:
+        if await _over_limits(session, endpoint, now, settings):
             # Put off by about one attempt's length, when a slot is likely free again; moving
             # its due time keeps the sweep's oldest-due batch for events that can go now.
             pause = random.uniform(settings.timeout_seconds / 2, settings.timeout_seconds)
             event.next_attempt_at = now + timedelta(seconds=pause)
             return EventOutcome(EventStatus.PENDING, retry_in=pause)
-        event.attempts += 1
-        event.in_flight_until = now + timedelta(seconds=attempt_budget_seconds(settings))
-        if event.retry_until is None:
-            event.retry_until = now + timedelta(seconds=settings.retry_window_seconds)
-        if event.format == "twilio":
-            token = await session.scalar(
-                select(TwilioCredential.auth_token).where(
-                    TwilioCredential.client_id == endpoint.client_id
-                )
+        return await _lease(session, event, endpoint, now, settings)
+
+
+async def _over_limits(
+    session: AsyncSession, endpoint: WebhookEndpoint, now: datetime, settings: EventsSettings
+) -> bool:
+    """Whether the endpoint, or its owner's endpoints together, have as many attempts in flight
+    as they may (the caller holds the endpoint's lock; this takes the owner's)."""
+    in_flight = await session.scalar(
+        select(func.count())
+        .select_from(WebhookEvent)
+        .where(WebhookEvent.endpoint_id == endpoint.id, WebhookEvent.in_flight_until > now)
+    )
+    same_owner = (
+        WebhookEndpoint.client_id == endpoint.client_id
+        if endpoint.client_id is not None
+        else WebhookEndpoint.sender_id == endpoint.sender_id
+    )
+    # Claims against one owner's endpoints are serialised too, so its count is exact.
+    owner_key = f"event-owner:{endpoint.client_id or endpoint.sender_id}"
+    await session.execute(
+        select(
+            func.pg_advisory_xact_lock(
+                int.from_bytes(hashlib.sha256(owner_key.encode()).digest()[:8], "big", signed=True)
             )
-            if token is None:  # its credentials were withdrawn: nothing to sign with
-                event.status = EventStatus.FAILED.value
-                event.in_flight_until = None
-                event.last_error = "the client has no Twilio credentials to sign the callback"
-                return EventOutcome(EventStatus.FAILED, jobs=await _next_in_line(session, event))
-            return _Claim(
-                event_id=event.id,
-                endpoint_id=endpoint.id,
-                number=event.attempts,
-                url=endpoint.url,
-                payload=dict(event.payload),
-                keys=(),
-                twilio_token=token,
+        )
+    )
+    owner_in_flight = await session.scalar(
+        select(func.count())
+        .select_from(WebhookEvent)
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookEvent.endpoint_id)
+        .where(same_owner, WebhookEvent.in_flight_until > now)
+    )
+    return (in_flight or 0) >= settings.max_in_flight_per_endpoint or (
+        owner_in_flight or 0
+    ) >= settings.max_in_flight_per_owner
+
+
+async def _lease(
+    session: AsyncSession,
+    event: WebhookEvent,
+    endpoint: WebhookEndpoint,
+    now: datetime,
+    settings: EventsSettings,
+) -> _Claim | EventOutcome:
+    """Count the attempt and lease the event for it, with what the attempt signs with."""
+    event.attempts += 1
+    event.in_flight_until = now + timedelta(seconds=attempt_budget_seconds(settings))
+    if event.retry_until is None:
+        event.retry_until = now + timedelta(seconds=settings.retry_window_seconds)
+    if event.format == "twilio":
+        token = await session.scalar(
+            select(TwilioCredential.auth_token).where(
+                TwilioCredential.client_id == endpoint.client_id
             )
-        secrets = await active_secrets(session, Owner.of(endpoint))
+        )
+        if token is None:  # its credentials were withdrawn: nothing to sign with
+            event.status = EventStatus.FAILED.value
+            event.in_flight_until = None
+            event.last_error = "the client has no Twilio credentials to sign the callback"
+            return EventOutcome(EventStatus.FAILED, jobs=await _next_in_line(session, event))
         return _Claim(
             event_id=event.id,
             endpoint_id=endpoint.id,
             number=event.attempts,
             url=endpoint.url,
             payload=dict(event.payload),
-            keys=tuple(secret.secret for secret in secrets),
+            keys=(),
+            twilio_token=token,
         )
+    secrets = await active_secrets(session, Owner.of(endpoint))
+    return _Claim(
+        event_id=event.id,
+        endpoint_id=endpoint.id,
+        number=event.attempts,
+        url=endpoint.url,
+        payload=dict(event.payload),
+        keys=tuple(secret.secret for secret in secrets),
+    )
 
 
 async def _waiting_for_earlier(session: AsyncSession, event: WebhookEvent) -> bool:
@@ -446,12 +463,7 @@ async def post_event(
                 "POST",
                 target,
                 content=body,
-                headers={
-                    "content-type": "application/json",
-                    **headers,
-                    **host_header,
-                    "accept-encoding": "identity",
-                },
+                headers=_request_headers(headers, host_header),
                 extensions=extensions,
             )
             response = await http.send(request, stream=True, follow_redirects=False)
@@ -485,6 +497,24 @@ async def post_event(
         excerpt = await _read_some(response, settings.max_response_bytes, deadline)
     finally:
         await response.aclose()
+    return _answered(response, excerpt, elapsed(), address)
+
+
+def _request_headers(headers: dict[str, str], host_header: dict[str, str]) -> dict[str, str]:
+    """An attempt's headers: JSON unless the event's own say otherwise, the pinned Host, and
+    the body as it is (never compressed: only a bounded excerpt is read)."""
+    return {
+        "content-type": "application/json",
+        **headers,
+        **host_header,
+        "accept-encoding": "identity",
+    }
+
+
+def _answered(
+    response: httpx.Response, excerpt: bytes, latency_ms: int, address: str | None
+) -> AttemptResult:
+    """The attempt's result from the receiver's answer (its status and the start of its body)."""
     status = response.status_code
     kind = classify_status(status)
     error_code = failure = None
@@ -497,7 +527,7 @@ async def post_event(
             failure = f"HTTP {status}: redirect to {location!r} not followed; update the URL"
     return AttemptResult(
         kind,
-        elapsed(),
+        latency_ms,
         error_code=error_code,
         error=failure,
         response_status=status,

@@ -80,25 +80,7 @@ async def receive_inbound(
     match = None
     if sender is not None:
         match = match_keyword(KeywordConfig.model_validate(sender.keywords), inbound.body)
-    inbound_id = await session.scalar(
-        insert(InboundMessage)
-        .values(
-            id=uuid.uuid4(),
-            provider=provider,
-            provider_message_id=inbound.provider_message_id,
-            sender_id=sender.id if sender else None,
-            to=inbound.to,
-            from_=customer or inbound.from_,
-            body=inbound.body,
-            num_segments=inbound.num_segments,
-            keyword=match.keyword if match else None,
-            keyword_category=match.category.value if match else None,
-            language=match.language if match else None,
-            payload=dict(inbound.raw),
-        )
-        .on_conflict_do_nothing(constraint="uq_inbound_provider_message")
-        .returning(InboundMessage.id)
-    )
+    inbound_id = await _store(session, provider, inbound, sender, customer, match)
     if part_ids:
         await _mark_assembled(session, provider, inbound.provider_message_id, part_ids)
     if inbound_id is None:
@@ -121,6 +103,36 @@ async def receive_inbound(
             .values(reply_message_id=reply_id)
         )
     return InboundOutcome(inbound_id=inbound_id, reply_message_id=reply_id)
+
+
+async def _store(
+    session: AsyncSession,
+    provider: str,
+    inbound: InboundSms,
+    sender: Sender | None,
+    customer: str | None,
+    match: KeywordMatch | None,
+) -> uuid.UUID | None:
+    """Insert the message; None when the provider's id was stored already (a redelivery)."""
+    return await session.scalar(
+        insert(InboundMessage)
+        .values(
+            id=uuid.uuid4(),
+            provider=provider,
+            provider_message_id=inbound.provider_message_id,
+            sender_id=sender.id if sender else None,
+            to=inbound.to,
+            from_=customer or inbound.from_,
+            body=inbound.body,
+            num_segments=inbound.num_segments,
+            keyword=match.keyword if match else None,
+            keyword_category=match.category.value if match else None,
+            language=match.language if match else None,
+            payload=dict(inbound.raw),
+        )
+        .on_conflict_do_nothing(constraint="uq_inbound_provider_message")
+        .returning(InboundMessage.id)
+    )
 
 
 async def _act_on_keyword(

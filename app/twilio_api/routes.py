@@ -37,6 +37,7 @@ from app.db.session import AFTER_COMMIT
 from app.delivery.transitions import cancel_queued
 from app.kernel.errors import Forbidden, NotFound, ServiceError, Unauthorized, ValidationFailed
 from app.kernel.errors import problem_responses as _problems
+from app.kernel.settings import Settings
 from app.sending import messages as domain
 from app.sending.accept import Idempotency, Result, SendCommand, accept_messages
 from app.sending.idempotency import check_key, fingerprint
@@ -165,6 +166,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+IdempotencyTokenHeader = Annotated[
+    str | None,
+    Header(
+        alias="I-Twilio-Idempotency-Token",
+        description="As `Idempotency-Key` on `/v1/messages`: a retry with the same token "
+        "and parameters answers the first response and sends nothing new.",
+        examples=["order-1042-shipped"],
+    ),
+]
+
+
 def _form_value(value: str | None) -> str | None:
     return value if value not in (None, "") else None
 
@@ -187,15 +199,7 @@ async def create_message(
     principal: TwilioPrincipalDep,
     acceptor: AcceptorDep,
     form: Annotated[CreateMessageForm, Form()],
-    idempotency_token: Annotated[
-        str | None,
-        Header(
-            alias="I-Twilio-Idempotency-Token",
-            description="As `Idempotency-Key` on `/v1/messages`: a retry with the same token "
-            "and parameters answers the first response and sends nothing new.",
-            examples=["order-1042-shipped"],
-        ),
-    ] = None,
+    idempotency_token: IdempotencyTokenHeader = None,
 ) -> Any:
     """Accept a message, as `POST /v1/messages` does; unknown parameters are ignored."""
     _refuse_unsupported(
@@ -219,20 +223,25 @@ async def create_message(
 
     idempotency = None
     if idempotency_token is not None:
-        key = IDEMPOTENCY_PREFIX + idempotency_token
-        check_key(key)
-        idempotency = Idempotency(
-            key=key,
-            # Marked as this API's: a /v1 request naming the same key with the same body is a
-            # reuse of the key (422), never a replay of this Twilio-shaped answer.
-            fingerprint=fingerprint({"api": "twilio", "request": parameters}),
-            ttl=timedelta(hours=acceptor.settings.idempotency_ttl_hours),
-        )
+        idempotency = _idempotency(idempotency_token, parameters, acceptor.settings)
     response = await accept_messages(
         acceptor, principal, [command], render=render, idempotency=idempotency, batch=False
     )
     headers = {"Idempotent-Replayed": "true"} if response.replayed else {}
     return JSONResponse(response.body, status_code=response.status, headers=headers)
+
+
+def _idempotency(token: str, parameters: dict[str, Any], settings: Settings) -> Idempotency:
+    """The I-Twilio-Idempotency-Token as the pipeline's idempotency key."""
+    key = IDEMPOTENCY_PREFIX + token
+    check_key(key)
+    return Idempotency(
+        key=key,
+        # Marked as this API's: a /v1 request naming the same key with the same body is a
+        # reuse of the key (422), never a replay of this Twilio-shaped answer.
+        fingerprint=fingerprint({"api": "twilio", "request": parameters}),
+        ttl=timedelta(hours=settings.idempotency_ttl_hours),
+    )
 
 
 def _refuse_unsupported(*, send_at: str | None, schedule_type: str | None, media: bool) -> None:
@@ -360,6 +369,44 @@ def _date_query(alias: str, meaning: str) -> Any:
     )
 
 
+ToQuery = Annotated[
+    str | None,
+    Query(alias="To", max_length=40, description="Only to this number.", examples=["+14155550123"]),
+]
+FromQuery = Annotated[
+    str | None,
+    Query(
+        alias="From",
+        max_length=40,
+        description="Only from this sender.",
+        examples=["+14155550100"],
+    ),
+]
+PageSizeQuery = Annotated[
+    int,
+    Query(alias="PageSize", ge=1, le=1000, description="Messages per page.", examples=[50]),
+]
+PageQuery = Annotated[
+    int,
+    Query(
+        alias="Page",
+        ge=0,
+        le=1_000_000,
+        description="The page's number, as `next_page_uri` gives it (with its PageToken).",
+        examples=[0],
+    ),
+]
+PageTokenQuery = Annotated[
+    str | None,
+    Query(
+        alias="PageToken",
+        max_length=200,
+        description="From `next_page_uri`.",
+        examples=["MjAyNi0xMS0yNlQxMDowMDowMCswMDowMHw1YjBl"],
+    ),
+]
+
+
 @router.get(
     "/Messages.json",
     response_model=TwilioMessagePage,
@@ -371,47 +418,14 @@ async def list_messages(
     account_sid: AccountSidPath,
     session: SessionDep,
     principal: TwilioPrincipalDep,
-    to: Annotated[
-        str | None,
-        Query(
-            alias="To", max_length=40, description="Only to this number.", examples=["+14155550123"]
-        ),
-    ] = None,
-    from_: Annotated[
-        str | None,
-        Query(
-            alias="From",
-            max_length=40,
-            description="Only from this sender.",
-            examples=["+14155550100"],
-        ),
-    ] = None,
+    to: ToQuery = None,
+    from_: FromQuery = None,
     date_sent: Annotated[str | None, _date_query("DateSent", "of")] = None,
     date_sent_before: Annotated[str | None, _date_query("DateSent<", "on or before")] = None,
     date_sent_after: Annotated[str | None, _date_query("DateSent>", "on or after")] = None,
-    page_size: Annotated[
-        int,
-        Query(alias="PageSize", ge=1, le=1000, description="Messages per page.", examples=[50]),
-    ] = 50,
-    page: Annotated[
-        int,
-        Query(
-            alias="Page",
-            ge=0,
-            le=1_000_000,
-            description="The page's number, as `next_page_uri` gives it (with its PageToken).",
-            examples=[0],
-        ),
-    ] = 0,
-    page_token: Annotated[
-        str | None,
-        Query(
-            alias="PageToken",
-            max_length=200,
-            description="From `next_page_uri`.",
-            examples=["MjAyNi0xMS0yNlQxMDowMDowMCswMDowMHw1YjBl"],
-        ),
-    ] = None,
+    page_size: PageSizeQuery = 50,
+    page: PageQuery = 0,
+    page_token: PageTokenQuery = None,
 ) -> Any:
     """Your messages, newest first, `PageSize` at a time; follow `next_page_uri`."""
     if page > 0 and page_token is None:
@@ -438,6 +452,21 @@ async def list_messages(
         )
         if value is not None
     }
+    return JSONResponse(
+        _page(result, account_sid, filters, page, page_size, query=request.url.query)
+    )
+
+
+def _page(
+    result: domain.Page,
+    account_sid: str,
+    filters: dict[str, str],
+    page: int,
+    page_size: int,
+    *,
+    query: str,
+) -> dict[str, Any]:
+    """A ListMessage page, with the URIs of its first and next pages (same filters)."""
     path = f"/{twilio.API_VERSION}/Accounts/{account_sid}/Messages.json"
 
     def uri(**extra: Any) -> str:
@@ -445,21 +474,19 @@ async def list_messages(
 
     messages = [twilio.resource(message, account_sid) for message in result.items]
     start = page * page_size
-    return JSONResponse(
-        {
-            "messages": messages,
-            "end": start + max(len(messages) - 1, 0),
-            "first_page_uri": uri(Page=0),
-            "next_page_uri": (
-                uri(Page=page + 1, PageToken=result.next_cursor) if result.next_cursor else None
-            ),
-            "previous_page_uri": None,
-            "page": page,
-            "page_size": page_size,
-            "start": start,
-            "uri": f"{path}?{request.url.query}" if request.url.query else path,
-        }
-    )
+    return {
+        "messages": messages,
+        "end": start + max(len(messages) - 1, 0),
+        "first_page_uri": uri(Page=0),
+        "next_page_uri": (
+            uri(Page=page + 1, PageToken=result.next_cursor) if result.next_cursor else None
+        ),
+        "previous_page_uri": None,
+        "page": page,
+        "page_size": page_size,
+        "start": start,
+        "uri": f"{path}?{query}" if query else path,
+    }
 
 
 def _date_range(

@@ -238,6 +238,15 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         raise
+    outcomes = _outcomes(ctx, finished)
+    await _defer_retries(ctx, outcomes)
+    return sum(outcome.status is MessageStatus.SENT for outcome in outcomes.values())
+
+
+def _outcomes(
+    ctx: dict[str, Any], finished: list[dict[uuid.UUID, Outcome] | BaseException]
+) -> dict[uuid.UUID, Outcome]:
+    """The chunks' outcomes together; a chunk that failed is reported, and the others count."""
     outcomes: dict[uuid.UUID, Outcome] = {}
     for done in finished:
         if isinstance(done, BaseException):
@@ -250,6 +259,11 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
                 log.error("delivery of a chunk failed", exc_info=done)
             continue
         outcomes |= done
+    return outcomes
+
+
+async def _defer_retries(ctx: dict[str, Any], outcomes: dict[uuid.UUID, Outcome]) -> None:
+    """A deferred job for each message that must wait before its next try."""
     try:
         for message_id, outcome in outcomes.items():
             if outcome.retry_in is not None:
@@ -261,7 +275,6 @@ async def deliver_ids(ctx: dict[str, Any], message_ids: list[str]) -> int:
                 )
     except (RedisError, OSError) as error:  # still queued in PostgreSQL: the sweep retries them
         REDIS.failed(error, action="retry enqueue; the sweep will retry")
-    return sum(outcome.status is MessageStatus.SENT for outcome in outcomes.values())
 
 
 async def fake_status_report(ctx: dict[str, Any], params: dict[str, str]) -> bool:
