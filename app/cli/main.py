@@ -217,31 +217,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from arq.worker import check_health
+    from app.worker.entry import run
 
-    from app.kernel.logs import configure_logging
-    from app.worker.events import EventsWorkerSettings
-    from app.worker.resilience import ResilientWorker, run_worker
-    from app.worker.tasks import WorkerSettings, run_delivery_worker
-
-    worker_settings = EventsWorkerSettings if args.queue == "events" else WorkerSettings
-    settings = get_settings()
-    configure_logging(
-        settings.log_level, settings.log_format, redact=not settings.log_message_bodies
-    )
-    if args.check:
-        healthy = check_health(worker_settings) == 0  # type: ignore[arg-type]
-        sys.stdout.write("healthy\n" if healthy else "no worker reported recently\n")
-        raise SystemExit(0 if healthy else 1)
-    # uvloop, as uvicorn uses for the API (arq takes the current loop).
-    import uvloop
-
-    asyncio.set_event_loop(uvloop.new_event_loop())
-    if args.queue == "events":
-        # Outlives Redis and PostgreSQL outages, as the delivery worker does.
-        run_worker(worker_settings, ResilientWorker)
-    else:
-        run_delivery_worker()
+    run(args.queue, check=args.check)
 
 
 def _migrate(args: argparse.Namespace) -> None:
