@@ -22,7 +22,7 @@ from app.kernel.errors import PROBLEM_JSON, Forbidden, NotFound, ValidationFaile
 from app.kernel.metrics import WEBHOOK_VERIFICATION_FAILURES
 from app.kernel.settings import Settings
 from app.providers.base import CallbackRequest, InvalidCallback, Provider
-from app.providers.registry import EMPTY_TWIML, PROVIDERS, WebhookReply
+from app.providers.registry import PROVIDERS, WebhookReply
 from app.web.deps import ProvidersDep, SessionDep, SettingsDep, StatusRecorderDep
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,29 @@ _RESPONSES = {
     **_ERRORS,
     204: {"description": "Recorded (or a duplicate, or for an unknown message)."},
 }
-_INBOUND_RESPONSES = {
-    **_ERRORS,
-    200: {
-        "description": "Recorded; Twilio is answered an empty TwiML response.",
-        "content": {"text/xml": {"example": EMPTY_TWIML}},
-    },
-    204: {"description": "Recorded (the other providers)."},
-}
+
+
+def _inbound_responses() -> dict[int | str, dict[str, Any]]:
+    """The inbound answers: 204, and each reply a provider's entry asks for instead (Twilio's
+    empty TwiML), documented from the registry."""
+    responses: dict[int | str, dict[str, Any]] = {
+        **_ERRORS,
+        204: {"description": "Recorded (providers that want no body back)."},
+    }
+    for entry in PROVIDERS:
+        reply = entry.webhooks.inbound_reply
+        if reply.status_code == 204 or not entry.webhooks.inbound:
+            continue
+        documented = responses.setdefault(
+            reply.status_code,
+            {"description": "Recorded; answered as the provider expects.", "content": {}},
+        )
+        documented["description"] += f" {entry.name}: {reply.media_type}."
+        documented["content"][reply.media_type or "text/plain"] = {"example": reply.body}
+    return responses
+
+
+_INBOUND_RESPONSES = _inbound_responses()
 
 
 class _WebhookProviders:
