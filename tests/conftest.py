@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel, SecretStr
 from redis.asyncio import Redis
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
@@ -25,8 +26,12 @@ from app.db.migrations import migrate
 from app.db.models import Base, Client, Sender, SenderClient
 from app.db.session import SessionFactory, create_engine, create_session_factory
 from app.kernel.secrets import Keyring, install
-from app.kernel.settings import FakeProviderSettings, Settings, TwilioSettings, VonageSettings
+from app.kernel.settings import Settings
 from app.main import create_app
+from app.providers.fake import FakeProviderSettings
+from app.providers.registry import PROVIDERS
+from app.providers.twilio import TwilioSettings
+from app.providers.vonage import VonageSettings
 from app.senders.keywords import KeywordConfig
 from tests.netguard import NetworkGuard
 
@@ -57,19 +62,25 @@ def owned_database_url() -> str:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Settings pointing at the test database and Redis, with test provider credentials."""
+    """Settings pointing at the test database and Redis, with test provider credentials
+    (a provider's group, `twilio=TwilioSettings(...)`, may be overridden like any field)."""
+    sections: dict[str, BaseModel] = {
+        "twilio": TwilioSettings(account_sid=TWILIO_SID, auth_token=SecretStr(TWILIO_TOKEN)),
+        "vonage": VonageSettings(
+            api_key="vonage01",  # exactly 8 characters, as Vonage's API description wants
+            api_secret=SecretStr("vonage-secret"),
+            signature_secret=SecretStr(VONAGE_SIGNATURE_SECRET),
+            signature_method="sha256",
+        ),
+        "fake": FakeProviderSettings(delivery_delay_seconds=0.0),
+    }
+    for name in list(overrides):
+        if isinstance(overrides[name], BaseModel) and PROVIDERS.get(name) is not None:
+            sections[name] = overrides.pop(name)
     values: dict[str, Any] = {
         "database_url": owned_database_url(),
         "redis_url": TEST_REDIS_URL,
         "public_base_url": PUBLIC_BASE_URL,
-        "twilio": TwilioSettings(account_sid=TWILIO_SID, auth_token=TWILIO_TOKEN),
-        "vonage": VonageSettings(
-            api_key="vonage01",  # exactly 8 characters, as Vonage's API description wants
-            api_secret="vonage-secret",
-            signature_secret=VONAGE_SIGNATURE_SECRET,
-            signature_method="sha256",
-        ),
-        "fake": FakeProviderSettings(delivery_delay_seconds=0.0),
         "retry_base_delay_seconds": 0.01,
         "worker_metrics_port": 0,
         "events_worker_metrics_port": 0,
@@ -80,7 +91,7 @@ def make_settings(**overrides: Any) -> Settings:
         "secrets_key": SECRETS_KEY,
     }
     values.update(overrides)
-    return Settings(**values)
+    return Settings(**values).with_sections(**sections)
 
 
 # NETWORK_GUARD=1 puts every test under the guard; otherwise the tests marked `network_guard`.

@@ -23,10 +23,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, OptOut
-from app.kernel.settings import TwilioSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import CallbackRequest, Encoding, OutboundSms
-from app.providers.twilio import MESSAGE_SID_PATTERN, TwilioProvider
+from app.providers.twilio import MESSAGE_SID_PATTERN, TwilioProvider, TwilioSettings
 from bench.anchor import QUEUE_KEY, Anchor
 from bench.baselines import loop
 from bench.cpu import descendants, postgres_cpu, process_cpu, tree_cpu

@@ -242,3 +242,28 @@ async def test_a_downgrade_past_key_expiry_revokes_the_keys_that_expire(
             assert list(working) == ["sk_kept"]
     finally:
         await engine.dispose()
+
+
+async def check_constraints(engine: AsyncEngine, table: str) -> dict[str, str]:
+    """The CHECK constraints of a table, by name, as PostgreSQL prints them."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = CAST(:table AS regclass) AND contype = 'c'"
+            ),
+            {"table": table},
+        )
+        return {str(name): str(definition) for name, definition in rows}
+
+
+async def test_provider_names_are_not_listed_in_the_schema(engine: AsyncEngine) -> None:
+    """Providers come from the registry: no constraint names them, so a new one needs no
+    migration; a fallback equal to the provider is still refused by the database."""
+    checks = await check_constraints(engine, "senders")
+
+    assert "ck_senders_provider" not in checks
+    assert checks["ck_senders_fallback_provider"] == (
+        "CHECK (((fallback_provider)::text <> (provider)::text))"
+    )
+    assert not any("twilio" in definition for definition in checks.values())

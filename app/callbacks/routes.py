@@ -1,26 +1,103 @@
-"""Provider status callbacks: verify the signature, record the report, acknowledge."""
+"""Provider webhooks: verify the signature, record the report or the message, acknowledge.
+
+The routes are generic (`/v1/webhooks/{provider}/status` and `/inbound`): which providers take
+them, with which methods, and what they are answered is each provider's registry entry
+(app.providers.registry), and the adapter verifies and parses the call.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+from starlette.exceptions import HTTPException
 
 from app.inbound.service import receive_inbound
-from app.kernel.errors import Forbidden, ValidationFailed, problem_responses
+from app.kernel.errors import PROBLEM_JSON, Forbidden, NotFound, ValidationFailed, problem_responses
 from app.kernel.metrics import WEBHOOK_VERIFICATION_FAILURES
 from app.kernel.settings import Settings
 from app.providers.base import CallbackRequest, InvalidCallback, Provider
+from app.providers.registry import PROVIDERS, WebhookReply
 from app.web.deps import ProvidersDep, SessionDep, SettingsDep, StatusRecorderDep
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
+_METHOD_NOT_ALLOWED: dict[str, Any] = {
+    "description": "Method Not Allowed: this provider calls the webhook with another method.",
+    "content": {
+        PROBLEM_JSON: {
+            "schema": {"$ref": "#/components/schemas/Problem"},
+            "example": {
+                "type": "about:blank",
+                "title": "Method Not Allowed",
+                "status": 405,
+                "code": "method_not_allowed",
+                "detail": "Method Not Allowed",
+            },
+        }
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **problem_responses(Forbidden, NotFound, ValidationFailed),
+    405: _METHOD_NOT_ALLOWED,
+}
 _RESPONSES = {
-    **problem_responses(Forbidden, ValidationFailed),
+    **_ERRORS,
     204: {"description": "Recorded (or a duplicate, or for an unknown message)."},
 }
+
+
+def _inbound_responses() -> dict[int | str, dict[str, Any]]:
+    """The inbound answers: 204, and each reply a provider's entry asks for instead (Twilio's
+    empty TwiML), documented from the registry."""
+    responses: dict[int | str, dict[str, Any]] = {
+        **_ERRORS,
+        204: {"description": "Recorded (providers that want no body back)."},
+    }
+    for entry in PROVIDERS:
+        reply = entry.webhooks.inbound_reply
+        if reply.status_code == 204 or not entry.webhooks.inbound:
+            continue
+        documented = responses.setdefault(
+            reply.status_code,
+            {"description": "Recorded; answered as the provider expects.", "content": {}},
+        )
+        documented["description"] += f" {entry.name}: {reply.media_type}."
+        documented["content"][reply.media_type or "text/plain"] = {"example": reply.body}
+    return responses
+
+
+_INBOUND_RESPONSES = _inbound_responses()
+
+
+class _WebhookProviders:
+    """The path parameter's JSON schema: the providers taking webhooks when the OpenAPI
+    document is built (an unregistered name is a 404 problem, not a 422)."""
+
+    def __get_pydantic_core_schema__(
+        self, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return handler(source)
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["enum"] = PROVIDERS.with_webhooks()
+        return json_schema
+
+
+ProviderPath = Annotated[
+    str,
+    _WebhookProviders(),
+    Path(description="The provider calling, as registered.", examples=["twilio"]),
+]
 
 
 async def _callback_request(request: Request, public_base_url: str) -> CallbackRequest:
@@ -51,10 +128,26 @@ async def _callback_request(request: Request, public_base_url: str) -> CallbackR
     )
 
 
+def _accepting(provider_name: str, kind: str, method: str) -> WebhookReply:
+    """What a registered provider's webhook of this kind is answered with, once it is known to
+    take it with this method; else 404 (no such provider or webhook) or 405 (another method)."""
+    entry = PROVIDERS.get(provider_name)
+    methods = () if entry is None else getattr(entry.webhooks, kind)
+    if not methods:
+        raise NotFound(
+            "unknown_provider", f"no provider named {provider_name!r} takes {kind} webhooks"
+        )
+    if method not in methods:
+        raise HTTPException(405, headers={"Allow": ", ".join(methods)})
+    assert entry is not None
+    return entry.webhooks.inbound_reply if kind == "inbound" else WebhookReply()
+
+
 async def _verified(
     provider_name: str, request: Request, providers: dict[str, Provider], public_base_url: str
 ) -> tuple[Provider, CallbackRequest]:
-    """The provider and its callback, once the signature checks out; else 403."""
+    """The provider and its callback, once the signature checks out; else 403 (also for a
+    registered provider this process has no credentials for)."""
     provider = providers.get(provider_name)
     callback = await _callback_request(request, public_base_url)
     if provider is None or not provider.verify_callback(callback):
@@ -73,6 +166,7 @@ async def _handle_status(
     providers: dict[str, Provider],
     public_base_url: str,
 ) -> Response:
+    reply = _accepting(provider_name, "status", request.method)
     provider, callback = await _verified(provider_name, request, providers, public_base_url)
     try:
         report = provider.parse_status_callback(callback)
@@ -83,31 +177,39 @@ async def _handle_status(
             "status report for an unknown message",
             extra={"provider": provider_name, "provider_message_id": report.provider_message_id},
         )
-    return Response(status_code=204)
+    return _reply(reply)
 
 
-@router.post("/twilio/status", status_code=204, responses=_RESPONSES)
-async def twilio_status(
-    request: Request, record: StatusRecorderDep, providers: ProvidersDep, settings: SettingsDep
+def _reply(reply: WebhookReply) -> Response:
+    if reply.status_code == 204:
+        return Response(status_code=204)
+    return Response(reply.body, status_code=reply.status_code, media_type=reply.media_type)
+
+
+@router.post("/{provider}/status", status_code=204, responses=_RESPONSES)
+async def provider_status(
+    provider: ProviderPath,
+    request: Request,
+    record: StatusRecorderDep,
+    providers: ProvidersDep,
+    settings: SettingsDep,
 ) -> Response:
-    """Twilio's StatusCallback (form-encoded, signed with X-Twilio-Signature)."""
-    return await _handle_status("twilio", request, record, providers, settings.public_base_url)
+    """A provider's delivery report (Twilio's StatusCallback, form-encoded, signed with
+    X-Twilio-Signature; Vonage's receipt, form or JSON fields, signed with `sig`)."""
+    return await _handle_status(provider, request, record, providers, settings.public_base_url)
 
 
-@router.get("/vonage/status", status_code=204, responses=_RESPONSES)
-async def vonage_status_get(
-    request: Request, record: StatusRecorderDep, providers: ProvidersDep, settings: SettingsDep
+@router.get("/{provider}/status", status_code=204, responses=_RESPONSES)
+async def provider_status_get(
+    provider: ProviderPath,
+    request: Request,
+    record: StatusRecorderDep,
+    providers: ProvidersDep,
+    settings: SettingsDep,
 ) -> Response:
-    """Vonage's delivery receipt as a GET (query parameters, signed with `sig`)."""
-    return await _handle_status("vonage", request, record, providers, settings.public_base_url)
-
-
-@router.post("/vonage/status", status_code=204, responses=_RESPONSES)
-async def vonage_status_post(
-    request: Request, record: StatusRecorderDep, providers: ProvidersDep, settings: SettingsDep
-) -> Response:
-    """Vonage's delivery receipt as a POST (form or JSON fields, signed with `sig`)."""
-    return await _handle_status("vonage", request, record, providers, settings.public_base_url)
+    """A delivery report as a GET, for providers that call so (Vonage: query parameters,
+    signed with `sig`); 405 for the others."""
+    return await _handle_status(provider, request, record, providers, settings.public_base_url)
 
 
 async def _handle_inbound(
@@ -116,7 +218,8 @@ async def _handle_inbound(
     session: SessionDep,
     providers: dict[str, Provider],
     settings: Settings,
-) -> None:
+) -> Response:
+    reply = _accepting(provider_name, "inbound", request.method)
     provider, callback = await _verified(
         provider_name, request, providers, settings.public_base_url
     )
@@ -131,45 +234,30 @@ async def _handle_inbound(
         default_region=settings.default_region,
         opt_out_scope=settings.opt_out_scope,
     )
+    return _reply(reply)
 
 
-# Twilio reads the response as TwiML; an empty <Response> sends nothing back by itself, since
-# replies go through our own outbound path (each with an id and a status).
-EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
-
-
-@router.post(
-    "/twilio/inbound",
-    response_class=Response,
-    responses={
-        **problem_responses(Forbidden, ValidationFailed),
-        200: {
-            "description": "Recorded; an empty TwiML response.",
-            "content": {"text/xml": {"example": EMPTY_TWIML}},
-        },
-    },
-)
-async def twilio_inbound(
-    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+@router.post("/{provider}/inbound", response_class=Response, responses=_INBOUND_RESPONSES)
+async def provider_inbound(
+    provider: ProviderPath,
+    request: Request,
+    session: SessionDep,
+    providers: ProvidersDep,
+    settings: SettingsDep,
 ) -> Response:
-    """A customer's message to one of our Twilio numbers (form-encoded, signed)."""
-    await _handle_inbound("twilio", request, session, providers, settings)
-    return Response(EMPTY_TWIML, media_type="text/xml")
+    """A customer's message to one of our numbers (Twilio: form-encoded, signed, answered with
+    empty TwiML; Vonage: form or JSON, signed with `sig`)."""
+    return await _handle_inbound(provider, request, session, providers, settings)
 
 
-@router.get("/vonage/inbound", status_code=204, responses=_RESPONSES)
-async def vonage_inbound_get(
-    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
+@router.get("/{provider}/inbound", response_class=Response, responses=_INBOUND_RESPONSES)
+async def provider_inbound_get(
+    provider: ProviderPath,
+    request: Request,
+    session: SessionDep,
+    providers: ProvidersDep,
+    settings: SettingsDep,
 ) -> Response:
-    """A customer's message to one of our Vonage numbers, as a GET (signed with `sig`)."""
-    await _handle_inbound("vonage", request, session, providers, settings)
-    return Response(status_code=204)
-
-
-@router.post("/vonage/inbound", status_code=204, responses=_RESPONSES)
-async def vonage_inbound_post(
-    request: Request, session: SessionDep, providers: ProvidersDep, settings: SettingsDep
-) -> Response:
-    """A customer's message to one of our Vonage numbers, as a POST (form or JSON, signed)."""
-    await _handle_inbound("vonage", request, session, providers, settings)
-    return Response(status_code=204)
+    """A customer's message as a GET, for providers that call so (Vonage, signed with `sig`);
+    405 for the others."""
+    return await _handle_inbound(provider, request, session, providers, settings)

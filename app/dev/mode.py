@@ -126,7 +126,7 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
     from app.db.session import create_engine, create_session_factory
     from app.kernel.errors import Unauthorized
     from app.senders.keywords import KeywordConfig
-    from app.senders.service import ProviderName, SenderKind, create_sender, grant_sender
+    from app.senders.service import SenderKind, create_sender, grant_sender
 
     engine = create_engine(database_url, pool_size=1)
     try:
@@ -137,13 +137,13 @@ async def prepare_database(database_url: str, data_dir: Path, default_region: st
                     session,
                     address=DEV_SENDER,
                     kind=SenderKind.LONG_CODE,
-                    provider=ProviderName.FAKE,
+                    provider="fake",
                     description="development sender (smsgate dev)",
                     default_region=default_region,
                     keywords=KeywordConfig.model_validate(dev_keywords()),
                 )
                 say(f"Created the development sender {DEV_SENDER} (fake provider).")
-            elif sender.provider != ProviderName.FAKE:
+            elif sender.provider != "fake":
                 say(f"Note: sender {DEV_SENDER} exists and uses {sender.provider}, not fake.")
             raw_key = read_api_key(data_dir)
             created = False

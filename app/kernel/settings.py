@@ -1,43 +1,19 @@
 """Configuration, read once from the environment (and an optional `.env` file).
 
-Nested groups use `__` in variable names: `TWILIO__AUTH_TOKEN` sets `settings.twilio.auth_token`.
-Every variable is listed with its default in README.md.
+Nested groups use `__` in variable names: `EVENTS__ALLOW_HTTP` sets `settings.events.allow_http`.
+Each provider's group (`TWILIO__AUTH_TOKEN`, ...) is declared by its adapter, not here: the
+provider registry asks `Settings.section` for it by name, so adding a provider touches no
+kernel file. Every variable is listed with its default in README.md.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr
+from pydantic import BaseModel, Field, IPvAnyNetwork, PrivateAttr, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-class TwilioSettings(BaseModel):
-    """Twilio Programmable Messaging (REST API 2010-04-01)."""
-
-    account_sid: str = ""
-    auth_token: SecretStr = SecretStr("")
-    base_url: str = "https://api.twilio.com"
-
-
-class VonageSettings(BaseModel):
-    """Vonage SMS API (`/sms/json`) with signed callbacks."""
-
-    api_key: str = ""
-    api_secret: SecretStr = SecretStr("")
-    signature_secret: SecretStr = SecretStr("")
-    signature_method: Literal["md5hash", "md5", "sha1", "sha256", "sha512"] = "md5hash"
-    base_url: str = "https://rest.nexmo.com"
-    # Signed callbacks older than this are refused (replay protection).
-    signature_max_age_seconds: int = 300
-
-
-class FakeProviderSettings(BaseModel):
-    """The built-in provider that accepts everything and reports delivery later."""
-
-    delivery_delay_seconds: float = 1.0
 
 
 class EventsSettings(BaseModel):
@@ -91,12 +67,35 @@ class RetentionSettings(BaseModel):
     max_batches_per_run: int = Field(default=100, ge=1)
 
 
+Section = TypeVar("Section", bound=BaseModel)
+
+_CONFIG = SettingsConfigDict(
+    env_file=".env", env_nested_delimiter="__", extra="ignore", case_sensitive=False
+)
+
+
 class Settings(BaseSettings):
     """The service's whole configuration."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env", env_nested_delimiter="__", extra="ignore", case_sensitive=False
-    )
+    model_config = _CONFIG
+
+    # Groups named at run time (a provider's `TWILIO__*`), given or read once, by name.
+    _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    def section(self, name: str, model: type[Section]) -> Section:
+        """The group `name` (variables `NAME__FIELD`), as given to `with_sections` or else read
+        from the environment and `.env` on first use, exactly as a nested field would be."""
+        found = self._sections.get(name)
+        if not isinstance(found, model):
+            found = _read_section(name, model)
+            self._sections[name] = found
+        return found
+
+    def with_sections(self, **sections: BaseModel) -> Settings:
+        """A copy with these groups given instead of read (tests, tools)."""
+        copy = self.model_copy()
+        copy._sections = {**self._sections, **sections}
+        return copy
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/smsgate"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -186,11 +185,29 @@ class Settings(BaseSettings):
     # development API key (relative to the working directory).
     dev_data_dir: Path = Path(".data")
 
-    twilio: TwilioSettings = TwilioSettings()
-    vonage: VonageSettings = VonageSettings()
-    fake: FakeProviderSettings = FakeProviderSettings()
     events: EventsSettings = EventsSettings()
     retention: RetentionSettings = RetentionSettings()
+
+
+@lru_cache
+def _section_reader(name: str, model: type[BaseModel]) -> type[BaseSettings]:
+    """A settings class with the one nested field `name`: the same sources and `__` parsing as
+    `Settings` itself, so `NAME__FIELD` means what it would as a field of `Settings`."""
+    fields: dict[str, Any] = {name: (model, Field(default_factory=model))}
+    reader: type[BaseSettings] = create_model(
+        f"{model.__name__}Reader", __base__=_SectionReaderBase, **fields
+    )
+    return reader
+
+
+class _SectionReaderBase(BaseSettings):
+    model_config = _CONFIG
+
+
+def _read_section(name: str, model: type[Section]) -> Section:
+    value = getattr(_section_reader(name, model)(), name)
+    assert isinstance(value, model)
+    return value
 
 
 def provider_call_budget_seconds(settings: Settings) -> float:

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Protocol
 
-from app.kernel.settings import FakeProviderSettings
+from pydantic import BaseModel
+
 from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
@@ -46,6 +47,12 @@ _STATUS_MAP: dict[str, MessageStatus] = {
     "undelivered": MessageStatus.UNDELIVERED,
     "failed": MessageStatus.FAILED,
 }
+
+
+class FakeProviderSettings(BaseModel):
+    """The built-in provider that accepts everything and reports delivery later: `FAKE__*`."""
+
+    delivery_delay_seconds: float = 1.0
 
 
 class FakeProvider(Provider):

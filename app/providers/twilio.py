@@ -28,8 +28,8 @@ from typing import Any, ClassVar, Final, Literal, overload
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
+from pydantic import BaseModel, SecretStr
 
-from app.kernel.settings import TwilioSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
@@ -159,6 +159,14 @@ def compute_signature(auth_token: str, url: str, params: Mapping[str, str]) -> s
     payload_bytes = payload.encode("utf-8", "surrogatepass")
     digest = hmac.new(auth_token.encode(), payload_bytes, hashlib.sha1).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+class TwilioSettings(BaseModel):
+    """Twilio Programmable Messaging (REST API 2010-04-01): `TWILIO__*`."""
+
+    account_sid: str = ""
+    auth_token: SecretStr = SecretStr("")
+    base_url: str = "https://api.twilio.com"
 
 
 class TwilioProvider(Provider):

@@ -22,11 +22,11 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Literal
 
 import httpx
+from pydantic import BaseModel, SecretStr
 
-from app.kernel.settings import VonageSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
@@ -179,6 +179,18 @@ def compute_signature(params: Mapping[str, str], secret: str, method: str) -> st
     return hmac.new(secret.encode(), base, method).hexdigest()
 
 
+class VonageSettings(BaseModel):
+    """Vonage SMS API (`/sms/json`) with signed callbacks: `VONAGE__*`."""
+
+    api_key: str = ""
+    api_secret: SecretStr = SecretStr("")
+    signature_secret: SecretStr = SecretStr("")
+    signature_method: Literal["md5hash", "md5", "sha1", "sha256", "sha512"] = "md5hash"
+    base_url: str = "https://rest.nexmo.com"
+    # Signed callbacks older than this are refused (replay protection).
+    signature_max_age_seconds: int = 300
+
+
 class VonageProvider(Provider):
     """Sends through the Vonage SMS API and reads its signed delivery receipts and inbound SMS."""
 
@@ -325,6 +337,24 @@ def _uuid_or_none(value: str | None) -> uuid.UUID | None:
 
 def _accepted_or_raise(response: httpx.Response) -> Accepted:
     """Classify a send response: `Accepted` only when every part has status "0"."""
+    _raise_for_http_status(response)
+    parts = _parts(response)
+    if parts is None:
+        # A 200 means Vonage handled the request; without a readable body we cannot tell
+        # whether it accepted the message, so it must not be resent blindly.
+        raise ProviderError(
+            ErrorKind.UNKNOWN_OUTCOME,
+            f"unreadable Vonage response: {response.text[:200]!r}",
+        )
+    failed = [part for part in parts if str(part.get("status")) != "0"]
+    if not failed:
+        return _accepted_parts(parts)
+    raise _refusal(parts, failed)
+
+
+def _raise_for_http_status(response: httpx.Response) -> None:
+    """Raise for any answer but HTTP 200: a 504 may hide an acceptance, a 429 or other 5xx is
+    retried, anything else is a refusal of the request itself."""
     status_code = response.status_code
     if status_code == 504:
         # A gateway timeout may come after Vonage took the message: never resend blindly.
@@ -349,32 +379,30 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
             f"Vonage refused the request: HTTP {status_code} {response.text[:200]}",
             code=f"http_{status_code}",
         )
-    parts = _parts(response)
-    if parts is None:
-        # A 200 means Vonage handled the request; without a readable body we cannot tell
-        # whether it accepted the message, so it must not be resent blindly.
+
+
+def _accepted_parts(parts: list[Mapping[str, Any]]) -> Accepted:
+    """Every part accepted: the first part's id, with every part's id for a long message."""
+    part_ids = [part.get("message-id") for part in parts]
+    if not all(isinstance(part_id, str) and part_id for part_id in part_ids):
         raise ProviderError(
-            ErrorKind.UNKNOWN_OUTCOME,
-            f"unreadable Vonage response: {response.text[:200]!r}",
+            ErrorKind.UNKNOWN_OUTCOME, "Vonage accepted the message without a message-id"
         )
-    failed = [part for part in parts if str(part.get("status")) != "0"]
-    if not failed:
-        part_ids = [part.get("message-id") for part in parts]
-        if not all(isinstance(part_id, str) and part_id for part_id in part_ids):
-            raise ProviderError(
-                ErrorKind.UNKNOWN_OUTCOME, "Vonage accepted the message without a message-id"
-            )
-        # Each part has its own id and its own receipt (each echoing our client-ref); the
-        # message settles from all of them (app.delivery.parts).
-        ids = tuple(str(part_id) for part_id in part_ids)
-        return Accepted(provider_message_id=ids[0], part_ids=ids if len(ids) > 1 else ())
+    # Each part has its own id and its own receipt (each echoing our client-ref); the
+    # message settles from all of them (app.delivery.parts).
+    ids = tuple(str(part_id) for part_id in part_ids)
+    return Accepted(provider_message_id=ids[0], part_ids=ids if len(ids) > 1 else ())
+
+
+def _refusal(parts: list[Mapping[str, Any]], failed: list[Mapping[str, Any]]) -> ProviderError:
+    """The error for a response with refused parts, named by the first refused part."""
     first = next(n for n, part in enumerate(parts, 1) if str(part.get("status")) != "0")
     status = str(failed[0].get("status"))
     text = failed[0].get("error-text") or SEND_STATUS_TEXT.get(status, "undocumented status")
     if len(failed) < len(parts):
         # Some parts are already on their way: resending would duplicate them on the handset,
         # so the message fails, with a code that says part of it may have reached the phone.
-        raise ProviderError(
+        return ProviderError(
             ErrorKind.PERMANENT,
             f"partially sent: {len(parts) - len(failed)} of {len(parts)} parts accepted; "
             f"part {first} refused with status {status}: {text}",
@@ -382,7 +410,7 @@ def _accepted_or_raise(response: httpx.Response) -> Accepted:
         )
     # An undocumented non-zero status still means "not accepted"; failing is the safe default.
     kind = SEND_STATUS_KINDS.get(status, ErrorKind.PERMANENT)
-    raise ProviderError(
+    return ProviderError(
         kind,
         f"status {status}: {text}",
         code=status,

@@ -15,8 +15,9 @@ from pydantic import (
 
 from app.db.models import Sender
 from app.kernel.text import StorableStr
+from app.providers.registry import ProviderName
 from app.senders.keywords import KeywordConfig, missing_replies
-from app.senders.service import ProviderName, SenderKind
+from app.senders.service import SenderKind
 
 _SENDER_EXAMPLE: dict[str, Any] = {
     "id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b",
@@ -119,8 +120,8 @@ class SenderOut(BaseModel):
     id: uuid.UUID
     address: str
     kind: SenderKind
-    provider: ProviderName
-    fallback_provider: ProviderName | None = Field(
+    provider: str = Field(description="A registered provider's name.", examples=["twilio"])
+    fallback_provider: str | None = Field(
         description="Where messages go while the provider's circuit breaker is open."
     )
     rate_per_second: float = Field(description="Messages per second, across all workers.")
@@ -141,10 +142,8 @@ class SenderOut(BaseModel):
             id=sender.id,
             address=sender.address,
             kind=SenderKind(sender.kind),
-            provider=ProviderName(sender.provider),
-            fallback_provider=(
-                ProviderName(sender.fallback_provider) if sender.fallback_provider else None
-            ),
+            provider=sender.provider,
+            fallback_provider=sender.fallback_provider,
             rate_per_second=sender.rate_per_second,
             description=sender.description,
             keywords=keywords,

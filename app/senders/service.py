@@ -17,6 +17,7 @@ from app.db.models import Client, Sender, SenderClient
 from app.kernel.errors import Conflict, NotFound, ValidationFailed
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.sender_rates import default_rate
+from app.providers.registry import PROVIDERS
 from app.senders.keywords import KeywordConfig
 
 
@@ -35,14 +36,6 @@ class Unchanged(Enum):
 
 
 UNCHANGED: Final = Unchanged.UNCHANGED
-
-
-class ProviderName(StrEnum):
-    """The providers a sender can be bound to."""
-
-    TWILIO = "twilio"
-    VONAGE = "vonage"
-    FAKE = "fake"
 
 
 PHONE_LIKE = re.compile(r"^\+?[0-9 ().-]+$")
@@ -76,23 +69,23 @@ async def create_sender(
     *,
     address: str,
     kind: SenderKind,
-    provider: ProviderName,
+    provider: str,
     description: str | None,
     default_region: str,
     keywords: KeywordConfig | None = None,
     rate_per_second: float | None = None,
-    fallback_provider: ProviderName | None = None,
+    fallback_provider: str | None = None,
 ) -> Sender:
     """Add a sender; its address must be unique. Keywords default to the built-in sets, the
     rate to what its kind allows by default (`app.kernel.sender_rates.default_rate`)."""
-    _check_fallback(provider, fallback_provider)
+    _check_providers(provider, fallback_provider)
     canonical = normalize_sender_address(kind, address, default_region)
     sender = Sender(
         id=uuid.uuid4(),
         address=canonical,
         kind=kind.value,
-        provider=provider.value,
-        fallback_provider=fallback_provider.value if fallback_provider else None,
+        provider=provider,
+        fallback_provider=fallback_provider,
         rate_per_second=rate_per_second or default_rate(kind.value, canonical),
         description=description,
         keywords=(keywords or KeywordConfig()).model_dump(mode="json"),
@@ -106,8 +99,17 @@ async def create_sender(
     return sender
 
 
-def _check_fallback(provider: ProviderName | str, fallback: ProviderName | str | None) -> None:
-    if fallback is not None and str(fallback) == str(provider):
+def _check_providers(provider: str, fallback: str | None) -> None:
+    """Both name registered providers (app.providers.registry: the database keeps no list of
+    them), and differ."""
+    for field, name in (("provider", provider), ("fallback_provider", fallback)):
+        if name is not None and PROVIDERS.get(name) is None:
+            raise ValidationFailed.for_field(
+                "invalid_sender",
+                field,
+                f"unknown provider {name!r}; one of: {', '.join(PROVIDERS.names())}",
+            )
+    if fallback is not None and fallback == provider:
         raise ValidationFailed.for_field(
             "invalid_sender", "fallback_provider", "must differ from the sender's provider"
         )
@@ -241,27 +243,25 @@ async def update_sender(
     session: AsyncSession,
     sender_id: uuid.UUID,
     *,
-    provider: ProviderName | None,
+    provider: str | None,
     description: str | None,
     keywords: KeywordConfig | None = None,
     rate_per_second: float | None = None,
-    fallback_provider: ProviderName | Unchanged | None = UNCHANGED,
+    fallback_provider: str | Unchanged | None = UNCHANGED,
 ) -> Sender:
     """Change a sender's provider, description, keywords, rate or fallback provider (its
     address and kind are its identity). None leaves a field as it is, except for the fallback
     provider, where None removes it and `UNCHANGED` leaves it."""
     sender = await get_sender(session, sender_id)
     new_fallback = (
-        sender.fallback_provider
-        if isinstance(fallback_provider, Unchanged)
-        else (fallback_provider.value if fallback_provider else None)
+        sender.fallback_provider if isinstance(fallback_provider, Unchanged) else fallback_provider
     )
-    _check_fallback(provider or sender.provider, new_fallback)
+    _check_providers(provider or sender.provider, new_fallback)
     sender.fallback_provider = new_fallback
     if rate_per_second is not None:
         sender.rate_per_second = rate_per_second
     if provider is not None:
-        sender.provider = provider.value
+        sender.provider = provider
     if description is not None:
         sender.description = description
     if keywords is not None:
@@ -309,12 +309,12 @@ async def upsert_sender(
     *,
     address: str,
     kind: SenderKind,
-    provider: ProviderName,
+    provider: str,
     description: str | None,
     keywords: KeywordConfig,
     default_region: str,
     rate_per_second: float | None = None,
-    fallback_provider: ProviderName | None = None,
+    fallback_provider: str | None = None,
 ) -> bool:
     """Create the sender, or bring an existing one (same address) in line; True if created.
 

@@ -30,7 +30,7 @@ from app.delivery.pipeline import deliver as deliver_batch
 from app.kernel.metrics import DB_STATEMENTS
 from app.kernel.status import MessageStatus
 from app.providers.base import ErrorKind, Provider, ProviderError
-from app.providers.twilio import TwilioProvider
+from app.providers.twilio import TwilioProvider, TwilioSettings
 from app.worker.guarantees import build_dispatcher
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, World, make_settings
 from tests.domain.test_delivery import POLICY, history, load, twilio_error
@@ -96,7 +96,11 @@ class FakeTwilio:
 
     def providers(self) -> dict[str, Provider]:
         http = httpx.AsyncClient(transport=httpx.MockTransport(self))
-        return {"twilio": TwilioProvider(make_settings().twilio, http, PUBLIC_BASE_URL)}
+        return {
+            "twilio": TwilioProvider(
+                make_settings().section("twilio", TwilioSettings), http, PUBLIC_BASE_URL
+            )
+        }
 
     def recipients(self) -> list[str]:
         return [parse_qs(r.content.decode())["To"][0] for r in self.requests]

@@ -17,11 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.models import Message, MessageEvent, OptOut, Sender
 from app.db.session import SessionFactory
 from app.delivery.pipeline import RetryPolicy, deliver_message
-from app.kernel.settings import VonageSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import Provider
-from app.providers.twilio import TwilioProvider
-from app.providers.vonage import VonageProvider
+from app.providers.twilio import TwilioProvider, TwilioSettings
+from app.providers.vonage import VonageProvider, VonageSettings
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, World, make_settings
 from tests.providers.vonage_spec import assert_valid_send_sms
 
@@ -47,8 +46,12 @@ class RecordingProvider:
         settings = make_settings()
         http = httpx.AsyncClient(transport=httpx.MockTransport(self))
         return {
-            "twilio": TwilioProvider(settings.twilio, http, PUBLIC_BASE_URL),
-            "vonage": VonageProvider(settings.vonage, http, PUBLIC_BASE_URL),
+            "twilio": TwilioProvider(
+                settings.section("twilio", TwilioSettings), http, PUBLIC_BASE_URL
+            ),
+            "vonage": VonageProvider(
+                settings.section("vonage", VonageSettings), http, PUBLIC_BASE_URL
+            ),
         }
 
 
@@ -446,7 +449,7 @@ async def test_a_cancelled_provider_call_is_recorded_as_an_unknown_outcome(
     settings = make_settings()
     http = httpx.AsyncClient(transport=httpx.MockTransport(hanging))
     providers: dict[str, Provider] = {
-        "twilio": TwilioProvider(settings.twilio, http, PUBLIC_BASE_URL)
+        "twilio": TwilioProvider(settings.section("twilio", TwilioSettings), http, PUBLIC_BASE_URL)
     }
     message_id = await queued_message(session_factory, world)
 

@@ -25,7 +25,7 @@ from app.delivery.pipeline import Submitted, deliver_message, record_submissions
 from app.delivery.transitions import claim, record_status_report, run_raw_transaction
 from app.kernel.status import MessageStatus
 from app.providers.base import Accepted, CallbackRequest
-from app.providers.vonage import VonageProvider
+from app.providers.vonage import VonageProvider, VonageSettings
 from tests.api.test_status_callbacks import VONAGE_PATH, vonage_signed
 from tests.conftest import PUBLIC_BASE_URL, World, make_settings
 from tests.domain.test_delivery import (
@@ -78,7 +78,9 @@ def accepting(parts: int) -> httpx.Response:
     return httpx.Response(200, json=vonage_answer(*["0"] * parts))
 
 
-PARSER = VonageProvider(make_settings().vonage, httpx.AsyncClient(), PUBLIC_BASE_URL)
+PARSER = VonageProvider(
+    make_settings().section("vonage", VonageSettings), httpx.AsyncClient(), PUBLIC_BASE_URL
+)
 
 
 async def receipt(

@@ -19,10 +19,9 @@ from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
 from app.delivery.pipeline import deliver_message
 from app.delivery.reconcile import Decision, reconcile_message, stale_claims
-from app.kernel.settings import FakeProviderSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import Provider
-from app.providers.fake import FakeProvider
+from app.providers.fake import FakeProvider, FakeProviderSettings
 from app.worker import guarantees
 from app.worker.guarantees import RedisFakeLedger
 from app.worker.queue import close_queue, create_queue, enqueue_deliveries

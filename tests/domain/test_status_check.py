@@ -18,9 +18,8 @@ from app.db.models import Message, MessageEvent
 from app.db.session import SessionFactory
 from app.delivery import reconcile
 from app.delivery.reconcile import CheckSchedule, Decision, check_status, overdue_sent
-from app.kernel.settings import FakeProviderSettings
 from app.providers.base import Provider
-from app.providers.fake import FakeProvider
+from app.providers.fake import FakeProvider, FakeProviderSettings
 from app.worker import guarantees
 from app.worker.queue import close_queue, create_queue
 from tests.conftest import TEST_REDIS_URL, TWILIO_TOKEN, World, make_settings

@@ -24,7 +24,6 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from pydantic import SecretStr
 
-from app.kernel.settings import TwilioSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
@@ -36,7 +35,7 @@ from app.providers.base import (
     OutboundSms,
     ProviderError,
 )
-from app.providers.twilio import TwilioProvider, compute_signature
+from app.providers.twilio import TwilioProvider, TwilioSettings, compute_signature
 from tests.fixtures.extract_twilio_schema import FIXTURE
 
 SPEC: dict[str, Any] = json.loads(FIXTURE.read_text(encoding="utf-8"))

@@ -19,7 +19,6 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from pydantic import SecretStr
 
-from app.kernel.settings import VonageSettings
 from app.kernel.status import MessageStatus
 from app.providers.base import (
     Accepted,
@@ -32,7 +31,7 @@ from app.providers.base import (
     OutboundSms,
     ProviderError,
 )
-from app.providers.vonage import SEND_STATUS_KINDS, SEND_STATUS_TEXT, VonageProvider
+from app.providers.vonage import SEND_STATUS_KINDS, SEND_STATUS_TEXT, VonageProvider, VonageSettings
 from tests.providers.vonage_spec import SPEC, assert_valid_send_sms
 
 Handler = Callable[[httpx.Request], httpx.Response]
