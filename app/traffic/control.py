@@ -72,7 +72,7 @@ _EXAMPLES: dict[int, dict[str, tuple[str, str]]] = {
     403: {
         "destination_not_permitted": (
             "Refused",
-            "+447700900123 is in GB, not a permitted destination (permitted: CA, FR, US)",
+            "+447400123456 is in GB, not a permitted destination (permitted: CA, FR, US)",
         ),
         "number_type_not_permitted": (
             "Refused",
