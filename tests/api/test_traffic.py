@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -252,7 +252,7 @@ async def test_an_idempotent_replay_does_not_count_twice(
     late = await api.post("/v1/messages", json=body, headers=headers)
     assert late.status_code == 202 and late.headers["Idempotent-Replayed"] == "true"
     (key,) = await redis.keys("traffic:*minute*")
-    assert await redis.hmget(key, ["m", "s"]) == [b"2", b"2"]
+    assert await cast(Awaitable[list[bytes]], redis.hmget(key, ["m", "s"])) == [b"2", b"2"]
 
 
 async def test_a_message_refused_for_an_opt_out_gives_its_quota_back(
