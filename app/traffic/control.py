@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from app.db.pg import Database
@@ -19,6 +20,13 @@ from app.kernel.settings import TrafficSettings
 from app.traffic.permissions import destination_refusal
 from app.traffic.quotas import Quotas, Verdicts
 from app.traffic.rules import ClientRules, RuleCache
+
+TRAFFIC_REFUSALS = Counter(
+    "smsgate_traffic_refusals",
+    "Messages refused by traffic control, by code (destination_not_permitted, "
+    "number_type_not_permitted, rate_limited, quota_exceeded, quota_unavailable).",
+    ["code"],
+)
 
 
 class TrafficControl:
@@ -35,7 +43,10 @@ class TrafficControl:
 
     def judge_destination(self, to: str, rules: ClientRules) -> PolicyRefusal | None:
         """Why a message may not go to `to`, or None."""
-        return destination_refusal(to, rules.countries(self.settings), self.settings)
+        refusal = destination_refusal(to, rules.countries(self.settings), self.settings)
+        if refusal is not None:
+            TRAFFIC_REFUSALS.labels(refusal.code).inc()
+        return refusal
 
     async def take(
         self,
@@ -52,8 +63,13 @@ class TrafficControl:
             return judged, None
         answer = await self.quotas.take(client_id, limits, [row["segments"] for row in rows])
         if isinstance(answer, ServiceError):
+            TRAFFIC_REFUSALS.labels(answer.code).inc(len(rows))
             return [item if isinstance(item, ServiceError) else answer for item in judged], None
-        refusals = iter([answer.refusal(index) for index in range(len(rows))])
+        refused = [answer.refusal(index) for index in range(len(rows))]
+        for refusal in refused:
+            if refusal is not None:
+                TRAFFIC_REFUSALS.labels(refusal.code).inc()
+        refusals = iter(refused)
         return [
             item if isinstance(item, ServiceError) else next(refusals) or item for item in judged
         ], answer
