@@ -105,7 +105,10 @@ def number_facts(e164: str) -> tuple[str | None, int]:
     the `PhoneNumberType` of an E.164 number `normalize_phone` accepted, usually remembered."""
     facts = _FACTS.get(e164)
     if facts is None:
-        facts = _region_and_type(phonenumbers.parse(e164, None))
+        try:
+            facts = _region_and_type(phonenumbers.parse(e164, None))
+        except NumberParseException:
+            return None, PhoneNumberType.UNKNOWN
     return facts
 
 
