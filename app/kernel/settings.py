@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import phonenumbers
 from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -115,11 +116,13 @@ class TrafficSettings(BaseModel):
     @field_validator("permitted_countries")
     @classmethod
     def _upper(cls, countries: list[str]) -> list[str]:
-        """Codes as ISO writes them (two letters, upper case)."""
-        for code in countries:
-            if len(code) != 2 or not code.isalpha():
-                raise ValueError(f"not an ISO 3166 alpha-2 country code: {code!r}")
-        return [code.upper() for code in countries]
+        """Codes as ISO writes them (upper case), each one a region of the numbering plan
+        ("UK" is not: the United Kingdom is "GB")."""
+        codes = [code.upper() for code in countries]
+        unknown = [code for code in codes if code not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"not ISO 3166 alpha-2 country codes: {', '.join(unknown)}")
+        return codes
 
 
 class Settings(BaseSettings):

@@ -3,7 +3,9 @@ rate-limit fields a refusal carries."""
 
 from __future__ import annotations
 
+import pytest
 from phonenumbers import PhoneNumberType
+from pydantic import ValidationError
 
 from app.kernel.phone import normalize_phone, number_facts
 from app.kernel.settings import TrafficSettings
@@ -72,3 +74,9 @@ def test_refusals_carry_retry_after_and_the_draft_11_fields() -> None:
     assert day is not None and day.code == "quota_exceeded"
     assert day.headers["Retry-After"] == str(DAY - 30 * MINUTE - 48)
     assert "100 segments per UTC day" in day.detail
+
+
+def test_the_service_list_takes_only_real_region_codes() -> None:
+    assert TrafficSettings(permitted_countries=["us", "gb"]).permitted_countries == ["US", "GB"]
+    with pytest.raises(ValidationError, match="UK"):
+        TrafficSettings(permitted_countries=["FR", "UK"])  # the United Kingdom is GB
