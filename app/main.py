@@ -42,6 +42,8 @@ from app.providers.registry import build_http_client, build_providers
 from app.senders import routes as senders
 from app.sending import routes as messages
 from app.sending.accept import Acceptor
+from app.traffic import routes as traffic
+from app.traffic.control import TrafficControl
 from app.twilio_api import routes as twilio_compat
 from app.web.docs import install_docs
 from app.web.limits import BodySizeLimit, UnhandledErrors
@@ -70,6 +72,7 @@ _ROUTERS = (
     events.router,
     event_endpoints.router,
     keys.router,
+    traffic.router,
     twilio_compat.admin_router,
     twilio_compat.router,
 )
@@ -129,8 +132,11 @@ async def _connected(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         ttl=settings.lookup_cache_seconds,
         accept_default_replies=settings.accept_default_keyword_replies,
     )
+    app.state.traffic = TrafficControl(
+        db, app.state.queue, settings.traffic, ttl=settings.lookup_cache_seconds
+    )
     app.state.acceptor = Acceptor(
-        db, app.state.lookups, settings, app.state.delivery_batcher.enqueue
+        db, app.state.lookups, settings, app.state.delivery_batcher.enqueue, app.state.traffic
     )
     app.state.http = http
     app.state.providers = build_providers(settings, http)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -183,3 +184,24 @@ def test_the_readme_draws_every_folder_of_the_app() -> None:
     }
 
     assert readme_folder_map() == folders
+
+
+def test_every_folder_of_the_app_is_under_the_contracts() -> None:
+    """A new folder must take its place in the layers, or no contract would see it."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"
+    ]
+    folders = {
+        f"app.{path.name}"
+        for path in (ROOT / "app").iterdir()
+        if path.is_dir() and (path / "__init__.py").exists()
+    }
+    layered = {
+        module.strip()
+        for layer in contracts[0]["layers"]
+        for module in layer.replace("|", ":").split(":")
+    }
+    without_loops = next(c for c in contracts if c["type"] == "acyclic_siblings")["ancestors"]
+
+    assert folders <= layered
+    assert folders == set(without_loops)

@@ -24,7 +24,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -73,6 +73,24 @@ class Client(Base):
         UUID, ForeignKey("senders.id", ondelete="SET NULL")
     )
     created_at: Mapped[datetime] = _now()
+
+
+class ClientTraffic(Base):
+    """An admin's traffic rules for one client (app.traffic): a narrower list of destination
+    countries, and its own limits. A null field means "the service's default" (TRAFFIC__*); a
+    limit of 0 means unlimited. No row: every default."""
+
+    __tablename__ = "client_traffic"
+
+    client_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE"), primary_key=True
+    )
+    permitted_countries: Mapped[list[str] | None] = mapped_column(ARRAY(String(2)))
+    messages_per_minute: Mapped[int | None] = mapped_column(Integer)
+    segments_per_minute: Mapped[int | None] = mapped_column(Integer)
+    messages_per_day: Mapped[int | None] = mapped_column(Integer)
+    segments_per_day: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = _updated()
 
 
 class TwilioCredential(Base):

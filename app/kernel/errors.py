@@ -7,6 +7,7 @@ ServiceError                    base: `status`, stable machine-readable `code`, 
 ├── Conflict (409)              e.g. an Idempotency-Key whose first request is still in flight
 ├── ValidationFailed (422)      input that parses but breaks a rule; names the field
 ├── PolicyRefusal (403)         a valid request the service refuses, e.g. recipient opted out
+├── TooManyRequests (429)       over a client's rate limit or quota; carries Retry-After
 └── Unavailable (503)           a dependency is down; carries Retry-After
 
 Each subclass fixes its status; `code` varies per case. Domain code raises these; one handler in
@@ -144,6 +145,17 @@ class PolicyRefusal(ServiceError):
     status = 403
     title = "Refused"
     example = ("recipient_opted_out", "+14155550123 has opted out of messages from +14155550100")
+
+
+class TooManyRequests(ServiceError):
+    """Over the client's rate limit (`rate_limited`) or daily quota (`quota_exceeded`)."""
+
+    status = 429
+    title = "Too many requests"
+    example = (
+        "rate_limited",
+        "over your limit of 100 messages per minute; retry after 12 s",
+    )
 
 
 class Unavailable(ServiceError):

@@ -6,7 +6,8 @@ import re
 from typing import Annotated, Final
 
 import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberType, ValidationResult
+from phonenumbers import NumberParseException, PhoneMetadata, PhoneNumberType, ValidationResult
+from phonenumbers.phonenumberutil import _number_type_helper
 from pydantic import AfterValidator, Field, ValidationInfo
 
 from app.kernel.settings import get_settings
@@ -37,6 +38,14 @@ _PHONE_CHARACTERS: Final = re.compile(r"\+?[0-9 ().\-/]*")
 _ALLOWED: Final = "digits, spaces and + ( ) . - /"
 
 
+# What `normalize_phone` learnt of each number it accepted: its region (ISO 3166 alpha-2) and its
+# type. The accept pipeline's destination rules read it here instead of parsing the number again
+# (a parse and a region lookup cost about 0.3 ms; a batch has up to 1,000 numbers). Bounded: it
+# starts afresh when full.
+_FACTS: dict[str, tuple[str | None, int]] = {}
+_MAX_FACTS: Final = 100_000
+
+
 class InvalidPhoneNumber(ValueError):
     """A number we cannot text; the message says why, for the client."""
 
@@ -62,15 +71,45 @@ def normalize_phone(raw: str, default_region: str) -> str:
         raise InvalidPhoneNumber(f"impossible number: {_IMPOSSIBLE.get(reason, 'invalid')}")
     if reason == ValidationResult.IS_POSSIBLE_LOCAL_ONLY:
         raise InvalidPhoneNumber("impossible number: it lacks an area code")
-    # number_type() is UNKNOWN exactly when is_valid_number() is false; asking once halves the
-    # cost of the slowest step (batches validate up to 1,000 numbers per request).
-    kind = phonenumbers.number_type(number)
+    # The type is UNKNOWN exactly when is_valid_number() is false; asking once halves the cost
+    # of the slowest step (batches validate up to 1,000 numbers per request).
+    region, kind = _region_and_type(number)
     if kind == PhoneNumberType.UNKNOWN:
         raise InvalidPhoneNumber("invalid number: no such range is assigned in its region")
     not_capable = _NOT_SMS_CAPABLE.get(kind)
     if not_capable is not None:
         raise InvalidPhoneNumber(f"cannot receive SMS: it is {not_capable}")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if len(_FACTS) >= _MAX_FACTS:
+        _FACTS.clear()
+    _FACTS[e164] = (region, kind)
+    return e164
+
+
+def _region_and_type(number: phonenumbers.PhoneNumber) -> tuple[str | None, int]:
+    """The number's region and type (`phonenumbers.number_type` finds the region and drops it;
+    this keeps it, for the same cost)."""
+    region = phonenumbers.region_code_for_number(number)
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(
+        number.country_code or 0,
+        region or phonenumbers.UNKNOWN_REGION,
+    )
+    if metadata is None:
+        return region, PhoneNumberType.UNKNOWN
+    national = phonenumbers.national_significant_number(number)
+    return region, _number_type_helper(national, metadata)
+
+
+def number_facts(e164: str) -> tuple[str | None, int]:
+    """The region (ISO 3166 alpha-2; None if it has none, e.g. a global service number) and
+    the `PhoneNumberType` of an E.164 number `normalize_phone` accepted, usually remembered."""
+    facts = _FACTS.get(e164)
+    if facts is None:
+        try:
+            facts = _region_and_type(phonenumbers.parse(e164, None))
+        except NumberParseException:
+            return None, PhoneNumberType.UNKNOWN
+    return facts
 
 
 def canonical_phone(raw: str, default_region: str) -> str | None:

@@ -12,7 +12,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, PrivateAttr, SecretStr, create_model
+import phonenumbers
+from pydantic import (
+    BaseModel,
+    Field,
+    IPvAnyNetwork,
+    PrivateAttr,
+    SecretStr,
+    create_model,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -65,6 +74,39 @@ class RetentionSettings(BaseModel):
     # Rows per statement (each batch is its own short transaction) and batches per kind per run.
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     max_batches_per_run: int = Field(default=100, ge=1)
+
+
+class TrafficSettings(BaseModel):
+    """Traffic control (README, "Destination permissions" and "Quotas and rate limits")."""
+
+    # Destination countries (ISO 3166 alpha-2) any client may send to; an admin may narrow a
+    # client's further (`PUT /v1/clients/{client}/traffic`). Widen it with a JSON list:
+    # TRAFFIC__PERMITTED_COUNTRIES='["US","CA","FR","GB"]'.
+    permitted_countries: list[str] = Field(default_factory=lambda: ["US", "CA", "FR"])
+    # Personal numbers ("follow-me" ranges such as the UK's 070) cost premium-like termination
+    # fees and are a favourite of SMS pumping; refused unless this is set.
+    allow_personal_numbers: bool = False
+    # Every client's limits unless an admin sets its own; 0: unlimited (no Redis call at all
+    # when every limit of a client is 0). Windows are fixed: the UTC minute, the UTC day.
+    messages_per_minute: int = Field(default=0, ge=0)
+    segments_per_minute: int = Field(default=0, ge=0)
+    messages_per_day: int = Field(default=0, ge=0)
+    segments_per_day: int = Field(default=0, ge=0)
+    # With Redis unreachable (or slower than the timeout), sends are accepted unchecked (true)
+    # or refused with 503 `quota_unavailable` (false).
+    quota_fail_open: bool = True
+    quota_timeout_seconds: float = Field(default=0.5, gt=0)
+
+    @field_validator("permitted_countries")
+    @classmethod
+    def _upper(cls, countries: list[str]) -> list[str]:
+        """Codes as ISO writes them (upper case), each one a region of the numbering plan
+        ("UK" is not: the United Kingdom is "GB")."""
+        codes = [code.upper() for code in countries]
+        unknown = [code for code in codes if code not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"not ISO 3166 alpha-2 country codes: {', '.join(unknown)}")
+        return codes
 
 
 Section = TypeVar("Section", bound=BaseModel)
@@ -187,6 +229,7 @@ class Settings(BaseSettings):
 
     events: EventsSettings = EventsSettings()
     retention: RetentionSettings = RetentionSettings()
+    traffic: TrafficSettings = TrafficSettings()
 
 
 @lru_cache

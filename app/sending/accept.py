@@ -1,7 +1,9 @@
 """Accepting messages: one road for a single send (a batch of one) and a batch.
 
-Each message gets these checks, in this order, each refusal with its own error: its callback URL,
-the segment limit, its sender, the sender's keyword replies, the recipient's opt-out. In a batch a
+Each message gets these checks, in this order, each refusal with its own error: its destination
+(country and kind of number, `app.traffic.permissions`), its callback URL, the segment limit, its
+sender, the sender's keyword replies, the client's quota (`app.traffic.quotas`, one Redis round
+trip for the whole request, before any transaction), the recipient's opt-out. In a batch a
 refused message does not refuse the others: its error takes its place in the results.
 
 Callback URLs are resolved (DNS) before any database connection is taken; keys and senders come
@@ -19,7 +21,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Final, Literal
@@ -42,6 +44,8 @@ from app.kernel.settings import Settings
 from app.kernel.status import MessageStatus
 from app.sending.encoding import BodyAnalysis, analyze_body
 from app.sending.idempotency import StoredResponse, key_in_use, key_reused, lock_id
+from app.traffic.control import TrafficControl
+from app.traffic.rules import ClientRules
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,8 @@ class Acceptor:
     lookups: Lookups
     settings: Settings
     enqueue: Callable[[list[uuid.UUID]], Awaitable[None]]
+    # Destination permissions and quotas (app.traffic).
+    traffic: TrafficControl
 
 
 Result = dict[str, Any] | ServiceError
@@ -135,27 +141,58 @@ async def _accept(
     *,
     batch: bool,
 ) -> StoredResponse:
-    judged = await _judge(acceptor, principal, items)
+    traffic = acceptor.traffic
+    rules = await traffic.client_rules(principal.client_id)
+    judged = await _judge(acceptor, principal, items, rules)
+    # The quota is counted before any transaction, and given back for what was not stored.
+    judged, quota = await traffic.take(principal.client_id, rules, judged)
     rows = [item for item in judged if isinstance(item, dict)]
+    stored: list[dict[str, Any]] = []
+    try:
+        response, stored = await _store(
+            acceptor, principal, judged, rows, render, idempotency, batch=batch
+        )
+    finally:
+        await traffic.give_back(quota, rows, {row["id"] for row in stored})
+    if quota is None or response.replayed:
+        return response
+    return replace(response, headers=quota.headers())
+
+
+async def _store(
+    acceptor: Acceptor,
+    principal: Principal,
+    judged: list[dict[str, Any] | ServiceError],
+    rows: list[dict[str, Any]],
+    render: Render,
+    idempotency: Idempotency | None,
+    *,
+    batch: bool,
+) -> tuple[StoredResponse, list[dict[str, Any]]]:
+    """Store the accepted rows (and the key's response), enqueue them: the response and the
+    rows stored (none for a replay)."""
     if idempotency is None:
         async with acceptor.db.connection() as connection:
             refused = await _insert(connection, rows, opt_out_check=True) if rows else set()
         results, accepted = _outcome(judged, rows, refused)
         await _after_commit(acceptor, results, accepted, batch=batch)
         status, body = render(results)
-        return StoredResponse(status, body, replayed=False)
+        return StoredResponse(status, body, replayed=False), accepted
     response, results, accepted = await _store_idempotently(
         acceptor, principal, idempotency, judged, rows, render
     )
     if not response.replayed:
         await _after_commit(acceptor, results, accepted, batch=batch)
-    return response
+    return response, accepted
 
 
 async def _judge(
-    acceptor: Acceptor, principal: Principal, items: Sequence[SendCommand | ServiceError]
+    acceptor: Acceptor,
+    principal: Principal,
+    items: Sequence[SendCommand | ServiceError],
+    rules: ClientRules,
 ) -> list[dict[str, Any] | ServiceError]:
-    """Every check but the opt-out one: each item's message row, or its refusal."""
+    """Every check but the quota and the opt-out: each item's message row, or its refusal."""
     settings = acceptor.settings
     urls = {item.callback_url for item in items if isinstance(item, SendCommand)}
     refused_urls = await _refused_callbacks({url for url in urls if url}, settings)
@@ -165,6 +202,9 @@ async def _judge(
     now = datetime.now(UTC)
 
     async def judge(command: SendCommand) -> dict[str, Any] | ServiceError:
+        refused_destination = acceptor.traffic.judge_destination(command.to, rules)
+        if refused_destination is not None:
+            return refused_destination
         if command.callback_url in refused_urls:
             return refused_urls[command.callback_url]
         if command.body not in analyses:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.kernel.errors import Conflict, ValidationFailed
@@ -29,6 +29,8 @@ class StoredResponse:
     status: int
     body: dict[str, Any]
     replayed: bool
+    # Headers to send with it, not stored (a replay has none): the quota's RateLimit fields.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def fingerprint(payload: Any) -> bytes:

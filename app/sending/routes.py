@@ -16,6 +16,7 @@ from app.kernel.errors import (
     NotFound,
     PolicyRefusal,
     ServiceError,
+    TooManyRequests,
     Unauthorized,
     ValidationFailed,
     problem_responses,
@@ -38,6 +39,7 @@ from app.sending.schemas import (
     SendMessageRequest,
     StatusChange,
 )
+from app.traffic.control import RATE_LIMIT_HEADERS, document_traffic
 from app.web.deps import AcceptorDep, PrincipalDep, SessionDep, SettingsDep
 from app.web.params import (
     CreatedAfterQuery,
@@ -66,10 +68,18 @@ IdempotencyKeyHeader = Annotated[
     status_code=202,
     response_model=MessageOut,
     responses={
-        **problem_responses(Unauthorized, PolicyRefusal, Conflict, ValidationFailed),
+        **document_traffic(
+            problem_responses(
+                Unauthorized, PolicyRefusal, Conflict, ValidationFailed, TooManyRequests
+            )
+        ),
         202: {
             "description": "Accepted and queued for delivery. A replay of an earlier request "
-            "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`."
+            "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`. "
+            "When the client has limits, `RateLimit` and `RateLimit-Policy` say what is left.",
+            "headers": {
+                name: RATE_LIMIT_HEADERS[name] for name in ("RateLimit", "RateLimit-Policy")
+            },
         },
     },
 )
@@ -110,7 +120,14 @@ async def send_message(
             "order, each one's `accepted` message (queued, as `POST /v1/messages` answers) or "
             "its `rejected` problem (as `POST /v1/messages` would have answered it). A replay "
             "of an earlier request with the same Idempotency-Key carries the header "
-            "`Idempotent-Replayed: true`."
+            "`Idempotent-Replayed: true`. A message to a country not permitted is `rejected` "
+            "with 403 `destination_not_permitted`; one over the client's limits with 429 "
+            "`rate_limited` or `quota_exceeded` (the others are still judged: a smaller one may "
+            "fit). When the client has limits, `RateLimit` and `RateLimit-Policy` say what "
+            "is left.",
+            "headers": {
+                name: RATE_LIMIT_HEADERS[name] for name in ("RateLimit", "RateLimit-Policy")
+            },
         },
     },
 )
@@ -208,7 +225,9 @@ class _SendResponse(JSONResponse):
 def _respond(response: StoredResponse) -> JSONResponse:
     """The response, marked when it replays an earlier one."""
     headers = {"Idempotent-Replayed": "true"} if response.replayed else {}
-    return _SendResponse(response.body, status_code=response.status, headers=headers)
+    return _SendResponse(
+        response.body, status_code=response.status, headers={**response.headers, **headers}
+    )
 
 
 @router.post(

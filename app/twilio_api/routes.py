@@ -72,7 +72,10 @@ class TwilioRoute(APIRoute):
             except twilio.TwilioError as error:
                 return _error(error)
             except ServiceError as error:
-                return _error(twilio.from_service_error(error))
+                response = _error(twilio.from_service_error(error))
+                if error.status == 429:  # when to retry, and the limits (app.traffic.quotas)
+                    response.headers.update(error.headers)
+                return response
             except RequestValidationError as error:
                 return _error(_parameter_error(error))
             except HTTPException as error:  # FastAPI's own: a malformed Basic header (401)

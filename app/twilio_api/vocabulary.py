@@ -79,6 +79,11 @@ REFUSALS: Final[dict[str, tuple[int, int]]] = {
     "not_found": (20404, 404),
     "idempotency_key_in_use": (20409, 409),  # a conflict (not a documented Twilio code)
     "service_unavailable": (20503, 503),  # Service unavailable
+    # Permission to send an SMS has not been enabled for the region of the 'To' number
+    "destination_not_permitted": (21408, 400),
+    "number_type_not_permitted": (21408, 400),
+    "rate_limited": (20429, 429),  # Too Many Requests
+    "quota_exceeded": (20429, 429),
 }
 # Any other invalid parameter: Twilio's "Invalid parameter" (HTTP 400).
 INVALID_PARAMETER: Final = (60200, 400)

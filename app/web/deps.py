@@ -18,6 +18,7 @@ from app.kernel.errors import Forbidden
 from app.kernel.settings import Settings
 from app.providers.base import Provider, StatusReport
 from app.sending.accept import Acceptor
+from app.traffic.control import TrafficControl
 from app.worker.queue import enqueue_events
 
 
@@ -135,3 +136,12 @@ async def get_acceptor(request: Request) -> Acceptor:
 
 
 AcceptorDep = Annotated[Acceptor, Depends(get_acceptor)]
+
+
+async def get_traffic(request: Request) -> TrafficControl:
+    """The process's traffic control (its cache of clients' rules)."""
+    traffic: TrafficControl = request.app.state.traffic
+    return traffic
+
+
+TrafficDep = Annotated[TrafficControl, Depends(get_traffic)]

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -345,6 +346,7 @@ async def test_a_claimed_message_cannot_be_canceled(
         ({"to": RECIPIENT, "body": "hi", "send_at": datetime(2030, 1, 1)}, 60200),
         ({"to": RECIPIENT, "body": "hi", "media_url": ["https://x.test/a.png"]}, 60200),
         ({"to": RECIPIENT, "body": "hi", "validity_period": 0}, 90007),
+        ({"to": "+447400123456", "body": "hi"}, 21408),  # GB: not a permitted country
     ],
 )
 async def test_refusals_carry_twilios_codes(
@@ -357,6 +359,30 @@ async def test_refusals_carry_twilios_codes(
     assert (error.code, error.status) == (code, 400)
     assert error.msg
     assert http.check_bodies() == 1
+
+
+async def test_over_the_clients_rate_limit_is_20429_with_retry_after(
+    live: str, shop: tuple[str, str], world: World
+) -> None:
+    async with httpx.AsyncClient(base_url=live) as admin:
+        limited = await admin.put(
+            "/v1/clients/shop/traffic",
+            json={"messages_per_minute": 1},
+            headers=world.auth(world.admin_key),
+        )
+        assert limited.status_code == 200, limited.text
+    async with httpx.AsyncClient(base_url=live, auth=shop) as raw:
+        if 60 - time.time() % 60 < 3:  # both sends in one minute
+            await asyncio.sleep(3.5)
+        url = f"/2010-04-01/Accounts/{shop[0]}/Messages.json"
+        first = await raw.post(url, data={"To": RECIPIENT, "Body": "hi"})
+        second = await raw.post(url, data={"To": RECIPIENT, "Body": "hi"})
+
+    assert first.status_code == 201, first.text
+    assert second.status_code == 429 and second.json()["code"] == 20429
+    jsonschema.validate(second.json(), ERROR_SCHEMA)
+    assert 1 <= int(second.headers["Retry-After"]) <= 60
+    assert second.headers["RateLimit-Policy"] == '"messages-minute";q=1;w=60'
 
 
 async def test_unsubscribed_recipient_is_21610(
