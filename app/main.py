@@ -42,6 +42,8 @@ from app.providers.registry import build_http_client, build_providers
 from app.senders import routes as senders
 from app.sending import routes as messages
 from app.sending.accept import Acceptor
+from app.traffic import routes as traffic
+from app.traffic.alarm import pumping_check
 from app.twilio_api import routes as twilio_compat
 from app.web.docs import install_docs
 from app.web.limits import BodySizeLimit, UnhandledErrors
@@ -82,7 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             accept_default_replies=settings.accept_default_keyword_replies,
         )
         app.state.acceptor = Acceptor(
-            db, app.state.lookups, settings, app.state.delivery_batcher.enqueue
+            db,
+            app.state.lookups,
+            settings,
+            app.state.delivery_batcher.enqueue,
+            velocity=pumping_check(app.state.queue, app.state.session_factory, settings),
         )
         app.state.http = http
         app.state.providers = build_providers(settings, http)
@@ -119,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys.router,
         twilio_compat.admin_router,
         twilio_compat.router,
+        traffic.router,
     ):
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented

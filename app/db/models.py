@@ -185,6 +185,13 @@ class Message(Base):
             postgresql_where=text("status = 'sending'"),
         ),
         CheckConstraint("api IN ('v1', 'twilio')", name="api"),
+        # An admin releases or cancels a client's held messages (the pumping alarm), oldest first.
+        Index(
+            "ix_messages_held",
+            "client_id",
+            "created_at",
+            postgresql_where=text("status = 'held'"),
+        ),
         # The status-check sweep: `sent` messages never checked (due `STATUS_CHECK_AFTER_SECONDS`
         # after their last news) or whose next check is due (app.delivery.reconcile).
         Index(
