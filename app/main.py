@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         twilio_compat.admin_router,
         twilio_compat.router,
         traffic.router,
+        traffic.clients_router,
     ):
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented

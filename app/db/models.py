@@ -72,6 +72,9 @@ class Client(Base):
     default_sender_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID, ForeignKey("senders.id", ondelete="SET NULL")
     )
+    # The client's own SMS pumping alarm settings (`action`, `min_distinct`,
+    # `baseline_multiple`), set by an admin; null: the service's (app.traffic.velocity).
+    pumping: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
 
 

@@ -168,8 +168,9 @@ async def _watch_velocity(
     velocity = acceptor.velocity
     if velocity is None or not rows:
         return None
-    alarm = await velocity.judge(principal.client_id, (row["to"] for row in rows))
-    if alarm is not None and velocity.holds:
+    numbers = (row["to"] for row in rows)
+    alarm = await velocity.judge(principal.client_id, numbers, principal.pumping)
+    if alarm is not None and alarm.action == "hold":
         digits = velocity.settings.range_digits
         for row in rows:
             if alarm.suspicious(row["to"], digits) is not None:

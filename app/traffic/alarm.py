@@ -44,10 +44,8 @@ def event_writer(
 
 def pumping_check(
     queue: Queue, session_factory: SessionFactory, settings: Settings
-) -> VelocityCheck | None:
-    """The accept path's pumping alarm, on the queue's Redis (None when `PUMPING__ACTION=off`:
-    no Redis call at all)."""
-    if settings.pumping.action == "off":
-        return None
+) -> VelocityCheck:
+    """The accept path's pumping alarm, on the queue's Redis (a client whose action is `off`,
+    the service's or its own, costs no Redis call)."""
     hook = event_writer(session_factory, queue, settings.pumping)
     return VelocityCheck(queue, settings.pumping, on_alarm=hook)

@@ -24,7 +24,7 @@ import logging
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -55,6 +55,9 @@ PUMPING_UNCHECKED = Counter(
 )
 
 KEY_PREFIX: Final = "smsgate:pumping"
+# What an admin may set per client (README, "SMS pumping defence"). The window, the range's
+# digits and the half-life stay service-wide: they shape the counts kept in Redis.
+CLIENT_SETTINGS: Final = ("action", "min_distinct", "baseline_multiple")
 # Numbers per PFADD (Lua's `unpack` has a stack limit; a batch holds at most 1,000 anyway).
 _PFADD_CHUNK: Final = 500
 
@@ -156,6 +159,17 @@ def number_range(e164: str, digits: int) -> str:
     return f"+{code} {national[:digits]}"
 
 
+def effective_settings(
+    settings: PumpingSettings, override: Mapping[str, Any] | None
+) -> PumpingSettings:
+    """The service's settings with a client's own (`CLIENT_SETTINGS`, set by an admin) over
+    them."""
+    if not override:
+        return settings
+    own = {name: override[name] for name in CLIENT_SETTINGS if override.get(name) is not None}
+    return settings.model_copy(update=own)
+
+
 def keep_per_window(settings: PumpingSettings) -> float:
     """The usual count's weight kept at each window's end (1 - the EWMA's alpha), from the
     half-life: after `half_life / window` windows an old count weighs half."""
@@ -199,15 +213,16 @@ class VelocityCheck:
         self._script = redis.register_script(_SCRIPT)
         self._on_alarm = on_alarm
 
-    @property
-    def holds(self) -> bool:
-        """Whether suspicious messages are held (else only reported)."""
-        return self.settings.action == "hold"
-
-    async def judge(self, client_id: uuid.UUID, numbers: Iterable[str]) -> PumpingAlarm | None:
-        """Count `numbers` (E.164) for the client; the suspicious ranges, or None. Never raises:
-        with Redis unavailable the messages are not judged (fail-open, counted)."""
-        settings = self.settings
+    async def judge(
+        self,
+        client_id: uuid.UUID,
+        numbers: Iterable[str],
+        override: Mapping[str, Any] | None = None,
+    ) -> PumpingAlarm | None:
+        """Count `numbers` (E.164) for the client, with its own settings (`override`) if an
+        admin set some; the suspicious ranges, or None. Never raises: with Redis unavailable
+        the messages are not judged (fail-open, counted)."""
+        settings = effective_settings(self.settings, override)
         if settings.action == "off":
             return None
         by_range: dict[str, set[str]] = defaultdict(set)

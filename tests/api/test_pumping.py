@@ -438,3 +438,44 @@ def test_a_number_range_is_its_country_code_and_first_national_digits() -> None:
     assert number_range("+14155550123", 4) == "+1 4155"
     assert number_range("+447911123456", 3) == "+44 791"
     assert number_range("+35312345678", 2) == "+353 12"
+
+
+# ---- a client's own settings ----
+
+
+async def test_an_admin_gives_one_client_its_own_settings(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    admin = world.auth(world.admin_key)
+    path = f"/v1/clients/{world.client_id}/pumping"
+    assert (await api.put(path, json={"action": "hold"}, headers=world.auth())).status_code == 403
+    unknown = await api.put(f"/v1/clients/{uuid.uuid4()}/pumping", json={}, headers=admin)
+    assert unknown.status_code == 404
+    assert (await api.put(path, json={"min_distinct": 1}, headers=admin)).status_code == 422
+    assert (await api.get(path, headers=admin)).json()["own"] is None
+
+    put = await api.put(path, json={"action": "hold", "min_distinct": 5}, headers=admin)
+
+    assert put.status_code == 200, put.text
+    assert put.json()["own"] == {"action": "hold", "min_distinct": 5, "baseline_multiple": None}
+    effective = put.json()["effective"]
+    assert (effective["action"], effective["min_distinct"]) == ("hold", 5)
+    assert effective["baseline_multiple"] == 5.0  # the service's
+    assert (await api.get(path, headers=admin)).json() == put.json()
+    # The client's burst is held from its fifth number; another client's, under the service's
+    # settings (alert, 50), is not.
+    mine = await send_in_batches(api, world, pumping_burst(8), size=1)
+    assert [message["status"] for message in mine] == ["queued"] * 4 + ["held"] * 4
+    other = world.auth(world.other_client_key)
+    for to in pumping_burst(8):
+        response = await api.post(
+            "/v1/messages", json={"to": to, "from": FAKE_SENDER, "body": "x"}, headers=other
+        )
+        assert response.json()["status"] == "queued"
+
+    cleared = await api.put(path, json={}, headers=admin)
+
+    assert cleared.json()["own"] is None
+    assert cleared.json()["effective"]["action"] == "alert"
+    again = await send_in_batches(api, world, [f"+336123{index:05d}" for index in range(8, 10)])
+    assert {message["status"] for message in again} == {"queued"}
