@@ -61,7 +61,7 @@ SettlerDep = Annotated[Settler, Depends(get_settler)]
 @router.post(
     "/{message_id}/release",
     response_model=MessageOut,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound, Conflict),
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, Conflict, ValidationFailed),
 )
 async def release_message(
     message_id: MessageIdPath, session: SessionDep, admin: AdminDep
@@ -76,7 +76,7 @@ async def release_message(
 @router.post(
     "/{message_id}/cancel",
     response_model=MessageOut,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound, Conflict),
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, Conflict, ValidationFailed),
 )
 async def cancel_message(
     message_id: MessageIdPath, session: SessionDep, admin: AdminDep
@@ -91,7 +91,7 @@ async def cancel_message(
 @router.post(
     "/release",
     response_model=HeldSettled,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def release_client(
     selection: HeldSelection, settler: SettlerDep, admin: AdminDep
@@ -105,7 +105,7 @@ async def release_client(
 @router.post(
     "/cancel",
     response_model=HeldSettled,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def cancel_client(
     selection: HeldSelection, settler: SettlerDep, admin: AdminDep
@@ -132,7 +132,7 @@ def _client_pumping(
 @clients_router.get(
     "/{client_id}/pumping",
     response_model=ClientPumping,
-    responses=problem_responses(Unauthorized, Forbidden, NotFound),
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def get_client_pumping(
     client_id: ClientIdPath, session: SessionDep, settings: SettingsDep, admin: AdminDep
