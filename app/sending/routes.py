@@ -68,7 +68,8 @@ IdempotencyKeyHeader = Annotated[
     responses={
         **problem_responses(Unauthorized, PolicyRefusal, Conflict, ValidationFailed),
         202: {
-            "description": "Accepted and queued for delivery. A replay of an earlier request "
+            "description": "Accepted and queued for delivery (or `held` for an admin, when the "
+            "SMS pumping alarm's `hold` action stopped it). A replay of an earlier request "
             "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`."
         },
     },
