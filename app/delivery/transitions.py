@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     and_,
     delete,
     func,
@@ -357,6 +358,24 @@ async def cancel_queued(session: AsyncSession, client_id: uuid.UUID, message_id:
 HELD_CHUNK: Final = 500
 
 
+def _held(
+    message_id: uuid.UUID | None,
+    client_id: uuid.UUID | None,
+    before: datetime | None,
+    limit: int,
+) -> Select[uuid.UUID]:
+    """The held messages `settle_held` moves, locked (those another admin is settling: skipped).
+    A client's are read oldest first through `ix_messages_held`."""
+    target = select(Message.id).where(Message.status == MessageStatus.HELD.value)
+    if message_id is not None:
+        target = target.where(Message.id == message_id)
+    else:
+        target = target.where(Message.client_id == client_id).order_by(Message.created_at)
+    if before is not None:
+        target = target.where(Message.created_at < before)
+    return target.limit(limit).with_for_update(skip_locked=True)
+
+
 async def settle_held(
     session: AsyncSession,
     *,
@@ -373,14 +392,7 @@ async def settle_held(
     Conditional: a message no longer held is left alone, and one another admin is
     settling meanwhile is skipped (SKIP LOCKED). Only the message rows are locked (a held
     message has no claim to race, and the claim re-checks opt-outs). The ids moved."""
-    target = select(Message.id).where(Message.status == MessageStatus.HELD.value)
-    if message_id is not None:
-        target = target.where(Message.id == message_id)
-    else:
-        target = target.where(Message.client_id == client_id).order_by(Message.created_at)
-    if before is not None:
-        target = target.where(Message.created_at < before)
-    target = target.limit(limit).with_for_update(skip_locked=True)
+    target = _held(message_id, client_id, before, limit)
     status = MessageStatus.QUEUED if release else MessageStatus.CANCELED
     changes: dict[str, Any] = {"status": status.value}
     if release:
