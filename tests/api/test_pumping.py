@@ -24,6 +24,7 @@ from app.kernel.outages import REDIS
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.settings import PumpingSettings
 from app.traffic.velocity import KEY_PREFIX, keep_per_window, number_range
+from app.twilio_api.vocabulary import issue_credentials
 from tests.conftest import World
 from tests.queueing import queued_message_ids
 from tests.test_end_to_end import run_worker
@@ -482,3 +483,24 @@ async def test_an_admin_gives_one_client_its_own_settings(
     assert cleared.json()["effective"]["action"] == "alert"
     again = await send_in_batches(api, world, [f"+336123{index:05d}" for index in range(8, 10)])
     assert {message["status"] for message in again} == {"queued"}
+
+
+async def test_the_twilio_compatible_api_is_judged_too_and_shows_held_as_accepted(
+    app_factory: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    async with session_factory.begin() as session:
+        sid, token = await issue_credentials(session, "shop")
+    settings = PumpingSettings(action="hold", min_distinct=2)
+    async with app_factory(pumping=settings) as api:
+        statuses = []
+        for to in pumping_burst(3):
+            answer = await api.post(
+                f"/2010-04-01/Accounts/{sid}/Messages.json",
+                data={"To": to, "From": FAKE_SENDER, "Body": "Your code is 482913"},
+                auth=(sid, token),
+            )
+            assert answer.status_code == 201, answer.text
+            statuses.append(answer.json()["status"])
+
+    assert statuses == ["queued", "accepted", "accepted"]
+    assert len(await held_ids(session_factory)) == 2
