@@ -12,7 +12,8 @@ reasoning behind the defaults.
 
 One Lua script, one round trip per request (every range of a batch at once), run before the
 accept's database statement, never inside a transaction. Redis's own clock decides the window,
-so every API process agrees on it. Fail-open: when Redis is down or slow the messages go out
+so every API process agrees on it. A HyperLogLog keeps hashes' registers, not the numbers.
+Fail-open: when Redis is down or slow the messages go out
 unjudged (counted and logged): the alarm is a tripwire, and refusing every send while Redis is
 away would turn a cache outage into a full outage. Quotas and geographic permissions are the
 hard limits.
@@ -58,11 +59,11 @@ KEY_PREFIX: Final = "smsgate:pumping"
 # What an admin may set per client (README, "SMS pumping defence"). The window, the range's
 # digits and the half-life stay service-wide: they shape the counts kept in Redis.
 CLIENT_SETTINGS: Final = ("action", "min_distinct", "baseline_multiple")
-# Numbers per PFADD (Lua's `unpack` has a stack limit; a batch holds at most 1,000 anyway).
-_PFADD_CHUNK: Final = 500
 
-# KEYS: per range, its key prefix. ARGV: window seconds, (1 - alpha) per window, state TTL,
-# minimum count, multiple, then per range its number count and its numbers.
+# KEYS: per range, its key prefix (the script derives the window's keys from it: one Redis, not a
+# cluster). ARGV: window seconds, (1 - alpha) per window, state TTL, minimum count, multiple,
+# then per range its number count and its numbers (PFADD takes 500 at a time: Lua's `unpack`
+# has a stack limit).
 # Per range: `<prefix>:<window>` a HyperLogLog per window, `<prefix>:s` the state hash (last
 # window seen, its count, the usual count), `<prefix>:<window>:alarm` set once when it fires.
 # Returns per range: {distinct count over this window and the previous, usual count (text:
