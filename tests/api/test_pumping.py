@@ -504,3 +504,15 @@ async def test_the_twilio_compatible_api_is_judged_too_and_shows_held_as_accepte
 
     assert statuses == ["queued", "accepted", "accepted"]
     assert len(await held_ids(session_factory)) == 2
+
+
+async def test_one_batch_of_a_thousand_numbers_in_one_range_is_held_whole(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    """The whole request is judged at once (its numbers counted in chunks by the script)."""
+    async with hold_api() as api:
+        results = await send_in_batches(api, world, pumping_burst(1000), size=1000)
+
+    assert {message["status"] for message in results} == {"held"}
+    assert len(await held_ids(session_factory)) == 1000
+    assert await queued_message_ids(redis) == []
