@@ -42,7 +42,9 @@ from app.providers.registry import build_http_client, build_providers
 from app.senders import routes as senders
 from app.sending import routes as messages
 from app.sending.accept import Acceptor
+from app.traffic import pumping_routes as pumping
 from app.traffic import routes as traffic
+from app.traffic.alarm import pumping_check
 from app.traffic.control import TrafficControl
 from app.twilio_api import routes as twilio_compat
 from app.web.docs import install_docs
@@ -73,6 +75,8 @@ _ROUTERS = (
     event_endpoints.router,
     keys.router,
     traffic.router,
+    pumping.router,
+    pumping.clients_router,
     twilio_compat.admin_router,
     twilio_compat.router,
 )
@@ -136,7 +140,12 @@ async def _connected(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         db, app.state.queue, settings.traffic, ttl=settings.lookup_cache_seconds
     )
     app.state.acceptor = Acceptor(
-        db, app.state.lookups, settings, app.state.delivery_batcher.enqueue, app.state.traffic
+        db,
+        app.state.lookups,
+        settings,
+        app.state.delivery_batcher.enqueue,
+        app.state.traffic,
+        velocity=pumping_check(app.state.queue, app.state.session_factory, settings),
     )
     app.state.http = http
     app.state.providers = build_providers(settings, http)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
@@ -29,6 +31,9 @@ class Principal:
     key_id: uuid.UUID | None = None
     # The key stops working then, cached or not (a rotation's overlap, or a set expiry).
     expires_at: datetime | None = None
+    # The client's own SMS pumping alarm settings, set by an admin (app.traffic.velocity); None:
+    # the service's.
+    pumping: Mapping[str, Any] | None = None
 
     def expired(self) -> bool:
         """Whether the key's expiry has passed (checked on every use, not only at lookup)."""
@@ -125,6 +130,7 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
                 ApiKey.is_admin,
                 ApiKey.id,
                 ApiKey.expires_at,
+                Client.pumping,
             )
             .join(ApiKey, ApiKey.client_id == Client.id)
             .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))

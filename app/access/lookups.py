@@ -149,7 +149,8 @@ class SenderInfo:
 # minute old (a key in steady use is written once a minute, whatever the request rate).
 _PRINCIPAL_SQL: Final = f"""
 WITH found AS (
-    SELECT c.id, c.name, c.default_sender_id, k.is_admin, k.id AS key_id, k.expires_at
+    SELECT c.id, c.name, c.default_sender_id, k.is_admin, k.id AS key_id, k.expires_at,
+        c.pumping::text AS pumping
     FROM api_keys AS k JOIN clients AS c ON c.id = k.client_id
     WHERE k.key_hash = $1 AND k.revoked_at IS NULL
         AND (k.expires_at IS NULL OR k.expires_at > now())
@@ -163,7 +164,7 @@ SELECT * FROM found
 """
 # A client's Twilio credentials (the token as stored: encrypted).
 _TWILIO_SQL: Final = """
-SELECT c.id, c.name, c.default_sender_id, t.auth_token
+SELECT c.id, c.name, c.default_sender_id, t.auth_token, c.pumping::text AS pumping
 FROM twilio_credentials AS t JOIN clients AS c ON c.id = t.client_id
 WHERE t.client_id = $1
 """
@@ -175,6 +176,11 @@ _SENDER_BY_ADDRESS_SQL: Final = f"""
 SELECT {_SENDER_COLUMNS} FROM senders WHERE address = ANY($1::text[])
 ORDER BY array_position($1::text[], address::text) LIMIT 1
 """
+
+
+def _json(text: str | None) -> dict[str, Any] | None:
+    """A JSONB column read as text (asyncpg's raw connection has no JSON codec)."""
+    return json.loads(text) if text is not None else None
 
 
 class Lookups:
@@ -203,7 +209,10 @@ class Lookups:
             rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
         if not rows:
             return None
-        return Principal(*rows[0])
+        client_id, name, default_sender_id, is_admin, key_id, expires_at, pumping = rows[0]
+        return Principal(
+            client_id, name, default_sender_id, is_admin, key_id, expires_at, _json(pumping)
+        )
 
     async def twilio_principal(self, account_sid: str, auth_token: str) -> Principal | None:
         """The client whose Twilio account SID and auth token these are, or None. Cached like
@@ -218,10 +227,12 @@ class Lookups:
                 rows = await fetch(connection, _TWILIO_SQL, client_id, autocommit=True)
             if not rows:
                 return None
-            found_id, name, default_sender_id, stored = rows[0]
+            found_id, name, default_sender_id, stored, pumping = rows[0]
             if not hmac.compare_digest(installed().decrypt(stored).encode(), auth_token.encode()):
                 return None
-            return Principal(found_id, name, default_sender_id, is_admin=False)
+            return Principal(
+                found_id, name, default_sender_id, is_admin=False, pumping=_json(pumping)
+            )
 
         return await self._twilio_principals.get_or_load(pair, load)
 

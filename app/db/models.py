@@ -72,6 +72,9 @@ class Client(Base):
     default_sender_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID, ForeignKey("senders.id", ondelete="SET NULL")
     )
+    # The client's own SMS pumping alarm settings (`action`, `min_distinct`,
+    # `baseline_multiple`), set by an admin; null: the service's (app.traffic.velocity).
+    pumping: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
 
 
@@ -201,6 +204,13 @@ class Message(Base):
             postgresql_where=text("status = 'sending'"),
         ),
         CheckConstraint("api IN ('v1', 'twilio')", name="api"),
+        # An admin releases or cancels a client's held messages (the pumping alarm), oldest first.
+        Index(
+            "ix_messages_held",
+            "client_id",
+            "created_at",
+            postgresql_where=text("status = 'held'"),
+        ),
         # The status-check sweep: `sent` messages never checked (due `STATUS_CHECK_AFTER_SECONDS`
         # after their last news) or whose next check is due (app.delivery.reconcile).
         Index(

@@ -24,8 +24,9 @@ from app.kernel.settings import RetentionSettings
 # transaction-level and keyed in spaces of their own).
 _RUN_LOCK: Final = 0x7265_7465_6E74
 
-# Messages whose body and history are still needed: not yet (known to be) submitted.
-_IN_FLIGHT: Final = "('queued', 'sending')"
+# Messages whose body and history are still needed: not yet (known to be) submitted (a held
+# message may still be released).
+_IN_FLIGHT: Final = "('held', 'queued', 'sending')"
 
 # Each kind's batch: one statement, `:days` (or `:hours`) and `:limit` as parameters, answering
 # one row per row pruned.

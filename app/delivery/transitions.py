@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     and_,
     delete,
     func,
@@ -41,7 +42,14 @@ from app.consent.optouts import (
     record_provider_opt_out,
 )
 from app.db.models import Message, MessageEvent
-from app.db.session import SessionFactory, Tx, raw_statement, raw_transaction, sqlstate_of
+from app.db.session import (
+    ENQUEUE_AFTER_COMMIT,
+    SessionFactory,
+    Tx,
+    raw_statement,
+    raw_transaction,
+    sqlstate_of,
+)
 from app.delivery.parts import (
     Settlement,
     apply_part_report,
@@ -343,6 +351,80 @@ async def cancel_queued(session: AsyncSession, client_id: uuid.UUID, message_id:
         source="api",
     )
     return outcome.status is MessageStatus.CANCELED
+
+
+# Held messages settled per transaction by a bulk release or cancel (a client's burst may hold
+# thousands: each chunk is its own short transaction).
+HELD_CHUNK: Final = 500
+
+
+def _held(
+    message_id: uuid.UUID | None,
+    client_id: uuid.UUID | None,
+    before: datetime | None,
+    limit: int,
+) -> Select[uuid.UUID]:
+    """The held messages `settle_held` moves, locked (those another admin is settling: skipped).
+    A client's are read oldest first through `ix_messages_held`."""
+    target = select(Message.id).where(Message.status == MessageStatus.HELD.value)
+    if message_id is not None:
+        target = target.where(Message.id == message_id)
+    else:
+        target = target.where(Message.client_id == client_id).order_by(Message.created_at)
+    if before is not None:
+        target = target.where(Message.created_at < before)
+    return target.limit(limit).with_for_update(skip_locked=True)
+
+
+async def settle_held(
+    session: AsyncSession,
+    *,
+    release: bool,
+    message_id: uuid.UUID | None = None,
+    client_id: uuid.UUID | None = None,
+    before: datetime | None = None,
+    limit: int = HELD_CHUNK,
+) -> list[uuid.UUID]:
+    """An admin's decision on messages the pumping alarm held: release them (held -> queued, due
+    now; enqueued after the commit) or cancel them (held -> canceled, with their
+    `message.canceled` events). One message by id, or up to `limit` of a client's, oldest
+    first (created before `before`, so a bulk run does not chase a burst still arriving).
+    Conditional: a message no longer held is left alone, and one another admin is
+    settling meanwhile is skipped (SKIP LOCKED). Only the message rows are locked (a held
+    message has no claim to race, and the claim re-checks opt-outs). The ids moved."""
+    target = _held(message_id, client_id, before, limit)
+    status = MessageStatus.QUEUED if release else MessageStatus.CANCELED
+    changes: dict[str, Any] = {"status": status.value}
+    if release:
+        changes["next_attempt_at"] = func.now()
+        detail = "released by an admin"
+    else:
+        changes.update(error_code="canceled", error_message="canceled by an admin (held)")
+        detail = "canceled by an admin (held as suspected SMS pumping)"
+    moved = (
+        await session.execute(
+            update(Message)
+            .where(
+                Message.id.in_(target.scalar_subquery()),
+                Message.status == MessageStatus.HELD.value,
+            )
+            .values(**changes)
+            .returning(Message.id, Message.client_id, Message.provider, Message.from_)
+            .execution_options(synchronize_session=False)
+        )
+    ).all()
+    for row in moved:
+        count_status(status.value, row.provider, row.from_)
+        session.add(_history(row.id, status, applied=True, detail=detail, source="admin"))
+    ids = [row.id for row in moved]
+    if release:
+        session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).extend(ids)
+    else:
+        await session.flush()
+        await emit_message_statuses(
+            session, [Message(id=row.id, client_id=row.client_id) for row in moved]
+        )
+    return ids
 
 
 def _pending(message: Message) -> ColumnElement[bool]:

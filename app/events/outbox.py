@@ -15,6 +15,8 @@ What is emitted, and to whom:
   `queued` on every retried submission, which is our business, not the client's.
 * `inbound.received` — a customer's message to a sender that matched no keyword. To the
   sender's endpoint (keywords are handled here: STOP shows up as `opt_out.changed`).
+* `traffic.pumping_suspected` — the pumping alarm fired for one of the client's number ranges
+  (app.traffic.velocity): once per range and window. To the client's default endpoint.
 * `opt_out.changed` — a number opted out of (or back in to) a sender, by keyword, API or provider
   error, when that changed its state. To the sender's endpoint; a service-wide change to every
   sender's endpoint. A bulk CSV import emits none (it migrates existing lists; 100,000 lines
@@ -63,6 +65,7 @@ class EventType(StrEnum):
     MESSAGE_REJECTED = "message.rejected"
     INBOUND_RECEIVED = "inbound.received"
     OPT_OUT_CHANGED = "opt_out.changed"
+    TRAFFIC_PUMPING_SUSPECTED = "traffic.pumping_suspected"
 
 
 MESSAGE_EVENTS: dict[MessageStatus, EventType] = {
@@ -148,6 +151,33 @@ class OptOutData(BaseModel):
     actor: str | None = Field(examples=["recipient"])
     detail: str | None = Field(examples=["STOP to +14155550100"])
     changed_at: datetime
+
+
+class PumpingData(BaseModel):
+    """A number range where a client's traffic looks like SMS pumping (README, "SMS pumping
+    defence")."""
+
+    client_id: uuid.UUID = Field(examples=["3f2c1b0a-9e8d-4c7b-a6f5-e4d3c2b1a090"])
+    range: str = Field(
+        description="The country calling code and the first digits of the national number.",
+        examples=["+44 7911"],
+    )
+    distinct_numbers: int = Field(
+        description="Distinct numbers of the range sent to in the window (and the one before).",
+        examples=[212],
+    )
+    usual: float = Field(
+        description="The client's usual count of distinct numbers there per window.",
+        examples=[0.4],
+    )
+    threshold: float = Field(description="The count the alarm fired at.", examples=[50])
+    window_seconds: int = Field(examples=[60])
+    action: str = Field(
+        description="`alert` (the messages go out) or `hold` (they are `held` until an admin "
+        "releases or cancels them).",
+        examples=["hold"],
+    )
+    detected_at: datetime
 
 
 class _Envelope(BaseModel):
@@ -251,6 +281,35 @@ class OptOutEventPayload(_Envelope):
 
     type: EventType = Field(examples=["opt_out.changed"])
     data: OptOutData
+
+
+class PumpingEventPayload(_Envelope):
+    """The pumping alarm fired for a number range (`traffic.pumping_suspected`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _EVENT_ID_EXAMPLE,
+                    "type": "traffic.pumping_suspected",
+                    "timestamp": "2026-11-26T10:07:00Z",
+                    "data": {
+                        "client_id": "3f2c1b0a-9e8d-4c7b-a6f5-e4d3c2b1a090",
+                        "range": "+44 7911",
+                        "distinct_numbers": 212,
+                        "usual": 0.4,
+                        "threshold": 50,
+                        "window_seconds": 60,
+                        "action": "hold",
+                        "detected_at": "2026-11-26T10:07:00Z",
+                    },
+                }
+            ]
+        }
+    )
+
+    type: EventType = Field(examples=["traffic.pumping_suspected"])
+    data: PumpingData
 
 
 # ---- Writing events (the outbox) ----
@@ -469,6 +528,21 @@ async def emit_opt_out_changed(
         await _write(
             session, endpoint, EventType.OPT_OUT_CHANGED, data, ordering_key=f"opt_out:{phone}"
         )
+
+
+async def emit_pumping_suspected(session: AsyncSession, data: PumpingData) -> None:
+    """The pumping alarm fired for one of a client's ranges: tell the client's default endpoint
+    (none: the metric and the log line are the record; admins see every event written)."""
+    endpoint = await default_endpoint(session, Owner(client_id=data.client_id))
+    if endpoint is None:
+        return
+    await _write(
+        session,
+        endpoint,
+        EventType.TRAFFIC_PUMPING_SUSPECTED,
+        data,
+        ordering_key=f"pumping:{data.client_id}:{data.range}"[:80],
+    )
 
 
 def is_public_actor(actor: str | None) -> bool:

@@ -16,6 +16,7 @@ from app.events.outbox import (
     InboundEventPayload,
     MessageEventPayload,
     OptOutEventPayload,
+    PumpingEventPayload,
 )
 from app.events.schemas import AttemptList, AttemptOut, EventOut, EventPage
 from app.kernel.errors import Conflict, NotFound, Unauthorized, ValidationFailed, problem_responses
@@ -169,6 +170,16 @@ async def inbound_event(
     return Response(status_code=204)
 
 
+async def pumping_event(
+    payload: PumpingEventPayload,
+    webhook_id: WebhookIdHeader,
+    webhook_timestamp: WebhookTimestampHeader,
+    webhook_signature: WebhookSignatureHeader,
+) -> Response:
+    """Documentation only."""
+    return Response(status_code=204)
+
+
 async def opt_out_event(
     payload: OptOutEventPayload,
     webhook_id: WebhookIdHeader,
@@ -291,4 +302,19 @@ webhooks.add_api_route(
     response_description="Acknowledged (any 2xx).",
     responses=_ANSWERS,
     operation_id="event_opt_out_changed",
+)
+webhooks.add_api_route(
+    EventType.TRAFFIC_PUMPING_SUSPECTED.value,
+    pumping_event,
+    methods=["POST"],
+    status_code=204,
+    summary=EventType.TRAFFIC_PUMPING_SUSPECTED.value,
+    description="Many distinct numbers of one range in a short window, well above your usual "
+    'count there: it looks like SMS pumping (README, "SMS pumping defence"). Once per range '
+    "and window, to the client's default endpoint, signed with the client's secrets. With the "
+    "`hold` action the range's messages are `held` until an admin releases or cancels them. "
+    "Answer any 2xx.",
+    response_description="Acknowledged (any 2xx).",
+    responses=_ANSWERS,
+    operation_id="event_traffic_pumping_suspected",
 )

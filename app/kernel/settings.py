@@ -116,6 +116,29 @@ _CONFIG = SettingsConfigDict(
 )
 
 
+class PumpingSettings(BaseModel):
+    """The SMS pumping alarm (README, "SMS pumping defence"): many distinct numbers in one number
+    range, per client, within a short window, well above that client's usual count there."""
+
+    # `off`: no check (no Redis call); `alert`: a metric, a log line and a
+    # `traffic.pumping_suspected` event, the messages go out; `hold`: the same, and the messages
+    # of a suspicious range are stored `held` until an admin releases or cancels them.
+    action: Literal["off", "alert", "hold"] = "alert"
+    # The window distinct numbers are counted over: a bot fills a form in seconds, a burst of
+    # real sign-ups is spread over minutes.
+    window_seconds: int = Field(default=60, ge=10, le=3600)
+    # A range is the country calling code and this many leading digits of the national number
+    # (+1 415 5…, +44 7911…): the block a bot walks through when it picks numbers in sequence.
+    range_digits: int = Field(default=4, ge=1, le=8)
+    # Never fire below this many distinct numbers in one range in one window, whatever the
+    # baseline: a new client's first burst of sign-ups has no baseline at all.
+    min_distinct: int = Field(default=50, ge=2)
+    # Fire above this multiple of the client's usual count in that range per window.
+    baseline_multiple: float = Field(default=5.0, ge=1.0)
+    # How fast the usual count follows the traffic: half of its weight is the last day's.
+    baseline_half_life_hours: float = Field(default=24.0, gt=0)
+
+
 class Settings(BaseSettings):
     """The service's whole configuration."""
 
@@ -230,6 +253,7 @@ class Settings(BaseSettings):
     events: EventsSettings = EventsSettings()
     retention: RetentionSettings = RetentionSettings()
     traffic: TrafficSettings = TrafficSettings()
+    pumping: PumpingSettings = PumpingSettings()
 
 
 @lru_cache

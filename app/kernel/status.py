@@ -1,6 +1,8 @@
 """The message lifecycle: statuses and the one rule for moving between them.
 
 queued -> sending -> sent -> delivered | undelivered | failed, plus expired, canceled and rejected.
+`held` comes before `queued`: a message the pumping alarm stopped (app.traffic.velocity) waits
+there for an admin to release it (-> queued) or cancel it (-> canceled); nothing sends it.
 Providers report out of order and more than once, so a status only ever moves forward: a report of
 an earlier or equal stage is recorded but changes nothing, and a terminal status is final.
 """
@@ -22,6 +24,7 @@ class MessageStatus(StrEnum):
     EXPIRED = "expired"
     CANCELED = "canceled"
     REJECTED = "rejected"
+    HELD = "held"
 
 
 TERMINAL_STATUSES: frozenset[MessageStatus] = frozenset(
@@ -36,6 +39,7 @@ TERMINAL_STATUSES: frozenset[MessageStatus] = frozenset(
 )
 
 _STAGE: dict[MessageStatus, int] = {
+    MessageStatus.HELD: -1,
     MessageStatus.QUEUED: 0,
     MessageStatus.SENDING: 1,
     MessageStatus.SENT: 2,
@@ -49,5 +53,10 @@ def can_advance(current: MessageStatus, new: MessageStatus) -> bool:
 
 
 def statuses_before(new: MessageStatus) -> list[MessageStatus]:
-    """Every status that `new` may replace (for conditional UPDATEs)."""
-    return [status for status in MessageStatus if can_advance(status, new)]
+    """Every status that `new` may replace (for conditional UPDATEs of reports). Not `held`:
+    only an admin moves a held message (app.delivery.transitions.settle_held)."""
+    return [
+        status
+        for status in MessageStatus
+        if can_advance(status, new) and status is not MessageStatus.HELD
+    ]

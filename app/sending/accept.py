@@ -11,6 +11,10 @@ from `app.access.lookups`. Without an Idempotency-Key the accepted messages are 
 autocommitted statement (opt-out check, messages, first history rows); with one, by a short
 transaction of two statements (see `_store_idempotently`). Delivery jobs are enqueued after the
 commit, so a job never points at a row that was rolled back.
+
+The SMS pumping alarm (app.traffic.velocity) counts the recipients in Redis before the database
+statement; with its `hold` action the messages of a suspicious range are stored `held`, and are
+not enqueued.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from app.sending.encoding import BodyAnalysis, analyze_body
 from app.sending.idempotency import StoredResponse, key_in_use, key_reused, lock_id
 from app.traffic.control import TrafficControl
 from app.traffic.rules import ClientRules
+from app.traffic.velocity import PumpingAlarm, VelocityCheck
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,8 @@ class Acceptor:
     enqueue: Callable[[list[uuid.UUID]], Awaitable[None]]
     # Destination permissions and quotas (app.traffic).
     traffic: TrafficControl
+    # The SMS pumping alarm (app.traffic.velocity); None: not checked.
+    velocity: VelocityCheck | None = None
 
 
 Result = dict[str, Any] | ServiceError
@@ -147,10 +154,11 @@ async def _accept(
     # The quota is counted before any transaction, and given back for what was not stored.
     judged, quota = await traffic.take(principal.client_id, rules, judged)
     rows = [item for item in judged if isinstance(item, dict)]
+    alarm = await _watch_velocity(acceptor, principal, rows)
     stored: list[dict[str, Any]] = []
     try:
         response, stored = await _store(
-            acceptor, principal, judged, rows, render, idempotency, batch=batch
+            acceptor, principal, judged, rows, render, idempotency, batch=batch, alarm=alarm
         )
     finally:
         await traffic.give_back(quota, rows, {row["id"] for row in stored})
@@ -168,6 +176,7 @@ async def _store(
     idempotency: Idempotency | None,
     *,
     batch: bool,
+    alarm: PumpingAlarm | None,
 ) -> tuple[StoredResponse, list[dict[str, Any]]]:
     """Store the accepted rows (and the key's response), enqueue them: the response and the
     rows stored (none for a replay)."""
@@ -175,15 +184,33 @@ async def _store(
         async with acceptor.db.connection() as connection:
             refused = await _insert(connection, rows, opt_out_check=True) if rows else set()
         results, accepted = _outcome(judged, rows, refused)
-        await _after_commit(acceptor, results, accepted, batch=batch)
+        await _after_commit(acceptor, results, accepted, batch=batch, alarm=alarm)
         status, body = render(results)
         return StoredResponse(status, body, replayed=False), accepted
     response, results, accepted = await _store_idempotently(
         acceptor, principal, idempotency, judged, rows, render
     )
     if not response.replayed:
-        await _after_commit(acceptor, results, accepted, batch=batch)
+        await _after_commit(acceptor, results, accepted, batch=batch, alarm=alarm)
     return response, accepted
+
+
+async def _watch_velocity(
+    acceptor: Acceptor, principal: Principal, rows: list[dict[str, Any]]
+) -> PumpingAlarm | None:
+    """The pumping alarm's one Redis round trip, before the database statement; with the `hold`
+    action the rows of a suspicious range become `held` (stored, not enqueued)."""
+    velocity = acceptor.velocity
+    if velocity is None or not rows:
+        return None
+    numbers = (row["to"] for row in rows)
+    alarm = await velocity.judge(principal.client_id, numbers, principal.pumping)
+    if alarm is not None and alarm.action == "hold":
+        digits = velocity.settings.range_digits
+        for row in rows:
+            if alarm.suspicious(row["to"], digits) is not None:
+                row["status"] = MessageStatus.HELD.value
+    return alarm
 
 
 async def _judge(
@@ -361,15 +388,25 @@ async def _store_idempotently(
 
 
 async def _after_commit(
-    acceptor: Acceptor, results: list[Result], accepted: list[dict[str, Any]], *, batch: bool
+    acceptor: Acceptor,
+    results: list[Result],
+    accepted: list[dict[str, Any]],
+    *,
+    batch: bool,
+    alarm: PumpingAlarm | None = None,
 ) -> None:
-    """Enqueue, count and log what was stored (single sends log each message, batches once)."""
-    if accepted:
-        await acceptor.enqueue([row["id"] for row in accepted])
-    for (provider, address), amount in Counter(
-        (r["provider"], r["from"]) for r in accepted
+    """Enqueue, count and log what was stored (single sends log each message, batches once);
+    report the pumping alarm, if any (`held` messages are not enqueued)."""
+    queued = [row["id"] for row in accepted if row["status"] == MessageStatus.QUEUED.value]
+    if queued:
+        await acceptor.enqueue(queued)
+    for (status, provider, address), amount in Counter(
+        (r["status"], r["provider"], r["from"]) for r in accepted
     ).items():
-        count_status(MessageStatus.QUEUED.value, provider, address, amount)
+        count_status(status, provider, address, amount)
+    if alarm is not None and acceptor.velocity is not None:
+        held = [r["to"] for r in accepted if r["status"] == MessageStatus.HELD.value]
+        await acceptor.velocity.report(alarm, held)
     if batch:
         refused = Counter(result.code for result in results if isinstance(result, ServiceError))
         log.info(
@@ -478,11 +515,11 @@ WITH given AS (
 ),{ctes}
 inserted AS (
     INSERT INTO messages ({names}) SELECT {values} FROM given WHERE {where}
-    RETURNING id, created_at
+    RETURNING id, status, created_at
 ),
 history AS (
     INSERT INTO message_events (message_id, status, applied, source, created_at)
-    SELECT id, '{MessageStatus.QUEUED.value}', true, ${source}, created_at FROM inserted
+    SELECT id, status, true, ${source}, created_at FROM inserted
 )
 {result}
 """

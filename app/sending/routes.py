@@ -74,7 +74,8 @@ IdempotencyKeyHeader = Annotated[
             )
         ),
         202: {
-            "description": "Accepted and queued for delivery. A replay of an earlier request "
+            "description": "Accepted and queued for delivery (or `held` for an admin, when the "
+            "SMS pumping alarm's `hold` action stopped it). A replay of an earlier request "
             "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`. "
             "When the client has limits, `RateLimit` and `RateLimit-Policy` say what is left.",
             "headers": {

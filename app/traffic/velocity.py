@@ -1,0 +1,294 @@
+"""The SMS pumping alarm: many distinct numbers in one number range, per client, in a short window.
+
+A bot pumping SMS (toll fraud) fills a sign-up form with numbers it is paid for: consecutive or
+near-consecutive numbers of one expensive range. Real traffic spreads over many ranges. So, per
+client and per range (the country calling code and the first `PUMPING__RANGE_DIGITS` digits of
+the national number), Redis counts the distinct numbers of the current window and the previous
+one (a HyperLogLog each: 12 KB at most whatever a bot sends) and keeps the client's usual count
+per window there (an exponentially weighted average, folded in when a window ends). A range is
+suspicious when its count reaches `PUMPING__MIN_DISTINCT` and is above
+`PUMPING__BASELINE_MULTIPLE` times the usual count. README, "SMS pumping defence", gives the
+reasoning behind the defaults.
+
+One Lua script, one round trip per request (every range of a batch at once), run before the
+accept's database statement, never inside a transaction. Redis's own clock decides the window,
+so every API process agrees on it. A HyperLogLog keeps hashes' registers, not the numbers.
+Fail-open: when Redis is down or slow the messages go out
+unjudged (counted and logged): the alarm is a tripwire, and refusing every send while Redis is
+away would turn a cache outage into a full outage. Quotas and geographic permissions are the
+hard limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import phonenumbers
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.kernel.outages import REDIS
+from app.kernel.settings import PumpingSettings
+
+log = logging.getLogger(__name__)
+
+PUMPING_SUSPECTED = Counter(
+    "smsgate_pumping_suspected",
+    "Number ranges judged suspicious (one per client, range and window), by country calling "
+    "code and action.",
+    ["country_code", "action"],
+)
+PUMPING_HELD = Counter(
+    "smsgate_pumping_held_messages",
+    "Messages stored `held` by the pumping alarm, by country calling code.",
+    ["country_code"],
+)
+PUMPING_UNCHECKED = Counter(
+    "smsgate_pumping_unchecked_messages",
+    "Messages accepted without the pumping check because Redis was unavailable (fail-open).",
+)
+
+KEY_PREFIX: Final = "smsgate:pumping"
+# What an admin may set per client (README, "SMS pumping defence"). The window, the range's
+# digits and the half-life stay service-wide: they shape the counts kept in Redis.
+CLIENT_SETTINGS: Final = ("action", "min_distinct", "baseline_multiple")
+
+# KEYS: per range, its key prefix (the script derives the window's keys from it: one Redis, not a
+# cluster). ARGV: window seconds, (1 - alpha) per window, state TTL, minimum count, multiple,
+# then per range its number count and its numbers (PFADD takes 500 at a time: Lua's `unpack`
+# has a stack limit).
+# Per range: `<prefix>:<window>` a HyperLogLog per window, `<prefix>:s` the state hash (last
+# window seen, its count, the usual count), `<prefix>:<window>:alarm` set once when it fires.
+# Returns per range: {distinct count over this window and the previous, usual count (text:
+# Lua numbers become integers on the way out), 1 if it fired for the first time this window}.
+_SCRIPT: Final = """
+local time = redis.call('TIME')
+local window = tonumber(ARGV[1])
+local bucket = math.floor(tonumber(time[1]) / window)
+local keep = tonumber(ARGV[2])
+local state_ttl = tonumber(ARGV[3])
+local minimum = tonumber(ARGV[4])
+local multiple = tonumber(ARGV[5])
+local out = {}
+local a = 6
+for r = 1, #KEYS do
+  local prefix = KEYS[r]
+  local current = prefix .. ':' .. bucket
+  local previous = prefix .. ':' .. (bucket - 1)
+  local state = prefix .. ':s'
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local first = a
+  while first < a + n do
+    local last = math.min(first + 499, a + n - 1)
+    redis.call('PFADD', current, unpack(ARGV, first, last))
+    first = last + 1
+  end
+  a = a + n
+  redis.call('EXPIRE', current, 2 * window)
+  local seen = redis.call('HMGET', state, 'bucket', 'count', 'usual')
+  local last_bucket = tonumber(seen[1])
+  local usual = tonumber(seen[3]) or 0
+  if last_bucket and last_bucket < bucket then
+    usual = usual * keep + (1 - keep) * tonumber(seen[2])
+    usual = usual * keep ^ (bucket - last_bucket - 1)
+  end
+  if not last_bucket or last_bucket <= bucket then
+    local now_count = redis.call('PFCOUNT', current)
+    redis.call('HSET', state, 'bucket', bucket, 'count', now_count, 'usual', tostring(usual))
+  end
+  redis.call('EXPIRE', state, state_ttl)
+  local count = redis.call('PFCOUNT', current, previous)
+  local fired = 0
+  if count >= minimum and count > multiple * usual then
+    if redis.call('SET', current .. ':alarm', 1, 'NX', 'EX', 2 * window) then
+      fired = 1
+    end
+  end
+  out[r] = {count, tostring(usual), fired}
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RangeReading:
+    """One range's state after this request: distinct numbers in the window, the client's
+    usual count per window there, the threshold, and whether this request set the alarm off."""
+
+    range: str
+    country_code: str
+    distinct: int
+    usual: float
+    threshold: float
+    first: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PumpingAlarm:
+    """What one request found: the suspicious ranges (by range), the action taken."""
+
+    client_id: uuid.UUID
+    action: str
+    ranges: dict[str, RangeReading]
+
+    def suspicious(self, to: str, digits: int) -> RangeReading | None:
+        """The reading of `to`'s range if that range is suspicious."""
+        return self.ranges.get(number_range(to, digits))
+
+
+def country_code(e164: str) -> str:
+    """The country calling code of an E.164 number (they are prefix-free: 1 to 3 digits)."""
+    digits = e164.lstrip("+")
+    for length in (1, 2, 3):
+        if int(digits[:length] or 0) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            return digits[:length]
+    return digits[:3]
+
+
+def number_range(e164: str, digits: int) -> str:
+    """The number's range: `+<country code> <first digits of the national number>`."""
+    code = country_code(e164)
+    national = e164.lstrip("+")[len(code) :]
+    return f"+{code} {national[:digits]}"
+
+
+def effective_settings(
+    settings: PumpingSettings, override: Mapping[str, Any] | None
+) -> PumpingSettings:
+    """The service's settings with a client's own (`CLIENT_SETTINGS`, set by an admin) over
+    them."""
+    if not override:
+        return settings
+    own = {name: override[name] for name in CLIENT_SETTINGS if override.get(name) is not None}
+    return settings.model_copy(update=own)
+
+
+def keep_per_window(settings: PumpingSettings) -> float:
+    """The usual count's weight kept at each window's end (1 - the EWMA's alpha), from the
+    half-life: after `half_life / window` windows an old count weighs half."""
+    windows = settings.baseline_half_life_hours * 3600 / settings.window_seconds
+    return math.pow(0.5, 1 / windows)
+
+
+def _arguments(
+    settings: PumpingSettings, client_id: uuid.UUID, numbers: dict[str, set[str]]
+) -> tuple[list[str], list[Any]]:
+    keys = [f"{KEY_PREFIX}:{client_id}:{name}" for name in numbers]
+    # The usual count outlives a quiet week, then goes (a client back after that starts anew).
+    state_ttl = max(int(settings.baseline_half_life_hours * 3600 * 7), 2 * settings.window_seconds)
+    argv: list[Any] = [
+        settings.window_seconds,
+        repr(keep_per_window(settings)),
+        state_ttl,
+        settings.min_distinct,
+        repr(settings.baseline_multiple),
+    ]
+    for members in numbers.values():
+        argv.append(len(members))
+        argv.extend(sorted(members))
+    return keys, argv
+
+
+class VelocityCheck:
+    """Counts a client's destinations per range in Redis and says which ranges are suspicious.
+
+    `on_alarm` runs after the messages are stored, with the ranges that fired for the first time
+    in their window (the metrics and the log line are written here; the event, by the hook)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: PumpingSettings,
+        on_alarm: Callable[[PumpingAlarm, list[RangeReading]], Awaitable[None]] | None = None,
+    ) -> None:
+        self._redis = redis
+        self.settings = settings
+        self._script = redis.register_script(_SCRIPT)
+        self._on_alarm = on_alarm
+
+    async def judge(
+        self,
+        client_id: uuid.UUID,
+        numbers: Iterable[str],
+        override: Mapping[str, Any] | None = None,
+    ) -> PumpingAlarm | None:
+        """Count `numbers` (E.164) for the client, with its own settings (`override`) if an
+        admin set some; the suspicious ranges, or None. Never raises: with Redis unavailable
+        the messages are not judged (fail-open, counted)."""
+        settings = effective_settings(self.settings, override)
+        if settings.action == "off":
+            return None
+        by_range: dict[str, set[str]] = defaultdict(set)
+        for number in numbers:
+            by_range[number_range(number, settings.range_digits)].add(number)
+        if not by_range:
+            return None
+        if REDIS.down:  # known down: do not wait for a timeout on every request
+            PUMPING_UNCHECKED.inc(sum(len(members) for members in by_range.values()))
+            return None
+        keys, argv = _arguments(settings, client_id, by_range)
+        try:
+            replies = cast(list[list[Any]], await self._script(keys=keys, args=argv))
+        except (RedisError, OSError):
+            # Counted here; the outage itself is reported (once) by the same request's enqueue.
+            PUMPING_UNCHECKED.inc(sum(len(members) for members in by_range.values()))
+            return None
+        REDIS.recovered()
+        readings = {
+            name: _reading(name, reply, settings)
+            for name, reply in zip(by_range, replies, strict=True)
+        }
+        suspicious = {
+            name: reading
+            for name, reading in readings.items()
+            if reading.distinct >= reading.threshold
+        }
+        return PumpingAlarm(client_id, settings.action, suspicious) if suspicious else None
+
+    async def report(self, alarm: PumpingAlarm, held: Sequence[str]) -> None:
+        """After the messages are stored (`held`: the numbers of those held): the metrics, and
+        for each range that fired (once per window, not per request) a log line and the
+        caller's hook (the event). Never raises."""
+        for number in held:
+            PUMPING_HELD.labels(country_code(number)).inc()
+        fresh = [reading for reading in alarm.ranges.values() if reading.first]
+        for reading in fresh:
+            PUMPING_SUSPECTED.labels(reading.country_code, alarm.action).inc()
+            log.warning(
+                "sms pumping suspected",
+                extra={
+                    "client_id": str(alarm.client_id),
+                    "range": reading.range,
+                    "distinct_numbers": reading.distinct,
+                    "usual": round(reading.usual, 2),
+                    "threshold": round(reading.threshold, 2),
+                    "window_seconds": self.settings.window_seconds,
+                    "action": alarm.action,
+                },
+            )
+        if fresh and self._on_alarm is not None:
+            try:
+                await self._on_alarm(alarm, fresh)
+            except Exception:  # the messages are stored; an unwritten event must not fail them
+                log.exception("could not record the pumping alarm's event")
+
+
+def _reading(name: str, reply: list[Any], settings: PumpingSettings) -> RangeReading:
+    distinct, usual_text, fired = reply
+    usual = float(usual_text)
+    return RangeReading(
+        range=name,
+        country_code=name.split(" ")[0].lstrip("+"),
+        distinct=int(distinct),
+        usual=usual,
+        threshold=max(float(settings.min_distinct), settings.baseline_multiple * usual + 1e-9),
+        first=bool(fired),
+    )

@@ -1,0 +1,518 @@
+"""The SMS pumping alarm through the HTTP API on real PostgreSQL and Redis: a synthetic pumping
+burst (many sequential numbers of one range) sets it off, the same volume spread over realistic
+numbers does not, in both actions; held messages wait for an admin's release or cancel; Redis
+down does not stop sends (fail-open)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+from sqlalchemy import func, select
+
+from app.db.models import Message, WebhookEndpoint
+from app.db.session import SessionFactory
+from app.kernel.outages import REDIS
+from app.kernel.phone import InvalidPhoneNumber, normalize_phone
+from app.kernel.settings import PumpingSettings
+from app.traffic.velocity import KEY_PREFIX, keep_per_window, number_range
+from app.twilio_api.vocabulary import issue_credentials
+from tests.conftest import World
+from tests.queueing import queued_message_ids
+from tests.test_end_to_end import run_worker
+
+pytestmark = pytest.mark.network_guard
+
+BATCH = "/v1/messages/batch"
+FAKE_SENDER = "+14155550199"  # the fake provider delivers at once, no HTTP to mock
+
+
+def pumping_burst(count: int = 200) -> list[str]:
+    """What a bot filling a sign-up form sends to: consecutive numbers of one mobile range."""
+    return [f"+336123{index:05d}" for index in range(count)]
+
+
+# Area codes of large US cities, Canadian ones and French mobile prefixes: a client's real
+# sign-ups come from everywhere.
+_US_CA_AREA_CODES = [
+    "212", "213", "305", "312", "404", "415", "512", "617", "702", "206",
+    "303", "214", "602", "713", "818", "646", "347", "503", "612", "919",
+    "416", "514", "604", "403", "613",
+]  # fmt: skip
+
+
+def normal_mix(count: int = 200, seed: int = 7) -> list[str]:
+    """The same volume spread as real traffic is: varied countries, area codes, exchanges."""
+    rng = random.Random(seed)
+    numbers: set[str] = set()
+    while len(numbers) < count:
+        if rng.random() < 0.75:
+            area = rng.choice(_US_CA_AREA_CODES)
+            candidate = f"+1{area}{rng.randint(200, 989)}{rng.randint(1000, 9999)}"
+        else:
+            candidate = f"+33{rng.choice('67')}{rng.randint(10_000_000, 99_999_999)}"
+        try:  # only numbers the API takes (some ranges are not assigned)
+            numbers.add(normalize_phone(candidate, "US"))
+        except InvalidPhoneNumber:
+            continue
+    return sorted(numbers, key=lambda _: rng.random())
+
+
+async def send_in_batches(
+    api: httpx.AsyncClient, world: World, numbers: list[str], size: int = 20
+) -> list[dict[str, Any]]:
+    """Send to `numbers` in batches (a bot posts request after request); every message's
+    result, in order."""
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(numbers), size):
+        messages = [
+            {"to": to, "from": FAKE_SENDER, "body": "Your code is 482913"}
+            for to in numbers[start : start + size]
+        ]
+        response = await api.post(BATCH, json={"messages": messages}, headers=world.auth())
+        assert response.status_code == 200, response.text
+        for item in response.json()["data"]:
+            assert item["status"] == "accepted", item
+            results.append(item["message"])
+    return results
+
+
+async def hget(redis: Redis, key: str, name: str) -> bytes | None:
+    return await cast(Awaitable[bytes | None], redis.hget(key, name))
+
+
+async def hset(redis: Redis, key: str, mapping: dict[str, Any]) -> None:
+    await cast(Awaitable[int], redis.hset(key, mapping=mapping))
+
+
+def suspected(action: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "smsgate_pumping_suspected_total", {"country_code": "33", "action": action}
+        )
+        or 0.0
+    )
+
+
+async def add_default_endpoint(session_factory: SessionFactory, world: World) -> None:
+    async with session_factory.begin() as session:
+        session.add(
+            WebhookEndpoint(
+                client_id=world.client_id, url="https://hooks.example.com/sms", is_default=True
+            )
+        )
+
+
+async def pumping_events(api: httpx.AsyncClient, key: str) -> list[dict[str, Any]]:
+    response = await api.get(
+        "/v1/events",
+        params={"type": "traffic.pumping_suspected"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == 200, response.text
+    events: list[dict[str, Any]] = response.json()["data"]
+    return events
+
+
+@pytest.fixture(autouse=True)
+def _redis_outage_cleared() -> Iterator[None]:
+    """The process-wide Redis outage state starts clear (another test may have left Redis
+    "down": the check is then skipped until Redis answers again) and is left clear."""
+    REDIS.recovered()
+    yield
+    REDIS.recovered()
+
+
+@pytest.fixture
+def hold_api(
+    app_factory: Callable[..., Any], session_factory: SessionFactory
+) -> Callable[..., Any]:
+    """An app whose pumping alarm holds (settings overridable)."""
+
+    @asynccontextmanager
+    async def build(**pumping: Any) -> AsyncIterator[httpx.AsyncClient]:
+        async with app_factory(pumping=PumpingSettings(action="hold", **pumping)) as client:
+            yield client
+
+    return build
+
+
+# ---- alert ----
+
+
+async def test_alert_fires_once_on_a_pumping_burst_and_sends_everything(
+    api: httpx.AsyncClient,
+    world: World,
+    session_factory: SessionFactory,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await add_default_endpoint(session_factory, world)
+    before = suspected("alert")
+    caplog.set_level(logging.WARNING, logger="app.traffic.velocity")
+    # The client's usual traffic: spread over many ranges (quiet, as the next test shows).
+    await send_in_batches(api, world, normal_mix(seed=11))
+    assert suspected("alert") == before
+
+    results = await send_in_batches(api, world, pumping_burst())
+
+    assert {message["status"] for message in results} == {"queued"}
+    assert len(await queued_message_ids(redis)) == 400
+    assert suspected("alert") == before + 1  # once per range and window, not per request
+    alarms = [record for record in caplog.records if record.message == "sms pumping suspected"]
+    assert len(alarms) == 1
+    assert alarms[0].__dict__["range"] == "+33 6123"
+    assert alarms[0].__dict__["distinct_numbers"] >= 50
+    assert alarms[0].__dict__["client_id"] == str(world.client_id)
+    (event,) = await pumping_events(api, world.client_key)
+    data = event["payload"]["data"]
+    assert event["payload"]["type"] == "traffic.pumping_suspected"
+    assert data["range"] == "+33 6123"
+    assert data["action"] == "alert"
+    assert data["client_id"] == str(world.client_id)
+    assert 50 <= data["distinct_numbers"] <= 60
+    assert data["threshold"] == 50
+    # Admins see it too; another client does not.
+    assert len(await pumping_events(api, world.admin_key)) == 1
+    assert await pumping_events(api, world.other_client_key) == []
+
+
+async def test_alert_stays_quiet_on_a_normal_mix(
+    api: httpx.AsyncClient,
+    world: World,
+    session_factory: SessionFactory,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await add_default_endpoint(session_factory, world)
+    before = suspected("alert")
+    caplog.set_level(logging.WARNING, logger="app.traffic.velocity")
+
+    results = await send_in_batches(api, world, normal_mix())
+
+    assert {message["status"] for message in results} == {"queued"}
+    assert suspected("alert") == before
+    assert not [r for r in caplog.records if r.message == "sms pumping suspected"]
+    assert await pumping_events(api, world.admin_key) == []
+    # It was counted (the check ran), spread over many ranges.
+    assert len(await redis.keys(f"{KEY_PREFIX}:{world.client_id}:*:s")) > 100
+
+
+async def test_a_first_burst_of_sign_ups_does_not_trip_it(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """Five sign-ups in one range within seconds: far under the minimum count."""
+    await add_default_endpoint(session_factory, world)
+    before = suspected("alert")
+
+    await send_in_batches(api, world, pumping_burst(5), size=1)
+
+    assert suspected("alert") == before
+    assert await pumping_events(api, world.admin_key) == []
+
+
+async def test_a_range_the_client_usually_sends_much_to_is_judged_by_its_usual_count(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    """A client that usually reaches 100 numbers a minute in the range: 200 is not 5 times it;
+    600 is."""
+    await add_default_endpoint(session_factory, world)
+    state = f"{KEY_PREFIX}:{world.client_id}:+33 6123:s"
+    time_now, _ = await redis.time()
+    await hset(redis, state, {"bucket": int(time_now) // 60, "count": 0, "usual": "100"})
+
+    await send_in_batches(api, world, pumping_burst(200), size=100)
+    assert await pumping_events(api, world.admin_key) == []
+    # Still about 100: a window's count weighs little against a day's half-life.
+    assert 99 < float(await hget(redis, state, "usual") or 0) < 101
+
+    await send_in_batches(api, world, pumping_burst(600)[200:], size=100)
+    (event,) = await pumping_events(api, world.admin_key)
+    assert event["payload"]["data"]["distinct_numbers"] > 500
+    assert event["payload"]["data"]["threshold"] > 490
+
+
+async def test_the_usual_count_is_folded_in_when_a_window_ends(
+    api: httpx.AsyncClient, world: World, redis: Redis
+) -> None:
+    state = f"{KEY_PREFIX}:{world.client_id}:+33 6123:s"
+    time_now, _ = await redis.time()
+    bucket = int(time_now) // 60
+    # The last window seen was three windows ago, with 300 numbers; no usual count yet.
+    await hset(redis, state, {"bucket": bucket - 3, "count": 300, "usual": "0"})
+
+    await send_in_batches(api, world, pumping_burst(1), size=1)
+
+    now_bucket = int(await hget(redis, state, "bucket") or 0)
+    assert now_bucket in (bucket, bucket + 1)
+    keep = keep_per_window(PumpingSettings())
+    # Folded in, then decayed over the empty windows between (two, unless a window just ended).
+    expected = (1 - keep) * 300 * keep ** (now_bucket - (bucket - 3) - 1)
+    assert float(await hget(redis, state, "usual") or 0) == pytest.approx(expected, rel=1e-6)
+
+
+# ---- hold ----
+
+
+async def held_ids(session_factory: SessionFactory) -> set[str]:
+    async with session_factory() as session:
+        rows = await session.scalars(select(Message.id).where(Message.status == "held"))
+        return {str(row) for row in rows}
+
+
+async def test_hold_holds_the_burst_from_the_threshold_on(
+    hold_api: Callable[..., Any],
+    world: World,
+    session_factory: SessionFactory,
+    redis: Redis,
+) -> None:
+    await add_default_endpoint(session_factory, world)
+    before = suspected("hold")
+    async with hold_api() as api:
+        results = await send_in_batches(api, world, pumping_burst())
+        events = await pumping_events(api, world.client_key)
+        listing = await api.get(
+            "/v1/messages", params={"status": "held", "limit": 100}, headers=world.auth()
+        )
+
+    statuses = [message["status"] for message in results]
+    # 20 a request: the first two requests (40 numbers) are under the minimum of 50; from the
+    # third on the range is over it, and every later request's messages there are held.
+    assert statuses[:40] == ["queued"] * 40
+    assert statuses[60:] == ["held"] * 140
+    held = {message["id"] for message in results if message["status"] == "held"}
+    assert held == await held_ids(session_factory)
+    assert not held & set(await queued_message_ids(redis))  # never handed to a worker
+    assert suspected("hold") == before + 1
+    assert len(events) == 1
+    assert events[0]["payload"]["data"]["action"] == "hold"
+    # The client sees them, held.
+    listed = listing.json()["data"]
+    assert len(listed) == 100
+    assert {message["status"] for message in listed} == {"held"}
+
+
+async def test_hold_holds_nothing_of_a_normal_mix(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    async with hold_api() as api:
+        results = await send_in_batches(api, world, normal_mix())
+
+    assert {message["status"] for message in results} == {"queued"}
+    assert await held_ids(session_factory) == set()
+    assert len(await queued_message_ids(redis)) == 200
+
+
+async def test_held_messages_are_sent_only_once_released(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    async with hold_api(min_distinct=5) as api:
+        results = await send_in_batches(api, world, pumping_burst(12), size=1)
+        statuses = [message["status"] for message in results]
+        assert statuses == ["queued"] * 4 + ["held"] * 8
+        held = [message["id"] for message in results[4:]]
+
+        await run_worker()
+
+        assert await held_ids(session_factory) == set(held)
+        for message in results[:4]:
+            read = await api.get(f"/v1/messages/{message['id']}", headers=world.auth())
+            assert read.json()["status"] == "delivered"
+
+        admin = world.auth(world.admin_key)
+        one = await api.post(f"/v1/held-messages/{held[0]}/release", headers=admin)
+        assert one.status_code == 200, one.text
+        assert one.json()["status"] == "queued"
+        again = await api.post(f"/v1/held-messages/{held[0]}/release", headers=admin)
+        assert again.status_code == 409
+        assert again.json()["code"] == "message_not_held"
+
+        await run_worker()
+
+        first = (await api.get(f"/v1/messages/{held[0]}", headers=world.auth())).json()
+        assert first["status"] == "delivered"
+        assert [step["status"] for step in first["history"]] == [
+            "held",
+            "queued",
+            "sending",
+            "sent",
+            "delivered",
+        ]
+        assert await held_ids(session_factory) == set(held[1:])
+
+        bulk = await api.post(
+            "/v1/held-messages/release", json={"client_id": str(world.client_id)}, headers=admin
+        )
+        assert bulk.status_code == 200, bulk.text
+        assert bulk.json() == {"client_id": str(world.client_id), "released": 7, "canceled": 0}
+
+        await run_worker()
+
+        for message_id in held:
+            read = await api.get(f"/v1/messages/{message_id}", headers=world.auth())
+            assert read.json()["status"] == "delivered"
+
+
+async def test_held_messages_canceled_are_never_sent(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    await add_default_endpoint(session_factory, world)
+    async with hold_api(min_distinct=3) as api:
+        results = await send_in_batches(api, world, pumping_burst(8), size=1)
+        held = [message["id"] for message in results if message["status"] == "held"]
+        assert len(held) == 6
+        admin = world.auth(world.admin_key)
+
+        refused = await api.post(f"/v1/held-messages/{held[0]}/cancel", headers=world.auth())
+        assert refused.status_code == 403
+        unknown = await api.post(f"/v1/held-messages/{uuid.uuid4()}/cancel", headers=admin)
+        assert unknown.status_code == 404
+        no_client = await api.post(
+            "/v1/held-messages/cancel", json={"client_id": str(uuid.uuid4())}, headers=admin
+        )
+        assert no_client.status_code == 404
+        assert no_client.json()["code"] == "client_not_found"
+
+        one = await api.post(f"/v1/held-messages/{held[0]}/cancel", headers=admin)
+        assert one.status_code == 200, one.text
+        assert one.json()["status"] == "canceled"
+        late = await api.post(f"/v1/held-messages/{held[0]}/release", headers=admin)
+        assert late.status_code == 409
+        not_held = await api.post(f"/v1/held-messages/{results[0]['id']}/cancel", headers=admin)
+        assert not_held.status_code == 409
+        assert "is queued" in not_held.json()["detail"]
+
+        bulk = await api.post(
+            "/v1/held-messages/cancel", json={"client_id": str(world.client_id)}, headers=admin
+        )
+        assert bulk.json() == {"client_id": str(world.client_id), "released": 0, "canceled": 5}
+
+        await run_worker()
+
+        for message_id in held:
+            read = (await api.get(f"/v1/messages/{message_id}", headers=world.auth())).json()
+            assert read["status"] == "canceled"
+            assert read["error_code"] == "canceled"
+        canceled_events = await api.get(
+            "/v1/events", params={"type": "message.canceled"}, headers=world.auth()
+        )
+        assert len(canceled_events.json()["data"]) == 6
+    async with session_factory() as session:
+        sent = await session.scalar(
+            select(func.count()).select_from(Message).where(Message.status == "delivered")
+        )
+    assert sent == 2  # only the two sent before the range went over the minimum
+
+
+async def test_redis_down_does_not_block_sends(
+    app_factory: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    """Fail-open: with Redis unreachable the messages are accepted unjudged, and counted."""
+    before = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    settings = PumpingSettings(action="hold", min_distinct=2)
+    async with app_factory(redis_url="redis://127.0.0.1:1/0", pumping=settings) as api:
+        results = await send_in_batches(api, world, pumping_burst(6), size=2)
+
+    assert {message["status"] for message in results} == {"queued"}
+    assert await held_ids(session_factory) == set()
+    unchecked = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    assert unchecked == before + 6
+
+
+async def test_off_makes_no_redis_call_and_holds_nothing(
+    app_factory: Callable[..., Any], world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    async with app_factory(pumping=PumpingSettings(action="off", min_distinct=2)) as api:
+        results = await send_in_batches(api, world, pumping_burst(10), size=5)
+
+    assert {message["status"] for message in results} == {"queued"}
+    assert await redis.keys(f"{KEY_PREFIX}:*") == []
+
+
+def test_a_number_range_is_its_country_code_and_first_national_digits() -> None:
+    assert number_range("+33612345678", 4) == "+33 6123"
+    assert number_range("+14155550123", 4) == "+1 4155"
+    assert number_range("+447911123456", 3) == "+44 791"
+    assert number_range("+35312345678", 2) == "+353 12"
+
+
+# ---- a client's own settings ----
+
+
+async def test_an_admin_gives_one_client_its_own_settings(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    admin = world.auth(world.admin_key)
+    path = f"/v1/clients/{world.client_id}/pumping"
+    assert (await api.put(path, json={"action": "hold"}, headers=world.auth())).status_code == 403
+    unknown = await api.put(f"/v1/clients/{uuid.uuid4()}/pumping", json={}, headers=admin)
+    assert unknown.status_code == 404
+    assert (await api.put(path, json={"min_distinct": 1}, headers=admin)).status_code == 422
+    assert (await api.get(path, headers=admin)).json()["own"] is None
+
+    put = await api.put(path, json={"action": "hold", "min_distinct": 5}, headers=admin)
+
+    assert put.status_code == 200, put.text
+    assert put.json()["own"] == {"action": "hold", "min_distinct": 5, "baseline_multiple": None}
+    effective = put.json()["effective"]
+    assert (effective["action"], effective["min_distinct"]) == ("hold", 5)
+    assert effective["baseline_multiple"] == 5.0  # the service's
+    assert (await api.get(path, headers=admin)).json() == put.json()
+    # The client's burst is held from its fifth number; another client's, under the service's
+    # settings (alert, 50), is not.
+    mine = await send_in_batches(api, world, pumping_burst(8), size=1)
+    assert [message["status"] for message in mine] == ["queued"] * 4 + ["held"] * 4
+    other = world.auth(world.other_client_key)
+    for to in pumping_burst(8):
+        response = await api.post(
+            "/v1/messages", json={"to": to, "from": FAKE_SENDER, "body": "x"}, headers=other
+        )
+        assert response.json()["status"] == "queued"
+
+    cleared = await api.put(path, json={}, headers=admin)
+
+    assert cleared.json()["own"] is None
+    assert cleared.json()["effective"]["action"] == "alert"
+    again = await send_in_batches(api, world, [f"+336123{index:05d}" for index in range(8, 10)])
+    assert {message["status"] for message in again} == {"queued"}
+
+
+async def test_the_twilio_compatible_api_is_judged_too_and_shows_held_as_accepted(
+    app_factory: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    async with session_factory.begin() as session:
+        sid, token = await issue_credentials(session, "shop")
+    settings = PumpingSettings(action="hold", min_distinct=2)
+    async with app_factory(pumping=settings) as api:
+        statuses = []
+        for to in pumping_burst(3):
+            answer = await api.post(
+                f"/2010-04-01/Accounts/{sid}/Messages.json",
+                data={"To": to, "From": FAKE_SENDER, "Body": "Your code is 482913"},
+                auth=(sid, token),
+            )
+            assert answer.status_code == 201, answer.text
+            statuses.append(answer.json()["status"])
+
+    assert statuses == ["queued", "accepted", "accepted"]
+    assert len(await held_ids(session_factory)) == 2
+
+
+async def test_one_batch_of_a_thousand_numbers_in_one_range_is_held_whole(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    """The whole request is judged at once (its numbers counted in chunks by the script)."""
+    async with hold_api() as api:
+        results = await send_in_batches(api, world, pumping_burst(1000), size=1000)
+
+    assert {message["status"] for message in results} == {"held"}
+    assert len(await held_ids(session_factory)) == 1000
+    assert await queued_message_ids(redis) == []
