@@ -1,5 +1,5 @@
 """/v1/held-messages (admin): release or cancel what the SMS pumping alarm held; and
-/v1/clients/{id}/pumping (admin): a client's own alarm settings.
+/v1/clients/{client}/pumping (admin): a client's own alarm settings.
 
 Held messages are those the alarm stopped with `PUMPING__ACTION=hold` (README, "SMS pumping
 defence"); a client lists its own with `GET /v1/messages?status=held`.
@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Request
 
 from app.events.outbox import EventJob
 from app.kernel.errors import (
@@ -35,14 +35,10 @@ from app.traffic.pumping_schemas import (
 )
 from app.traffic.velocity import effective_settings
 from app.web.deps import AdminDep, LookupsDep, SessionDep, SettingsDep
-from app.web.params import MessageIdPath
+from app.web.params import ClientNamePath, MessageIdPath
 from app.worker.queue import enqueue_events
 
 router = APIRouter(prefix="/v1/held-messages", tags=["held-messages"])
-ClientIdPath = Annotated[
-    uuid.UUID,
-    Path(description="The client's id.", examples=["3f2c1b0a-9e8d-4c7b-a6f5-e4d3c2b1a090"]),
-]
 
 
 async def get_settler(request: Request) -> Settler:
@@ -130,26 +126,26 @@ def _client_pumping(
 
 
 @clients_router.get(
-    "/{client_id}/pumping",
+    "/{client_name}/pumping",
     response_model=ClientPumping,
     responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def get_client_pumping(
-    client_id: ClientIdPath, session: SessionDep, settings: SettingsDep, admin: AdminDep
+    client_name: ClientNamePath, session: SessionDep, settings: SettingsDep, admin: AdminDep
 ) -> ClientPumping:
     """A client's SMS pumping alarm settings: its own (set by an admin) and those in effect
     (admin key)."""
-    own = await client_pumping(session, client_id)
+    client_id, own = await client_pumping(session, client_name)
     return _client_pumping(client_id, own, settings.pumping)
 
 
 @clients_router.put(
-    "/{client_id}/pumping",
+    "/{client_name}/pumping",
     response_model=ClientPumping,
     responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
 )
 async def put_client_pumping(
-    client_id: ClientIdPath,
+    client_name: ClientNamePath,
     body: PumpingOverride,
     session: SessionDep,
     settings: SettingsDep,
@@ -159,6 +155,6 @@ async def put_client_pumping(
     """Set a client's own SMS pumping alarm settings (admin key): its action (`off`, `alert`,
     `hold`), minimum count and multiple; a null field takes the service's, an empty body
     clears them. Other API processes see the change within `LOOKUP_CACHE_SECONDS`."""
-    own = await set_client_pumping(session, client_id, body.model_dump())
+    client_id, own = await set_client_pumping(session, client_name, body.model_dump())
     lookups.forget_all()
     return _client_pumping(client_id, own, settings.pumping)

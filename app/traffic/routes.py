@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 
 from app.db.session import AFTER_COMMIT
 from app.kernel.errors import Forbidden, NotFound, Unauthorized, ValidationFailed, problem_responses
 from app.kernel.settings import TrafficSettings
-from app.kernel.text import StorableStr
 from app.traffic import rules as domain
 from app.traffic.schemas import Limits, TrafficRulesIn, TrafficRulesOut
 from app.web.deps import AdminDep, SessionDep, SettingsDep, TrafficDep
+from app.web.params import ClientNamePath
 
 router = APIRouter(prefix="/v1/clients", tags=["traffic"])
-
-ClientNamePath = Annotated[
-    StorableStr,
-    Path(min_length=1, max_length=200, description="The client's name.", examples=["shop"]),
-]
 
 
 def _out(client: str, rules: domain.ClientRules, settings: TrafficSettings) -> TrafficRulesOut:

@@ -10,6 +10,7 @@ from fastapi import Path, Query
 from pydantic import AwareDatetime
 
 from app.kernel.pagination import encode_cursor
+from app.kernel.text import StorableStr
 
 _EXAMPLE_TIME = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 CURSOR_EXAMPLE = encode_cursor(_EXAMPLE_TIME, uuid.UUID("5b0e8f0a-3c2d-4c55-9a51-0c6d2f1c9f10"))
@@ -59,4 +60,9 @@ MessageIdPath = Annotated[
 SenderIdPath = Annotated[
     uuid.UUID,
     Path(description="The sender's id.", examples=["0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b"]),
+]
+
+ClientNamePath = Annotated[
+    StorableStr,
+    Path(min_length=1, max_length=200, description="The client's name.", examples=["shop"]),
 ]

@@ -451,9 +451,9 @@ async def test_an_admin_gives_one_client_its_own_settings(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
     admin = world.auth(world.admin_key)
-    path = f"/v1/clients/{world.client_id}/pumping"
+    path = "/v1/clients/shop/pumping"
     assert (await api.put(path, json={"action": "hold"}, headers=world.auth())).status_code == 403
-    unknown = await api.put(f"/v1/clients/{uuid.uuid4()}/pumping", json={}, headers=admin)
+    unknown = await api.put("/v1/clients/no-such-client/pumping", json={}, headers=admin)
     assert unknown.status_code == 404
     assert (await api.put(path, json={"min_distinct": 1}, headers=admin)).status_code == 422
     assert (await api.get(path, headers=admin)).json()["own"] is None
