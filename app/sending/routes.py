@@ -38,6 +38,7 @@ from app.sending.schemas import (
     SendMessageRequest,
     StatusChange,
 )
+from app.traffic.pools import documented
 from app.web.deps import AcceptorDep, PrincipalDep, SessionDep, SettingsDep
 from app.web.params import (
     CreatedAfterQuery,
@@ -66,7 +67,7 @@ IdempotencyKeyHeader = Annotated[
     status_code=202,
     response_model=MessageOut,
     responses={
-        **problem_responses(Unauthorized, PolicyRefusal, Conflict, ValidationFailed),
+        **documented(problem_responses(Unauthorized, PolicyRefusal, Conflict, ValidationFailed)),
         202: {
             "description": "Accepted and queued for delivery. A replay of an earlier request "
             "with the same Idempotency-Key carries the header `Idempotent-Replayed: true`."
