@@ -298,3 +298,28 @@ async def test_choices_unused_past_their_period_are_pruned_and_made_afresh(
             select(SenderAffinity.sender_id).where(SenderAffinity.recipient == old)
         )
     assert str(kept) == pool.senders[first[old]]
+
+
+async def test_patching_countries_changes_the_pool_at_once(
+    api: httpx.AsyncClient, world: World, pool: Pool
+) -> None:
+    belgium = "+32470123456"
+    refused = await send(api, pool, belgium)
+    url = f"/v1/senders/{pool.senders[FRENCH_ID]}"
+    widened = await api.patch(
+        url, json={"countries": ["FR", "be"]}, headers=world.auth(world.admin_key)
+    )
+    routed = await send(api, pool, belgium)
+    described = await api.patch(
+        url, json={"description": "FR"}, headers=world.auth(world.admin_key)
+    )
+    reset = await api.patch(url, json={"countries": None}, headers=world.auth(world.admin_key))
+    after_reset = await send(api, pool, FRANCE)
+
+    assert_problem(refused, 422, "no_sender_for_destination", field="from")
+    assert "country BE" in refused.json()["detail"]
+    assert widened.json()["served_countries"] == ["BE", "FR"]
+    assert routed.status_code == 202 and routed.json()["from"] == FRENCH_ID
+    assert described.json()["countries"] == ["BE", "FR"]  # omitted: unchanged
+    assert (reset.json()["countries"], reset.json()["served_countries"]) == (None, [])
+    assert_problem(after_reset, 422, "no_sender_for_destination", field="from")
