@@ -18,6 +18,7 @@ from app.access.auth import create_api_key
 from app.db.models import Message, SenderAffinity
 from app.db.retention import prune
 from app.db.session import SessionFactory
+from app.kernel.metrics import DB_STATEMENTS
 from app.kernel.settings import RetentionSettings
 from tests.api.test_send import assert_problem
 from tests.conftest import World, ready_keywords
@@ -323,3 +324,26 @@ async def test_patching_countries_changes_the_pool_at_once(
     assert described.json()["countries"] == ["BE", "FR"]  # omitted: unchanged
     assert (reset.json()["countries"], reset.json()["served_countries"]) == (None, [])
     assert_problem(after_reset, 422, "no_sender_for_destination", field="from")
+
+
+def statements() -> float:
+    return float(DB_STATEMENTS._value.get())
+
+
+async def test_a_pooled_request_is_one_more_statement_whatever_its_size(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    assert (await send(api, pool, FRANCE)).status_code == 202  # the key and pool are now cached
+    assert (await send(api, pool, FRANCE, **{"from": US_LOW})).status_code == 202  # and US_LOW
+    counts = []
+    for run in (
+        lambda: send(api, pool, us_number(1)),
+        lambda: send_batch(api, pool, [us_number(n) for n in range(250)] + [FRANCE]),
+        lambda: send(api, pool, us_number(2), **{"from": US_LOW}),
+    ):
+        before = statements()
+        await run()
+        counts.append(statements() - before)
+
+    # A single pooled send, a pooled batch of 251: the choice, then the insert. Named: the insert.
+    assert counts == [2, 2, 1]
