@@ -354,11 +354,13 @@ async def upsert_sender(
     default_region: str,
     rate_per_second: float | None = None,
     fallback_provider: ProviderName | None = None,
+    countries: Collection[str] | None = None,
 ) -> bool:
     """Create the sender, or bring an existing one (same address) in line; True if created.
 
     For deployments that keep senders in configuration files (`smsgate seed-senders`): what
-    the file omits takes its default (the kind's rate, no fallback provider).
+    the file omits takes its default (the kind's rate, no fallback provider, the kind's
+    countries).
     """
     canonical = normalize_sender_address(kind, address, default_region)
     sender = await session.scalar(select(Sender).where(Sender.address == canonical))
@@ -373,6 +375,7 @@ async def upsert_sender(
             keywords=keywords,
             rate_per_second=rate_per_second,
             fallback_provider=fallback_provider,
+            countries=countries,
         )
         return True
     if sender.kind != kind.value:
@@ -387,5 +390,6 @@ async def upsert_sender(
         keywords=keywords,
         rate_per_second=rate_per_second or default_rate(sender.kind, sender.address),
         fallback_provider=fallback_provider,
+        countries=countries,
     )
     return False
