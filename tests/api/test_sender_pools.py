@@ -4,6 +4,7 @@ spread across the pool by rate (README, "Sender pools")."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -347,3 +348,31 @@ async def test_a_pooled_request_is_one_more_statement_whatever_its_size(
 
     # A single pooled send, a pooled batch of 251: the choice, then the insert. Named: the insert.
     assert counts == [2, 2, 1]
+
+
+async def test_concurrent_first_sends_to_one_recipient_agree(
+    api: httpx.AsyncClient, pool: Pool, session_factory: SessionFactory
+) -> None:
+    recipients = [us_number(n) for n in range(30)]
+    singles, batches = await asyncio.gather(
+        asyncio.gather(*(send(api, pool, to) for to in recipients * 2)),
+        asyncio.gather(*(send_batch(api, pool, recipients[::-1]) for _ in range(3))),
+    )
+
+    assert all(response.status_code == 202 for response in singles)
+    chosen: dict[str, set[str]] = {}
+    for response in singles:
+        chosen.setdefault(response.json()["to"], set()).add(response.json()["from"])
+    for batch in batches:
+        for entry in batch:
+            chosen[entry["message"]["to"]].add(entry["message"]["from"])
+    assert all(len(senders) == 1 for senders in chosen.values())
+    async with session_factory() as session:
+        kept = dict(
+            (
+                await session.execute(select(SenderAffinity.recipient, SenderAffinity.sender_id))
+            ).all()
+        )
+    assert {to: pool.senders[next(iter(s))] for to, s in chosen.items()} == {
+        to: str(sender_id) for to, sender_id in kept.items()
+    }
