@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictFloat,
+    StringConstraints,
 )
 
 from app.db.models import Sender
@@ -25,6 +26,10 @@ _COUNTRIES_DOC = (
     "none for a short code or an alphanumeric ID; `[]`: none. It does not restrict a send that "
     "names the sender in `from`."
 )
+
+
+CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2}$")]
+"""An ISO 3166-1 alpha-2 country code (checked against the phone plans by the service)."""
 
 
 def _countries_field(examples: list[Any]) -> Any:
@@ -114,7 +119,7 @@ class SenderIn(BaseModel):
         examples=[1.0],
     )
     description: StorableStr | None = Field(default=None, max_length=200)
-    countries: list[StorableStr] | None = _countries_field([["US", "CA"]])
+    countries: list[CountryCode] | None = _countries_field([["US", "CA"]])
     keywords: KeywordConfig = Field(
         default_factory=KeywordConfig,
         description="Keyword sets and replies; the built-in sets (English and French) when "
@@ -138,7 +143,7 @@ class SenderPatch(BaseModel):
         default=None, gt=0, le=10_000, description="Messages per second, across all workers."
     )
     description: StorableStr | None = Field(default=None, max_length=200)
-    countries: list[StorableStr] | None = Field(
+    countries: list[CountryCode] | None = Field(
         default=None,
         max_length=300,
         description="Replaces the countries it serves from a pool; `null`: back to its kind's "
