@@ -64,7 +64,7 @@ async def test_seed_senders_creates_then_updates(
                 "provider": "twilio",
                 "keywords": ready_keywords(),
             },
-            {"address": "SHOP", "kind": "alphanumeric", "provider": "vonage"},
+            {"address": "SHOP", "kind": "alphanumeric", "provider": "vonage", "countries": ["FR"]},
         ],
     )
     created = await smsgate("seed-senders", first)
@@ -92,6 +92,7 @@ async def test_seed_senders_creates_then_updates(
     assert sender is not None and sender.provider == "vonage"
     assert sender.keywords["help"]["replies"] == REPLIES["help"]
     assert shop is not None and shop.keywords["opt_out"]["replies"] == {}
+    assert (shop.countries, sender.countries) == (["FR"], None)  # for sender pools
 
 
 async def test_seed_senders_refuses_a_bad_file_and_changes_nothing(

@@ -34,7 +34,13 @@ from app.kernel.errors import PolicyRefusal
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.secrets import installed
 from app.senders.keywords import KeywordConfig, missing_replies
-from app.senders.service import PHONE_LIKE, no_default_sender, sender_not_found, unknown_sender
+from app.senders.service import (
+    PHONE_LIKE,
+    no_default_sender,
+    sender_not_found,
+    served_countries,
+    unknown_sender,
+)
 from app.twilio_api.vocabulary import ACCOUNT_PREFIX, parse_sid
 
 K = TypeVar("K", bound=Hashable)
@@ -129,6 +135,9 @@ class SenderInfo:
     missing_replies: tuple[str, ...]
     # The clients it is granted to (`sender_clients`): only they may send from it.
     client_ids: frozenset[uuid.UUID] = frozenset()
+    # Its pace, and the destination countries it serves when picked from a pool.
+    rate_per_second: float = 1.0
+    countries: frozenset[str] = frozenset()
 
     def usable_by(self, principal: Principal) -> bool:
         """Whether the caller may send from it: a client it is granted to, or an admin key."""
@@ -169,12 +178,19 @@ FROM twilio_credentials AS t JOIN clients AS c ON c.id = t.client_id
 WHERE t.client_id = $1
 """
 _SENDER_COLUMNS: Final = """id, address, provider, keywords::text AS keywords,
-    ARRAY(SELECT client_id FROM sender_clients WHERE sender_id = senders.id) AS client_ids"""
+    ARRAY(SELECT client_id FROM sender_clients WHERE sender_id = senders.id) AS client_ids,
+    kind, countries, rate_per_second"""
 _SENDER_BY_ID_SQL: Final = f"SELECT {_SENDER_COLUMNS} FROM senders WHERE id = $1"
 # The address as written first, then its canonical phone form (`find_sender_by_address`).
 _SENDER_BY_ADDRESS_SQL: Final = f"""
 SELECT {_SENDER_COLUMNS} FROM senders WHERE address = ANY($1::text[])
 ORDER BY array_position($1::text[], address::text) LIMIT 1
+"""
+# A client's pool: every sender granted to it (`app.traffic.pools` keeps those serving countries).
+_POOL_SQL: Final = f"""
+SELECT {_SENDER_COLUMNS} FROM senders
+WHERE id IN (SELECT sender_id FROM sender_clients WHERE client_id = $1)
+ORDER BY id
 """
 
 
@@ -193,6 +209,7 @@ class Lookups:
         self._twilio_principals: TtlCache[bytes, Principal] = TtlCache(ttl)
         self._senders_by_id: TtlCache[uuid.UUID, SenderInfo] = TtlCache(ttl)
         self._senders_by_address: TtlCache[str, SenderInfo] = TtlCache(ttl)
+        self._pools: TtlCache[uuid.UUID, tuple[SenderInfo, ...]] = TtlCache(ttl)
 
     async def principal(self, authorization: str | None) -> Principal:
         """The principal behind an `Authorization: Bearer <key>` header, or `Unauthorized`."""
@@ -274,27 +291,43 @@ class Lookups:
             raise unknown_sender(address)
         return sender
 
+    async def pool(self, client_id: uuid.UUID) -> tuple[SenderInfo, ...]:
+        """Every sender granted to a client, cached like a sender (a grant, a revocation or a
+        change of a sender is seen at once by this process, by others within the TTL)."""
+
+        async def load() -> tuple[SenderInfo, ...]:
+            async with self._db.connection() as connection:
+                rows = await fetch(connection, _POOL_SQL, client_id, autocommit=True)
+            return tuple(self._sender_info(row) for row in rows)
+
+        return await self._pools.get_or_load(client_id, load) or ()
+
     async def _load_sender(self, sql: str, argument: Any) -> SenderInfo | None:
         async with self._db.connection() as connection:
             rows = await fetch(connection, sql, argument, autocommit=True)
         if not rows:
             return None
-        sender_id, address, provider, keywords, client_ids = rows[0]
+        return self._sender_info(rows[0])
+
+    def _sender_info(self, row: Any) -> SenderInfo:
+        sender_id, address, provider, keywords, client_ids, kind, countries, rate = row
         config = KeywordConfig.model_validate(json.loads(keywords))
-        sender = SenderInfo(
+        return SenderInfo(
             id=sender_id,
             address=address,
             provider=provider,
             missing_replies=tuple(missing_replies(config, accept_defaults=self._accept_defaults)),
             client_ids=frozenset(client_ids),
+            rate_per_second=rate,
+            countries=served_countries(kind, address, countries),
         )
-        return sender
 
     def forget_sender(self, sender_id: uuid.UUID) -> None:
         """Drop a changed sender (its settings, or its grants), under every address it was
-        looked up by."""
+        looked up by, and every pool (it may have joined or left one)."""
         self._senders_by_id.discard_where(lambda sender: sender.id == sender_id)
         self._senders_by_address.discard_where(lambda sender: sender.id == sender_id)
+        self._pools.clear()
 
     def forget_principals(self) -> None:
         """Drop every cached key (after a revocation or rotation, or a client's default sender
@@ -307,6 +340,7 @@ class Lookups:
         for cache in (self._principals, self._senders_by_id, self._senders_by_address):
             cache.clear()
         self._twilio_principals.clear()
+        self._pools.clear()
 
 
 def _spellings(address: str, default_region: str) -> list[str]:

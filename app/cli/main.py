@@ -74,6 +74,7 @@ async def _seed_senders(path: Path) -> tuple[int, int]:
                         default_region=settings.default_region,
                         rate_per_second=spec.rate_per_second,
                         fallback_provider=spec.fallback_provider,
+                        countries=spec.countries,
                     )
                 except ServiceError as error:
                     raise SystemExit(f"{path}: {spec.address}: {error.detail}") from None

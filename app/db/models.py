@@ -159,8 +159,27 @@ class Sender(Base):
     description: Mapped[str | None] = mapped_column(String(200))
     # The sender's keyword sets and replies: an `app.senders.keywords.KeywordConfig` as JSON.
     keywords: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # The destination countries (ISO 3166-1 alpha-2) it serves when a sender is picked from a
+    # client's pool (app.traffic.pools); None: its kind's default (a long code its own country).
+    countries: Mapped[list[str] | None] = mapped_column(ARRAY(String(2)))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _updated()
+
+
+class SenderAffinity(Base):
+    """The sender a client's pool picked for a recipient (app.traffic.pools): kept, so replies
+    and STOP land on the number that wrote to them. Pruned when unused (README, "Retention")."""
+
+    __tablename__ = "sender_affinity"
+
+    client_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("clients.id", ondelete="CASCADE"), primary_key=True
+    )
+    recipient: Mapped[str] = mapped_column(String(16), primary_key=True)
+    sender_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("senders.id", ondelete="CASCADE"), index=True
+    )
+    last_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class SenderClient(Base):

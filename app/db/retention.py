@@ -92,6 +92,15 @@ _BATCHES: Final[dict[str, str]] = {
             LIMIT :limit
         )
         RETURNING 1""",
+    "sender_affinity": """
+        DELETE FROM sender_affinity WHERE (client_id, recipient) IN (
+            SELECT client_id, recipient FROM sender_affinity
+            WHERE last_used_at < now() - make_interval(days => :days)
+            ORDER BY last_used_at
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING 1""",
 }
 
 # Callback-URL endpoints (a client's, not its default) unchanged for the events' period: locked
@@ -131,6 +140,7 @@ def periods(settings: RetentionSettings, idempotency_ttl_hours: int) -> list[Per
         "webhook_attempts": settings.webhook_attempt_days,
         "inbound_parts": settings.inbound_part_days,
         "opt_out_history": settings.opt_out_history_days,
+        "sender_affinity": settings.sender_affinity_days,
     }
     chosen = [Period(kind, days=value) for kind, value in days.items() if value is not None]
     return [*chosen, Period("idempotency_keys", hours=idempotency_ttl_hours)]

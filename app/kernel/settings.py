@@ -71,6 +71,9 @@ class RetentionSettings(BaseModel):
     # The opt-out history is the proof of consent: kept unless set. The row that decides a
     # number's current state is kept whatever its age.
     opt_out_history_days: int | None = Field(default=None, ge=1)
+    # A sender pool's kept choice for a recipient not written to (nor refused) for this long:
+    # the recipient's next message is routed afresh (README, "Sender pools").
+    sender_affinity_days: int | None = Field(default=395, ge=1)
     # Rows per statement (each batch is its own short transaction) and batches per kind per run.
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     max_batches_per_run: int = Field(default=100, ge=1)

@@ -45,6 +45,7 @@ async def create_sender(
         keywords=request.keywords,
         rate_per_second=request.rate_per_second,
         fallback_provider=request.fallback_provider,
+        countries=request.countries,
     )
     return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)
 
@@ -160,7 +161,8 @@ async def update_sender(
     settings: SettingsDep,
     lookups: LookupsDep,
 ) -> SenderOut:
-    """Change a sender's provider, fallback provider, rate, description or keywords."""
+    """Change a sender's provider, fallback provider, rate, description, keywords or the
+    countries it serves from a pool."""
     # This process sends with the change as soon as it is committed; others within the cache's TTL.
     session.info.setdefault(AFTER_COMMIT, []).append(lambda: lookups.forget_sender(sender_id))
     sender = await domain.update_sender(
@@ -175,5 +177,8 @@ async def update_sender(
             if "fallback_provider" in request.model_fields_set
             else domain.UNCHANGED
         ),
+        countries=request.countries
+        if "countries" in request.model_fields_set
+        else domain.UNCHANGED,
     )
     return SenderOut.of(sender, accept_default_replies=settings.accept_default_keyword_replies)

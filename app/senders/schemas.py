@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictFloat,
+    StringConstraints,
 )
 
 from app.db.models import Sender
 from app.kernel.text import StorableStr
 from app.providers.registry import ProviderName
 from app.senders.keywords import KeywordConfig, missing_replies
-from app.senders.service import SenderKind
+from app.senders.service import SenderKind, served_countries
+
+_COUNTRIES_DOC = (
+    "The destination countries (ISO 3166-1 alpha-2) this sender serves when a sender is picked "
+    'from a client\'s pool (a send without `from`, README "Sender pools"). Omitted or null: '
+    "its kind's default, the country of its number for a long code (a toll-free number too), "
+    "none for a short code or an alphanumeric ID; `[]`: none. It does not restrict a send that "
+    "names the sender in `from`."
+)
+
+
+CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2}$")]
+"""An ISO 3166-1 alpha-2 country code (checked against the phone plans by the service)."""
+
+
+def _countries_field(examples: list[Any]) -> Any:
+    return Field(default=None, max_length=300, description=_COUNTRIES_DOC, examples=examples)
+
 
 _SENDER_EXAMPLE: dict[str, Any] = {
     "id": "0f8e5c1e-2b7a-4d57-9a0c-7c1d2e3f4a5b",
@@ -27,6 +45,8 @@ _SENDER_EXAMPLE: dict[str, Any] = {
     "fallback_provider": None,
     "rate_per_second": 1.0,
     "description": "US order notifications",
+    "countries": ["CA", "US"],
+    "served_countries": ["CA", "US"],
     "keywords": {
         "opt_out": {
             "keywords": {
@@ -63,7 +83,22 @@ class SenderIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"address": "+14155550100", "kind": "long_code", "provider": "twilio"}]
+            "examples": [
+                {"address": "+14155550100", "kind": "long_code", "provider": "twilio"},
+                {
+                    "address": "+18445550100",
+                    "kind": "long_code",
+                    "provider": "twilio",
+                    "description": "toll-free, US and Canada",
+                    "countries": ["US", "CA"],
+                },
+                {
+                    "address": "ACME",
+                    "kind": "alphanumeric",
+                    "provider": "vonage",
+                    "countries": ["FR"],
+                },
+            ]
         },
     )
 
@@ -85,6 +120,7 @@ class SenderIn(BaseModel):
         examples=[1.0],
     )
     description: StorableStr | None = Field(default=None, max_length=200)
+    countries: list[CountryCode] | None = _countries_field([["US", "CA"]])
     keywords: KeywordConfig = Field(
         default_factory=KeywordConfig,
         description="Keyword sets and replies; the built-in sets (English and French) when "
@@ -96,7 +132,8 @@ class SenderPatch(BaseModel):
     """Changes to a sender; omitted fields stay as they are."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"provider": "vonage"}]}
+        extra="forbid",
+        json_schema_extra={"examples": [{"provider": "vonage"}, {"countries": ["FR", "BE"]}]},
     )
 
     provider: ProviderName | None = None
@@ -107,6 +144,13 @@ class SenderPatch(BaseModel):
         default=None, gt=0, le=10_000, description="Messages per second, across all workers."
     )
     description: StorableStr | None = Field(default=None, max_length=200)
+    countries: list[CountryCode] | None = Field(
+        default=None,
+        max_length=300,
+        description="Replaces the countries it serves from a pool; `null`: back to its kind's "
+        "default, omitted: unchanged.",
+        examples=[["FR", "BE"]],
+    )
     keywords: KeywordConfig | None = Field(
         default=None, description="Replaces the sender's whole keyword configuration."
     )
@@ -126,6 +170,14 @@ class SenderOut(BaseModel):
     )
     rate_per_second: float = Field(description="Messages per second, across all workers.")
     description: str | None
+    countries: list[str] | None = Field(
+        description="The countries set for pool selection; null: its kind's default."
+    )
+    served_countries: list[str] = Field(
+        description="The countries it serves when picked from a pool (`countries`, or its "
+        "kind's default), sorted.",
+        examples=[["CA", "US"]],
+    )
     keywords: KeywordConfig
     missing_replies: list[str] = Field(
         description="Replies still to configure before the sender may send; empty when ready.",
@@ -146,6 +198,10 @@ class SenderOut(BaseModel):
             fallback_provider=sender.fallback_provider,
             rate_per_second=sender.rate_per_second,
             description=sender.description,
+            countries=sender.countries,
+            served_countries=sorted(
+                served_countries(sender.kind, sender.address, sender.countries)
+            ),
             keywords=keywords,
             missing_replies=missing_replies(keywords, accept_defaults=accept_default_replies),
             created_at=sender.created_at,

@@ -8,6 +8,7 @@ from collections.abc import Collection
 from enum import Enum, StrEnum
 from typing import Final
 
+import phonenumbers
 from sqlalchemy import Select, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
@@ -64,6 +65,37 @@ def normalize_sender_address(kind: SenderKind, address: str, default_region: str
     return address
 
 
+def normalize_countries(countries: Collection[str] | None) -> list[str] | None:
+    """Destination countries as stored: ISO 3166-1 alpha-2 codes, upper case, sorted, each
+    once; None (the kind's default) stays None. An unknown code is `ValidationFailed`."""
+    if countries is None:
+        return None
+    codes = sorted({code.strip().upper() for code in countries})
+    unknown = [code for code in codes if phonenumbers.country_code_for_region(code) == 0]
+    if unknown:
+        raise ValidationFailed.for_field(
+            "invalid_sender",
+            "countries",
+            f"not ISO 3166-1 alpha-2 country codes with a phone plan: {', '.join(unknown)}",
+        )
+    return codes
+
+
+def served_countries(kind: str, address: str, countries: Collection[str] | None) -> frozenset[str]:
+    """The destination countries a sender serves when picked from a pool: those set, else its
+    kind's default. A long code (a toll-free number too) serves the country of its number; a
+    short code or an alphanumeric ID serves none until set (neither names a country)."""
+    if countries is not None:
+        return frozenset(countries)
+    if kind != SenderKind.LONG_CODE.value:
+        return frozenset()
+    try:
+        region = phonenumbers.region_code_for_number(phonenumbers.parse(address, None))
+    except phonenumbers.NumberParseException:
+        return frozenset()
+    return frozenset([region]) if region and region != "ZZ" else frozenset()
+
+
 async def create_sender(
     session: AsyncSession,
     *,
@@ -75,9 +107,11 @@ async def create_sender(
     keywords: KeywordConfig | None = None,
     rate_per_second: float | None = None,
     fallback_provider: str | None = None,
+    countries: Collection[str] | None = None,
 ) -> Sender:
     """Add a sender; its address must be unique. Keywords default to the built-in sets, the
-    rate to what its kind allows by default (`app.kernel.sender_rates.default_rate`)."""
+    rate to what its kind allows by default (`app.kernel.sender_rates.default_rate`), the
+    countries it serves from a pool to its kind's (`served_countries`)."""
     _check_providers(provider, fallback_provider)
     canonical = normalize_sender_address(kind, address, default_region)
     sender = Sender(
@@ -89,6 +123,7 @@ async def create_sender(
         rate_per_second=rate_per_second or default_rate(kind.value, canonical),
         description=description,
         keywords=(keywords or KeywordConfig()).model_dump(mode="json"),
+        countries=normalize_countries(countries),
     )
     session.add(sender)
     try:
@@ -248,16 +283,20 @@ async def update_sender(
     keywords: KeywordConfig | None = None,
     rate_per_second: float | None = None,
     fallback_provider: str | Unchanged | None = UNCHANGED,
+    countries: Collection[str] | Unchanged | None = UNCHANGED,
 ) -> Sender:
-    """Change a sender's provider, description, keywords, rate or fallback provider (its
-    address and kind are its identity). None leaves a field as it is, except for the fallback
-    provider, where None removes it and `UNCHANGED` leaves it."""
+    """Change a sender's provider, description, keywords, rate, fallback provider or countries
+    (its address and kind are its identity). None leaves a field as it is, except for the
+    fallback provider and the countries, where None removes it (the countries: back to the
+    kind's default) and `UNCHANGED` leaves it."""
     sender = await get_sender(session, sender_id)
     new_fallback = (
         sender.fallback_provider if isinstance(fallback_provider, Unchanged) else fallback_provider
     )
     _check_providers(provider or sender.provider, new_fallback)
     sender.fallback_provider = new_fallback
+    if not isinstance(countries, Unchanged):
+        sender.countries = normalize_countries(countries)
     if rate_per_second is not None:
         sender.rate_per_second = rate_per_second
     if provider is not None:
@@ -315,11 +354,13 @@ async def upsert_sender(
     default_region: str,
     rate_per_second: float | None = None,
     fallback_provider: str | None = None,
+    countries: Collection[str] | None = None,
 ) -> bool:
     """Create the sender, or bring an existing one (same address) in line; True if created.
 
     For deployments that keep senders in configuration files (`smsgate seed-senders`): what
-    the file omits takes its default (the kind's rate, no fallback provider).
+    the file omits takes its default (the kind's rate, no fallback provider, the kind's
+    countries).
     """
     canonical = normalize_sender_address(kind, address, default_region)
     sender = await session.scalar(select(Sender).where(Sender.address == canonical))
@@ -334,6 +375,7 @@ async def upsert_sender(
             keywords=keywords,
             rate_per_second=rate_per_second,
             fallback_provider=fallback_provider,
+            countries=countries,
         )
         return True
     if sender.kind != kind.value:
@@ -348,5 +390,6 @@ async def upsert_sender(
         keywords=keywords,
         rate_per_second=rate_per_second or default_rate(sender.kind, sender.address),
         fallback_provider=fallback_provider,
+        countries=countries,
     )
     return False

@@ -7,10 +7,12 @@ trip for the whole request, before any transaction), the recipient's opt-out. In
 refused message does not refuse the others: its error takes its place in the results.
 
 Callback URLs are resolved (DNS) before any database connection is taken; keys and senders come
-from `app.access.lookups`. Without an Idempotency-Key the accepted messages are stored by one
-autocommitted statement (opt-out check, messages, first history rows); with one, by a short
-transaction of two statements (see `_store_idempotently`). Delivery jobs are enqueued after the
-commit, so a job never points at a row that was rolled back.
+from `app.access.lookups`. A message without `from` of a client without a default sender gets
+its sender from the client's pool (`app.traffic.pools`): one more statement, only then. Without
+an Idempotency-Key the accepted messages are stored by one autocommitted statement (opt-out
+check, messages, first history rows); with one, by a short transaction of two statements (see
+`_store_idempotently`). Delivery jobs are enqueued after the commit, so a job never points at
+a row that was rolled back.
 
 The SMS pumping alarm (app.traffic.velocity) counts the recipients in Redis before the database
 statement; with its `hold` action the messages of a suspicious range are stored `held`, and are
@@ -49,6 +51,7 @@ from app.kernel.status import MessageStatus
 from app.sending.encoding import BodyAnalysis, analyze_body
 from app.sending.idempotency import StoredResponse, key_in_use, key_reused, lock_id
 from app.traffic.control import TrafficControl
+from app.traffic.pools import choose_senders, uses_pool
 from app.traffic.rules import ClientRules
 from app.traffic.velocity import PumpingAlarm, VelocityCheck
 
@@ -226,6 +229,8 @@ async def _judge(
     # Answers kept for the request: messages repeat bodies and senders far more than they differ.
     analyses: dict[str, BodyAnalysis | ServiceError] = {}
     senders: dict[str | None, SenderInfo | ServiceError] = {}
+    # Messages without `from` of a client without a default sender: the pool's choices.
+    pooled = await _pool_choices(acceptor, principal, items)
     now = datetime.now(UTC)
 
     async def judge(command: SendCommand) -> dict[str, Any] | ServiceError:
@@ -239,9 +244,14 @@ async def _judge(
         analysis = analyses[command.body]
         if isinstance(analysis, ServiceError):
             return analysis
-        if command.sender not in senders:
-            senders[command.sender] = await _sender(acceptor.lookups, principal, command, settings)
-        sender = senders[command.sender]
+        if uses_pool(principal, command.sender):
+            sender = pooled[command.to]
+        else:
+            if command.sender not in senders:
+                senders[command.sender] = await _sender(
+                    acceptor.lookups, principal, command, settings
+                )
+            sender = senders[command.sender]
         if isinstance(sender, ServiceError):
             return sender
         return sender.refusal() or message_row(
@@ -260,6 +270,21 @@ async def _judge(
         )
 
     return [item if isinstance(item, ServiceError) else await judge(item) for item in items]
+
+
+async def _pool_choices(
+    acceptor: Acceptor, principal: Principal, items: Sequence[SendCommand | ServiceError]
+) -> dict[str, SenderInfo | ServiceError]:
+    """The pool's sender for each recipient of a message it routes (`app.traffic.pools`): one
+    statement, and only when the request has such a message."""
+    recipients = [
+        item.to
+        for item in items
+        if isinstance(item, SendCommand) and uses_pool(principal, item.sender)
+    ]
+    if not recipients:
+        return {}
+    return await choose_senders(acceptor.db, acceptor.lookups, principal, recipients)
 
 
 async def _refused_callbacks(urls: set[str], settings: Settings) -> dict[str, ServiceError]:

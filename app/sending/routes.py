@@ -40,6 +40,7 @@ from app.sending.schemas import (
     StatusChange,
 )
 from app.traffic.control import RATE_LIMIT_HEADERS, document_traffic
+from app.traffic.pools import documented
 from app.web.deps import AcceptorDep, PrincipalDep, SessionDep, SettingsDep
 from app.web.params import (
     CreatedAfterQuery,
@@ -68,9 +69,11 @@ IdempotencyKeyHeader = Annotated[
     status_code=202,
     response_model=MessageOut,
     responses={
-        **document_traffic(
-            problem_responses(
-                Unauthorized, PolicyRefusal, Conflict, ValidationFailed, TooManyRequests
+        **documented(
+            document_traffic(
+                problem_responses(
+                    Unauthorized, PolicyRefusal, Conflict, ValidationFailed, TooManyRequests
+                )
             )
         ),
         202: {

@@ -56,7 +56,12 @@ class SendMessageRequest(BaseModel):
                     "from": "+14155550100",
                     "body": "Your order #1042 has shipped.",
                     "metadata": {"order_id": "1042"},
-                }
+                },
+                {
+                    "to": "+33612345678",
+                    "body": "Votre commande n°1042 est expédiée.",
+                    "metadata": {"order_id": "1042"},
+                },
             ]
         },
     )
@@ -66,7 +71,10 @@ class SendMessageRequest(BaseModel):
         default=None,
         alias="from",
         max_length=20,
-        description="One of the service's senders; defaults to your client's default sender.",
+        description="One of your senders. Omitted: your client's default sender, or without "
+        "one, a sender of your pool serving the recipient's country, the same one for the same "
+        'recipient every time (README "Sender pools"; `422 no_sender_for_destination` when '
+        "none serves it).",
     )
     body: StorableStr = Field(min_length=1, max_length=10_000, description="The text to send.")
     callback_url: AnyHttpUrl | None = Field(

@@ -1,0 +1,1 @@
+"""Traffic control: which sends are let through, when, and from which sender."""

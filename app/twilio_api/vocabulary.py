@@ -71,6 +71,8 @@ REFUSALS: Final[dict[str, tuple[int, int]]] = {
     "unknown_sender": (21606, 400),  # The 'From' number is not a valid message-capable number
     "sender_keywords_incomplete": (21606, 400),
     "no_default_sender": (21603, 400),  # 'From' phone number is required
+    # The 'To' phone number is not currently reachable using the 'From' phone number via SMS
+    "no_sender_for_destination": (21612, 400),
     "recipient_opted_out": (21610, 400),  # Attempt to send to unsubscribed recipient
     "invalid_status_callback": (21609, 400),  # Invalid 'StatusCallback'
     "invalid_validity_period": (90007, 400),  # Invalid validity period value

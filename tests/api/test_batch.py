@@ -257,18 +257,19 @@ async def test_each_refusal_is_exactly_the_problem_a_single_send_gets(
     assert await count(session_factory, Message) == 0
 
 
-async def test_no_default_sender_is_a_per_message_refusal(
+async def test_no_sender_for_a_send_without_from_is_a_per_message_refusal(
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
     response = await post_batch(
         api,
         world,
-        [item(), item(**{"from": FAKE})],
-        api_key=world.other_client_key,  # a client without a default sender
+        # A client without a default sender: its pool (two US long codes) serves no French number.
+        [item("+33612345678"), item(**{"from": FAKE})],
+        api_key=world.other_client_key,
     )
 
     data = results(response)
-    error_of(data[0], 422, "no_default_sender", "from")
+    error_of(data[0], 422, "no_sender_for_destination", "from")
     assert data[1]["status"] == "accepted"
     [message] = await stored(session_factory)
     assert str(message.id) == data[1]["message"]["id"]

@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from app.access.auth import create_api_key
 from app.db.models import Message, MessageEvent, OptOut
 from app.db.session import SessionFactory
 from tests.conftest import World
@@ -111,13 +112,13 @@ async def test_accepts_a_sender_written_in_another_format(
     assert response.json()["provider"] == "fake"
 
 
-async def test_requires_from_when_the_client_has_no_default_sender(
-    api: httpx.AsyncClient, world: World
+async def test_requires_from_when_the_client_has_no_default_sender_and_no_pool(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
 ) -> None:
+    async with session_factory.begin() as session:  # a client granted no sender at all
+        key = await create_api_key(session, "no-senders")
     response = await api.post(
-        "/v1/messages",
-        json={"to": "+14155550123", "body": "hi"},
-        headers=world.auth(world.other_client_key),
+        "/v1/messages", json={"to": "+14155550123", "body": "hi"}, headers=world.auth(key)
     )
 
     assert_problem(response, 422, "no_default_sender", field="from")

@@ -100,6 +100,8 @@ async def test_creates_a_long_code_normalised_to_e164(
         "fallback_provider",
         "rate_per_second",
         "description",
+        "countries",
+        "served_countries",
         "keywords",
         "missing_replies",
         "created_at",
@@ -110,6 +112,7 @@ async def test_creates_a_long_code_normalised_to_e164(
     assert sender["provider"] == "vonage"
     assert (sender["rate_per_second"], sender["fallback_provider"]) == (1.0, None)
     assert sender["description"] == "US support line"
+    assert (sender["countries"], sender["served_countries"]) == (None, ["US"])
     stored = await load_sender(session_factory, sender["id"])
     assert (stored.address, stored.kind, stored.provider, stored.description) == (
         "+14155550142",

@@ -400,16 +400,19 @@ async def test_unsubscribed_recipient_is_21610(
     http.check_bodies()
 
 
-async def test_without_from_the_default_sender_is_used_and_without_one_21603(
+async def test_without_from_the_default_sender_is_used_and_without_one_the_pool_or_21612(
     live: str, shop: tuple[str, str], other_shop: tuple[str, str]
 ) -> None:
     client, http = sdk(live, *shop)
     assert client.messages.create(to=RECIPIENT, body="hi").from_ == SENDER
-    other, other_http = sdk(live, *other_shop)  # other-shop has no default sender
+    # other-shop has no default sender: its pool (two US long codes) serves US numbers only.
+    other, other_http = sdk(live, *other_shop)
+    pooled = other.messages.create(to=RECIPIENT, body="hi").from_
 
-    error = _raises(lambda: other.messages.create(to=RECIPIENT, body="hi"))
+    error = _raises(lambda: other.messages.create(to="+33612345678", body="hi"))
 
-    assert (error.code, error.status) == (21603, 400)
+    assert pooled in {"+14155550100", "+14155550199"}
+    assert (error.code, error.status) == (21612, 400)
     http.check_bodies()
     other_http.check_bodies()
 
