@@ -42,6 +42,7 @@ from app.providers.registry import build_http_client, build_providers
 from app.senders import routes as senders
 from app.sending import routes as messages
 from app.sending.accept import Acceptor
+from app.traffic import routes as traffic
 from app.twilio_api import routes as twilio_compat
 from app.web.docs import install_docs
 from app.web.limits import BodySizeLimit, UnhandledErrors
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events.router,
         event_endpoints.router,
         keys.router,
+        traffic.router,
         twilio_compat.admin_router,
         twilio_compat.router,
     ):

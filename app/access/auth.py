@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import ApiKey, Client
 from app.kernel.errors import Unauthorized
+from app.traffic.quiet_hours import QuietHours, quiet_hours_of
 
 KEY_PREFIX = "sk_"
 
@@ -29,6 +30,8 @@ class Principal:
     key_id: uuid.UUID | None = None
     # The key stops working then, cached or not (a rotation's overlap, or a set expiry).
     expires_at: datetime | None = None
+    # The client's quiet hours (app.traffic.quiet_hours), if an admin set them.
+    quiet_hours: QuietHours | None = None
 
     def expired(self) -> bool:
         """Whether the key's expiry has passed (checked on every use, not only at lookup)."""
@@ -125,6 +128,8 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
                 ApiKey.is_admin,
                 ApiKey.id,
                 ApiKey.expires_at,
+                Client.quiet_hours_start,
+                Client.quiet_hours_end,
             )
             .join(ApiKey, ApiKey.client_id == Client.id)
             .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
@@ -132,7 +137,7 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     ).one_or_none()
     if row is None:
         raise unknown_key()
-    principal = Principal(*row)
+    principal = Principal(*row[:6], quiet_hours=quiet_hours_of(*row[6:]))
     if principal.expired():
         raise unknown_key()
     return principal

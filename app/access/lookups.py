@@ -35,6 +35,7 @@ from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.secrets import installed
 from app.senders.keywords import KeywordConfig, missing_replies
 from app.senders.service import PHONE_LIKE, no_default_sender, sender_not_found, unknown_sender
+from app.traffic.quiet_hours import quiet_hours_of
 from app.twilio_api.vocabulary import ACCOUNT_PREFIX, parse_sid
 
 K = TypeVar("K", bound=Hashable)
@@ -149,7 +150,8 @@ class SenderInfo:
 # minute old (a key in steady use is written once a minute, whatever the request rate).
 _PRINCIPAL_SQL: Final = f"""
 WITH found AS (
-    SELECT c.id, c.name, c.default_sender_id, k.is_admin, k.id AS key_id, k.expires_at
+    SELECT c.id, c.name, c.default_sender_id, k.is_admin, k.id AS key_id, k.expires_at,
+        c.quiet_hours_start, c.quiet_hours_end
     FROM api_keys AS k JOIN clients AS c ON c.id = k.client_id
     WHERE k.key_hash = $1 AND k.revoked_at IS NULL
         AND (k.expires_at IS NULL OR k.expires_at > now())
@@ -163,7 +165,7 @@ SELECT * FROM found
 """
 # A client's Twilio credentials (the token as stored: encrypted).
 _TWILIO_SQL: Final = """
-SELECT c.id, c.name, c.default_sender_id, t.auth_token
+SELECT c.id, c.name, c.default_sender_id, t.auth_token, c.quiet_hours_start, c.quiet_hours_end
 FROM twilio_credentials AS t JOIN clients AS c ON c.id = t.client_id
 WHERE t.client_id = $1
 """
@@ -203,7 +205,16 @@ class Lookups:
             rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
         if not rows:
             return None
-        return Principal(*rows[0])
+        row = rows[0]
+        return Principal(
+            row["id"],
+            row["name"],
+            row["default_sender_id"],
+            row["is_admin"],
+            row["key_id"],
+            row["expires_at"],
+            quiet_hours=quiet_hours_of(row["quiet_hours_start"], row["quiet_hours_end"]),
+        )
 
     async def twilio_principal(self, account_sid: str, auth_token: str) -> Principal | None:
         """The client whose Twilio account SID and auth token these are, or None. Cached like
@@ -218,10 +229,16 @@ class Lookups:
                 rows = await fetch(connection, _TWILIO_SQL, client_id, autocommit=True)
             if not rows:
                 return None
-            found_id, name, default_sender_id, stored = rows[0]
+            found_id, name, default_sender_id, stored, start, end = rows[0]
             if not hmac.compare_digest(installed().decrypt(stored).encode(), auth_token.encode()):
                 return None
-            return Principal(found_id, name, default_sender_id, is_admin=False)
+            return Principal(
+                found_id,
+                name,
+                default_sender_id,
+                is_admin=False,
+                quiet_hours=quiet_hours_of(start, end),
+            )
 
         return await self._twilio_principals.get_or_load(pair, load)
 

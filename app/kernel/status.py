@@ -1,6 +1,8 @@
 """The message lifecycle: statuses and the one rule for moving between them.
 
-queued -> sending -> sent -> delivered | undelivered | failed, plus expired, canceled and rejected.
+[scheduled ->] queued -> sending -> sent -> delivered | undelivered | failed, plus expired, canceled
+and rejected. A `scheduled` message waits for its `send_at` (app.traffic.schedule) and is not on
+any queue until then.
 Providers report out of order and more than once, so a status only ever moves forward: a report of
 an earlier or equal stage is recorded but changes nothing, and a terminal status is final.
 """
@@ -13,6 +15,7 @@ from enum import StrEnum
 class MessageStatus(StrEnum):
     """Where a message is in its life."""
 
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
@@ -36,6 +39,7 @@ TERMINAL_STATUSES: frozenset[MessageStatus] = frozenset(
 )
 
 _STAGE: dict[MessageStatus, int] = {
+    MessageStatus.SCHEDULED: -1,
     MessageStatus.QUEUED: 0,
     MessageStatus.SENDING: 1,
     MessageStatus.SENT: 2,

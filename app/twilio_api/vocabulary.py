@@ -41,6 +41,7 @@ MORE_INFO: Final = "https://www.twilio.com/docs/errors/{code}"
 
 # Our statuses in Twilio's vocabulary: the one table.
 STATUSES: Final[dict[MessageStatus, str]] = {
+    MessageStatus.SCHEDULED: "scheduled",
     MessageStatus.QUEUED: "queued",
     MessageStatus.SENDING: "sending",
     MessageStatus.SENT: "sent",

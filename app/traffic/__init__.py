@@ -1,0 +1,1 @@
+"""Traffic control: when and where messages may go (scheduled sends, quiet hours)."""
