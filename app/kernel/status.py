@@ -53,5 +53,10 @@ def can_advance(current: MessageStatus, new: MessageStatus) -> bool:
 
 
 def statuses_before(new: MessageStatus) -> list[MessageStatus]:
-    """Every status that `new` may replace (for conditional UPDATEs)."""
-    return [status for status in MessageStatus if can_advance(status, new)]
+    """Every status that `new` may replace (for the conditional UPDATEs of provider reports). Not
+    `scheduled`: a message no provider has seen leaves it only by its scheduler or a cancel."""
+    return [
+        status
+        for status in MessageStatus
+        if status is not MessageStatus.SCHEDULED and can_advance(status, new)
+    ]
