@@ -25,7 +25,7 @@ from app.kernel.settings import RetentionSettings
 _RUN_LOCK: Final = 0x7265_7465_6E74
 
 # Messages whose body and history are still needed: not yet (known to be) submitted.
-_IN_FLIGHT: Final = "('queued', 'sending')"
+_IN_FLIGHT: Final = "('scheduled', 'queued', 'sending')"
 
 # Each kind's batch: one statement, `:days` (or `:hours`) and `:limit` as parameters, answering
 # one row per row pruned.
