@@ -43,6 +43,7 @@ from app.senders import routes as senders
 from app.sending import routes as messages
 from app.sending.accept import Acceptor
 from app.traffic import pumping_routes as pumping
+from app.traffic import quiet_hours_routes as quiet_hours
 from app.traffic import routes as traffic
 from app.traffic.alarm import pumping_check
 from app.traffic.control import TrafficControl
@@ -77,6 +78,7 @@ _ROUTERS = (
     traffic.router,
     pumping.router,
     pumping.clients_router,
+    quiet_hours.router,
     twilio_compat.admin_router,
     twilio_compat.router,
 )

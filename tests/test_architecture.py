@@ -205,3 +205,41 @@ def test_every_folder_of_the_app_is_under_the_contracts() -> None:
 
     assert folders <= layered
     assert folders == set(without_loops)
+
+
+def test_every_route_module_is_named_in_the_contracts() -> None:
+    """Route modules stand above every service; one the contracts do not name would be judged
+    as a service (or escape the "leaves" rule)."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"
+    ]
+    services = next(c for c in contracts if c["name"].startswith("Capabilities"))
+    leaves = next(c for c in contracts if c["name"].startswith("Route modules"))
+    routes = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in (ROOT / "app").rglob("*routes.py")
+    }
+
+    def named(module: str, patterns: list[str]) -> bool:
+        name = module.rsplit(".", 1)[1]
+        return any(
+            pattern in (module, f"app.*.{name}", f"{module} -> app.**", f"app.*.{name} -> app.**")
+            for pattern in patterns
+        )
+
+    assert [m for m in sorted(routes) if not named(m, services["ignore_imports"])] == []
+    assert [m for m in sorted(routes) if not named(m, leaves["forbidden_modules"])] == []
+
+
+def test_every_module_of_the_worker_but_its_queue_is_out_of_reach() -> None:
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"
+    ]
+    worker = next(c for c in contracts if c["name"].startswith("Only the worker runs jobs"))
+    modules = {
+        f"app.worker.{path.stem}"
+        for path in (ROOT / "app" / "worker").glob("*.py")
+        if path.stem not in ("__init__", "queue")
+    }
+
+    assert set(worker["forbidden_modules"]) == modules

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import ApiKey, Client
 from app.kernel.errors import Unauthorized
+from app.kernel.quiet_hours import QuietHours, quiet_hours_of
 
 KEY_PREFIX = "sk_"
 
@@ -34,6 +35,8 @@ class Principal:
     # The client's own SMS pumping alarm settings, set by an admin (app.traffic.velocity); None:
     # the service's.
     pumping: Mapping[str, Any] | None = None
+    # The client's quiet hours (app.kernel.quiet_hours), if an admin set them.
+    quiet_hours: QuietHours | None = None
 
     def expired(self) -> bool:
         """Whether the key's expiry has passed (checked on every use, not only at lookup)."""
@@ -131,6 +134,8 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
                 ApiKey.id,
                 ApiKey.expires_at,
                 Client.pumping,
+                Client.quiet_hours_start,
+                Client.quiet_hours_end,
             )
             .join(ApiKey, ApiKey.client_id == Client.id)
             .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
@@ -138,7 +143,17 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> Prin
     ).one_or_none()
     if row is None:
         raise unknown_key()
-    principal = Principal(*row)
+    client_id, name, default_sender_id, is_admin, key_id, expires_at, pumping, start, end = row
+    principal = Principal(
+        client_id,
+        name,
+        default_sender_id,
+        is_admin,
+        key_id,
+        expires_at,
+        pumping,
+        quiet_hours=quiet_hours_of(start, end),
+    )
     if principal.expired():
         raise unknown_key()
     return principal

@@ -32,6 +32,7 @@ from app.access.auth import Principal, api_key_from_header, hash_key, unknown_ke
 from app.db.pg import Database, fetch
 from app.kernel.errors import PolicyRefusal
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
+from app.kernel.quiet_hours import quiet_hours_of
 from app.kernel.secrets import installed
 from app.senders.keywords import KeywordConfig, missing_replies
 from app.senders.service import (
@@ -159,7 +160,7 @@ class SenderInfo:
 _PRINCIPAL_SQL: Final = f"""
 WITH found AS (
     SELECT c.id, c.name, c.default_sender_id, k.is_admin, k.id AS key_id, k.expires_at,
-        c.pumping::text AS pumping
+        c.pumping::text AS pumping, c.quiet_hours_start, c.quiet_hours_end
     FROM api_keys AS k JOIN clients AS c ON c.id = k.client_id
     WHERE k.key_hash = $1 AND k.revoked_at IS NULL
         AND (k.expires_at IS NULL OR k.expires_at > now())
@@ -173,7 +174,8 @@ SELECT * FROM found
 """
 # A client's Twilio credentials (the token as stored: encrypted).
 _TWILIO_SQL: Final = """
-SELECT c.id, c.name, c.default_sender_id, t.auth_token, c.pumping::text AS pumping
+SELECT c.id, c.name, c.default_sender_id, t.auth_token, c.pumping::text AS pumping,
+    c.quiet_hours_start, c.quiet_hours_end
 FROM twilio_credentials AS t JOIN clients AS c ON c.id = t.client_id
 WHERE t.client_id = $1
 """
@@ -226,9 +228,16 @@ class Lookups:
             rows = await fetch(connection, _PRINCIPAL_SQL, key_hash, autocommit=True)
         if not rows:
             return None
-        client_id, name, default_sender_id, is_admin, key_id, expires_at, pumping = rows[0]
+        row = rows[0]
         return Principal(
-            client_id, name, default_sender_id, is_admin, key_id, expires_at, _json(pumping)
+            row["id"],
+            row["name"],
+            row["default_sender_id"],
+            row["is_admin"],
+            row["key_id"],
+            row["expires_at"],
+            pumping=_json(row["pumping"]),
+            quiet_hours=quiet_hours_of(row["quiet_hours_start"], row["quiet_hours_end"]),
         )
 
     async def twilio_principal(self, account_sid: str, auth_token: str) -> Principal | None:
@@ -244,11 +253,16 @@ class Lookups:
                 rows = await fetch(connection, _TWILIO_SQL, client_id, autocommit=True)
             if not rows:
                 return None
-            found_id, name, default_sender_id, stored, pumping = rows[0]
+            found_id, name, default_sender_id, stored, pumping, start, end = rows[0]
             if not hmac.compare_digest(installed().decrypt(stored).encode(), auth_token.encode()):
                 return None
             return Principal(
-                found_id, name, default_sender_id, is_admin=False, pumping=_json(pumping)
+                found_id,
+                name,
+                default_sender_id,
+                is_admin=False,
+                pumping=_json(pumping),
+                quiet_hours=quiet_hours_of(start, end),
             )
 
         return await self._twilio_principals.get_or_load(pair, load)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, time
 from typing import Any
 
 from sqlalchemy import (
@@ -20,6 +20,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    Time,
     UniqueConstraint,
     func,
     text,
@@ -66,6 +67,11 @@ class Client(Base):
     """A backend service that sends through us; it sees only its own messages."""
 
     __tablename__ = "clients"
+    __table_args__ = (
+        CheckConstraint(
+            "(quiet_hours_start IS NULL) = (quiet_hours_end IS NULL)", name="quiet_hours"
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -75,6 +81,10 @@ class Client(Base):
     # The client's own SMS pumping alarm settings (`action`, `min_distinct`,
     # `baseline_multiple`), set by an admin; null: the service's (app.traffic.velocity).
     pumping: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Quiet hours (app.kernel.quiet_hours), set by an admin: the recipient's local times between
+    # which a message sent with `respect_quiet_hours` waits; both or neither.
+    quiet_hours_start: Mapped[time | None] = mapped_column(Time)
+    quiet_hours_end: Mapped[time | None] = mapped_column(Time)
     created_at: Mapped[datetime] = _now()
 
 
@@ -213,6 +223,10 @@ class Message(Base):
         Index(
             "ix_messages_queued_due", "next_attempt_at", postgresql_where=text("status = 'queued'")
         ),
+        # The scheduler promotes `scheduled` messages whose `send_at` has come (app.traffic).
+        Index(
+            "ix_messages_scheduled_due", "send_at", postgresql_where=text("status = 'scheduled'")
+        ),
         # Not unique: a provider reusing or repeating an id must never stop us from recording
         # that a message was sent. Callbacks find messages by our own id first.
         Index("ix_messages_provider_message", "provider", "provider_message_id"),
@@ -263,6 +277,9 @@ class Message(Base):
     )
     validity_period: Mapped[int | None] = mapped_column(Integer)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a scheduled message is to leave (the client's `send_at`, or the end of quiet hours);
+    # None for a message sent at once.
+    send_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now()
     # When the current (or last) attempt claimed it: a `sending` message whose claim is older

@@ -25,8 +25,8 @@ from app.kernel.settings import RetentionSettings
 _RUN_LOCK: Final = 0x7265_7465_6E74
 
 # Messages whose body and history are still needed: not yet (known to be) submitted (a held
-# message may still be released).
-_IN_FLIGHT: Final = "('held', 'queued', 'sending')"
+# message may still be released, a scheduled one waits for its time).
+_IN_FLIGHT: Final = "('held', 'scheduled', 'queued', 'sending')"
 
 # Each kind's batch: one statement, `:days` (or `:hours`) and `:limit` as parameters, answering
 # one row per row pruned.

@@ -309,11 +309,13 @@ async def finish_unsent(
     *,
     error_code: str | None = None,
     source: str = "worker",
+    waiting: Collection[MessageStatus] = (MessageStatus.QUEUED,),
 ) -> Outcome:
-    """End a queued message without sending it (expired, canceled); a no-op if it moved."""
+    """End a message still `waiting` (queued; or scheduled) without sending it (expired,
+    canceled); a no-op if it moved."""
     done = await session.scalar(
         update(Message)
-        .where(Message.id == message.id, Message.status == MessageStatus.QUEUED.value)
+        .where(Message.id == message.id, Message.status.in_([w.value for w in waiting]))
         .values(status=status.value, error_code=error_code or status.value, error_message=reason)
         .returning(Message.id)
     )
@@ -329,28 +331,87 @@ async def finish_unsent(
     return Outcome(status)
 
 
-async def cancel_queued(session: AsyncSession, client_id: uuid.UUID, message_id: uuid.UUID) -> bool:
-    """Cancel a client's message that is still queued (no attempt holds it), in the session's
-    transaction: the recipient's lock, then the conditional UPDATE of `finish_unsent`, as a
-    claim takes them. Whether it was canceled (False: it has moved on, or it never was the
-    client's to cancel; `NotFound` for a message that is not the client's)."""
-    message = await session.scalar(
-        select(Message).where(Message.id == message_id, Message.client_id == client_id)
-    )
+# What a cancel may still stop: a message no delivery attempt holds.
+CANCELABLE: Final = (MessageStatus.SCHEDULED, MessageStatus.QUEUED)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """What a cancel found: whether this call canceled the message, and its status now
+    (`canceled`, also when it was already; else the status that kept it from being canceled)."""
+
+    canceled: bool
+    status: MessageStatus
+
+
+async def cancel_message(
+    session: AsyncSession, message_id: uuid.UUID, client_id: uuid.UUID | None
+) -> Cancellation:
+    """Cancel a message that is `scheduled` or still `queued`, in the session's transaction:
+    the recipient's lock, then the conditional UPDATE of `finish_unsent`, as a claim takes them,
+    so a cancel and a claim of the same message are decided one after the other: exactly one
+    wins. `client_id` None: any client's message (an admin); `NotFound` for a message that is
+    not the client's."""
+    query = select(Message).where(Message.id == message_id)
+    if client_id is not None:
+        query = query.where(Message.client_id == client_id)
+    message = await session.scalar(query)
     if message is None:
         raise NotFound("message_not_found", f"no message with id {message_id}")
-    if message.status != MessageStatus.QUEUED.value:
-        return False
-    await lock_recipients(session, [message.to])
-    outcome = await finish_unsent(
-        session,
-        message,
-        MessageStatus.CANCELED,
-        "canceled by its client",
-        error_code="canceled",
-        source="api",
+    if message.status in CANCELABLE:
+        await lock_recipients(session, [message.to])
+        outcome = await finish_unsent(
+            session,
+            message,
+            MessageStatus.CANCELED,
+            "canceled by its client",
+            error_code="canceled",
+            source="api",
+            waiting=CANCELABLE,
+        )
+        if outcome.status is MessageStatus.CANCELED:
+            return Cancellation(True, MessageStatus.CANCELED)
+    # It moved (or had moved) on: its status now, read under the recipient's lock if taken.
+    await session.refresh(message, ["status"])
+    return Cancellation(False, MessageStatus(message.status))
+
+
+async def cancel_queued(session: AsyncSession, client_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+    """`cancel_message` for the Twilio-compatible API: whether this call canceled it."""
+    return (await cancel_message(session, message_id, client_id)).canceled
+
+
+# Scheduled messages whose time has come move to `queued`, due now (the database's clock), a
+# bounded chunk at a time, each with its history row. Rows another scheduler (or a cancel) holds
+# are skipped, not waited for; the UPDATE's own condition makes a second promotion impossible.
+_PROMOTE_SCHEDULED: Final = """
+WITH due AS (
+    SELECT id FROM messages
+    WHERE status = 'scheduled' AND send_at <= now()
+    ORDER BY send_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE messages AS m
+    SET status = 'queued', next_attempt_at = now(), updated_at = now()
+    FROM due
+    WHERE m.id = due.id AND m.status = 'scheduled' AND m.send_at <= now()
+    RETURNING m.id
+), history AS (
+    INSERT INTO message_events (message_id, status, applied, source, detail)
+    SELECT id, 'queued', true, 'scheduler', 'its send time came' FROM moved
+)
+SELECT id FROM moved
+"""
+
+
+async def promote_scheduled(session_factory: SessionFactory, limit: int) -> list[uuid.UUID]:
+    """Move up to `limit` due `scheduled` messages to `queued`, in one committed statement;
+    their ids (to hand to the delivery feed: the claim then checks opt-outs and expiry)."""
+    rows = await _retrying(
+        lambda: raw_statement(session_factory, _PROMOTE_SCHEDULED, limit), TRANSACTION_ATTEMPTS
     )
-    return outcome.status is MessageStatus.CANCELED
+    return [row["id"] for row in rows]
 
 
 # Held messages settled per transaction by a bulk release or cancel (a client's burst may hold

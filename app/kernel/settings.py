@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     retry_max_delay_seconds: float = 300.0
     # A queued message untouched for this long is enqueued again by the sweep.
     sweep_grace_seconds: int = 30
+    # How often each worker looks for scheduled messages whose send_at has come (one indexed
+    # statement; a scheduled message leaves within about this of its time).
+    scheduler_poll_seconds: float = Field(default=0.5, gt=0, le=10)
     # Circuit breaker per provider (app.delivery.circuit): this many timeouts, connection errors
     # or 5xx within the window open it for `circuit_open_seconds`, then one probe may go.
     circuit_failure_threshold: int = Field(default=5, ge=1)

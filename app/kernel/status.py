@@ -1,8 +1,10 @@
 """The message lifecycle: statuses and the one rule for moving between them.
 
-queued -> sending -> sent -> delivered | undelivered | failed, plus expired, canceled and rejected.
-`held` comes before `queued`: a message the pumping alarm stopped (app.traffic.velocity) waits
-there for an admin to release it (-> queued) or cancel it (-> canceled); nothing sends it.
+[scheduled ->] queued -> sending -> sent -> delivered | undelivered | failed, plus expired, canceled
+and rejected. A `scheduled` message waits for its `send_at` (app.traffic.schedule) and is not on
+any queue until then. `held` comes before `queued` too: a message the pumping alarm stopped
+(app.traffic.velocity) waits there for an admin to release it (-> queued) or cancel it
+(-> canceled); nothing sends it.
 Providers report out of order and more than once, so a status only ever moves forward: a report of
 an earlier or equal stage is recorded but changes nothing, and a terminal status is final.
 """
@@ -15,6 +17,7 @@ from enum import StrEnum
 class MessageStatus(StrEnum):
     """Where a message is in its life."""
 
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
@@ -40,6 +43,7 @@ TERMINAL_STATUSES: frozenset[MessageStatus] = frozenset(
 
 _STAGE: dict[MessageStatus, int] = {
     MessageStatus.HELD: -1,
+    MessageStatus.SCHEDULED: -1,
     MessageStatus.QUEUED: 0,
     MessageStatus.SENDING: 1,
     MessageStatus.SENT: 2,
@@ -53,10 +57,11 @@ def can_advance(current: MessageStatus, new: MessageStatus) -> bool:
 
 
 def statuses_before(new: MessageStatus) -> list[MessageStatus]:
-    """Every status that `new` may replace (for conditional UPDATEs of reports). Not `held`:
-    only an admin moves a held message (app.delivery.transitions.settle_held)."""
+    """Every status that `new` may replace (for the conditional UPDATEs of provider reports). Not
+    `held` (only an admin moves a held message: app.delivery.transitions.settle_held) nor
+    `scheduled` (a message no provider has seen leaves it only by its scheduler or a cancel)."""
     return [
         status
         for status in MessageStatus
-        if can_advance(status, new) and status is not MessageStatus.HELD
+        if status not in (MessageStatus.HELD, MessageStatus.SCHEDULED) and can_advance(status, new)
     ]

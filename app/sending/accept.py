@@ -73,6 +73,9 @@ class SendCommand:
     metadata: dict[str, str] = field(default_factory=dict)
     # Which API accepted it: "v1", or "twilio" (its callbacks then go out in Twilio's form).
     api: str = "v1"
+    # When to send it (None: now), and whether it waits out the client's quiet hours.
+    send_at: datetime | None = None
+    respect_quiet_hours: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +258,7 @@ async def _judge(
         if isinstance(sender, ServiceError):
             return sender
         return sender.refusal() or message_row(
+            send_at=send_time(principal, command, now),
             client_id=principal.client_id,
             sender_id=sender.id,
             from_=sender.address,
@@ -302,6 +306,15 @@ async def _refused_callbacks(urls: set[str], settings: Settings) -> dict[str, Se
 
     checked = await asyncio.gather(*(check(url) for url in urls))
     return {url: error for url, error in zip(urls, checked, strict=True) if error is not None}
+
+
+def send_time(principal: Principal, command: SendCommand, now: datetime) -> datetime | None:
+    """When the message is to leave (None: at once): its `send_at`, moved to the end of the
+    client's quiet hours when it respects them and the recipient's local time is inside."""
+    quiet = principal.quiet_hours
+    if not command.respect_quiet_hours or quiet is None:
+        return command.send_at
+    return quiet.release(command.to, command.send_at or now) or command.send_at
 
 
 def _measure(body: str, max_segments: int) -> BodyAnalysis | ServiceError:
@@ -421,7 +434,8 @@ async def _after_commit(
     alarm: PumpingAlarm | None = None,
 ) -> None:
     """Enqueue, count and log what was stored (single sends log each message, batches once);
-    report the pumping alarm, if any (`held` messages are not enqueued)."""
+    report the pumping alarm, if any. Neither a `held` message nor a scheduled one is
+    enqueued: an admin releases the first, the worker's scheduler promotes the second when due."""
     queued = [row["id"] for row in accepted if row["status"] == MessageStatus.QUEUED.value]
     if queued:
         await acceptor.enqueue(queued)
@@ -468,9 +482,12 @@ def message_row(
     validity_period: int | None = None,
     api: str = "v1",
     now: datetime,
+    send_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """A new `queued` message, keyed by column name. Its keys are the INSERT's column list: a
-    column added here is stored by every path (single sends, batches, keyword replies)."""
+    """A new `queued` message (`scheduled`, with a `send_at`), keyed by column name. Its keys
+    are the INSERT's column list: a column added here is stored by every path (single sends,
+    batches, keyword replies). Its validity period counts from when it is to leave."""
+    leaves = send_at or now
     return {
         "id": uuid.uuid4(),
         "client_id": client_id,
@@ -481,17 +498,18 @@ def message_row(
         "body": body,
         "encoding": analysis.encoding.value,
         "segments": analysis.segments,
-        "status": MessageStatus.QUEUED.value,
+        "status": (MessageStatus.SCHEDULED if send_at else MessageStatus.QUEUED).value,
         "provider": provider,
         "callback_url": callback_url,
         "metadata": metadata or {},
         "validity_period": validity_period,
-        "expires_at": now + timedelta(seconds=validity_period) if validity_period else None,
+        "expires_at": leaves + timedelta(seconds=validity_period) if validity_period else None,
+        "send_at": send_at,
         "api": api,
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
-        "next_attempt_at": now,
+        "next_attempt_at": leaves,
     }
 
 

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access.auth import Principal
 from app.db.models import Message, MessageEvent
-from app.kernel.errors import NotFound
+from app.delivery.transitions import cancel_message
+from app.kernel.errors import Conflict, NotFound
 from app.kernel.pagination import as_utc, decode_cursor, encode_cursor
 from app.kernel.status import MessageStatus
 
@@ -39,6 +40,23 @@ async def get_message(
         select(MessageEvent).where(MessageEvent.message_id == message_id).order_by(MessageEvent.id)
     )
     return message, list(history)
+
+
+async def cancel(session: AsyncSession, principal: Principal, message_id: uuid.UUID) -> Message:
+    """Cancel a client's (an admin: any) scheduled or queued message in the session's
+    transaction (the request's: it commits before the answer); the message as it is now.
+    `Conflict` (`already_<status>`) when a delivery attempt took it first."""
+    client_id = None if principal.is_admin else principal.client_id
+    outcome = await cancel_message(session, message_id, client_id)
+    if outcome.status is not MessageStatus.CANCELED:
+        raise Conflict(
+            f"already_{outcome.status.value}",
+            f"the message is already {outcome.status.value}: only a scheduled or queued "
+            "message can be canceled",
+        )
+    message = await session.get(Message, message_id, populate_existing=True)
+    assert message is not None
+    return message
 
 
 @dataclass(frozen=True, slots=True)

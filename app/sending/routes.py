@@ -172,6 +172,8 @@ def _command(request: SendMessageRequest) -> SendCommand:
         callback_url=str(request.callback_url) if request.callback_url else None,
         validity_period=request.validity_period,
         metadata=request.metadata,
+        send_at=request.send_at,
+        respect_quiet_hours=request.respect_quiet_hours,
     )
 
 
@@ -252,6 +254,44 @@ async def preview_message(
         max_segments=settings.max_segments,
         within_limit=analysis.segments <= settings.max_segments,
     )
+
+
+@router.post(
+    "/{message_id}/cancel",
+    response_model=MessageOut,
+    responses={
+        **problem_responses(Unauthorized, NotFound),
+        200: {
+            "description": "Canceled: the message was `scheduled` or still `queued` and will "
+            "never be sent (`status` `canceled`, `error_code` `canceled`). Canceling a message "
+            "that is already `canceled` answers the same (for whatever reason it was canceled)."
+        },
+        409: {
+            "description": "Too late: a delivery attempt already took the message. The code "
+            "names its status now: `already_sending`, `already_sent`, `already_delivered`, "
+            "`already_undelivered`, `already_failed`, `already_expired` or `already_rejected`.",
+            "content": {
+                "application/problem+json": {
+                    "schema": {"$ref": "#/components/schemas/Problem"},
+                    "example": {
+                        "type": "about:blank",
+                        "title": "Conflict",
+                        "status": 409,
+                        "code": "already_sending",
+                        "detail": "the message is already sending: only a scheduled or queued "
+                        "message can be canceled",
+                    },
+                }
+            },
+        },
+    },
+)
+async def cancel_message(
+    message_id: MessageIdPath, session: SessionDep, principal: PrincipalDep
+) -> MessageOut:
+    """Cancel a message that is `scheduled` or still `queued` (yours; an admin key: anyone's)."""
+    message = await domain.cancel(session, principal, message_id)
+    return MessageOut.model_validate(message)
 
 
 @router.get(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -19,6 +20,7 @@ from app.kernel.errors import Problem
 from app.kernel.phone import E164
 from app.kernel.status import MessageStatus
 from app.kernel.text import StorableStr
+from app.traffic.schedule import send_at_problem
 from app.web.params import CURSOR_EXAMPLE
 
 MAX_METADATA_KEYS = 20
@@ -38,6 +40,7 @@ _MESSAGE_EXAMPLE: dict[str, Any] = {
     "callback_url": None,
     "validity_period": None,
     "expires_at": None,
+    "send_at": None,
     "metadata": {"order_id": "1042"},
     "created_at": "2026-11-26T10:00:00Z",
     "updated_at": "2026-11-26T10:00:03Z",
@@ -58,9 +61,15 @@ class SendMessageRequest(BaseModel):
                     "metadata": {"order_id": "1042"},
                 },
                 {
+                    "to": "+14155550123",
+                    "body": "Your appointment is tomorrow at 10:00.",
+                    "send_at": "2026-11-27T18:00:00+01:00",
+                    "validity_period": 3600,
+                },
+                {
                     "to": "+33612345678",
-                    "body": "Votre commande n°1042 est expédiée.",
-                    "metadata": {"order_id": "1042"},
+                    "body": "Your weekly summary is ready.",
+                    "respect_quiet_hours": True,
                 },
             ]
         },
@@ -94,6 +103,33 @@ class SendMessageRequest(BaseModel):
         default_factory=dict,
         description=f"Up to {MAX_METADATA_KEYS} string pairs of yours, returned as given.",
     )
+    send_at: AwareDatetime | None = Field(
+        default=None,
+        description="When to send it: an RFC 3339 time with its offset, at least 60 seconds and "
+        "at most 35 days ahead. The message is `scheduled` until then (cancel it with "
+        "`POST /v1/messages/{id}/cancel`); its `validity_period` counts from this time.",
+        examples=["2026-11-27T18:00:00+01:00"],
+    )
+    respect_quiet_hours: bool = Field(
+        default=False,
+        description="A non-urgent message: when your client has quiet hours (set by an admin) "
+        "and the recipient's local time is inside them at the time of sending, it is scheduled "
+        "for the end of the window. Without it a message is never delayed.",
+    )
+
+    @field_validator("send_at", mode="before")
+    @classmethod
+    def _rfc3339_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be an RFC 3339 time with an offset, as text")
+        return value
+
+    @field_validator("send_at")
+    @classmethod
+    def _within_bounds(cls, value: datetime | None) -> datetime | None:
+        if value is not None and (problem := send_at_problem(value, datetime.now(UTC))):
+            raise ValueError(problem)
+        return value
 
     @field_validator("metadata")
     @classmethod
@@ -162,10 +198,32 @@ class MessageOut(BaseModel):
                     "callback_url": None,
                     "validity_period": None,
                     "expires_at": None,
+                    "send_at": None,
                     "metadata": {"order_id": "1042"},
                     "created_at": "2026-11-26T10:00:00Z",
                     "updated_at": "2026-11-26T10:00:00Z",
-                }
+                },
+                {
+                    "id": "0c1d7a43-55a2-4f0e-9d7b-4c2b8f3e6a21",
+                    "status": "scheduled",
+                    "to": "+14155550123",
+                    "from": "+14155550100",
+                    "body": "Your appointment is tomorrow at 10:00.",
+                    "encoding": "GSM-7",
+                    "segments": 1,
+                    "provider": "twilio",
+                    "provider_message_id": None,
+                    "error_code": None,
+                    "error_message": None,
+                    "status_detail": None,
+                    "callback_url": None,
+                    "validity_period": 3600,
+                    "expires_at": "2026-11-27T18:00:00Z",
+                    "send_at": "2026-11-27T17:00:00Z",
+                    "metadata": {},
+                    "created_at": "2026-11-26T10:00:00Z",
+                    "updated_at": "2026-11-26T10:00:00Z",
+                },
             ]
         },
     )
@@ -190,6 +248,11 @@ class MessageOut(BaseModel):
     callback_url: str | None
     validity_period: int | None
     expires_at: datetime | None
+    send_at: datetime | None = Field(
+        default=None,
+        description="When a `scheduled` message is to leave: your `send_at`, or the end of "
+        "the recipient's quiet hours; null for a message sent at once.",
+    )
     metadata: dict[str, Any] = Field(validation_alias="metadata_")
     created_at: datetime
     updated_at: datetime

@@ -42,6 +42,7 @@ MORE_INFO: Final = "https://www.twilio.com/docs/errors/{code}"
 # Our statuses in Twilio's vocabulary: the one table.
 STATUSES: Final[dict[MessageStatus, str]] = {
     MessageStatus.HELD: "accepted",  # stopped by the pumping alarm, not yet queued
+    MessageStatus.SCHEDULED: "scheduled",
     MessageStatus.QUEUED: "queued",
     MessageStatus.SENDING: "sending",
     MessageStatus.SENT: "sent",

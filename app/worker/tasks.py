@@ -52,6 +52,7 @@ from app.worker.queue import (
     push_ready,
 )
 from app.worker.resilience import ResilientWorker, stop_watching_database, watch_database
+from app.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         queue, lambda ids: deliver_ids(ctx, ids), ctx["in_flight"], db_outage=ctx["db_outage"]
     )
     ctx["feed"].start()
+    ctx["scheduler"] = Scheduler(
+        ctx["session_factory"],
+        queue,
+        poll_seconds=settings.scheduler_poll_seconds,
+        db_outage=ctx["db_outage"],
+    )
+    ctx["scheduler"].start()
 
 
 def worker_pool_size(settings: Settings) -> int:
@@ -130,6 +138,7 @@ def delivery_pool_size(settings: Settings) -> int:
 async def shutdown(ctx: dict[str, Any]) -> None:
     """Stop the feed (its deliveries under way get the job timeout to finish, as jobs do on
     SIGTERM), then close what startup opened."""
+    await ctx["scheduler"].stop()
     await ctx["feed"].stop(wait=JOB_TIMEOUT_SECONDS)
     await stop_watching_database(ctx)
     await ctx["http"].aclose()

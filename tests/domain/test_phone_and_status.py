@@ -61,3 +61,10 @@ def test_statuses_before_delivered_are_the_non_terminal_ones() -> None:
         MessageStatus.SENT,
     }
     assert statuses_before(MessageStatus.SENDING) == [MessageStatus.QUEUED]
+
+
+def test_a_scheduled_message_comes_before_queued_and_no_report_moves_it() -> None:
+    assert can_advance(MessageStatus.SCHEDULED, MessageStatus.QUEUED)
+    assert not can_advance(MessageStatus.QUEUED, MessageStatus.SCHEDULED)
+    for status in MessageStatus:
+        assert MessageStatus.SCHEDULED not in statuses_before(status)

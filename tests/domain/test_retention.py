@@ -63,6 +63,7 @@ async def test_message_bodies_and_history_past_their_periods_go_the_rest_stays(
 ) -> None:
     old_delivered = await aged_message(session_factory, world, 1, 100, "delivered")
     old_queued = await aged_message(session_factory, world, 2, 100, "queued")  # still needed
+    old_scheduled = await aged_message(session_factory, world, 4, 100, "scheduled")  # still needed
     recent = await aged_message(session_factory, world, 3, 10, "delivered")
     # Held by the pumping alarm: an admin may still release it, body and all.
     old_held = await aged_message(session_factory, world, 4, 100, "held")
@@ -82,7 +83,13 @@ async def test_message_bodies_and_history_past_their_periods_go_the_rest_stays(
     events = await execute(
         session_factory, "SELECT message_id, count(*) FROM message_events GROUP BY message_id"
     )
-    assert dict(events) == {old_delivered: 1, old_queued: 2, recent: 2, old_held: 2}
+    assert dict(events) == {
+        old_delivered: 1,
+        old_queued: 2,
+        old_scheduled: 2,
+        recent: 2,
+        old_held: 2,
+    }
     # Nothing left to do: a second run prunes nothing.
     assert sum((await prune(session_factory, RetentionSettings(), 24)).values()) == 0
 
