@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -20,7 +21,7 @@ from app.db.models import Message, SenderAffinity
 from app.db.retention import prune
 from app.db.session import SessionFactory
 from app.kernel.metrics import DB_STATEMENTS
-from app.kernel.settings import RetentionSettings
+from app.kernel.settings import PumpingSettings, RetentionSettings, TrafficSettings
 from tests.api.test_send import assert_problem
 from tests.conftest import World, ready_keywords
 
@@ -59,6 +60,16 @@ async def add_sender(
     )
     assert granted.status_code == 200, granted.text
     return sender_id
+
+
+@pytest.fixture
+async def api(app_factory: Callable[..., Any]) -> AsyncIterator[httpx.AsyncClient]:
+    """The app permitting Germany and Belgium too (so a send there reaches the pool's own
+    refusal, judged after the service's destination list), with the pumping alarm off (the
+    sequential numbers below would raise it, and its event is a statement of its own)."""
+    permitted = TrafficSettings(permitted_countries=["US", "CA", "FR", "DE", "BE"])
+    async with app_factory(traffic=permitted, pumping=PumpingSettings(action="off")) as client:
+        yield client
 
 
 @pytest.fixture
