@@ -261,3 +261,17 @@ async def provider_inbound_get(
     """A customer's message as a GET, for providers that call so (Vonage, signed with `sig`);
     405 for the others."""
     return await _handle_inbound(provider, request, session, providers, settings)
+
+
+# Methods no provider calls with: answered from the registry too (404 for an unknown provider,
+# else 405 naming the methods its entry takes), not from whichever route happens to match first.
+_OTHER_METHODS = ["DELETE", "HEAD", "OPTIONS", "PATCH", "PUT"]
+
+
+@router.api_route("/{provider}/{kind}", methods=_OTHER_METHODS, include_in_schema=False)
+async def provider_other_method(provider: str, kind: str, request: Request) -> Response:
+    """404 or 405, as `_accepting` decides; never a webhook call."""
+    if kind not in ("status", "inbound"):
+        raise HTTPException(404)
+    _accepting(provider, kind, request.method)
+    raise HTTPException(405)  # unreachable: no entry takes these methods

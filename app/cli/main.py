@@ -122,9 +122,18 @@ async def _reencrypt_secrets() -> tuple[int, int]:
     return rewritten, total
 
 
+# The processes that talk to providers, or prepare for them: they refuse to start on a provider
+# setting that cannot be read.
+_NEEDS_PROVIDER_SETTINGS = frozenset({"serve", "worker", "migrate"})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen subcommand."""
     args = _parser().parse_args(argv)
+    if args.command in _NEEDS_PROVIDER_SETTINGS:
+        from app.providers.registry import read_provider_settings
+
+        read_provider_settings(get_settings())
     if getattr(args, "run", None) is not None:
         raise SystemExit(args.run(args))
     run = _RUNS.get(args.command)

@@ -28,6 +28,9 @@ from app.providers.vonage import VonageProvider, VonageSettings
 
 S = TypeVar("S", bound=BaseModel)
 
+# The database's provider columns are String(20) (app.db.models).
+MAX_NAME_LENGTH = 20
+
 
 @dataclass(frozen=True, slots=True)
 class WebhookReply:
@@ -87,6 +90,10 @@ class ProviderRegistry:
             raise ValueError(f"a provider named {entry.name!r} is registered")
         if not entry.name.isidentifier() or entry.name != entry.name.lower():
             raise ValueError(f"{entry.name!r}: a provider name is a lower-case identifier")
+        if len(entry.name) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"{entry.name!r}: a provider name has {MAX_NAME_LENGTH} characters at most"
+            )
         self._entries[entry.name] = entry
 
     def unregister(self, name: str) -> None:
@@ -226,6 +233,13 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
         ),
         follow_redirects=False,
     )
+
+
+def read_provider_settings(settings: Settings) -> None:
+    """Read every registered provider's settings now, so a bad value (`VONAGE__SIGNATURE_METHOD=
+    crc32`) stops a process at its start, as a bad value of any other group does."""
+    for entry in PROVIDERS:
+        settings.section(entry.name, entry.settings)
 
 
 def build_providers(

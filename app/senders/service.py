@@ -134,11 +134,17 @@ async def create_sender(
     return sender
 
 
-def _check_providers(provider: str, fallback: str | None) -> None:
-    """Both name registered providers (app.providers.registry: the database keeps no list of
-    them), and differ."""
+def _check_providers(
+    provider: str,
+    fallback: str | None,
+    *,
+    supplied: tuple[str, ...] = ("provider", "fallback_provider"),
+) -> None:
+    """The names `supplied` by the caller are registered providers (app.providers.registry: the
+    database keeps no list of them), and the two differ. A stored name is not judged again: a
+    sender whose provider was unregistered stays readable and editable."""
     for field, name in (("provider", provider), ("fallback_provider", fallback)):
-        if name is not None and PROVIDERS.get(name) is None:
+        if field in supplied and name is not None and PROVIDERS.get(name) is None:
             raise ValidationFailed.for_field(
                 "invalid_sender",
                 field,
@@ -293,7 +299,15 @@ async def update_sender(
     new_fallback = (
         sender.fallback_provider if isinstance(fallback_provider, Unchanged) else fallback_provider
     )
-    _check_providers(provider or sender.provider, new_fallback)
+    supplied = tuple(
+        field
+        for field, given in (
+            ("provider", provider is not None),
+            ("fallback_provider", not isinstance(fallback_provider, Unchanged)),
+        )
+        if given
+    )
+    _check_providers(provider or sender.provider, new_fallback, supplied=supplied)
     sender.fallback_provider = new_fallback
     if not isinstance(countries, Unchanged):
         sender.countries = normalize_countries(countries)

@@ -265,3 +265,39 @@ async def test_the_senders_domain_refuses_an_unregistered_provider(
 
     assert refused.value.code == "invalid_sender"
     assert [error.field for error in refused.value.errors or []] == ["provider"]
+
+
+async def test_a_sender_whose_provider_was_unregistered_stays_editable(
+    dummy_api: httpx.AsyncClient, world: World
+) -> None:
+    sender = await create_dummy_sender(dummy_api, world)
+    admin = world.auth(world.admin_key)
+    PROVIDERS.unregister("dummy")
+    try:
+        described = await dummy_api.patch(
+            f"/v1/senders/{sender['id']}", json={"description": "retired"}, headers=admin
+        )
+        moved = await dummy_api.patch(
+            f"/v1/senders/{sender['id']}", json={"provider": "dummy"}, headers=admin
+        )
+    finally:
+        PROVIDERS.register(ENTRY)
+
+    assert described.status_code == 200, described.text
+    assert (described.json()["provider"], described.json()["description"]) == ("dummy", "retired")
+    # A name the request supplies is still judged.
+    assert_problem(moved, 422, "validation_error", field="provider")
+
+
+async def test_other_methods_are_answered_from_the_registry(api: httpx.AsyncClient) -> None:
+    vonage = await api.put("/v1/webhooks/vonage/status")
+    twilio = await api.delete("/v1/webhooks/twilio/inbound")
+    unknown = await api.put("/v1/webhooks/nope/status")
+    other_path = await api.put("/v1/webhooks/twilio/elsewhere")
+
+    assert_problem(vonage, 405, "method_not_allowed")
+    assert vonage.headers["allow"] == "GET, POST"
+    assert_problem(twilio, 405, "method_not_allowed")
+    assert twilio.headers["allow"] == "POST"
+    assert_problem(unknown, 404, "unknown_provider")
+    assert other_path.status_code == 404

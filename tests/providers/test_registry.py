@@ -10,7 +10,8 @@ import httpx
 import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from app.kernel.settings import Settings
+from app.cli import main as cli
+from app.kernel.settings import Settings, get_settings
 from app.providers.fake import FakeProvider, FakeProviderSettings
 from app.providers.registry import PROVIDERS, ProviderEntry, build_providers
 from app.providers.twilio import TwilioProvider, TwilioSettings
@@ -74,6 +75,25 @@ def test_an_invalid_provider_setting_is_refused(
         Settings().section("vonage", VonageSettings)
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["worker", "--check"], ["serve"]])
+def test_a_process_refuses_to_start_on_an_invalid_provider_setting(
+    no_provider_env: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    monkeypatch.setenv("VONAGE__SIGNATURE_METHOD", "crc32")
+    get_settings.cache_clear()
+    # Reached only if the check let the command through.
+    monkeypatch.setattr(cli, "_RUNS", dict.fromkeys(cli._RUNS, _never))
+    try:
+        with pytest.raises(ValidationError, match="signature_method"):
+            cli.main(command)
+    finally:
+        get_settings.cache_clear()
+
+
+def _never(args: object) -> None:
+    raise AssertionError("the command ran")
+
+
 def test_given_sections_win_over_the_environment(
     no_provider_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -100,4 +120,6 @@ def test_registration_refuses_a_taken_or_malformed_name() -> None:
         PROVIDERS.register(ProviderEntry("Plivo", _Nothing, build))
     with pytest.raises(ValueError, match="lower-case"):
         PROVIDERS.register(ProviderEntry("pli-vo", _Nothing, build))
+    with pytest.raises(ValueError, match="20 characters at most"):
+        PROVIDERS.register(ProviderEntry("a_provider_name_too_long", _Nothing, build))
     assert PROVIDERS.names() == ["fake", "twilio", "vonage"]
