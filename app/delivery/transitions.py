@@ -27,6 +27,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
+    case,
     delete,
     func,
     select,
@@ -331,8 +332,9 @@ async def finish_unsent(
     return Outcome(status)
 
 
-# What a cancel may still stop: a message no delivery attempt holds.
-CANCELABLE: Final = (MessageStatus.SCHEDULED, MessageStatus.QUEUED)
+# What a cancel may still stop: a message no delivery attempt holds (a `held` one: nothing
+# sends it until an admin releases it, and the release is conditional on it still being held).
+CANCELABLE: Final = (MessageStatus.SCHEDULED, MessageStatus.QUEUED, MessageStatus.HELD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,11 +349,11 @@ class Cancellation:
 async def cancel_message(
     session: AsyncSession, message_id: uuid.UUID, client_id: uuid.UUID | None
 ) -> Cancellation:
-    """Cancel a message that is `scheduled` or still `queued`, in the session's transaction:
-    the recipient's lock, then the conditional UPDATE of `finish_unsent`, as a claim takes them,
-    so a cancel and a claim of the same message are decided one after the other: exactly one
-    wins. `client_id` None: any client's message (an admin); `NotFound` for a message that is
-    not the client's."""
+    """Cancel a message that is `scheduled`, `held` or still `queued`, in the session's
+    transaction: the recipient's lock, then the conditional UPDATE of `finish_unsent`, as a
+    claim takes them, so a cancel and a claim of the same message are decided one after the
+    other: exactly one wins. `client_id` None: any client's message (an admin); `NotFound` for
+    a message that is not the client's."""
     query = select(Message).where(Message.id == message_id)
     if client_id is not None:
         query = query.where(Message.client_id == client_id)
@@ -426,15 +428,43 @@ def _held(
     limit: int,
 ) -> Select[uuid.UUID]:
     """The held messages `settle_held` moves, locked (those another admin is settling: skipped).
-    A client's are read oldest first through `ix_messages_held`."""
+    A client's (or, with neither id, every client's) are read oldest first through
+    `ix_messages_held`."""
     target = select(Message.id).where(Message.status == MessageStatus.HELD.value)
     if message_id is not None:
         target = target.where(Message.id == message_id)
     else:
-        target = target.where(Message.client_id == client_id).order_by(Message.created_at)
+        if client_id is not None:
+            target = target.where(Message.client_id == client_id)
+        target = target.order_by(Message.created_at)
     if before is not None:
         target = target.where(Message.created_at < before)
     return target.limit(limit).with_for_update(skip_locked=True)
+
+
+# A released message goes back where it was before the alarm held it: `scheduled` while its
+# `send_at` (a client's time, or the end of quiet hours) is still ahead, else `queued`, due
+# then. The scheduler promotes it by `send_at`, as any scheduled message.
+_RELEASED_STATUS: Final = case(
+    (Message.send_at > func.now(), MessageStatus.SCHEDULED.value),
+    else_=MessageStatus.QUEUED.value,
+)
+_RELEASE: Final = {
+    "status": _RELEASED_STATUS,
+    "next_attempt_at": func.greatest(Message.send_at, func.now()),
+}
+
+
+def _held_changes(release: bool, reason: str | None) -> tuple[dict[str, Any], str]:
+    """The UPDATE's values for a release or a cancel, and its history row's detail."""
+    if release:
+        return dict(_RELEASE), "released by an admin"
+    changes = {
+        "status": MessageStatus.CANCELED.value,
+        "error_code": "canceled",
+        "error_message": reason or "canceled by an admin (held)",
+    }
+    return changes, reason or "canceled by an admin (held as suspected SMS pumping)"
 
 
 async def settle_held(
@@ -445,23 +475,19 @@ async def settle_held(
     client_id: uuid.UUID | None = None,
     before: datetime | None = None,
     limit: int = HELD_CHUNK,
+    reason: str | None = None,
+    source: str = "admin",
 ) -> list[uuid.UUID]:
-    """An admin's decision on messages the pumping alarm held: release them (held -> queued, due
-    now; enqueued after the commit) or cancel them (held -> canceled, with their
-    `message.canceled` events). One message by id, or up to `limit` of a client's, oldest
-    first (created before `before`, so a bulk run does not chase a burst still arriving).
-    Conditional: a message no longer held is left alone, and one another admin is
+    """An admin's decision on messages the pumping alarm held: release them (held -> queued,
+    due now, enqueued after the commit; or held -> scheduled while their `send_at` is ahead)
+    or cancel them (held -> canceled, with their `message.canceled` events). One message by
+    id, or up to `limit` of a client's (of every client's with neither id: the retention
+    job), oldest first (created before `before`, so a bulk run does not chase a burst still
+    arriving). Conditional: a message no longer held is left alone, and one another admin is
     settling meanwhile is skipped (SKIP LOCKED). Only the message rows are locked (a held
     message has no claim to race, and the claim re-checks opt-outs). The ids moved."""
     target = _held(message_id, client_id, before, limit)
-    status = MessageStatus.QUEUED if release else MessageStatus.CANCELED
-    changes: dict[str, Any] = {"status": status.value}
-    if release:
-        changes["next_attempt_at"] = func.now()
-        detail = "released by an admin"
-    else:
-        changes.update(error_code="canceled", error_message="canceled by an admin (held)")
-        detail = "canceled by an admin (held as suspected SMS pumping)"
+    changes, detail = _held_changes(release, reason)
     moved = (
         await session.execute(
             update(Message)
@@ -470,22 +496,25 @@ async def settle_held(
                 Message.status == MessageStatus.HELD.value,
             )
             .values(**changes)
-            .returning(Message.id, Message.client_id, Message.provider, Message.from_)
+            .returning(
+                Message.id, Message.client_id, Message.provider, Message.from_, Message.status
+            )
             .execution_options(synchronize_session=False)
         )
     ).all()
     for row in moved:
+        status = MessageStatus(row.status)
         count_status(status.value, row.provider, row.from_)
-        session.add(_history(row.id, status, applied=True, detail=detail, source="admin"))
-    ids = [row.id for row in moved]
+        session.add(_history(row.id, status, applied=True, detail=detail, source=source))
     if release:
-        session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).extend(ids)
+        queued = [row.id for row in moved if row.status == MessageStatus.QUEUED.value]
+        session.info.setdefault(ENQUEUE_AFTER_COMMIT, []).extend(queued)
     else:
         await session.flush()
         await emit_message_statuses(
             session, [Message(id=row.id, client_id=row.client_id) for row in moved]
         )
-    return ids
+    return [row.id for row in moved]
 
 
 def _pending(message: Message) -> ColumnElement[bool]:

@@ -140,6 +140,9 @@ class PumpingSettings(BaseModel):
     baseline_multiple: float = Field(default=5.0, ge=1.0)
     # How fast the usual count follows the traffic: half of its weight is the last day's.
     baseline_half_life_hours: float = Field(default=24.0, gt=0)
+    # A held message no admin released or canceled within this many days is canceled by the
+    # retention job (as an admin's cancel: `message.canceled`): a hold is not a queue.
+    held_max_days: int = Field(default=7, ge=1)
 
 
 class Settings(BaseSettings):

@@ -43,7 +43,7 @@ async def get_message(
 
 
 async def cancel(session: AsyncSession, principal: Principal, message_id: uuid.UUID) -> Message:
-    """Cancel a client's (an admin: any) scheduled or queued message in the session's
+    """Cancel a client's (an admin: any) scheduled, held or queued message in the session's
     transaction (the request's: it commits before the answer); the message as it is now.
     `Conflict` (`already_<status>`) when a delivery attempt took it first."""
     client_id = None if principal.is_admin else principal.client_id
@@ -51,8 +51,8 @@ async def cancel(session: AsyncSession, principal: Principal, message_id: uuid.U
     if outcome.status is not MessageStatus.CANCELED:
         raise Conflict(
             f"already_{outcome.status.value}",
-            f"the message is already {outcome.status.value}: only a scheduled or queued "
-            "message can be canceled",
+            f"the message is already {outcome.status.value}: only a scheduled, held "
+            "or queued message can be canceled",
         )
     message = await session.get(Message, message_id, populate_existing=True)
     assert message is not None

@@ -262,9 +262,10 @@ async def preview_message(
     responses={
         **problem_responses(Unauthorized, NotFound),
         200: {
-            "description": "Canceled: the message was `scheduled` or still `queued` and will "
-            "never be sent (`status` `canceled`, `error_code` `canceled`). Canceling a message "
-            "that is already `canceled` answers the same (for whatever reason it was canceled)."
+            "description": "Canceled: the message was `scheduled`, `held` or still `queued` and "
+            "will never be sent (`status` `canceled`, `error_code` `canceled`). Canceling a "
+            "message that is already `canceled` answers the same (for whatever reason it was "
+            "canceled)."
         },
         409: {
             "description": "Too late: a delivery attempt already took the message. The code "
@@ -278,8 +279,8 @@ async def preview_message(
                         "title": "Conflict",
                         "status": 409,
                         "code": "already_sending",
-                        "detail": "the message is already sending: only a scheduled or queued "
-                        "message can be canceled",
+                        "detail": "the message is already sending: only a scheduled, held or "
+                        "queued message can be canceled",
                     },
                 }
             },

@@ -10,16 +10,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Client, Message
-from app.db.session import SessionFactory
+from app.db.session import ENQUEUE_AFTER_COMMIT, SessionFactory
 from app.delivery.transitions import HELD_CHUNK, run_transaction, settle_held
 from app.events.outbox import EventJob
 from app.kernel.errors import Conflict, NotFound
+from app.kernel.status import MessageStatus
+from app.sending.messages import MessageFilter, Page, list_messages
 
 
 def not_held(message_id: uuid.UUID, status: str) -> Conflict:
@@ -39,6 +41,23 @@ async def settle_one(session: AsyncSession, message_id: uuid.UUID, *, release: b
     return message
 
 
+async def client_id_named(session: AsyncSession, client_name: str) -> uuid.UUID:
+    """The id of the client so named; `NotFound` (`client_not_found`) for none."""
+    client_id = await session.scalar(select(Client.id).where(Client.name == client_name))
+    if client_id is None:
+        raise NotFound("client_not_found", f"no client named {client_name!r}")
+    return client_id
+
+
+async def list_held(
+    session: AsyncSession, client_name: str, *, limit: int, cursor: str | None
+) -> Page:
+    """A page of a client's held messages, newest first (`ix_messages_held`)."""
+    client_id = await client_id_named(session, client_name)
+    held = MessageFilter(status=MessageStatus.HELD)
+    return await list_messages(session, client_id, held, limit=limit, cursor=cursor)
+
+
 @dataclass(frozen=True, slots=True)
 class Settler:
     """What a bulk release or cancel needs: transactions, and the queues to hand work to."""
@@ -47,26 +66,59 @@ class Settler:
     enqueue: Callable[[Sequence[uuid.UUID]], Awaitable[None]]
     enqueue_events: Callable[[Sequence[EventJob]], Awaitable[object]]
 
-    async def settle_client(self, client_id: uuid.UUID, *, release: bool) -> int:
+    async def settle_client(self, client_name: str, *, release: bool) -> int:
         """Release or cancel every message of the client held before now, chunk by chunk; how
         many moved. `NotFound` for an unknown client."""
         async with self.session_factory() as session:
-            if await session.scalar(select(Client.id).where(Client.id == client_id)) is None:
-                raise NotFound("client_not_found", f"no client with id {client_id}")
-        before = datetime.now(UTC)
-        total = 0
+            client_id = await client_id_named(session, client_name)
+        return await self._settle(release=release, client_id=client_id, before=datetime.now(UTC))
+
+    async def cancel_stale(self, max_days: int, *, max_chunks: int) -> int:
+        """Cancel every client's messages held longer than `max_days` (`PUMPING__HELD_MAX_DAYS`:
+        no admin decided; the retention job), as an admin's cancel does (`message.canceled`),
+        at most `max_chunks` chunks (the rest next run); how many."""
+        return await self._settle(
+            release=False,
+            client_id=None,
+            before=datetime.now(UTC) - timedelta(days=max_days),
+            reason=f"canceled: held longer than {max_days} days (PUMPING__HELD_MAX_DAYS)",
+            source="retention",
+            max_chunks=max_chunks,
+        )
+
+    async def _settle(
+        self,
+        *,
+        release: bool,
+        client_id: uuid.UUID | None,
+        before: datetime,
+        reason: str | None = None,
+        source: str = "admin",
+        max_chunks: int | None = None,
+    ) -> int:
+        """`settle_held` chunk after chunk, each its own transaction, its work handed to the
+        queues after its commit, until a chunk comes back short (or `max_chunks` ran)."""
+
+        async def chunk(session: AsyncSession) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+            moved = await settle_held(
+                session,
+                release=release,
+                client_id=client_id,
+                before=before,
+                reason=reason,
+                source=source,
+            )
+            # Those released `queued` (not those still `scheduled`) go to the workers.
+            return moved, session.info.pop(ENQUEUE_AFTER_COMMIT, [])
+
+        total = chunks = 0
         while True:
-
-            async def chunk(session: AsyncSession) -> list[uuid.UUID]:
-                return await settle_held(
-                    session, release=release, client_id=client_id, before=before
-                )
-
-            ids, events = await run_transaction(self.session_factory, chunk)
-            if release and ids:
-                await self.enqueue(ids)
+            (ids, queued), events = await run_transaction(self.session_factory, chunk)
+            if queued:
+                await self.enqueue(queued)
             if events:
                 await self.enqueue_events(events)
             total += len(ids)
-            if len(ids) < HELD_CHUNK:
+            chunks += 1
+            if len(ids) < HELD_CHUNK or (max_chunks is not None and chunks >= max_chunks):
                 return total

@@ -1,4 +1,4 @@
-"""/v1/held-messages (admin): release or cancel what the SMS pumping alarm held; and
+"""/v1/held-messages (admin): list, release or cancel what the SMS pumping alarm held; and
 /v1/clients/{client}/pumping (admin): a client's own alarm settings.
 
 Held messages are those the alarm stopped with `PUMPING__ACTION=hold` (README, "SMS pumping
@@ -11,8 +11,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
+from app.db.session import AFTER_COMMIT
 from app.events.outbox import EventJob
 from app.kernel.errors import (
     Conflict,
@@ -23,9 +24,10 @@ from app.kernel.errors import (
     problem_responses,
 )
 from app.kernel.settings import PumpingSettings
-from app.sending.schemas import MessageOut
+from app.kernel.text import StorableStr
+from app.sending.schemas import MessageOut, MessagePage
 from app.traffic.client_settings import client_pumping, set_client_pumping
-from app.traffic.held import Settler, settle_one
+from app.traffic.held import Settler, list_held, settle_one
 from app.traffic.pumping_schemas import (
     ClientPumping,
     HeldSelection,
@@ -35,7 +37,7 @@ from app.traffic.pumping_schemas import (
 )
 from app.traffic.velocity import effective_settings
 from app.web.deps import AdminDep, LookupsDep, SessionDep, SettingsDep
-from app.web.params import ClientNamePath, MessageIdPath
+from app.web.params import ClientNamePath, CursorQuery, LimitQuery, MessageIdPath
 from app.worker.queue import enqueue_events
 
 router = APIRouter(prefix="/v1/held-messages", tags=["held-messages"])
@@ -52,6 +54,34 @@ async def get_settler(request: Request) -> Settler:
 
 
 SettlerDep = Annotated[Settler, Depends(get_settler)]
+
+
+ClientQuery = Annotated[
+    StorableStr,
+    Query(min_length=1, max_length=200, description="The client's name.", examples=["shop"]),
+]
+
+
+@router.get(
+    "",
+    response_model=MessagePage,
+    responses=problem_responses(Unauthorized, Forbidden, NotFound, ValidationFailed),
+)
+async def list_held_messages(
+    client: ClientQuery,
+    session: SessionDep,
+    admin: AdminDep,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
+) -> MessagePage:
+    """A client's messages the pumping alarm holds, newest first, one page at a time (admin
+    key). 404 `client_not_found` for no client of that name."""
+    page = await list_held(session, client, limit=limit, cursor=cursor)
+    return MessagePage(
+        data=[MessageOut.model_validate(message) for message in page.items],
+        has_more=page.next_cursor is not None,
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.post(
@@ -94,8 +124,8 @@ async def release_client(
 ) -> HeldSettled:
     """Release every message of a client held before this request, oldest first (admin key;
     the pumping alarm holds messages with `PUMPING__ACTION=hold`)."""
-    released = await settler.settle_client(selection.client_id, release=True)
-    return HeldSettled(client_id=selection.client_id, released=released)
+    released = await settler.settle_client(selection.client, release=True)
+    return HeldSettled(client=selection.client, released=released)
 
 
 @router.post(
@@ -107,8 +137,8 @@ async def cancel_client(
     selection: HeldSelection, settler: SettlerDep, admin: AdminDep
 ) -> HeldSettled:
     """Cancel every message of a client held before this request: none of them is sent."""
-    canceled = await settler.settle_client(selection.client_id, release=False)
-    return HeldSettled(client_id=selection.client_id, canceled=canceled)
+    canceled = await settler.settle_client(selection.client, release=False)
+    return HeldSettled(client=selection.client, canceled=canceled)
 
 
 clients_router = APIRouter(prefix="/v1/clients", tags=["held-messages"])
@@ -156,5 +186,6 @@ async def put_client_pumping(
     `hold`), minimum count and multiple; a null field takes the service's, an empty body
     clears them. Other API processes see the change within `LOOKUP_CACHE_SECONDS`."""
     client_id, own = await set_client_pumping(session, client_name, body.model_dump())
-    lookups.forget_all()
+    # Forgotten once the change is committed (before, a concurrent read could cache the old).
+    session.info.setdefault(AFTER_COMMIT, []).append(lookups.forget_all)
     return _client_pumping(client_id, own, settings.pumping)

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from signal import Signals
 from typing import Any, ClassVar
@@ -25,6 +25,7 @@ from app.delivery.pipeline import deliver as deliver_messages
 from app.delivery.reconcile import STATUS_CHECK_SWEEP_SECONDS
 from app.delivery.sweep import sweep_once
 from app.delivery.transitions import record_status_report
+from app.events.outbox import EventJob
 from app.kernel.logs import message_context
 from app.kernel.metrics import serve_metrics
 from app.kernel.outages import REDIS, unavailable_dependency
@@ -32,6 +33,7 @@ from app.kernel.settings import Settings, get_settings
 from app.kernel.status import MessageStatus
 from app.providers.base import CallbackRequest
 from app.providers.registry import build_http_client, build_providers
+from app.traffic.held import Settler
 from app.worker.feed import DeliveryFeed
 from app.worker.guarantees import (
     RedisFakeLedger,
@@ -307,12 +309,30 @@ async def sweep(ctx: dict[str, Any]) -> int:
 
 
 async def retention(ctx: dict[str, Any]) -> int:
-    """Prune what has outlived its retention period (app.db.retention), in small batches."""
+    """Prune what has outlived its retention period (app.db.retention), in small batches; and
+    cancel what was held longer than `PUMPING__HELD_MAX_DAYS` (app.traffic.held)."""
     settings: Settings = ctx["settings"]
     pruned = await prune(ctx["session_factory"], settings.retention, settings.idempotency_ttl_hours)
+    pruned["held_messages"] = await cancel_stale_held(ctx)
     if any(pruned.values()):
         log.info("retention pruned rows", extra={"pruned": pruned})
     return sum(pruned.values())
+
+
+async def cancel_stale_held(ctx: dict[str, Any]) -> int:
+    """Cancel the messages held longer than `PUMPING__HELD_MAX_DAYS`, in bounded chunks."""
+    settings: Settings = ctx["settings"]
+
+    async def deliveries(ids: Sequence[uuid.UUID]) -> None:
+        await enqueue_deliveries(ctx["redis"], ids)  # none: a cancel releases nothing
+
+    async def events(jobs: Sequence[EventJob]) -> int:
+        return await enqueue_events(ctx["redis"], jobs)
+
+    settler = Settler(ctx["session_factory"], deliveries, events)
+    return await settler.cancel_stale(
+        settings.pumping.held_max_days, max_chunks=settings.retention.max_batches_per_run
+    )
 
 
 class DeliveryWorker(ResilientWorker):

@@ -10,23 +10,28 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import httpx
 import pytest
+from arq import create_pool
+from arq.connections import RedisSettings
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.db.models import Message, WebhookEndpoint
 from app.db.session import SessionFactory
+from app.delivery.transitions import promote_scheduled
 from app.kernel.outages import REDIS
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.settings import PumpingSettings
 from app.traffic.velocity import KEY_PREFIX, keep_per_window, number_range
 from app.twilio_api.vocabulary import issue_credentials
-from tests.conftest import World
-from tests.queueing import queued_message_ids
+from app.worker.tasks import retention
+from tests.conftest import TEST_REDIS_URL, World, make_settings
+from tests.queueing import push_ids, queued_message_ids
 from tests.test_end_to_end import run_worker
 
 pytestmark = pytest.mark.network_guard
@@ -67,14 +72,14 @@ def normal_mix(count: int = 200, seed: int = 7) -> list[str]:
 
 
 async def send_in_batches(
-    api: httpx.AsyncClient, world: World, numbers: list[str], size: int = 20
+    api: httpx.AsyncClient, world: World, numbers: list[str], size: int = 20, **extra: Any
 ) -> list[dict[str, Any]]:
     """Send to `numbers` in batches (a bot posts request after request); every message's
-    result, in order."""
+    result, in order (`extra`: more fields of every message)."""
     results: list[dict[str, Any]] = []
     for start in range(0, len(numbers), size):
         messages = [
-            {"to": to, "from": FAKE_SENDER, "body": "Your code is 482913"}
+            {"to": to, "from": FAKE_SENDER, "body": "Your code is 482913", **extra}
             for to in numbers[start : start + size]
         ]
         response = await api.post(BATCH, json={"messages": messages}, headers=world.auth())
@@ -348,11 +353,9 @@ async def test_held_messages_are_sent_only_once_released(
         ]
         assert await held_ids(session_factory) == set(held[1:])
 
-        bulk = await api.post(
-            "/v1/held-messages/release", json={"client_id": str(world.client_id)}, headers=admin
-        )
+        bulk = await api.post("/v1/held-messages/release", json={"client": "shop"}, headers=admin)
         assert bulk.status_code == 200, bulk.text
-        assert bulk.json() == {"client_id": str(world.client_id), "released": 7, "canceled": 0}
+        assert bulk.json() == {"client": "shop", "released": 7, "canceled": 0}
 
         await run_worker()
 
@@ -376,7 +379,7 @@ async def test_held_messages_canceled_are_never_sent(
         unknown = await api.post(f"/v1/held-messages/{uuid.uuid4()}/cancel", headers=admin)
         assert unknown.status_code == 404
         no_client = await api.post(
-            "/v1/held-messages/cancel", json={"client_id": str(uuid.uuid4())}, headers=admin
+            "/v1/held-messages/cancel", json={"client": "no-such-client"}, headers=admin
         )
         assert no_client.status_code == 404
         assert no_client.json()["code"] == "client_not_found"
@@ -390,10 +393,8 @@ async def test_held_messages_canceled_are_never_sent(
         assert not_held.status_code == 409
         assert "is queued" in not_held.json()["detail"]
 
-        bulk = await api.post(
-            "/v1/held-messages/cancel", json={"client_id": str(world.client_id)}, headers=admin
-        )
-        assert bulk.json() == {"client_id": str(world.client_id), "released": 0, "canceled": 5}
+        bulk = await api.post("/v1/held-messages/cancel", json={"client": "shop"}, headers=admin)
+        assert bulk.json() == {"client": "shop", "released": 0, "canceled": 5}
 
         await run_worker()
 
@@ -516,3 +517,179 @@ async def test_one_batch_of_a_thousand_numbers_in_one_range_is_held_whole(
     assert {message["status"] for message in results} == {"held"}
     assert len(await held_ids(session_factory)) == 1000
     assert await queued_message_ids(redis) == []
+
+
+# ---- a held message's send time, a client's cancel, the admin listing, the time limit ----
+
+
+async def held_burst(api: httpx.AsyncClient, world: World, **extra: Any) -> list[str]:
+    """Six messages of one range, one a request, with the alarm holding from the third: the
+    held ones' ids."""
+    results = await send_in_batches(api, world, pumping_burst(6), size=1, **extra)
+    held = [message["id"] for message in results if message["status"] == "held"]
+    assert len(held) == 4
+    return held
+
+
+async def history_of(api: httpx.AsyncClient, world: World, message_id: str) -> list[str]:
+    read = (await api.get(f"/v1/messages/{message_id}", headers=world.auth())).json()
+    return [step["status"] for step in read["history"]]
+
+
+async def test_a_released_message_whose_send_at_is_ahead_waits_for_it(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    send_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    async with hold_api(min_distinct=3) as api:
+        held = await held_burst(api, world, send_at=send_at)
+        admin = world.auth(world.admin_key)
+        one = await api.post(f"/v1/held-messages/{held[0]}/release", headers=admin)
+        assert one.status_code == 200, one.text
+        assert one.json()["status"] == "scheduled"
+        bulk = await api.post("/v1/held-messages/release", json={"client": "shop"}, headers=admin)
+        assert bulk.json() == {"client": "shop", "released": 3, "canceled": 0}
+
+        assert not set(held) & set(await queued_message_ids(redis))  # on no queue
+        await run_worker()
+        for message_id in held:
+            assert await history_of(api, world, message_id) == ["held", "scheduled"]
+        assert await promote_scheduled(session_factory, 10) == []  # not before its time
+
+        async with session_factory.begin() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id == uuid.UUID(held[0]))
+                .values(send_at=func.now() - timedelta(seconds=1))
+            )
+        assert await promote_scheduled(session_factory, 10) == [uuid.UUID(held[0])]
+        await push_ids(redis, [held[0]])  # as the worker's scheduler hands it over
+        await run_worker()
+        assert (await history_of(api, world, held[0]))[:3] == ["held", "scheduled", "queued"]
+        assert (await history_of(api, world, held[0]))[-1] == "delivered"
+
+
+async def test_a_released_message_whose_send_at_has_come_is_sent_at_once(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory, redis: Redis
+) -> None:
+    send_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    async with hold_api(min_distinct=3) as api:
+        held = await held_burst(api, world, send_at=send_at)
+        async with session_factory.begin() as session:  # held past its send time
+            await session.execute(
+                update(Message)
+                .where(Message.id == uuid.UUID(held[0]))
+                .values(send_at=func.now() - timedelta(minutes=5))
+            )
+        admin = world.auth(world.admin_key)
+        one = await api.post(f"/v1/held-messages/{held[0]}/release", headers=admin)
+
+        assert one.json()["status"] == "queued"
+        assert held[0] in await queued_message_ids(redis)
+        await run_worker()
+        assert await history_of(api, world, held[0]) == [
+            "held",
+            "queued",
+            "sending",
+            "sent",
+            "delivered",
+        ]
+
+
+async def test_a_client_cancels_its_own_held_message(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    await add_default_endpoint(session_factory, world)
+    async with hold_api(min_distinct=3) as api:
+        held = await held_burst(api, world)
+        path = f"/v1/messages/{held[0]}/cancel"
+        other = await api.post(path, headers=world.auth(world.other_client_key))
+        assert other.status_code == 404
+
+        canceled = await api.post(path, headers=world.auth())
+        again = await api.post(path, headers=world.auth())
+        late = await api.post(
+            f"/v1/held-messages/{held[0]}/release", headers=world.auth(world.admin_key)
+        )
+        events = await api.get(
+            "/v1/events", params={"type": "message.canceled"}, headers=world.auth()
+        )
+        await run_worker()
+        read = (await api.get(f"/v1/messages/{held[0]}", headers=world.auth())).json()
+
+    assert canceled.status_code == 200, canceled.text
+    assert (canceled.json()["status"], canceled.json()["error_code"]) == ("canceled", "canceled")
+    assert again.status_code == 200  # idempotent
+    assert late.status_code == 409
+    assert late.json()["code"] == "message_not_held"
+    assert [event["payload"]["data"]["id"] for event in events.json()["data"]] == [held[0]]
+    assert [step["status"] for step in read["history"]] == ["held", "canceled"]
+    assert await held_ids(session_factory) == set(held[1:])
+
+
+async def test_an_admin_lists_a_clients_held_messages_page_by_page(
+    hold_api: Callable[..., Any], world: World
+) -> None:
+    async with hold_api(min_distinct=3) as api:
+        held = await held_burst(api, world)
+        admin = world.auth(world.admin_key)
+        first = await api.get(
+            "/v1/held-messages", params={"client": "shop", "limit": 3}, headers=admin
+        )
+        second = await api.get(
+            "/v1/held-messages",
+            params={"client": "shop", "limit": 3, "cursor": first.json()["next_cursor"]},
+            headers=admin,
+        )
+        other = await api.get("/v1/held-messages", params={"client": "other-shop"}, headers=admin)
+        forbidden = await api.get(
+            "/v1/held-messages", params={"client": "shop"}, headers=world.auth()
+        )
+        unknown = await api.get("/v1/held-messages", params={"client": "nobody"}, headers=admin)
+        missing = await api.get("/v1/held-messages", headers=admin)
+        bad_cursor = await api.get(
+            "/v1/held-messages", params={"client": "shop", "cursor": "x"}, headers=admin
+        )
+
+    assert first.status_code == 200, first.text
+    assert first.json()["has_more"] is True
+    assert second.json()["has_more"] is False
+    listed = [m["id"] for page in (first, second) for m in page.json()["data"]]
+    assert listed == held[::-1]  # newest first, each once
+    assert {m["status"] for page in (first, second) for m in page.json()["data"]} == {"held"}
+    assert other.json() == {"data": [], "has_more": False, "next_cursor": None}
+    assert forbidden.status_code == 403
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "client_not_found")
+    assert missing.status_code == 422
+    assert bad_cursor.status_code == 422
+
+
+async def test_a_message_held_past_the_time_limit_is_canceled_by_retention(
+    hold_api: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    await add_default_endpoint(session_factory, world)
+    async with hold_api(min_distinct=3) as api:
+        held = await held_burst(api, world)
+        async with session_factory.begin() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id.in_([uuid.UUID(held[0]), uuid.UUID(held[1])]))
+                .values(created_at=func.now() - timedelta(days=7, minutes=1))
+            )
+        queue = await create_pool(RedisSettings.from_dsn(TEST_REDIS_URL))
+        try:
+            ctx = {"settings": make_settings(), "session_factory": session_factory, "redis": queue}
+            first = await retention(ctx)
+            second = await retention(ctx)
+        finally:
+            await queue.aclose()
+        events = await api.get(
+            "/v1/events", params={"type": "message.canceled"}, headers=world.auth()
+        )
+        read = (await api.get(f"/v1/messages/{held[0]}", headers=world.auth())).json()
+
+    assert (first, second) == (2, 0)
+    assert await held_ids(session_factory) == set(held[2:])  # younger ones: still held
+    assert (read["status"], read["error_code"]) == ("canceled", "canceled")
+    assert "PUMPING__HELD_MAX_DAYS" in read["error_message"]
+    assert [step["status"] for step in read["history"]] == ["held", "canceled"]
+    assert {event["payload"]["data"]["id"] for event in events.json()["data"]} == set(held[:2])
