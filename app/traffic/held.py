@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Client, Message
@@ -20,8 +20,8 @@ from app.db.session import ENQUEUE_AFTER_COMMIT, SessionFactory
 from app.delivery.transitions import HELD_CHUNK, run_transaction, settle_held
 from app.events.outbox import EventJob
 from app.kernel.errors import Conflict, NotFound
+from app.kernel.pagination import decode_cursor, encode_cursor
 from app.kernel.status import MessageStatus
-from app.sending.messages import MessageFilter, Page, list_messages
 
 
 def not_held(message_id: uuid.UUID, status: str) -> Conflict:
@@ -49,13 +49,31 @@ async def client_id_named(session: AsyncSession, client_name: str) -> uuid.UUID:
     return client_id
 
 
+@dataclass(frozen=True, slots=True)
+class HeldPage:
+    """One page of a client's held messages, newest first."""
+
+    items: list[Message]
+    next_cursor: str | None
+
+
 async def list_held(
     session: AsyncSession, client_name: str, *, limit: int, cursor: str | None
-) -> Page:
-    """A page of a client's held messages, newest first (`ix_messages_held`)."""
+) -> HeldPage:
+    """A page of a client's held messages, newest first, after `cursor` if given: read through
+    `ix_messages_held` (client, created_at; only held rows)."""
     client_id = await client_id_named(session, client_name)
-    held = MessageFilter(status=MessageStatus.HELD)
-    return await list_messages(session, client_id, held, limit=limit, cursor=cursor)
+    query = select(Message).where(
+        Message.client_id == client_id, Message.status == MessageStatus.HELD.value
+    )
+    if cursor is not None:
+        created_at, message_id = decode_cursor(cursor, uuid.UUID)
+        query = query.where(tuple_(Message.created_at, Message.id) < tuple_(created_at, message_id))
+    order = (Message.created_at.desc(), Message.id.desc())
+    rows = list(await session.scalars(query.order_by(*order).limit(limit + 1)))
+    items = rows[:limit]
+    more = len(rows) > limit
+    return HeldPage(items, encode_cursor(items[-1].created_at, items[-1].id) if more else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,6 +154,7 @@ def test_documented_cursor_examples_are_cursors_the_lists_accept() -> None:
         "/v1/messages": uuid.UUID,
         "/v1/inbound": uuid.UUID,
         "/v1/event-endpoints": uuid.UUID,
+        "/v1/held-messages": uuid.UUID,
     }
     checked = 0
     for path, _, operation in operations():
