@@ -93,8 +93,8 @@ async def release_message(
     message_id: MessageIdPath, session: SessionDep, admin: AdminDep
 ) -> MessageOut:
     """Release one message the pumping alarm held (admin key): it becomes `queued` and is sent
-    as usual (the opt-out check and its validity period apply at send time). 409
-    `message_not_held` if it is not held."""
+    as usual (the opt-out check and its validity period apply at send time), or `scheduled`
+    while its `send_at` is ahead. 409 `message_not_held` if it is not held."""
     message = await settle_one(session, message_id, release=True)
     return MessageOut.model_validate(message)
 
