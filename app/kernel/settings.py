@@ -21,6 +21,7 @@ from pydantic import (
     SecretStr,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -140,6 +141,8 @@ class PumpingSettings(BaseModel):
     baseline_multiple: float = Field(default=5.0, ge=1.0)
     # How fast the usual count follows the traffic: half of its weight is the last day's.
     baseline_half_life_hours: float = Field(default=24.0, gt=0)
+    # The check's Redis call waits at most this long; then the messages go out unjudged.
+    timeout_seconds: float = Field(default=0.5, gt=0)
 
 
 class Settings(BaseSettings):
@@ -260,6 +263,20 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     traffic: TrafficSettings = TrafficSettings()
     pumping: PumpingSettings = PumpingSettings()
+
+    @model_validator(mode="after")
+    def _segment_limits_fit_a_message(self) -> Settings:
+        """A segment limit below MAX_SEGMENTS would refuse the longest messages the service
+        accepts forever, whatever the client waits: a configuration error, said at startup."""
+        for name in ("segments_per_minute", "segments_per_day"):
+            value = getattr(self.traffic, name)
+            if 0 < value < self.max_segments:
+                raise ValueError(
+                    f"TRAFFIC__{name.upper()}={value} is below MAX_SEGMENTS={self.max_segments}: "
+                    "a message of that many segments could never be sent; set at least "
+                    f"{self.max_segments} (or 0 for unlimited), or lower MAX_SEGMENTS"
+                )
+        return self
 
 
 @lru_cache
