@@ -106,7 +106,7 @@ def test_swagger_ui_renders_every_operation_and_the_webhooks(
     assert missing == []
     assert "<h2>Webhooks" in page
     hooks = [name for name in spec["webhooks"] if f'data-path="{name}"' not in page]
-    assert len(spec["webhooks"]) == 9 and hooks == []
+    assert len(spec["webhooks"]) == 10 and hooks == []
 
 
 def test_redoc_renders_every_operation_and_the_webhooks(ours: str, spec: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from pydantic import (
     SecretStr,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -143,6 +144,8 @@ class PumpingSettings(BaseModel):
     # A held message no admin released or canceled within this many days is canceled by the
     # retention job (as an admin's cancel: `message.canceled`): a hold is not a queue.
     held_max_days: int = Field(default=7, ge=1)
+    # The check's Redis call waits at most this long; then the messages go out unjudged.
+    timeout_seconds: float = Field(default=0.5, gt=0)
 
 
 class Settings(BaseSettings):
@@ -263,6 +266,20 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     traffic: TrafficSettings = TrafficSettings()
     pumping: PumpingSettings = PumpingSettings()
+
+    @model_validator(mode="after")
+    def _segment_limits_fit_a_message(self) -> Settings:
+        """A segment limit below MAX_SEGMENTS would refuse the longest messages the service
+        accepts forever, whatever the client waits: a configuration error, said at startup."""
+        for name in ("segments_per_minute", "segments_per_day"):
+            value = getattr(self.traffic, name)
+            if 0 < value < self.max_segments:
+                raise ValueError(
+                    f"TRAFFIC__{name.upper()}={value} is below MAX_SEGMENTS={self.max_segments}: "
+                    "a message of that many segments could never be sent; set at least "
+                    f"{self.max_segments} (or 0 for unlimited), or lower MAX_SEGMENTS"
+                )
+        return self
 
 
 @lru_cache

@@ -61,5 +61,7 @@ async def set_traffic(
         *(getattr(request, name) for name in domain.LIMIT_FIELDS),
     )
     session.info.setdefault(AFTER_COMMIT, []).append(traffic.rules.forget)
-    await domain.set_rules(session, client_name, rules, settings.traffic)
+    await domain.set_rules(
+        session, client_name, rules, settings.traffic, max_segments=settings.max_segments
+    )
     return _out(client_name, rules, settings.traffic)

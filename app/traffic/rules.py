@@ -10,6 +10,7 @@ once by the process that made it and within the cache's lifetime by the others.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -139,12 +140,38 @@ def _rules_of(row: ClientTraffic) -> ClientRules:
     )
 
 
+def unmeetable_segment_limit(limits: Mapping[str, int | None], max_segments: int) -> str | None:
+    """The first segment limit (by name) that a message of `max_segments` segments, which the
+    service accepts, could never fit in: every such message would be refused forever."""
+    for name in ("segments_per_minute", "segments_per_day"):
+        value = limits.get(name)
+        if value and value < max_segments:
+            return name
+    return None
+
+
 async def set_rules(
-    session: AsyncSession, client_name: str, rules: ClientRules, settings: TrafficSettings
+    session: AsyncSession,
+    client_name: str,
+    rules: ClientRules,
+    settings: TrafficSettings,
+    *,
+    max_segments: int,
 ) -> ClientRules:
     """Replace a client's rules. Its countries must be within the service's list: a client's
-    list only narrows it (422 otherwise, naming the countries)."""
+    list only narrows it; a segment limit must fit one message of `max_segments` (MAX_SEGMENTS)
+    segments (422 otherwise, naming the field)."""
     client_id = await _client_id(session, client_name)
+    unmeetable = unmeetable_segment_limit(
+        {name: getattr(rules, name) for name in LIMIT_FIELDS}, max_segments
+    )
+    if unmeetable is not None:
+        raise ValidationFailed.for_field(
+            "limit_below_max_segments",
+            unmeetable,
+            f"below the {max_segments} segments one message may have (MAX_SEGMENTS): a message "
+            "that long could never be sent; set at least that, or 0 for unlimited",
+        )
     if rules.permitted_countries is not None:
         outside = sorted(rules.permitted_countries - set(settings.permitted_countries))
         if outside:

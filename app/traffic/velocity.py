@@ -5,15 +5,17 @@ near-consecutive numbers of one expensive range. Real traffic spreads over many 
 client and per range (the country calling code and the first `PUMPING__RANGE_DIGITS` digits of
 the national number), Redis counts the distinct numbers of the current window and the previous
 one (a HyperLogLog each: 12 KB at most whatever a bot sends) and keeps the client's usual count
-per window there (an exponentially weighted average, folded in when a window ends). A range is
-suspicious when its count reaches `PUMPING__MIN_DISTINCT` and is above
-`PUMPING__BASELINE_MULTIPLE` times the usual count. README, "SMS pumping defence", gives the
-reasoning behind the defaults.
+per window there (an exponentially weighted average, folded in when a window ends). The count
+covers the previous window and the current one so far, a span of 1 to 2 windows; a range is
+suspicious when that count reaches `PUMPING__MIN_DISTINCT` and is above
+`PUMPING__BASELINE_MULTIPLE` times the usual count scaled to the span (at 30 s into a 60 s
+window: 1.5 times the usual count per window), so steady traffic fires at the multiple, not
+at half of it. README, "SMS pumping defence", gives the reasoning behind the defaults.
 
 One Lua script, one round trip per request (every range of a batch at once), run before the
 accept's database statement, never inside a transaction. Redis's own clock decides the window,
 so every API process agrees on it. A HyperLogLog keeps hashes' registers, not the numbers.
-Fail-open: when Redis is down or slow the messages go out
+Fail-open: when Redis is down or slower than `PUMPING__TIMEOUT_SECONDS` the messages go out
 unjudged (counted and logged): the alarm is a tripwire, and refusing every send while Redis is
 away would turn a cache outage into a full outage. Quotas and geographic permissions are the
 hard limits.
@@ -21,6 +23,7 @@ hard limits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import uuid
@@ -67,11 +70,14 @@ CLIENT_SETTINGS: Final = ("action", "min_distinct", "baseline_multiple")
 # Per range: `<prefix>:<window>` a HyperLogLog per window, `<prefix>:s` the state hash (last
 # window seen, its count, the usual count), `<prefix>:<window>:alarm` set once when it fires.
 # Returns per range: {distinct count over this window and the previous, usual count (text:
-# Lua numbers become integers on the way out), 1 if it fired for the first time this window}.
+# Lua numbers become integers on the way out), 1 if it fired for the first time this window,
+# the multiple of the usual count over the span counted (text)}.
 _SCRIPT: Final = """
 local time = redis.call('TIME')
 local window = tonumber(ARGV[1])
 local bucket = math.floor(tonumber(time[1]) / window)
+-- The span the count covers, in windows: the previous one whole and the current one so far.
+local span = 1 + (tonumber(time[1]) % window + tonumber(time[2]) / 1000000) / window
 local keep = tonumber(ARGV[2])
 local state_ttl = tonumber(ARGV[3])
 local minimum = tonumber(ARGV[4])
@@ -106,13 +112,14 @@ for r = 1, #KEYS do
   end
   redis.call('EXPIRE', state, state_ttl)
   local count = redis.call('PFCOUNT', current, previous)
+  local expected = multiple * usual * span
   local fired = 0
-  if count >= minimum and count > multiple * usual then
+  if count >= minimum and count > expected then
     if redis.call('SET', current .. ':alarm', 1, 'NX', 'EX', 2 * window) then
       fired = 1
     end
   end
-  out[r] = {count, tostring(usual), fired}
+  out[r] = {count, tostring(usual), fired, tostring(expected)}
 end
 return out
 """
@@ -236,9 +243,16 @@ class VelocityCheck:
             return None
         keys, argv = _arguments(settings, client_id, by_range)
         try:
-            replies = cast(list[list[Any]], await self._script(keys=keys, args=argv))
-        except (RedisError, OSError):
-            # Counted here; the outage itself is reported (once) by the same request's enqueue.
+            # A timeout of its own: a Redis that hangs (rather than refuses) would otherwise
+            # cost every send the client's socket timeout.
+            replies = cast(
+                list[list[Any]],
+                await asyncio.wait_for(
+                    self._script(keys=keys, args=argv), self.settings.timeout_seconds
+                ),
+            )
+        except (RedisError, OSError, TimeoutError) as error:
+            REDIS.failed(error, action="pumping check; sent unjudged")
             PUMPING_UNCHECKED.inc(sum(len(members) for members in by_range.values()))
             return None
         REDIS.recovered()
@@ -282,13 +296,14 @@ class VelocityCheck:
 
 
 def _reading(name: str, reply: list[Any], settings: PumpingSettings) -> RangeReading:
-    distinct, usual_text, fired = reply
-    usual = float(usual_text)
+    distinct, usual_text, fired, expected_text = reply
     return RangeReading(
         range=name,
         country_code=name.split(" ")[0].lstrip("+"),
         distinct=int(distinct),
-        usual=usual,
-        threshold=max(float(settings.min_distinct), settings.baseline_multiple * usual + 1e-9),
+        usual=float(usual_text),
+        # The script's own comparison (its clock decides the span): at least the minimum, and
+        # above the multiple of the usual count over the span counted.
+        threshold=max(float(settings.min_distinct), float(expected_text) + 1e-9),
         first=bool(fired),
     )

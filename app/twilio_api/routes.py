@@ -230,8 +230,11 @@ async def create_message(
     response = await accept_messages(
         acceptor, principal, [command], render=render, idempotency=idempotency, batch=False
     )
+    # The quota's RateLimit headers, as a /v1 send's (none on a replay).
     headers = {"Idempotent-Replayed": "true"} if response.replayed else {}
-    return JSONResponse(response.body, status_code=response.status, headers=headers)
+    return JSONResponse(
+        response.body, status_code=response.status, headers={**response.headers, **headers}
+    )
 
 
 def _idempotency(token: str, parameters: dict[str, Any], settings: Settings) -> Idempotency:
@@ -248,12 +251,13 @@ def _idempotency(token: str, parameters: dict[str, Any], settings: Settings) -> 
 
 
 def _refuse_unsupported(*, send_at: str | None, schedule_type: str | None, media: bool) -> None:
-    """Parameters asking for what the service does not do are refused, never ignored: a
+    """Parameters asking for what this API does not do are refused, never ignored: a
     message sent now, or without its media, is not what was asked for."""
     if send_at or schedule_type:
         raise twilio.refusal(
             "invalid_parameter",
-            "Invalid parameter: SendAt/ScheduleType: this service does not schedule messages",
+            "Invalid parameter: SendAt/ScheduleType: the Twilio-compatible API does not take "
+            "SendAt; schedule with POST /v1/messages and its send_at",
         )
     if media:
         raise twilio.refusal(

@@ -31,6 +31,9 @@ DELIVER_BATCH_JOB = "deliver_batch"
 # beyond the event loop's current turn (one push is a single cheap command; a message's time to
 # the provider is what this would add to).
 BATCH_LINGER_SECONDS: Final = 0.0
+# How long an accept waits for that push: a Redis that hangs (rather than refuses) must not
+# hold every 202 for the socket timeout; the sweep queues what was not pushed.
+PUSH_TIMEOUT_SECONDS: Final = 0.25
 FAKE_REPORT_JOB = "fake_status_report"
 # The list of newly accepted messages that every worker's delivery feed pops (app.worker.feed).
 READY_KEY: Final = "smsgate:deliver:ready"
@@ -100,14 +103,20 @@ async def enqueue_deliveries(
     return queued
 
 
-async def push_ready(queue: Queue, message_ids: Sequence[uuid.UUID | str]) -> int:
+async def push_ready(
+    queue: Queue, message_ids: Sequence[uuid.UUID | str], *, timeout: float | None = None
+) -> int:
     """Hand newly accepted messages to the workers' feeds, in one command; returns how many.
-    Never raises (as `enqueue_deliveries`: after a Redis error the sweep queues them)."""
+    Never raises (as `enqueue_deliveries`: after a Redis error, or no answer within `timeout`,
+    the sweep queues them; a push that landed after all leaves a second id on the feed, which
+    the conditional claim makes harmless)."""
     if not message_ids:
         return 0
     try:
-        await cast(Awaitable[int], queue.rpush(READY_KEY, *(str(i) for i in message_ids)))
-    except (RedisError, OSError) as error:
+        await asyncio.wait_for(
+            cast(Awaitable[int], queue.rpush(READY_KEY, *(str(i) for i in message_ids))), timeout
+        )
+    except (RedisError, OSError, TimeoutError) as error:
         REDIS.failed(error, action="enqueue; the sweep will retry")
         return 0
     REDIS.recovered()
@@ -149,7 +158,7 @@ class DeliveryBatcher:
         finally:
             message_ids, self._pending, self._queued = self._pending, [], None
             try:
-                await push_ready(self._queue, message_ids)
+                await push_ready(self._queue, message_ids, timeout=PUSH_TIMEOUT_SECONDS)
             finally:
                 queued.set_result(None)
 

@@ -5,8 +5,10 @@ down does not stop sends (fail-open)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -228,7 +230,7 @@ async def test_a_range_the_client_usually_sends_much_to_is_judged_by_its_usual_c
     api: httpx.AsyncClient, world: World, session_factory: SessionFactory, redis: Redis
 ) -> None:
     """A client that usually reaches 100 numbers a minute in the range: 200 is not 5 times it;
-    600 is."""
+    1,100 is, whatever the span counted (1 to 2 windows: at most 1,000 expected)."""
     await add_default_endpoint(session_factory, world)
     state = f"{KEY_PREFIX}:{world.client_id}:+33 6123:s"
     time_now, _ = await redis.time()
@@ -239,10 +241,76 @@ async def test_a_range_the_client_usually_sends_much_to_is_judged_by_its_usual_c
     # Still about 100: a window's count weighs little against a day's half-life.
     assert 99 < float(await hget(redis, state, "usual") or 0) < 101
 
-    await send_in_batches(api, world, pumping_burst(600)[200:], size=100)
+    await send_in_batches(api, world, pumping_burst(1100)[200:], size=100)
     (event,) = await pumping_events(api, world.admin_key)
-    assert event["payload"]["data"]["distinct_numbers"] > 500
-    assert event["payload"]["data"]["threshold"] > 490
+    data = event["payload"]["data"]
+    assert data["distinct_numbers"] > 500
+    assert 500 <= data["threshold"] <= 1000
+    assert data["distinct_numbers"] > data["threshold"]
+
+
+async def wait_until_into_window(redis: Redis, window: int, low: float, high: float) -> int:
+    """Sleep until Redis's clock is between `low` and `high` of the way into a window; its
+    bucket."""
+    while True:
+        seconds, micros = await redis.time()
+        into = (seconds % window + micros / 1e6) / window
+        if low <= into < high:
+            return int(seconds) // window
+        await asyncio.sleep(0.05)
+
+
+async def seed_steady_traffic(redis: Redis, client_id: uuid.UUID, bucket: int, count: int) -> None:
+    """A usual count of 100 per window in `+33 6123`, and `count` distinct numbers there in the
+    whole previous window."""
+    prefix = f"{KEY_PREFIX}:{client_id}:+33 6123"
+    await hset(redis, f"{prefix}:s", {"bucket": bucket, "count": 0, "usual": "100"})
+    await redis.pfadd(f"{prefix}:{bucket - 1}", *pumping_burst(count))
+
+
+@pytest.mark.parametrize("rate", [2.5, 3.0])
+async def test_steady_traffic_below_the_multiple_does_not_fire(
+    app_factory: Callable[..., Any],
+    world: World,
+    session_factory: SessionFactory,
+    redis: Redis,
+    rate: float,
+) -> None:
+    """Usual 100 a window, now `rate` times that, steadily: the previous window and as much
+    again in the current one, 40-50% into it (the counts of two windows, compared with the
+    usual count of one, fired from about 2.5 times)."""
+    await add_default_endpoint(session_factory, world)
+    window = 10
+    bucket = await wait_until_into_window(redis, window, 0.4, 0.5)
+    per_window = int(rate * 100)
+    await seed_steady_traffic(redis, world.client_id, bucket, per_window)
+    async with app_factory(pumping=PumpingSettings(window_seconds=window)) as api:
+        numbers = pumping_burst(2 * per_window)[per_window:]
+        await send_in_batches(api, world, numbers, size=100)
+        assert await pumping_events(api, world.admin_key) == []
+    seconds, _ = await redis.time()
+    assert int(seconds) // window == bucket  # all of it in the one window
+
+
+async def test_steady_traffic_above_the_multiple_fires(
+    app_factory: Callable[..., Any],
+    world: World,
+    session_factory: SessionFactory,
+    redis: Redis,
+) -> None:
+    """Usual 100 a window, now 5.5 times that in the previous window and in this one."""
+    await add_default_endpoint(session_factory, world)
+    window = 10
+    bucket = await wait_until_into_window(redis, window, 0.4, 0.5)
+    await seed_steady_traffic(redis, world.client_id, bucket, 550)
+    async with app_factory(pumping=PumpingSettings(window_seconds=window)) as api:
+        await send_in_batches(api, world, pumping_burst(1100)[550:], size=100)
+        (event,) = await pumping_events(api, world.admin_key)
+    data = event["payload"]["data"]
+    assert data["usual"] == pytest.approx(100, abs=0.5)
+    # 5 times the usual count over 1.4 to 1.5 windows (a little more once the sends take time).
+    assert 700 <= data["threshold"] <= 900
+    assert data["threshold"] < data["distinct_numbers"] <= 1110
 
 
 async def test_the_usual_count_is_folded_in_when_a_window_ends(
@@ -426,6 +494,49 @@ async def test_redis_down_does_not_block_sends(
     assert await held_ids(session_factory) == set()
     unchecked = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
     assert unchecked == before + 6
+
+
+@asynccontextmanager
+async def silent_redis() -> AsyncIterator[str]:
+    """A Redis URL whose server accepts connections, reads, and never answers (a hung Redis,
+    not a refusing one)."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+
+
+async def test_a_hung_redis_costs_a_send_a_short_timeout_only(
+    app_factory: Callable[..., Any], world: World, session_factory: SessionFactory
+) -> None:
+    """Fail-open within `PUMPING__TIMEOUT_SECONDS` (and the feed's push within its own), not
+    the sockets' timeouts: the outage is reported, the messages counted unchecked; once Redis
+    is known down the check is not even tried."""
+    before = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    settings = PumpingSettings(action="hold", min_distinct=2, timeout_seconds=0.3)
+    async with silent_redis() as url, app_factory(redis_url=url, pumping=settings) as api:
+        for to in ("+33612300001", "+33612300002"):
+            message = {"to": to, "from": FAKE_SENDER, "body": "Your code is 482913"}
+            started = time.monotonic()
+            response = await api.post("/v1/messages", json=message, headers=world.auth())
+            assert response.status_code == 202, response.text
+            assert time.monotonic() - started < 1.0
+            assert REDIS.down
+
+    assert await held_ids(session_factory) == set()
+    unchecked = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    assert unchecked == before + 2
 
 
 async def test_off_makes_no_redis_call_and_holds_nothing(

@@ -12,13 +12,14 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from app.db.models import OptOut
 from app.db.session import SessionFactory
 from app.kernel.settings import TrafficSettings
 from tests.api.test_send import assert_problem, message_count, send
-from tests.conftest import World
+from tests.conftest import World, make_settings
 from tests.queueing import queued_message_ids
 
 pytestmark = pytest.mark.network_guard
@@ -207,20 +208,21 @@ async def test_over_the_daily_quota_is_quota_exceeded(
 
 
 async def test_a_batch_is_judged_against_the_segments_limit_item_by_item(
-    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+    app_factory: Callable[..., Any], world: World, session_factory: SessionFactory
 ) -> None:
-    await set_traffic(api, world, segments_per_minute=3)
-    await away_from_window_edge(60)
     two_segments = "x" * 200  # GSM-7: 2 segments
-    response = await batch(
-        api,
-        world,
-        [
-            {"to": US, "body": two_segments},
-            {"to": US, "body": two_segments},
-            {"to": US, "body": "x"},
-        ],
-    )
+    async with app_factory(max_segments=3) as api:  # a limit of 3 fits the longest message
+        assert (await set_traffic(api, world, segments_per_minute=3)).status_code == 200
+        await away_from_window_edge(60)
+        response = await batch(
+            api,
+            world,
+            [
+                {"to": US, "body": two_segments},
+                {"to": US, "body": two_segments},
+                {"to": US, "body": "x"},
+            ],
+        )
 
     assert response.status_code == 200, response.text
     result = response.json()
@@ -229,6 +231,40 @@ async def test_a_batch_is_judged_against_the_segments_limit_item_by_item(
     assert result["data"][1]["error"]["status"] == 429
     assert response.headers["RateLimit"].startswith('"segments-minute";r=0;')
     assert await message_count(session_factory) == 2
+
+
+@pytest.mark.parametrize("field", ["segments_per_minute", "segments_per_day"])
+async def test_a_segment_limit_no_message_of_max_segments_could_meet_is_refused(
+    api: httpx.AsyncClient, world: World, field: str
+) -> None:
+    """MAX_SEGMENTS is 10: a limit of 9 would refuse every 10-segment message forever."""
+    assert (await set_traffic(api, world, messages_per_minute=5)).status_code == 200
+
+    refused = await set_traffic(api, world, "shop", **{field: 9})
+
+    assert_problem(refused, 422, "limit_below_max_segments", field=field)
+    assert "MAX_SEGMENTS" in refused.json()["detail"]
+    # Nothing changed.
+    rules = await api.get("/v1/clients/shop/traffic", headers=world.auth(world.admin_key))
+    assert rules.json()["messages_per_minute"] == 5
+    assert rules.json()[field] is None
+    # The longest message's segments, and 0 (unlimited), are limits a message can meet.
+    for value in (10, 0):
+        accepted = await set_traffic(api, world, "shop", **{field: value})
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()[field] == value
+
+
+@pytest.mark.parametrize("field", ["segments_per_minute", "segments_per_day"])
+def test_the_service_refuses_to_start_with_a_segment_limit_below_max_segments(field: str) -> None:
+    with pytest.raises(
+        ValidationError, match=f"TRAFFIC__{field.upper()}=4 is below MAX_SEGMENTS=5"
+    ):
+        make_settings(max_segments=5, traffic=TrafficSettings(**{field: 4}))
+    assert (
+        getattr(make_settings(max_segments=5, traffic=TrafficSettings(**{field: 5})).traffic, field)
+        == 5
+    )
 
 
 async def test_an_idempotent_replay_does_not_count_twice(

@@ -379,10 +379,54 @@ async def test_over_the_clients_rate_limit_is_20429_with_retry_after(
         second = await raw.post(url, data={"To": RECIPIENT, "Body": "hi"})
 
     assert first.status_code == 201, first.text
+    # An accepted send carries the quota's headers, as a /v1 send does.
+    assert first.headers["RateLimit-Policy"] == '"messages-minute";q=1;w=60'
+    assert first.headers["RateLimit"].startswith('"messages-minute";r=0;t=')
     assert second.status_code == 429 and second.json()["code"] == 20429
     jsonschema.validate(second.json(), ERROR_SCHEMA)
     assert 1 <= int(second.headers["Retry-After"]) <= 60
     assert second.headers["RateLimit-Policy"] == '"messages-minute";q=1;w=60'
+
+
+async def test_an_accepted_send_without_limits_carries_no_ratelimit_headers_nor_on_a_replay(
+    live: str, shop: tuple[str, str], world: World
+) -> None:
+    async with httpx.AsyncClient(base_url=live, auth=shop) as raw:
+        url = f"/2010-04-01/Accounts/{shop[0]}/Messages.json"
+        unlimited = await raw.post(url, data={"To": RECIPIENT, "Body": "hi"})
+        assert unlimited.status_code == 201, unlimited.text
+        assert "RateLimit" not in unlimited.headers
+        async with httpx.AsyncClient(base_url=live) as admin:
+            limited = await admin.put(
+                "/v1/clients/shop/traffic",
+                json={"messages_per_day": 100},
+                headers=world.auth(world.admin_key),
+            )
+            assert limited.status_code == 200, limited.text
+        token = {"I-Twilio-Idempotency-Token": "headers-1"}
+        first = await raw.post(url, data={"To": RECIPIENT, "Body": "hi"}, headers=token)
+        again = await raw.post(url, data={"To": RECIPIENT, "Body": "hi"}, headers=token)
+
+    assert first.status_code == 201, first.text
+    assert first.headers["RateLimit-Policy"] == '"messages-day";q=100;w=86400'
+    assert first.headers["RateLimit"].startswith('"messages-day";r=99;t=')
+    # A replay counts nothing and says nothing of the quota (as on /v1).
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "RateLimit" not in again.headers
+
+
+async def test_send_at_is_refused_pointing_at_the_v1_api(live: str, shop: tuple[str, str]) -> None:
+    async with httpx.AsyncClient(base_url=live, auth=shop) as raw:
+        url = f"/2010-04-01/Accounts/{shop[0]}/Messages.json"
+        refused = await raw.post(
+            url,
+            data={"To": RECIPIENT, "Body": "hi", "SendAt": "2030-01-01T00:00:00Z"},
+        )
+
+    assert refused.status_code == 400 and refused.json()["code"] == 60200
+    message = refused.json()["message"]
+    assert "does not schedule" not in message
+    assert "send_at" in message and "/v1/messages" in message
 
 
 async def test_unsubscribed_recipient_is_21610(
