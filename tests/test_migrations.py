@@ -267,3 +267,49 @@ async def test_provider_names_are_not_listed_in_the_schema(engine: AsyncEngine) 
         "CHECK (((fallback_provider)::text <> (provider)::text))"
     )
     assert not any("twilio" in definition for definition in checks.values())
+
+
+async def test_a_downgrade_past_scheduled_and_held_cancels_those_messages(
+    scratch_database: str,
+) -> None:
+    """Older code knows neither `scheduled` nor `held`: a downgrade must not strand them."""
+    url = scratch_database
+    config = alembic_config(url)
+    engine = create_async_engine(url)
+    try:
+        await asyncio.to_thread(command.upgrade, config, "head")
+        sender_id, client_id = uuid.uuid4(), uuid.uuid4()
+        statuses = {"scheduled": uuid.uuid4(), "held": uuid.uuid4(), "queued": uuid.uuid4()}
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO senders (id, address, kind, provider, keywords, rate_per_second) "
+                    "VALUES (:id, 'ACME', 'alphanumeric', 'fake', '{}'::jsonb, 1)"
+                ),
+                {"id": sender_id},
+            )
+            await connection.execute(
+                text("INSERT INTO clients (id, name) VALUES (:id, 'alpha')"), {"id": client_id}
+            )
+            for status, message_id in statuses.items():
+                await connection.execute(
+                    text(
+                        'INSERT INTO messages (id, client_id, sender_id, "to", "from", body, '
+                        "encoding, segments, status, provider) VALUES (:id, :client, :sender, "
+                        "'+14155550123', 'ACME', 'Hi', 'gsm7', 1, :status, 'fake')"
+                    ),
+                    {"id": message_id, "client": client_id, "sender": sender_id, "status": status},
+                )
+
+        await asyncio.to_thread(command.downgrade, config, "client_traffic")
+
+        async with engine.connect() as connection:
+            rows = await connection.execute(text("SELECT id, status, error_code FROM messages"))
+            after = {message_id: (status, code) for message_id, status, code in rows}
+        assert after == {
+            statuses["scheduled"]: ("canceled", "canceled"),
+            statuses["held"]: ("canceled", "canceled"),
+            statuses["queued"]: ("queued", None),
+        }
+    finally:
+        await engine.dispose()

@@ -103,6 +103,26 @@ async def test_metrics_report_the_age_of_the_oldest_queued_message(
     assert 600 <= age < 660
 
 
+async def test_a_scheduled_message_is_as_old_as_its_send_at_once_queued(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    # Accepted three days ago for two minutes ago, promoted to `queued`: it waited by design,
+    # so the gauge (and the SmsgateMessagesStuckQueued page) reads two minutes, not three days.
+    await queued_message(session_factory, world)
+    now = datetime.now(UTC)
+    async with session_factory.begin() as session:
+        await session.execute(
+            update(Message).values(
+                created_at=now - timedelta(days=3), send_at=now - timedelta(minutes=2)
+            )
+        )
+
+    await api.get("/metrics", headers=METRICS_AUTH)
+
+    age = sample("smsgate_oldest_queued_message_age_seconds")
+    assert 120 <= age < 180
+
+
 async def test_provider_latency_is_measured_per_outcome(
     session_factory: SessionFactory, world: World
 ) -> None:

@@ -147,9 +147,13 @@ async def _schema_at_head(request: Request) -> None:
 
 
 async def _oldest_queued_age(request: Request) -> float:
+    """Counted from when the message was due: a scheduled message promoted today waited for
+    its `send_at` by design, and must not read as days old. The queued rows only (the partial
+    `ix_messages_queued_due` finds them), as before."""
+    due = func.coalesce(Message.send_at, Message.created_at)
     async with request.app.state.session_factory() as session:
         oldest = await session.scalar(
-            select(func.min(Message.created_at)).where(Message.status == MessageStatus.QUEUED.value)
+            select(func.min(due)).where(Message.status == MessageStatus.QUEUED.value)
         )
     return (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
 

@@ -67,7 +67,7 @@ QUEUE_DEPTH = Gauge(
 )
 OLDEST_QUEUED_AGE = Gauge(
     "smsgate_oldest_queued_message_age_seconds",
-    "Age of the oldest message still queued (0 when none).",
+    "Age of the oldest message still queued, from its send_at if scheduled (0 when none).",
 )
 OLDEST_SENDING_AGE = Gauge(
     "smsgate_oldest_sending_message_age_seconds",

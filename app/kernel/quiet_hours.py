@@ -3,9 +3,13 @@ messages sent with `respect_quiet_hours` wait, scheduled for the window's end.
 
 The recipient's time zone comes from the number (`phonenumbers.timezone`). A number that maps to
 several zones (a North American toll-free number, a mobile range of a country with several zones)
-is in quiet hours when its local time is inside the window in ANY of them, and then waits until
-the LATEST window end among those zones: nobody who might hold the number is woken up. A number
-whose zone is unknown is never delayed (there is no local time to judge).
+is in quiet hours when its local time is inside the window in ANY of them, and then waits for
+the first time outside the window in EVERY one of them (found by moving to the latest window end
+among the zones still inside, again, until none is): nobody who might hold the number is woken
+up. When no such time comes within `SEARCH_HORIZON` (zones so far apart that their daytimes never
+meet, e.g. a +1 toll-free number under a long window), it waits only for the zones inside the
+window at the time of sending (the latest of their window ends). A number whose zone is unknown
+is never delayed (there is no local time to judge).
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from functools import lru_cache
+from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from phonenumbers import timezone as phone_timezones
 
 UNKNOWN_ZONE = "Etc/Unknown"
+
+# How far past the time of sending a release time good for every zone is looked for: each
+# zone's window comes back daily, so two days cover every combination of them.
+SEARCH_HORIZON: Final = timedelta(hours=48)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +54,22 @@ class QuietHours:
         return datetime.combine(day, self.end, tzinfo=zone)
 
     def release(self, phone: str, at: datetime) -> datetime | None:
-        """When a message to `phone` due at `at` may go: None if it need not wait."""
-        ends = [end for zone in zones_for(phone) if (end := self.end_after(at, zone)) is not None]
+        """When a message to `phone` due at `at` may go: None if it need not wait. Moving to
+        the latest window end among the zones inside never skips a good time (that zone is
+        inside until then), so the first time outside in every zone is the earliest."""
+        zones = zones_for(phone)
+        first = self._latest_end(at, zones)
+        candidate = first
+        while candidate is not None and candidate - at <= SEARCH_HORIZON:
+            later = self._latest_end(candidate, zones)
+            if later is None:
+                return candidate
+            candidate = later
+        return first  # no time suits every zone: the zones quiet at `at` decide
+
+    def _latest_end(self, at: datetime, zones: tuple[ZoneInfo, ...]) -> datetime | None:
+        """The latest window end among the zones `at` is inside the window in (None: none)."""
+        ends = [end for zone in zones if (end := self.end_after(at, zone)) is not None]
         return max(ends) if ends else None
 
 

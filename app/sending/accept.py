@@ -227,26 +227,14 @@ async def _judge(
 ) -> list[dict[str, Any] | ServiceError]:
     """Every check but the quota and the opt-out: each item's message row, or its refusal."""
     settings = acceptor.settings
-    urls = {item.callback_url for item in items if isinstance(item, SendCommand)}
-    refused_urls = await _refused_callbacks({url for url in urls if url}, settings)
-    # Answers kept for the request: messages repeat bodies and senders far more than they differ.
-    analyses: dict[str, BodyAnalysis | ServiceError] = {}
+    checked = await _check_messages(acceptor, items, rules)
     senders: dict[str | None, SenderInfo | ServiceError] = {}
-    # Messages without `from` of a client without a default sender: the pool's choices.
-    pooled = await _pool_choices(acceptor, principal, items)
+    # Messages without `from` of a client without a default sender, still accepted: the pool's
+    # choices (kept in `sender_affinity`, so never made for a message refused before).
+    pooled = await _pool_choices(acceptor, principal, items, checked)
     now = datetime.now(UTC)
 
-    async def judge(command: SendCommand) -> dict[str, Any] | ServiceError:
-        refused_destination = acceptor.traffic.judge_destination(command.to, rules)
-        if refused_destination is not None:
-            return refused_destination
-        if command.callback_url in refused_urls:
-            return refused_urls[command.callback_url]
-        if command.body not in analyses:
-            analyses[command.body] = _measure(command.body, settings.max_segments)
-        analysis = analyses[command.body]
-        if isinstance(analysis, ServiceError):
-            return analysis
+    async def judge(command: SendCommand, analysis: BodyAnalysis) -> dict[str, Any] | ServiceError:
         if uses_pool(principal, command.sender):
             sender = pooled[command.to]
         else:
@@ -273,18 +261,52 @@ async def _judge(
             now=now,
         )
 
-    return [item if isinstance(item, ServiceError) else await judge(item) for item in items]
+    results: list[dict[str, Any] | ServiceError] = []
+    for item, check in zip(items, checked, strict=True):
+        if isinstance(check, ServiceError):
+            results.append(check)
+        elif isinstance(item, SendCommand):
+            results.append(await judge(item, check))
+    return results
+
+
+async def _check_messages(
+    acceptor: Acceptor, items: Sequence[SendCommand | ServiceError], rules: ClientRules
+) -> list[BodyAnalysis | ServiceError]:
+    """The checks before the sender, each item's in order (its destination, its callback URL,
+    its segment count): its body's analysis, or its refusal."""
+    urls = {item.callback_url for item in items if isinstance(item, SendCommand)}
+    refused_urls = await _refused_callbacks({url for url in urls if url}, acceptor.settings)
+    # Answers kept for the request: messages repeat bodies far more than they differ.
+    analyses: dict[str, BodyAnalysis | ServiceError] = {}
+
+    def check(command: SendCommand) -> BodyAnalysis | ServiceError:
+        refused_destination = acceptor.traffic.judge_destination(command.to, rules)
+        if refused_destination is not None:
+            return refused_destination
+        if command.callback_url in refused_urls:
+            return refused_urls[command.callback_url]
+        if command.body not in analyses:
+            analyses[command.body] = _measure(command.body, acceptor.settings.max_segments)
+        return analyses[command.body]
+
+    return [item if isinstance(item, ServiceError) else check(item) for item in items]
 
 
 async def _pool_choices(
-    acceptor: Acceptor, principal: Principal, items: Sequence[SendCommand | ServiceError]
+    acceptor: Acceptor,
+    principal: Principal,
+    items: Sequence[SendCommand | ServiceError],
+    checked: Sequence[BodyAnalysis | ServiceError],
 ) -> dict[str, SenderInfo | ServiceError]:
-    """The pool's sender for each recipient of a message it routes (`app.traffic.pools`): one
-    statement, and only when the request has such a message."""
+    """The pool's sender for each recipient of a message it routes that passed the checks so
+    far (`app.traffic.pools`): one statement, and only when the request has such a message."""
     recipients = [
         item.to
-        for item in items
-        if isinstance(item, SendCommand) and uses_pool(principal, item.sender)
+        for item, check in zip(items, checked, strict=True)
+        if isinstance(item, SendCommand)
+        and isinstance(check, BodyAnalysis)
+        and uses_pool(principal, item.sender)
     ]
     if not recipients:
         return {}

@@ -5,7 +5,7 @@ for the admin's bulk release or cancel. `messages.status` has no check constrain
 
 A new nullable column (no table rewrite). The index covers `held` messages only (none exist
 before this revision): small, but built without CONCURRENTLY, so it scans `messages` once while
-holding its writes.
+holding its writes (README, "Known limits"). A downgrade cancels the messages still `held`.
 
 Revision ID: pumping_defence
 Revises: client_traffic
@@ -36,5 +36,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Before this revision no code knows `held`: a held message would be stranded (no admin
+    # could release or cancel it). It is canceled, as an admin would by default: it was held as
+    # suspected SMS pumping, and releasing it unseen would send what the alarm stopped. No
+    # `message.canceled` event goes out: the outbox is not the migration's.
+    op.execute(
+        "UPDATE messages SET status = 'canceled', error_code = 'canceled', "
+        "error_message = 'canceled by a schema downgrade (held as suspected SMS pumping)', "
+        "updated_at = now() WHERE status = 'held'"
+    )
     op.drop_index('ix_messages_held', table_name='messages', postgresql_where=sa.text("status = 'held'"))
     op.drop_column('clients', 'pumping')

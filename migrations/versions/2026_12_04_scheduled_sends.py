@@ -2,7 +2,10 @@
 a partial index on the scheduled ones' `send_at` for the scheduler, and a client's quiet hours
 (both times or neither).
 
-New nullable columns (no table rewrite); the index covers `scheduled` messages only.
+New nullable columns (no table rewrite); the index covers `scheduled` messages only (none exist
+before this revision), but is built without CONCURRENTLY (the migrations run in one
+transaction), so it scans `messages` once while holding its writes (README, "Known limits").
+A downgrade cancels the messages still `scheduled`.
 
 Revision ID: scheduled_sends
 Revises: sender_pools
@@ -39,6 +42,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Before this revision no code knows `scheduled` nor `send_at`: a scheduled message would be
+    # stranded (never sent, never settled). It is canceled, the state older code reads as final
+    # and which never sends anything early (sending it now could break the client's schedule or
+    # quiet hours); refusing to downgrade instead would leave an operator rolling back a bad
+    # release stuck. No `message.canceled` event goes out: the outbox is not the migration's.
+    op.execute(
+        "UPDATE messages SET status = 'canceled', error_code = 'canceled', "
+        "error_message = 'canceled by a schema downgrade (scheduled, unsent)', "
+        "updated_at = now() WHERE status = 'scheduled'"
+    )
     op.drop_constraint(op.f('ck_clients_quiet_hours'), 'clients', type_='check')
     op.drop_column('clients', 'quiet_hours_end')
     op.drop_column('clients', 'quiet_hours_start')

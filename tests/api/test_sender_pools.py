@@ -387,3 +387,34 @@ async def test_concurrent_first_sends_to_one_recipient_agree(
     assert {to: pool.senders[next(iter(s))] for to, s in chosen.items()} == {
         to: str(sender_id) for to, sender_id in kept.items()
     }
+
+
+async def test_a_message_refused_before_its_sender_keeps_no_choice(
+    api: httpx.AsyncClient, world: World, pool: Pool, session_factory: SessionFactory
+) -> None:
+    # France is served by the pool and permitted by the service, but not to this client; a
+    # body over the segment limit is refused as well: neither message may pick (and keep) a
+    # sender, so a later send to the same recipient is not bound by a refused one's choice.
+    narrowed = await api.put(
+        "/v1/clients/pooled/traffic",
+        json={"permitted_countries": ["US"]},
+        headers=world.auth(world.admin_key),
+    )
+    assert narrowed.status_code == 200, narrowed.text
+
+    refused = await send(api, pool, FRANCE)
+    too_long = await send(api, pool, US_LOW, body="x" * 160 * 11)
+    messages = [
+        {"to": FRANCE, "body": "Your order has shipped."},
+        {"to": CANADA, "body": "Your order has shipped."},
+        {"to": US_MID, "body": "Your order has shipped."},
+    ]
+    batch = await api.post(BATCH, json={"messages": messages}, headers=pool.auth())
+
+    assert_problem(refused, 403, "destination_not_permitted")
+    assert_problem(too_long, 422, "too_many_segments", field="body")
+    codes = [entry.get("error", {}).get("code") for entry in batch.json()["data"]]
+    assert codes == ["destination_not_permitted", "destination_not_permitted", None]
+    async with session_factory() as session:
+        kept = list(await session.scalars(select(SenderAffinity.recipient)))
+    assert kept == [US_MID]  # only the accepted message's choice
