@@ -158,6 +158,8 @@ async def _connected(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     finally:
         await app.state.db_outage.close()
         await app.state.delivery_batcher.close()
+        if app.state.acceptor.velocity is not None:
+            await app.state.acceptor.velocity.close()
         await close_queue(app.state.queue)
         await http.aclose()
         await db.close()

@@ -14,9 +14,9 @@ check, messages, first history rows); with one, by a short transaction of two st
 `_store_idempotently`). Delivery jobs are enqueued after the commit, so a job never points at
 a row that was rolled back.
 
-The SMS pumping alarm (app.traffic.velocity) counts the recipients in Redis before the database
-statement; with its `hold` action the messages of a suspicious range are stored `held`, and are
-not enqueued.
+The SMS pumping alarm (app.traffic.velocity) counts the recipients: with its `hold` action in
+Redis before the database statement, and the messages of a suspicious range are stored `held`
+and not enqueued; with `alert` off the request, together with the other requests' numbers.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ async def _store(
 async def _watch_velocity(
     acceptor: Acceptor, principal: Principal, rows: list[dict[str, Any]]
 ) -> PumpingAlarm | None:
-    """The pumping alarm's one Redis round trip, before the database statement; with the `hold`
-    action the rows of a suspicious range become `held` (stored, not enqueued)."""
+    """The pumping alarm: with the `hold` action its one Redis round trip, before the database
+    statement, and the rows of a suspicious range become `held` (stored, not enqueued); with
+    `alert` the numbers are only noted here (counted off the request)."""
     velocity = acceptor.velocity
     if velocity is None or not rows:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -107,7 +108,9 @@ async def send_message(
         [_command(request)],
         render=render,
         idempotency=_idempotency(
-            acceptor, idempotency_key, request.model_dump(mode="json", by_alias=True)
+            acceptor,
+            idempotency_key,
+            lambda: request.model_dump(mode="json", by_alias=True),
         ),
         batch=False,
     )
@@ -152,7 +155,7 @@ async def send_batch(
         }
 
     # The body as sent: messages that fail validation have no normalised form to compare.
-    idempotency = _idempotency(acceptor, idempotency_key, {"messages": request.messages})
+    idempotency = _idempotency(acceptor, idempotency_key, lambda: {"messages": request.messages})
     response = await accept_messages(
         acceptor,
         principal,
@@ -206,14 +209,17 @@ def _batch_result(index: int, result: Result) -> dict[str, Any]:
     return {"index": index, "status": "accepted", "message": message}
 
 
-def _idempotency(acceptor: Acceptor, key: str | None, payload: Any) -> Idempotency | None:
-    """The request's Idempotency-Key (checked: 422 if unusable) and its body's fingerprint."""
+def _idempotency(
+    acceptor: Acceptor, key: str | None, payload: Callable[[], Any]
+) -> Idempotency | None:
+    """The request's Idempotency-Key (checked: 422 if unusable) and its body's fingerprint
+    (`payload` is only worked out when there is a key)."""
     if key is None:
         return None
     check_key(key)
     return Idempotency(
         key=key,
-        fingerprint=fingerprint(payload),
+        fingerprint=fingerprint(payload()),
         ttl=timedelta(hours=acceptor.settings.idempotency_ttl_hours),
     )
 

@@ -173,10 +173,8 @@ class Quotas:
             *segments,
         ]
         try:
-            answer = await asyncio.wait_for(
-                self._script(keys=list(keys), args=arguments),
-                self._settings.quota_timeout_seconds,
-            )
+            async with asyncio.timeout(self._settings.quota_timeout_seconds):
+                answer = await self._script(keys=list(keys), args=arguments)
         except (RedisError, OSError, TimeoutError) as error:
             return self._unchecked(limits, segments, error)
         used = (int(answer[0]), int(answer[1]), int(answer[2]), int(answer[3]))
@@ -211,7 +209,8 @@ class Quotas:
                 for key in (minute, day):
                     pipe.hincrby(key, "m", -len(segments))
                     pipe.hincrby(key, "s", -sum(segments))
-                await asyncio.wait_for(pipe.execute(), self._settings.quota_timeout_seconds)
+                async with asyncio.timeout(self._settings.quota_timeout_seconds):
+                    await pipe.execute()
         except (RedisError, OSError, TimeoutError) as error:
             log.warning("quota not given back", extra={"error": repr(error)})
 

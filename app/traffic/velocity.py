@@ -12,9 +12,14 @@ suspicious when that count reaches `PUMPING__MIN_DISTINCT` and is above
 window: 1.5 times the usual count per window), so steady traffic fires at the multiple, not
 at half of it. README, "SMS pumping defence", gives the reasoning behind the defaults.
 
-One Lua script, one round trip per request (every range of a batch at once), run before the
-accept's database statement, never inside a transaction. Redis's own clock decides the window,
-so every API process agrees on it. A HyperLogLog keeps hashes' registers, not the numbers.
+One Lua script counts and judges every range of a request at once. With the `hold` action it
+runs on the request, before the accept's database statement (one round trip, never inside a
+transaction): the answer decides which messages are held. With `alert` (the default) nothing
+waits for the answer: a request only notes its numbers, and one count every
+`ALERT_LINGER_SECONDS` takes those of all the requests of that time (one round trip per flush,
+not per send); the alarm fires up to that much later, and a number sent at a window's very end
+may be counted in the next window. Redis's own clock decides the window, so every API process
+agrees on it. A HyperLogLog keeps hashes' registers, not the numbers.
 Fail-open: when Redis is down or slower than `PUMPING__TIMEOUT_SECONDS` the messages go out
 unjudged (counted and logged): the alarm is a tripwire, and refusing every send while Redis is
 away would turn a cache outage into a full outage. Quotas and geographic permissions are the
@@ -24,6 +29,7 @@ hard limits.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import uuid
@@ -204,22 +210,43 @@ def _arguments(
     return keys, argv
 
 
+# With the `alert` action nothing waits for the count: a request's numbers join those of the
+# requests around it and are counted together, within this long, in one round trip for all of
+# them (or at once when `ALERT_BUFFER_LIMIT` numbers wait). The `hold` action needs its answer
+# before the messages are stored, so it counts each request's numbers on the request.
+ALERT_LINGER_SECONDS: Final = 0.2
+ALERT_BUFFER_LIMIT: Final = 10_000
+
+# One count: a client, its settings, its numbers by range.
+_Entry = tuple[uuid.UUID, PumpingSettings, dict[str, set[str]]]
+
+
 class VelocityCheck:
     """Counts a client's destinations per range in Redis and says which ranges are suspicious.
 
-    `on_alarm` runs after the messages are stored, with the ranges that fired for the first time
-    in their window (the metrics and the log line are written here; the event, by the hook)."""
+    `hold`: each request's numbers are counted before its messages are stored (one round trip),
+    and the ranges found suspicious are held. `alert`: counted off the request, with the other
+    requests' of the last `ALERT_LINGER_SECONDS` (one round trip per flush, whatever the rate).
+    The ranges that fired for the first time in their window get a log line, a metric and
+    `on_alarm` (the event)."""
 
     def __init__(
         self,
         redis: Redis,
         settings: PumpingSettings,
         on_alarm: Callable[[PumpingAlarm, list[RangeReading]], Awaitable[None]] | None = None,
+        *,
+        linger: float = ALERT_LINGER_SECONDS,
     ) -> None:
         self._redis = redis
         self.settings = settings
         self._script = redis.register_script(_SCRIPT)
         self._on_alarm = on_alarm
+        self._linger = linger
+        self._waiting: dict[uuid.UUID, tuple[PumpingSettings, dict[str, set[str]]]] = {}
+        self._waiting_count = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def judge(
         self,
@@ -228,8 +255,9 @@ class VelocityCheck:
         override: Mapping[str, Any] | None = None,
     ) -> PumpingAlarm | None:
         """Count `numbers` (E.164) for the client, with its own settings (`override`) if an
-        admin set some; the suspicious ranges, or None. Never raises: with Redis unavailable
-        the messages are not judged (fail-open, counted)."""
+        admin set some. `hold`: the suspicious ranges, or None; `alert`: None (the count comes
+        later). Never raises: with Redis unavailable the messages are not judged (fail-open,
+        counted)."""
         settings = effective_settings(self.settings, override)
         if settings.action == "off":
             return None
@@ -238,42 +266,117 @@ class VelocityCheck:
             by_range[number_range(number, settings.range_digits)].add(number)
         if not by_range:
             return None
-        if REDIS.down:  # known down: do not wait for a timeout on every request
-            PUMPING_UNCHECKED.inc(sum(len(members) for members in by_range.values()))
+        if settings.action == "alert":
+            self._wait(client_id, settings, by_range)
             return None
-        keys, argv = _arguments(settings, client_id, by_range)
-        try:
-            # A timeout of its own: a Redis that hangs (rather than refuses) would otherwise
-            # cost every send the client's socket timeout.
-            replies = cast(
-                list[list[Any]],
-                await asyncio.wait_for(
-                    self._script(keys=keys, args=argv), self.settings.timeout_seconds
-                ),
-            )
-        except (RedisError, OSError, TimeoutError) as error:
-            REDIS.failed(error, action="pumping check; sent unjudged")
-            PUMPING_UNCHECKED.inc(sum(len(members) for members in by_range.values()))
+        counted = await self._count([(client_id, settings, by_range)])
+        if counted is None:
             return None
-        REDIS.recovered()
-        readings = {
-            name: _reading(name, reply, settings)
-            for name, reply in zip(by_range, replies, strict=True)
-        }
         suspicious = {
             name: reading
-            for name, reading in readings.items()
+            for name, reading in counted[0].items()
             if reading.distinct >= reading.threshold
         }
         return PumpingAlarm(client_id, settings.action, suspicious) if suspicious else None
 
     async def report(self, alarm: PumpingAlarm, held: Sequence[str]) -> None:
-        """After the messages are stored (`held`: the numbers of those held): the metrics, and
-        for each range that fired (once per window, not per request) a log line and the
-        caller's hook (the event). Never raises."""
+        """After the messages of a `hold` request are stored (`held`: the numbers of those
+        held): the metrics, and the ranges that fired announced. Never raises."""
         for number in held:
             PUMPING_HELD.labels(country_code(number)).inc()
-        fresh = [reading for reading in alarm.ranges.values() if reading.first]
+        await self._announce(alarm, [r for r in alarm.ranges.values() if r.first])
+
+    async def flush(self) -> None:
+        """Count the numbers waiting now, and wait for every count under way (at shutdown, and
+        for tests)."""
+        self._start_flush()
+        if self._flushes:
+            await asyncio.wait(set(self._flushes))
+
+    async def close(self) -> None:
+        """Count what waits before the process ends."""
+        await self.flush()
+
+    def _wait(
+        self, client_id: uuid.UUID, settings: PumpingSettings, found: dict[str, set[str]]
+    ) -> None:
+        _, ranges = self._waiting.get(client_id, (settings, defaultdict(set)))
+        self._waiting[client_id] = (settings, ranges)  # an admin's change applies from now on
+        for name, members in found.items():
+            ranges[name] |= members
+        self._waiting_count += sum(len(members) for members in found.values())
+        if self._waiting_count >= ALERT_BUFFER_LIMIT:
+            self._start_flush()
+        elif self._timer is None:
+            # A context of its own: the count's log lines are no request's.
+            self._timer = asyncio.get_running_loop().call_later(
+                self._linger, self._start_flush, context=contextvars.Context()
+            )
+
+    def _start_flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting, self._waiting_count = self._waiting, {}, 0
+        if not waiting:
+            return
+        entries = [
+            (client_id, settings, ranges) for client_id, (settings, ranges) in waiting.items()
+        ]
+        flush = asyncio.create_task(self._flush(entries), context=contextvars.Context())
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, entries: list[_Entry]) -> None:
+        counted = await self._count(entries)
+        if counted is None:
+            return
+        for (client_id, settings, _), readings in zip(entries, counted, strict=True):
+            fresh = [reading for reading in readings.values() if reading.first]
+            if fresh:
+                alarm = PumpingAlarm(client_id, settings.action, {r.range: r for r in fresh})
+                await self._announce(alarm, fresh)
+
+    async def _count(self, entries: list[_Entry]) -> list[dict[str, RangeReading]] | None:
+        """Each entry's readings by range, in one round trip; None when Redis is unavailable
+        (the numbers are counted as unchecked)."""
+        numbers = sum(len(members) for _, _, ranges in entries for members in ranges.values())
+        if REDIS.down:  # known down: do not wait for a timeout on every request
+            PUMPING_UNCHECKED.inc(numbers)
+            return None
+        try:
+            # A timeout of its own: a Redis that hangs (rather than refuses) would otherwise
+            # cost every send the client's socket timeout. (asyncio.timeout, not wait_for: on
+            # Python 3.11 wait_for runs the call in a task of its own.)
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                replies = await self._run(entries)
+        except (RedisError, OSError, TimeoutError) as error:
+            REDIS.failed(error, action="pumping check; sent unjudged")
+            PUMPING_UNCHECKED.inc(numbers)
+            return None
+        REDIS.recovered()
+        return [
+            {
+                name: _reading(name, reply, settings)
+                for name, reply in zip(ranges, answer, strict=True)
+            }
+            for (_, settings, ranges), answer in zip(entries, replies, strict=True)
+        ]
+
+    async def _run(self, entries: list[_Entry]) -> list[list[list[Any]]]:
+        if len(entries) == 1:
+            client_id, settings, ranges = entries[0]
+            keys, argv = _arguments(settings, client_id, ranges)
+            return [cast(list[list[Any]], await self._script(keys=keys, args=argv))]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for client_id, settings, ranges in entries:
+                keys, argv = _arguments(settings, client_id, ranges)
+                await self._script(keys=keys, args=argv, client=pipe)
+            return cast(list[list[list[Any]]], await pipe.execute())
+
+    async def _announce(self, alarm: PumpingAlarm, fresh: list[RangeReading]) -> None:
+        """The ranges that fired for the first time in their window (once per window, not per
+        request): a metric, a log line, the caller's hook (the event). Never raises."""
         for reading in fresh:
             PUMPING_SUSPECTED.labels(reading.country_code, alarm.action).inc()
             log.warning(

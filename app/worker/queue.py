@@ -113,9 +113,8 @@ async def push_ready(
     if not message_ids:
         return 0
     try:
-        await asyncio.wait_for(
-            cast(Awaitable[int], queue.rpush(READY_KEY, *(str(i) for i in message_ids))), timeout
-        )
+        async with asyncio.timeout(timeout):  # not wait_for: no task of its own per push
+            await cast(Awaitable[int], queue.rpush(READY_KEY, *(str(i) for i in message_ids)))
     except (RedisError, OSError, TimeoutError) as error:
         REDIS.failed(error, action="enqueue; the sweep will retry")
         return 0

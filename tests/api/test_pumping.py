@@ -29,7 +29,13 @@ from app.delivery.transitions import promote_scheduled
 from app.kernel.outages import REDIS
 from app.kernel.phone import InvalidPhoneNumber, normalize_phone
 from app.kernel.settings import PumpingSettings
-from app.traffic.velocity import KEY_PREFIX, keep_per_window, number_range
+from app.traffic.velocity import (
+    ALERT_BUFFER_LIMIT,
+    KEY_PREFIX,
+    VelocityCheck,
+    keep_per_window,
+    number_range,
+)
 from app.twilio_api.vocabulary import issue_credentials
 from app.worker.tasks import retention
 from tests.conftest import TEST_REDIS_URL, World, make_settings
@@ -89,7 +95,15 @@ async def send_in_batches(
         for item in response.json()["data"]:
             assert item["status"] == "accepted", item
             results.append(item["message"])
+        await counted(api)  # as if the requests were further apart than the alarm's linger
     return results
+
+
+async def counted(api: httpx.AsyncClient) -> None:
+    """Wait for the alarm's counts: with `alert` a request's numbers are counted after it
+    answered, with those of the requests around it (app.traffic.velocity)."""
+    app = api._transport.app  # type: ignore[attr-defined]
+    await app.state.acceptor.velocity.flush()
 
 
 async def hget(redis: Redis, key: str, name: str) -> bytes | None:
@@ -804,3 +818,76 @@ async def test_a_message_held_past_the_time_limit_is_canceled_by_retention(
     assert "PUMPING__HELD_MAX_DAYS" in read["error_message"]
     assert [step["status"] for step in read["history"]] == ["held", "canceled"]
     assert {event["payload"]["data"]["id"] for event in events.json()["data"]} == set(held[:2])
+
+
+# ---- alert: counted off the request, requests of one linger together ----
+
+
+async def test_alert_counts_the_requests_of_one_linger_in_one_round_trip(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing reaches Redis while the requests come; then one count for all of them, both
+    clients in one pipeline, and the alarm fires once with every number counted."""
+    fired: list[tuple[uuid.UUID, list[str]]] = []
+
+    async def hook(alarm: Any, fresh: list[Any]) -> None:
+        fired.append((alarm.client_id, [reading.range for reading in fresh]))
+
+    check = VelocityCheck(redis, PumpingSettings(), on_alarm=hook, linger=3600)
+    bot, quiet = uuid.uuid4(), uuid.uuid4()
+    burst = pumping_burst(120)
+    counts: list[int] = []  # each count's number of clients
+    count = check._count
+
+    async def counting(entries: Any) -> Any:
+        counts.append(len(entries))
+        return await count(entries)
+
+    check._count = counting  # type: ignore[method-assign]
+    for start in range(0, len(burst), 20):
+        assert await check.judge(bot, burst[start : start + 20]) is None  # nothing to hold
+    assert await check.judge(quiet, normal_mix(30)) is None
+    assert await redis.keys(f"{KEY_PREFIX}:*") == []  # not counted yet
+
+    await check.flush()
+
+    assert counts == [2]  # one count (one round trip: a pipeline) for both clients
+    assert fired == [(bot, ["+33 6123"])]
+    state = await hget(redis, f"{KEY_PREFIX}:{bot}:+33 6123:s", "count")
+    assert 114 <= int(state or 0) <= 126  # all 120 (a HyperLogLog's estimate)
+    assert len(await redis.keys(f"{KEY_PREFIX}:{quiet}:*:s")) > 10
+
+
+async def test_alert_counts_on_its_own_after_the_linger_and_at_once_when_full(
+    redis: Redis,
+) -> None:
+    check = VelocityCheck(redis, PumpingSettings(), linger=0.05)
+    client = uuid.uuid4()
+    await check.judge(client, pumping_burst(3))
+    deadline = time.monotonic() + 5
+    while not await redis.keys(f"{KEY_PREFIX}:{client}:*:s"):
+        assert time.monotonic() < deadline, "the linger's timer never counted"
+        await asyncio.sleep(0.02)
+
+    patient = VelocityCheck(redis, PumpingSettings(), linger=3600)
+    many = [f"+3361{index:07d}" for index in range(ALERT_BUFFER_LIMIT)]
+    await patient.judge(client, many)
+    await asyncio.sleep(0)  # the count started on the request that filled the buffer
+    await patient.flush()
+    assert len(await redis.keys(f"{KEY_PREFIX}:{client}:*:s")) > 1
+
+
+async def test_alert_with_redis_down_counts_the_numbers_unchecked() -> None:
+    """The count that finds Redis unreachable drops its numbers, counted as unchecked."""
+    REDIS.recovered()
+    before = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    unreachable = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    try:
+        check = VelocityCheck(unreachable, PumpingSettings(), linger=3600)
+        await check.judge(uuid.uuid4(), pumping_burst(7))
+        await check.flush()
+    finally:
+        await unreachable.aclose()
+    after = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    assert after == before + 7
+    assert REDIS.down

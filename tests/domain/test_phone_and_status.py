@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from app.kernel.phone import InvalidPhoneNumber, normalize_phone
+import phonenumbers
+import pytest
+from phonenumbers import PhoneMetadata, PhoneNumberFormat, PhoneNumberType
+from phonenumbers.phonenumberutil import _number_type_helper
+
+from app.kernel.phone import InvalidPhoneNumber, _region_and_type, normalize_phone
 from app.kernel.status import TERMINAL_STATUSES, MessageStatus, can_advance, statuses_before
 
 
@@ -68,3 +73,39 @@ def test_a_scheduled_message_comes_before_queued_and_no_report_moves_it() -> Non
     assert not can_advance(MessageStatus.QUEUED, MessageStatus.SCHEDULED)
     for status in MessageStatus:
         assert MessageStatus.SCHEDULED not in statuses_before(status)
+
+
+def _library_region_and_type(number: phonenumbers.PhoneNumber) -> tuple[str | None, int]:
+    """phonenumbers' own two steps: the region, then the type under that region's plan."""
+    region = phonenumbers.region_code_for_number(number)
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(
+        number.country_code or 0, region or phonenumbers.UNKNOWN_REGION
+    )
+    if metadata is None:
+        return region, PhoneNumberType.UNKNOWN
+    national = phonenumbers.national_significant_number(number)
+    return region, _number_type_helper(national, metadata)
+
+
+def test_region_and_type_agree_with_phonenumbers_on_every_plan() -> None:
+    """The one-pass region and type lookup gives what phonenumbers' region lookup then
+    `number_type` give: on every region's example numbers of every type, every non-geographic
+    entity's, and random digits under every calling code (valid and invalid alike)."""
+    rng = random.Random(1)
+    raw: list[str] = []
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in range(12):
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is not None:
+                raw.append(phonenumbers.format_number(example, PhoneNumberFormat.E164))
+    for code in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS:
+        example = phonenumbers.example_number_for_non_geo_entity(code)
+        if example is not None:
+            raw.append(phonenumbers.format_number(example, PhoneNumberFormat.E164))
+    for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        raw += [f"+{code}{rng.randint(10 ** rng.randint(5, 11), 10**12)}" for _ in range(40)]
+    numbers = [phonenumbers.parse(text, None) for text in raw]
+    shared = [n for n in numbers if n.country_code == 1]
+    assert len(shared) > 100  # the calling code the shortcut is for is well covered
+    for number in numbers:
+        assert _region_and_type(number) == _library_region_and_type(number), number
