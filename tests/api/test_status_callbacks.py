@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -379,3 +380,23 @@ async def test_a_callback_without_our_id_finds_the_message_by_the_providers(
     assert response.status_code == 204, response.text
     message = await load(session_factory, message_id)
     assert (message.status, message.error_code) == ("undelivered", "30005")
+
+
+async def test_concurrent_final_reports_for_one_message_apply_exactly_one(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """Decided on the locked row: the second report sees the first one's status."""
+    message_id = await sent_message(session_factory, world)
+
+    responses = await asyncio.gather(
+        *(
+            twilio_callback(api, message_id, status)
+            for status in ["delivered", "undelivered", "failed", "delivered"]
+        )
+    )
+
+    assert [r.status_code for r in responses] == [204] * 4
+    rows = await events(session_factory, message_id)
+    assert len(rows) == 4
+    [(_, winner, _)] = [row for row in rows if row[2]]
+    assert (await load(session_factory, message_id)).status == winner
