@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Message, MessagePart
@@ -82,26 +82,6 @@ def settle(parts: Sequence[Part], news: Part | None = None) -> Settlement:
         detail = f"{news.name} {news.status.value}; {done}" if news and news.status else done
         return Settlement(MessageStatus.SENT, detail=detail)
     return Settlement(None, detail=done)
-
-
-async def is_split(session: AsyncSession, message: Message) -> bool:
-    """Whether the message went (or will go) as several parts: its own segment count, or the
-    parts its provider's acceptance recorded (the provider may have split it differently)."""
-    if message.segments > 1:
-        return True
-    return bool(await session.scalar(select(exists().where(MessagePart.message_id == message.id))))
-
-
-async def find_by_part(
-    session: AsyncSession, provider: str, provider_message_id: str
-) -> Message | None:
-    """The message one of whose parts has this id (a receipt without our id)."""
-    return await session.scalar(
-        select(Message)
-        .join(MessagePart, MessagePart.message_id == Message.id)
-        .where(Message.provider == provider, MessagePart.provider_message_id == provider_message_id)
-        .limit(1)
-    )
 
 
 async def apply_part_report(

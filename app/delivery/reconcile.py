@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.consent.optouts import lock_recipients
 from app.db.models import Message, MessageEvent
-from app.db.session import SessionFactory, raw_statement
+from app.db.session import SessionFactory, Tx, raw_statement
 from app.delivery.pipeline import RetryPolicy
 from app.delivery.transitions import (
     apply_status_report,
@@ -51,6 +51,7 @@ from app.delivery.transitions import (
     note_repeatable,
     record_status_report,
     resubmit,
+    run_raw_transaction,
     run_transaction,
 )
 from app.events.outbox import EventJob
@@ -280,9 +281,10 @@ async def _settle(
         },
     )
 
-    async def work(session: AsyncSession) -> bool:
+    async def work(tx: Tx) -> bool:
         # The recipient's lock before the row's, as everywhere (the report may record nothing
         # of the kind today, but the order must not depend on it).
+        session = await tx.session()
         await lock_recipients(session, [message.to])
         if not await lock_pending(session, message):
             return False
@@ -298,10 +300,11 @@ async def _settle(
                 ),
             )
         )
-        await apply_status_report(session, message.provider, report)
+        await session.flush()  # the note before the report's row
+        await apply_status_report(tx, message.provider, report)
         return True
 
-    settled, events = await run_transaction(session_factory, work)
+    settled, events = await run_raw_transaction(session_factory, work)
     if not settled:
         return Reconciled(Decision.NOTHING)
     log.info(

@@ -15,6 +15,7 @@ pass it on to.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import uuid
@@ -54,8 +55,6 @@ from app.db.session import (
 from app.delivery.parts import (
     Settlement,
     apply_part_report,
-    find_by_part,
-    is_split,
     record_accepted_parts,
 )
 from app.events.outbox import (
@@ -885,66 +884,129 @@ def _history(
     )
 
 
-async def apply_status_report(session: AsyncSession, provider: str, report: StatusReport) -> bool:
-    """Record a provider's report and move the message forward if it is news.
+# A provider's report, applied in one statement: find the message (by our id, else by the
+# provider's id, else, for a report on one part, by that part's id); take the recipient's lock
+# when the report says they opted out, then the message row's (the one lock order, as a claim);
+# move it to the report's status when that is forward (`statuses_before`, decided on the locked
+# row, so concurrent reports are decided one after the other); record the provider's id where
+# the message has none (a report may beat the worker's record); and write the history row with
+# the report (`applied` false for a late, repeated or backward one). A report on one part of a
+# split message ($4 and `split`) is only found and locked: its parts decide (`apply_part_report`)
+# and the statement runs again with their settlement ($15). Returns the message, whether it
+# moved, and whether its client is to be told (`events.MAY_NOTIFY_SQL`).
+_FOUND_REPORTED: Final = """SELECT m.id, m."to" FROM messages AS m WHERE m.id = COALESCE(
+        (SELECT id FROM messages WHERE id = $2 AND provider = $1),
+        (SELECT id FROM messages WHERE provider = $1 AND provider_message_id = $3 LIMIT 1),
+        (SELECT part.message_id FROM message_parts AS part
+            JOIN messages AS owner ON owner.id = part.message_id
+            WHERE $4 AND owner.provider = $1 AND part.provider_message_id = $3 LIMIT 1)
+    )"""
+_OPTED_OUT_RECIPIENT: Final = """SELECT "to" AS phone FROM found WHERE $5"""
+_APPLY_REPORT: Final = f"""
+WITH found AS ({_FOUND_REPORTED}
+), held AS MATERIALIZED {RECIPIENT_LOCKS_SQL.format(phones=_OPTED_OUT_RECIPIENT)},
+locked AS (
+    SELECT m.id, m."to", m.sender_id, m."from", m.status, m.provider_message_id,
+        $4 AND (m.segments > 1 OR EXISTS (
+            SELECT 1 FROM message_parts AS part WHERE part.message_id = m.id
+        )) AS split,
+        {MAY_NOTIFY_SQL.format(m="m")} AS notify
+    FROM messages AS m, found, held
+    WHERE m.id = found.id
+    FOR UPDATE OF m
+), decided AS (
+    SELECT *, (NOT split OR $15) AS deciding,
+        (NOT split OR $15) AND $6::varchar IS NOT NULL AND status = ANY($7::varchar[]) AS moves
+    FROM locked
+), moved AS (
+    UPDATE messages AS m
+    SET status = CASE WHEN d.moves THEN $6 ELSE m.status END,
+        error_code = CASE WHEN d.moves THEN $8 ELSE m.error_code END,
+        error_message = CASE WHEN d.moves THEN $9 ELSE m.error_message END,
+        -- Whatever the service had given up on (status checks) is settled by this news.
+        status_detail = CASE WHEN d.moves THEN NULL ELSE m.status_detail END,
+        -- A part's id is not the message's: the acceptance records the first part's.
+        provider_message_id = COALESCE(m.provider_message_id, CASE WHEN NOT d.split THEN $3 END),
+        updated_at = now()
+    FROM decided AS d
+    WHERE m.id = d.id AND (d.moves OR (m.provider_message_id IS NULL AND NOT d.split))
+), history AS (
+    INSERT INTO message_events (
+        message_id, status, applied, source, provider_status, error_code, detail, payload
+    )
+    SELECT id, CASE WHEN moves THEN $6 ELSE $10 END, moves, $1, $11, $12, $13, $14::text::jsonb
+    FROM decided WHERE deciding
+)
+SELECT id, "to", sender_id, "from", split, moves, notify, $6 AS moved_to FROM decided
+"""
+
+
+async def apply_status_report(tx: Tx, provider: str, report: StatusReport) -> bool:
+    """Record a provider's report and move the message forward if it is news, in the caller's
+    transaction: one statement (`_APPLY_REPORT`), and the ORM only where the rare cases need it
+    (one part of a split message, an opt-out the provider reported, an event to write).
 
     Returns False when no message matches (the caller still acknowledges it). Duplicated and
-    late reports are stored as events with `applied` false and change nothing: the conditional
-    UPDATE only matches while the message is at an earlier stage, which also makes concurrent
-    reports for the same message safe. A report that the recipient opted out takes the
-    recipient's lock before it touches the message row, as a claim does.
+    late reports are stored as history rows with `applied` false and change nothing.
     """
     report = _storable_report(report)
-    message = await _find_reported_message(session, provider, report)
-    if message is None:
+    rows = await tx.fetch(_APPLY_REPORT, *_report_arguments(provider, report, None))
+    if not rows:
         return False
-    message_id_var.set(str(message.id))  # the rest of this request's log lines are about it
+    row = rows[0]
+    message_id_var.set(str(row["id"]))  # the rest of this request's log lines are about it
+    if row["split"]:
+        # One part of a long message (its row locked above): the message settles from all its
+        # parts, and the same statement applies what they say.
+        session = await tx.session()
+        settlement = await apply_part_report(session, Message(id=row["id"]), report)
+        arguments = _report_arguments(provider, replace(report, message_id=row["id"]), settlement)
+        row = (await tx.fetch(_APPLY_REPORT, *arguments))[0]
     if report.recipient_opted_out:
-        # Before the row: a claim holds this lock while it updates the row (one lock order).
-        await lock_recipients(session, [message.to])
-    split = report.per_part and await is_split(session, message)
-    if split:
-        # One part of a long message: the message settles from all its parts.
-        settlement = await apply_part_report(session, message, report)
-    else:
-        settlement = Settlement(
-            report.status, report.error_code, report.error_message, report.error_message
-        )
-    applied = await _advance(session, provider, message, settlement)
-    if report.recipient_opted_out:
+        # Under the recipient's lock, which the statement took before the row's.
         await record_provider_opt_out(
-            session,
-            phone=message.to,
-            sender_id=message.sender_id,
+            await tx.session(),
+            phone=row["to"],
+            sender_id=row["sender_id"],
             provider=provider,
             code=report.error_code,
             detail=report.error_message,
         )
-    if message.provider_message_id is None and not split:
-        # The report may beat the worker's own record of the provider's id (a part's id is not
-        # the message's: the acceptance records the first part's).
-        await session.execute(
-            update(Message)
-            .where(Message.id == message.id, Message.provider_message_id.is_(None))
-            .values(provider_message_id=report.provider_message_id)
-        )
-    status = settlement.status if applied else report.status
-    session.add(
-        MessageEvent(
-            message_id=message.id,
-            status=status.value if status else None,
-            applied=applied,
-            source=provider,
-            provider_status=report.provider_status,
-            error_code=report.error_code,
-            detail=settlement.detail,
-            payload=dict(report.raw),
-        )
-    )
-    await session.flush()
-    if applied:
-        await emit_message_statuses(session, [message])  # events out (after commit)
+    if row["moves"]:
+        count_status(row["moved_to"], provider, row["from"])
+        if row["notify"]:
+            await emit_message_status(await tx.session(), row["id"])  # events out (after commit)
     return True
+
+
+def _report_arguments(
+    provider: str, report: StatusReport, settlement: Settlement | None
+) -> list[Any]:
+    """`_APPLY_REPORT`'s parameters: a report on a whole message settles it by itself; one on a
+    part of a split message, by the `settlement` its parts gave (None: not asked yet)."""
+    settled = settlement is not None
+    if settlement is None:
+        settlement = Settlement(
+            report.status, report.error_code, report.error_message, report.error_message
+        )
+    status = settlement.status
+    return [
+        provider,
+        report.message_id,
+        report.provider_message_id,
+        report.per_part,
+        report.recipient_opted_out and not settled,  # the lock is held already the second time
+        status.value if status else None,
+        [s.value for s in statuses_before(status)] if status else [],
+        settlement.error_code,
+        settlement.error_message,
+        report.status.value if report.status else None,
+        report.provider_status,
+        report.error_code,
+        settlement.detail,
+        json.dumps(dict(report.raw)),
+        settled,
+    ]
 
 
 async def record_status_report(
@@ -954,10 +1016,10 @@ async def record_status_report(
     callback answered 500 is not sent again by Twilio. Returns whether a message matched, and
     the event deliveries to enqueue."""
 
-    async def work(session: AsyncSession) -> bool:
-        return await apply_status_report(session, provider, report)
+    async def work(tx: Tx) -> bool:
+        return await apply_status_report(tx, provider, report)
 
-    return await run_transaction(session_factory, work)
+    return await run_raw_transaction(session_factory, work)
 
 
 async def _advance(
@@ -1026,21 +1088,3 @@ def _storable_report(report: StatusReport) -> StatusReport:
         error_message=storable(report.error_message) if report.error_message else None,
         raw=storable_mapping(report.raw),
     )
-
-
-async def _find_reported_message(
-    session: AsyncSession, provider: str, report: StatusReport
-) -> Message | None:
-    if report.message_id is not None:
-        message = await session.get(Message, report.message_id, populate_existing=True)
-        if message is not None and message.provider == provider:
-            return message
-    message = await session.scalar(
-        select(Message).where(
-            Message.provider == provider,
-            Message.provider_message_id == report.provider_message_id,
-        )
-    )
-    if message is None and report.per_part:
-        return await find_by_part(session, provider, report.provider_message_id)
-    return message

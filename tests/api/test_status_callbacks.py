@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from app.db.models import Message, MessageEvent
@@ -309,3 +311,92 @@ async def test_messages_table_is_untouched_by_a_refused_callback(
     assert (after.status, after.updated_at) == (before.status, before.updated_at)
     async with session_factory() as session:
         assert await session.scalar(select(func.count()).select_from(Message)) == 1
+
+
+def _statements() -> float:
+    return REGISTRY.get_sample_value("smsgate_db_statements_total") or 0.0
+
+
+def _counted(status: str) -> float:
+    labels = {"status": status, "provider": "twilio", "sender": "+14155550100"}
+    return REGISTRY.get_sample_value("smsgate_messages_total", labels) or 0.0
+
+
+async def _unknown_sid_callback(api: httpx.AsyncClient) -> httpx.Response:
+    params = {"MessageSid": "SM" + "ef" * 16, "MessageStatus": "delivered"}
+    signature = twilio_signature(PUBLIC_BASE_URL + TWILIO_PATH, params)
+    return await api.post(TWILIO_PATH, data=params, headers={"X-Twilio-Signature": signature})
+
+
+async def test_a_callback_costs_one_sql_statement_and_counts_its_move_once(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """Find, lock, move, history row: one statement (the client has no endpoint to tell), the
+    news counted in the messages metric once; a duplicate and an unknown id cost one too."""
+    await _unknown_sid_callback(api)  # the app's connections, opened
+    message_id = await sent_message(session_factory, world)
+    delivered = _counted("delivered")
+
+    for _ in range(2):  # the news, then the provider repeating itself
+        before = _statements()
+        response = await twilio_callback(api, message_id, "delivered", ErrorCode="0")
+        assert response.status_code == 204
+        assert _statements() - before == 1
+    before = _statements()
+    assert (await _unknown_sid_callback(api)).status_code == 204
+    assert _statements() - before == 1
+
+    assert _counted("delivered") - delivered == 1
+    async with session_factory() as session:
+        rows = (
+            await session.execute(
+                select(
+                    MessageEvent.status,
+                    MessageEvent.applied,
+                    MessageEvent.provider_status,
+                    MessageEvent.error_code,
+                    MessageEvent.payload,
+                )
+                .where(MessageEvent.message_id == message_id)
+                .order_by(MessageEvent.id)
+            )
+        ).all()
+    assert [tuple(row[:4]) for row in rows] == [
+        ("delivered", True, "delivered", "0"),
+        ("delivered", False, "delivered", "0"),
+    ]
+    assert rows[0].payload["MessageSid"] == SID and rows[0].payload["ErrorCode"] == "0"
+
+
+async def test_a_callback_without_our_id_finds_the_message_by_the_providers(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    message_id = await sent_message(session_factory, world)
+    params = {"MessageSid": SID, "MessageStatus": "undelivered", "ErrorCode": "30005"}
+    signature = twilio_signature(PUBLIC_BASE_URL + TWILIO_PATH, params)
+
+    response = await api.post(TWILIO_PATH, data=params, headers={"X-Twilio-Signature": signature})
+
+    assert response.status_code == 204, response.text
+    message = await load(session_factory, message_id)
+    assert (message.status, message.error_code) == ("undelivered", "30005")
+
+
+async def test_concurrent_final_reports_for_one_message_apply_exactly_one(
+    api: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """Decided on the locked row: the second report sees the first one's status."""
+    message_id = await sent_message(session_factory, world)
+
+    responses = await asyncio.gather(
+        *(
+            twilio_callback(api, message_id, status)
+            for status in ["delivered", "undelivered", "failed", "delivered"]
+        )
+    )
+
+    assert [r.status_code for r in responses] == [204] * 4
+    rows = await events(session_factory, message_id)
+    assert len(rows) == 4
+    [(_, winner, _)] = [row for row in rows if row[2]]
+    assert (await load(session_factory, message_id)).status == winner

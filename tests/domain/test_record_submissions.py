@@ -22,7 +22,7 @@ from app.delivery.pipeline import (
     submit,
 )
 from app.delivery.pipeline import deliver as deliver_batch
-from app.delivery.transitions import apply_status_report
+from app.delivery.transitions import record_status_report
 from app.kernel.status import MessageStatus
 from app.providers.base import Accepted, StatusReport
 from tests.conftest import World
@@ -59,17 +59,16 @@ async def test_a_delivery_report_before_the_acceptance_is_recorded_stays_deliver
 
     async def report_arrives(request: httpx.Request) -> None:
         # The handset was fast: Twilio's callback lands while our request is still open.
-        async with session_factory.begin() as session:
-            applied = await apply_status_report(
-                session,
-                "twilio",
-                StatusReport(
-                    provider_message_id=twilio.sids[number(1)],
-                    provider_status="delivered",
-                    status=MessageStatus.DELIVERED,
-                    message_id=message_id,
-                ),
-            )
+        applied, _ = await record_status_report(
+            session_factory,
+            "twilio",
+            StatusReport(
+                provider_message_id=twilio.sids[number(1)],
+                provider_status="delivered",
+                status=MessageStatus.DELIVERED,
+                message_id=message_id,
+            ),
+        )
         assert applied
 
     twilio = FakeTwilio(during=report_arrives)

@@ -16,7 +16,7 @@ from app.consent.optouts import OptAction, OptChange, OptSource, record_change
 from app.db.models import Message, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
 from app.delivery.pipeline import deliver_message
-from app.delivery.transitions import apply_status_report
+from app.delivery.transitions import record_status_report
 from app.events.endpoints import Owner, set_default
 from app.kernel.status import MessageStatus
 from app.providers.base import StatusReport
@@ -98,8 +98,7 @@ async def test_a_reported_status_change_is_an_event_and_a_duplicate_is_not(
     )
 
     for _ in range(2):  # providers repeat themselves
-        async with session_factory.begin() as session:
-            await apply_status_report(session, "twilio", report)
+        await record_status_report(session_factory, "twilio", report)
 
     [(kind, url, data)] = await events(session_factory)
     assert kind == f"message.{status.value}"
