@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Final
 
-from sqlalchemy import or_, select, tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Client, InboundMessage, Message
@@ -94,17 +94,18 @@ async def _outbound(
     show_bodies: bool,
 ) -> list[Turn]:
     # Every client's messages and our own replies (no client): the index leads with the client,
-    # so name them all (there are few clients) rather than scan every message to the number.
-    query = select(Message).where(
-        Message.to == phone,
-        Message.sender_id == sender_id,
-        or_(Message.client_id.in_(select(Client.id)), Message.client_id.is_(None)),
-    )
-    if before is not None:
-        query = query.where(tuple_(Message.created_at, Message.id) < tuple_(*before))
-    rows = await session.scalars(
-        query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
-    )
+    # so read each part through it (there are few clients) rather than scan every message.
+    client_ids = list(await session.scalars(select(Client.id)))
+    rows: list[Message] = []
+    for owned in (Message.client_id.in_(client_ids), Message.client_id.is_(None)):
+        query = select(Message).where(owned, Message.to == phone, Message.sender_id == sender_id)
+        if before is not None:
+            query = query.where(tuple_(Message.created_at, Message.id) < tuple_(*before))
+        rows.extend(
+            await session.scalars(
+                query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
+            )
+        )
     return [
         Turn(
             id=message.id,

@@ -133,6 +133,18 @@ def _failed_event(event: WebhookEvent, url: str) -> FailedEvent:
     )
 
 
+async def _with_urls(session: AsyncSession, events: list[WebhookEvent]) -> list[FailedEvent]:
+    """The page's events with their endpoints' URLs, read by primary key (a page's worth)."""
+    ids = {event.endpoint_id for event in events}
+    urls: dict[uuid.UUID, str] = {}
+    if ids:
+        found = await session.execute(
+            select(WebhookEndpoint.id, WebhookEndpoint.url).where(WebhookEndpoint.id.in_(ids))
+        )
+        urls = {row.id: row.url for row in found}
+    return [_failed_event(event, urls.get(event.endpoint_id, "")) for event in events]
+
+
 async def failed_events(
     session: AsyncSession,
     *,
@@ -142,21 +154,17 @@ async def failed_events(
 ) -> FailedEventPage:
     """Failed events, newest first, after the (created_at, seq) cursor `after`."""
     limit = max(1, min(limit, MAX_LIST_LIMIT))
-    query = (
-        select(WebhookEvent, WebhookEndpoint.url)
-        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookEvent.endpoint_id)
-        .where(WebhookEvent.status == EventStatus.FAILED.value)
-    )
+    query = select(WebhookEvent).where(WebhookEvent.status == EventStatus.FAILED.value)
     if endpoint_id is not None:
         query = query.where(WebhookEvent.endpoint_id == endpoint_id)
     if after is not None:
         query = query.where(tuple_(WebhookEvent.created_at, WebhookEvent.seq) < tuple_(*after))
     rows = list(
-        await session.execute(
+        await session.scalars(
             query.order_by(WebhookEvent.created_at.desc(), WebhookEvent.seq.desc()).limit(limit + 1)
         )
     )
-    events = [_failed_event(event, url) for event, url in rows[:limit]]
+    events = await _with_urls(session, rows[:limit])
     more = len(rows) > limit
     return FailedEventPage(
         events=events, next_cursor=(events[-1].created_at, events[-1].seq) if more else None
@@ -166,14 +174,13 @@ async def failed_events(
 async def retrying_events(session: AsyncSession, *, limit: int = LIST_LIMIT) -> list[FailedEvent]:
     """Pending events whose attempts so far failed, next due first (`ix_webhook_events_
     pending_due`: the pending ones only)."""
-    rows = await session.execute(
-        select(WebhookEvent, WebhookEndpoint.url)
-        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookEvent.endpoint_id)
+    rows = await session.scalars(
+        select(WebhookEvent)
         .where(WebhookEvent.status == EventStatus.PENDING.value, WebhookEvent.attempts > 0)
         .order_by(WebhookEvent.next_attempt_at)
         .limit(max(1, min(limit, MAX_LIST_LIMIT)))
     )
-    return [_failed_event(event, url) for event, url in rows]
+    return await _with_urls(session, list(rows))
 
 
 async def redeliver_event(

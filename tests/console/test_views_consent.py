@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from app.console.consent_view import consent_view, record_operator_change
 from app.consent.optouts import OptAction, is_opted_out
+from app.console.consent_view import consent_view, record_operator_change
 from app.db.session import SessionFactory
 from app.kernel.errors import NotFound, ValidationFailed
 from tests.conftest import World

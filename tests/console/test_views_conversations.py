@@ -81,7 +81,9 @@ async def test_pages_go_back_in_time_without_gaps(
     before = None
     async with session_factory() as session:
         for _ in range(4):
-            page = await conversation(session, PHONE, world.twilio_sender.id, before=before, limit=4)
+            page = await conversation(
+                session, PHONE, world.twilio_sender.id, before=before, limit=4
+            )
             seen = [turn.id for turn in page.turns] + seen
             before = page.older
             if before is None:
