@@ -700,3 +700,23 @@ class WebhookAttempt(Base):
     response_body: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()
+
+
+class ConsoleSession(Base):
+    """An operator's signed-in session of the console (app.console.sessions): the cookie holds
+    the random token, this row its SHA-256. Ends at `expires_at`, at sign-out (deleted), or at
+    the next request once its admin key is revoked or expired; the retention job deletes it."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    # Every form of the session carries it (a hidden field), checked against this.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _now()
+    # Retention deletes the expired ones, oldest first.
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # Written at most once a minute per session.
+    last_seen_at: Mapped[datetime] = _now()
