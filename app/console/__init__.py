@@ -15,7 +15,7 @@ How a page is added:
    `{{ csrf_field() }}` (a missing or wrong token is a 403 page, and nothing is done), and it
    answers with a 303 redirect (`see_other`) or a page.
 3. Its router added to `_PAGES` in `app/console/routes.py` (the paths are relative to
-   `/console`: `@router.get("/consent")`), its placeholder removed from `placeholder_pages.py`.
+   `/console`: `@router.get("/consent")`).
 4. Its template `app/console/templates/<section>.html`: `{% extends "base.html" %}`, a `title`
    block and a `content` block; the nav entry is already in base.html (`section` names the
    current one). Styles go in `static/console.css` (AA contrast, 360 px wide, visible focus).

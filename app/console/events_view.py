@@ -17,8 +17,9 @@ from sqlalchemy import func, select, tuple_, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access.auth import Principal
-from app.db.models import Client, Sender, WebhookEndpoint, WebhookEvent
+from app.db.models import ApiKey, Client, Sender, WebhookEndpoint, WebhookEvent
 from app.events.outbox import EventStatus, EventView, redeliver
+from app.kernel.errors import NotFound
 
 LIST_LIMIT: Final = 50
 MAX_LIST_LIMIT: Final = 200
@@ -184,8 +185,20 @@ async def retrying_events(session: AsyncSession, *, limit: int = LIST_LIMIT) -> 
 
 
 async def redeliver_event(
-    session: AsyncSession, operator: Principal, event_id: uuid.UUID
+    session: AsyncSession, operator_key_id: uuid.UUID, event_id: uuid.UUID
 ) -> EventView:
-    """Send an event again now, as POST /v1/events/{id}/redeliver does (an admin's principal:
-    every event is visible); Conflict while it is pending or its endpoint is disabled."""
-    return await redeliver(session, operator, event_id)
+    """Send an event again now, as POST /v1/events/{id}/redeliver does for the operator's admin
+    key (every event is visible to it); Conflict while it is pending or its endpoint disabled,
+    NotFound for an unknown event (or a key no longer an admin's)."""
+    key = await session.get(ApiKey, operator_key_id)
+    client = await session.get(Client, key.client_id) if key is not None else None
+    if key is None or client is None or not key.is_admin:
+        raise NotFound("event_not_found", f"no event with id {event_id}")
+    principal = Principal(
+        client_id=client.id,
+        client_name=client.name,
+        default_sender_id=None,
+        is_admin=True,
+        key_id=key.id,
+    )
+    return await redeliver(session, principal, event_id)

@@ -8,7 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
-from app.console import messages_pages, placeholder_pages
+from app.console import (
+    consent_pages,
+    conversations_pages,
+    events_pages,
+    messages_pages,
+    overview_pages,
+    senders_pages,
+)
 from app.console.deps import CsrfOperatorDep, CsrfRejected, SignInRequired, is_https
 from app.console.sessions import (
     COOKIE,
@@ -24,8 +31,15 @@ from app.web.deps import SessionDep, SettingsDep
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
-# Every section's router (a built section replaces its entry in placeholder_pages).
-_PAGES = (messages_pages.router, placeholder_pages.router)
+# Every section's router.
+_PAGES = (
+    overview_pages.router,
+    messages_pages.router,
+    conversations_pages.router,
+    consent_pages.router,
+    senders_pages.router,
+    events_pages.router,
+)
 
 _HOME = "/console/overview"
 

@@ -8,7 +8,7 @@ reads `messages` once while holding its writes, the failed-events one `webhook_e
 "Known limits").
 
 Revision ID: console_views
-Revises: scheduled_sends
+Revises: console_sessions
 Create Date: 2026-12-05 03:00:00.000000
 """
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "console_views"
-down_revision: str | None = "scheduled_sends"
+down_revision: str | None = "console_sessions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

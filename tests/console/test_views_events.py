@@ -6,25 +6,27 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
-from app.access.auth import Principal
 from app.console.events_view import (
     failed_events,
     failing_endpoints,
     redeliver_event,
     retrying_events,
 )
-from app.db.models import WebhookEndpoint, WebhookEvent
+from app.db.models import ApiKey, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
 from app.events.outbox import scheduled
 from app.kernel.errors import Conflict, NotFound
 from tests.conftest import World
 
 
-def _operator(world: World) -> Principal:
-    return Principal(
-        client_id=world.client_id, client_name="operator", default_sender_id=None, is_admin=True
-    )
+async def _operator(sessions: SessionFactory, world: World) -> uuid.UUID:
+    """The admin key's id (the operator signs in with it)."""
+    async with sessions() as session:
+        key_id = await session.scalar(select(ApiKey.id).where(ApiKey.is_admin))
+    assert key_id is not None
+    return key_id
 
 
 async def _endpoint(
@@ -104,7 +106,7 @@ async def test_redeliver_queues_the_event_after_the_commit(
     endpoint = await _endpoint(session_factory, world, "https://hooks.example.test/flaky")
     event_id = await _event(session_factory, world, endpoint, "failed")
     async with session_factory.begin() as session:
-        view = await redeliver_event(session, _operator(world), event_id)
+        view = await redeliver_event(session, await _operator(session_factory, world), event_id)
         jobs = scheduled(session)
     assert view.event.status == "pending"
     assert [job.event_id for job in jobs] == [event_id]
@@ -113,9 +115,9 @@ async def test_redeliver_queues_the_event_after_the_commit(
 
     async with session_factory.begin() as session:
         with pytest.raises(Conflict):  # still pending
-            await redeliver_event(session, _operator(world), event_id)
+            await redeliver_event(session, await _operator(session_factory, world), event_id)
         with pytest.raises(NotFound):
-            await redeliver_event(session, _operator(world), uuid.uuid4())
+            await redeliver_event(session, await _operator(session_factory, world), uuid.uuid4())
 
 
 async def test_redeliver_refuses_a_disabled_endpoint(
@@ -131,5 +133,18 @@ async def test_redeliver_refuses_a_disabled_endpoint(
     event_id = await _event(session_factory, world, endpoint, "failed")
     async with session_factory.begin() as session:
         with pytest.raises(Conflict) as raised:
-            await redeliver_event(session, _operator(world), event_id)
+            await redeliver_event(session, await _operator(session_factory, world), event_id)
     assert raised.value.code == "endpoint_disabled"
+
+
+async def test_redeliver_needs_an_admin_key(world: World, session_factory: SessionFactory) -> None:
+    endpoint = await _endpoint(session_factory, world, "https://hooks.example.test/flaky")
+    event_id = await _event(session_factory, world, endpoint, "failed")
+    async with session_factory() as session:
+        client_key = await session.scalar(select(ApiKey.id).where(ApiKey.is_admin.is_(False)))
+    assert client_key is not None
+    async with session_factory.begin() as session:
+        with pytest.raises(NotFound):
+            await redeliver_event(session, client_key, event_id)
+        with pytest.raises(NotFound):
+            await redeliver_event(session, uuid.uuid4(), event_id)
