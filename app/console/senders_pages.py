@@ -63,6 +63,17 @@ async def cost(
     )
 
 
+def _not_found(request: Request, operator: Operator, missing: NotFound) -> HTMLResponse:
+    return render(
+        request,
+        "not_found.html",
+        status_code=404,
+        operator=operator,
+        section="senders",
+        detail=missing.detail,
+    )
+
+
 async def _detail_page(
     request: Request,
     session: SessionDep,
@@ -76,8 +87,8 @@ async def _detail_page(
 ) -> HTMLResponse:
     try:
         detail = await sender_detail(session, sender_id, accept_defaults=accept_defaults)
-    except NotFound:
-        return render(request, "not_found.html", operator=operator, status_code=404)
+    except NotFound as missing:
+        return _not_found(request, operator, missing)
     return render(
         request,
         "sender.html",
@@ -125,8 +136,8 @@ async def save_reply(
         return await _detail_page(
             request, session, operator, sender_id, accept, error=refused.detail, status_code=422
         )
-    except NotFound:
-        return render(request, "not_found.html", operator=operator, status_code=404)
+    except NotFound as missing:
+        return _not_found(request, operator, missing)
     # This process sends with the change once committed; others within the cache's TTL.
     session.info.setdefault(AFTER_COMMIT, []).append(lambda: lookups.forget_sender(sender_id))
     return see_other(f"/console/senders/{sender_id}?saved={category}/{language}")
