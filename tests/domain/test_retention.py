@@ -336,7 +336,8 @@ async def test_ended_console_sessions_are_deleted(
         await execute(
             session_factory,
             "INSERT INTO console_sessions (token_hash, api_key_id, csrf_token, expires_at) "
-            "SELECT sha256(convert_to(:name, 'UTF8')), id, 'csrf', :ends FROM api_keys WHERE is_admin",
+            "SELECT sha256(convert_to(:name, 'UTF8')), id, 'csrf', :ends "
+            "FROM api_keys WHERE is_admin",
             name=name,
             ends=ends,
         )
