@@ -19,6 +19,10 @@ from tests.conftest import World
 from tests.console.test_sessions import csrf_of, sign_in
 from tests.test_end_to_end import post_message, run_worker
 
+# No network call (Redis: the overview's breakers and queue, an event's enqueue) inside a
+# transaction.
+pytestmark = pytest.mark.network_guard
+
 PHONE = "+14155550123"
 NATIONAL = "(415) 555-0123"
 
