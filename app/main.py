@@ -19,6 +19,7 @@ from app.access import routes as keys
 from app.access.lookups import Lookups
 from app.callbacks import routes as webhooks
 from app.consent import routes as optouts
+from app.console import routes as console
 from app.db.migrations import head_revision
 from app.db.pg import Database
 from app.db.session import create_engine, create_session_factory, ping
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in _ROUTERS:
         app.include_router(router)
     app.webhooks.include_router(events.webhooks)  # what receivers get, documented
+    console.install(app)  # the operator console's pages, outside the OpenAPI document
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # A 500 of our own, so the server never sees an exception (it would drop the connection).

@@ -252,6 +252,9 @@ class Message(Base):
             "updated_at",
             postgresql_where=text("status = 'sent'"),
         ),
+        # The console's overview reads the last 24 hours (app.console.overview): BRIN, since
+        # messages arrive in this order and the send path must not pay for a B-tree.
+        Index("ix_messages_created_brin", "created_at", postgresql_using="brin"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -544,6 +547,12 @@ class WebhookEndpoint(Base):
         ),
         # GET /v1/event-endpoints, by cursor.
         Index("ix_webhook_endpoints_client_created", "client_id", "created_at", "id"),
+        # The console's failing endpoints (app.console.events_view).
+        Index(
+            "ix_webhook_endpoints_disabled",
+            "disabled_at",
+            postgresql_where=text("disabled_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -617,6 +626,13 @@ class WebhookEvent(Base):
         Index("ix_webhook_events_created_brin", "created_at", postgresql_using="brin"),
         # Retention deletes a callback URL's endpoint once no event uses it.
         Index("ix_webhook_events_endpoint", "endpoint_id"),
+        # The console's failed events, newest first (app.console.events_view).
+        Index(
+            "ix_webhook_events_failed",
+            "created_at",
+            "seq",
+            postgresql_where=text("status = 'failed'"),
+        ),
     )
 
     # The order events were written in: a message's events are delivered in this order.
@@ -684,3 +700,23 @@ class WebhookAttempt(Base):
     response_body: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()
+
+
+class ConsoleSession(Base):
+    """An operator's signed-in session of the console (app.console.sessions): the cookie holds
+    the random token, this row its SHA-256. Ends at `expires_at`, at sign-out (deleted), or at
+    the next request once its admin key is revoked or expired; the retention job deletes it."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    # Every form of the session carries it (a hidden field), checked against this.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _now()
+    # Retention deletes the expired ones, oldest first.
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # Written at most once a minute per session.
+    last_seen_at: Mapped[datetime] = _now()

@@ -92,6 +92,15 @@ _BATCHES: Final[dict[str, str]] = {
             LIMIT :limit
         )
         RETURNING 1""",
+    # Operator console sessions past their end (app.console.sessions); `:hours` is 0.
+    "console_sessions": """
+        DELETE FROM console_sessions WHERE token_hash IN (
+            SELECT token_hash FROM console_sessions
+            WHERE expires_at < now() - make_interval(hours => :hours)
+            ORDER BY expires_at
+            LIMIT :limit
+        )
+        RETURNING 1""",
     "sender_affinity": """
         DELETE FROM sender_affinity WHERE (client_id, recipient) IN (
             SELECT client_id, recipient FROM sender_affinity
@@ -143,7 +152,12 @@ def periods(settings: RetentionSettings, idempotency_ttl_hours: int) -> list[Per
         "sender_affinity": settings.sender_affinity_days,
     }
     chosen = [Period(kind, days=value) for kind, value in days.items() if value is not None]
-    return [*chosen, Period("idempotency_keys", hours=idempotency_ttl_hours)]
+    return [
+        *chosen,
+        Period("idempotency_keys", hours=idempotency_ttl_hours),
+        # A console session is useless once it has ended: deleted as soon as it has.
+        Period("console_sessions", hours=0),
+    ]
 
 
 async def prune_batch(session_factory: SessionFactory, period: Period, limit: int) -> int:

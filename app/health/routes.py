@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
-from app.db.models import Message
 from app.delivery.circuit import CircuitPolicy, CircuitState, Health, ProviderHealth
+from app.health.readings import oldest_queued_age, oldest_sending_age
 from app.kernel.errors import NotFound, Unauthorized, problem_responses
 from app.kernel.metrics import (
     CIRCUIT_OPEN,
@@ -23,7 +22,6 @@ from app.kernel.metrics import (
     PROVIDER_PAUSED,
     QUEUE_DEPTH,
 )
-from app.kernel.status import MessageStatus
 from app.worker.queue import queue_depth
 
 router = APIRouter(tags=["operations"])
@@ -147,25 +145,13 @@ async def _schema_at_head(request: Request) -> None:
 
 
 async def _oldest_queued_age(request: Request) -> float:
-    """Counted from when the message was due: a scheduled message promoted today waited for
-    its `send_at` by design, and must not read as days old. The queued rows only (the partial
-    `ix_messages_queued_due` finds them), as before."""
-    due = func.coalesce(Message.send_at, Message.created_at)
     async with request.app.state.session_factory() as session:
-        oldest = await session.scalar(
-            select(func.min(due)).where(Message.status == MessageStatus.QUEUED.value)
-        )
-    return (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+        return await oldest_queued_age(session)
 
 
 async def _oldest_sending_age(request: Request) -> float:
     async with request.app.state.session_factory() as session:
-        oldest = await session.scalar(  # ix_messages_sending_claimed
-            select(func.min(Message.claimed_at)).where(
-                Message.status == MessageStatus.SENDING.value
-            )
-        )
-    return (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+        return await oldest_sending_age(session)
 
 
 async def _or_none(probe: Awaitable[Health]) -> Health | None:

@@ -80,6 +80,13 @@ class RetentionSettings(BaseModel):
     max_batches_per_run: int = Field(default=100, ge=1)
 
 
+class ConsoleSettings(BaseModel):
+    """The operator console (`/console`; README, "Operator console")."""
+
+    # A signed-in session ends this long after sign-in, used or not (then sign in again).
+    session_hours: float = Field(default=8.0, gt=0, le=24 * 30)
+
+
 class TrafficSettings(BaseModel):
     """Traffic control (README, "Destination permissions" and "Quotas and rate limits")."""
 
@@ -266,6 +273,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     traffic: TrafficSettings = TrafficSettings()
     pumping: PumpingSettings = PumpingSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @model_validator(mode="after")
     def _segment_limits_fit_a_message(self) -> Settings:

@@ -327,3 +327,23 @@ async def test_a_run_while_another_holds_the_run_lock_prunes_nothing(
     assert ran["webhook_events"] == 2
     remaining = {row[0] for row in await execute(session_factory, "SELECT id FROM webhook_events")}
     assert ids["old_delivered"] not in remaining
+
+
+async def test_ended_console_sessions_are_deleted(
+    session_factory: SessionFactory, world: World
+) -> None:
+    for name, ends in (("ended", days_ago(0.01)), ("open", NOW + timedelta(hours=1))):
+        await execute(
+            session_factory,
+            "INSERT INTO console_sessions (token_hash, api_key_id, csrf_token, expires_at) "
+            "SELECT sha256(convert_to(:name, 'UTF8')), id, 'csrf', :ends "
+            "FROM api_keys WHERE is_admin",
+            name=name,
+            ends=ends,
+        )
+
+    pruned = await prune(session_factory, RetentionSettings(), 24)
+
+    assert pruned["console_sessions"] == 1
+    left = await execute(session_factory, "SELECT expires_at > now() FROM console_sessions")
+    assert left == [(True,)]

@@ -1,0 +1,185 @@
+"""The console's conversation, consent, senders, events and overview pages in a real headless
+Chromium against a running service (real PostgreSQL and Redis): an inbound STOP posted through
+the signed Twilio webhook shows in the conversation, the number is opted back in from the
+consent page (and the API agrees), the overview's chart counts a newly delivered message, a
+reply's cost updates as it is typed, a failed event is redelivered. Every page is screenshot
+to the artifacts (tests/console/conftest.py), at 1280 and 360 px."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+from playwright.async_api import Page, expect
+
+from app.db.models import WebhookEndpoint, WebhookEvent
+from app.db.session import SessionFactory
+from tests.api.test_status_callbacks import twilio_signature
+from tests.conftest import World
+from tests.console.conftest import PageShot
+from tests.console.test_messages import delivered
+
+FAKE_SENDER = "+14155550199"  # the fake provider's sender: its messages get delivered
+CUSTOMER = "+14155550123"
+
+
+async def inbound(console_url: str, body: str, to: str = FAKE_SENDER) -> None:
+    """A customer's text, posted to the running service's Twilio webhook, signed."""
+    path = "/v1/webhooks/twilio/inbound"
+    params = {
+        "MessageSid": "SM" + uuid.uuid4().hex,
+        "AccountSid": "AC" + "0123456789abcdef" * 2,
+        "From": CUSTOMER,
+        "To": to,
+        "Body": body,
+        "NumSegments": "1",
+    }
+    async with httpx.AsyncClient(base_url=console_url) as client:
+        answer = await client.post(
+            path,
+            data=params,
+            headers={"X-Twilio-Signature": twilio_signature(console_url + path, params)},
+        )
+    assert answer.status_code == 200, answer.text
+
+
+async def opted_out(api: httpx.AsyncClient, world: World) -> bool:
+    answer = await api.get(
+        f"/v1/opt-outs/{CUSTOMER}",
+        params={"sender_id": str(world.fake_sender.id)},
+        headers=world.auth(world.admin_key),
+    )
+    assert answer.status_code == 200, answer.text
+    return bool(answer.json()["opted_out"])
+
+
+async def test_an_inbound_stop_in_the_conversation_then_opted_back_in(
+    api: httpx.AsyncClient,
+    world: World,
+    console_url: str,
+    signed_in: Page,
+    page_shot: PageShot,
+) -> None:
+    page = signed_in
+    await delivered(api, world)
+    await inbound(console_url, "STOP")
+    assert await opted_out(api, world)
+
+    await page.get_by_role("link", name="Conversations", exact=True).click()
+    await page.get_by_label("Number").fill("(415) 555-0123")
+    await page.get_by_label("Sender").select_option(label=f"{FAKE_SENDER} (fake)")
+    await page.get_by_role("button", name="Show").click()
+    turns = page.locator("ol.turns > li")
+    await expect(turns).to_have_count(3)
+    await expect(turns.nth(0)).to_have_attribute("data-kind", "regular")
+    await expect(turns.nth(1)).to_have_attribute("data-keyword", "STOP")
+    await expect(turns.nth(1)).to_contain_text("keyword STOP (opt_out)")
+    await expect(turns.nth(2)).to_contain_text("Our reply")
+    await page_shot("conversations")
+    await page_shot("conversations", width=360)
+
+    await page.get_by_role("link", name="Consent", exact=True).click()
+    await page.get_by_label("Number").fill("(415) 555-0123")
+    await page.get_by_label("Number").press("Enter")
+    state = page.locator(f'#states tr[data-sender="{FAKE_SENDER}"]')
+    await expect(state).to_have_attribute("data-state", "opted_out")
+    await expect(page.locator("#history")).to_contain_text("recipient")
+    await page_shot("consent")
+    await page.get_by_label("Opt in (send again)").check()
+    await page.get_by_label("For").select_option(label=FAKE_SENDER)
+    await page.get_by_label("Reason (recorded, with your key's name)").fill("called support")
+    await page.get_by_role("button", name="Record").click()
+
+    await expect(page.locator("#consent-done")).to_have_text("Recorded.")
+    await expect(state).to_have_attribute("data-state", "opted_in")
+    await expect(page.locator("#history tbody tr").first).to_contain_text("called support")
+    await expect(page.locator("#history tbody tr").first).to_contain_text("operator:")
+    await page_shot("consent-opted-in")
+    await page_shot("consent-opted-in", width=360)
+    assert not await opted_out(api, world)
+
+
+async def test_the_overview_chart_counts_a_delivered_message(
+    api: httpx.AsyncClient, world: World, console_url: str, signed_in: Page, page_shot: PageShot
+) -> None:
+    page = signed_in
+    await delivered(api, world)
+    await page.goto(f"{console_url}/console/overview")
+    row = page.locator('#by-status tr[data-status="delivered"]')
+    await expect(row).to_have_attribute("data-count", "1")
+    await expect(page.locator("#by-status svg.bar")).to_have_count(1)
+    await page_shot("overview-before")
+
+    await delivered(api, world, to="+14155550124")
+    await page.reload()
+
+    await expect(row).to_have_attribute("data-count", "2")
+    await expect(row.get_by_role("cell").first).to_have_text("2")
+    await expect(page.locator('#by-provider tr[data-label="fake"]')).to_have_attribute(
+        "data-rate", "100.0"
+    )
+    await expect(page.locator('#providers tr[data-provider="fake"]')).to_have_attribute(
+        "data-breaker", "closed"
+    )
+    await page_shot("overview")
+    await page_shot("overview", width=360)
+
+
+async def test_a_reply_shows_its_cost_as_it_is_typed(
+    world: World, console_url: str, signed_in: Page, page_shot: PageShot
+) -> None:
+    page = signed_in
+    await page.get_by_role("link", name="Senders", exact=True).click()
+    await expect(page.locator("#senders tbody tr")).to_have_count(3)
+    await page_shot("senders")
+    await page.get_by_role("link", name=FAKE_SENDER).click()
+    cost = page.locator("#cost-opt_out-fr")
+
+    await page.locator("#reply-opt_out-fr").fill("Désabonné. Répondez ARRÊT.")
+    await expect(cost).to_contain_text("UCS-2, 1 segment")
+    await expect(cost).to_contain_text("not in GSM-7: Ê")
+    await page.locator("#reply-opt_out-fr").fill("x" * 161)
+    await expect(cost).to_contain_text("GSM-7, 2 segments (161 septets)")
+    await page_shot("sender")
+    await page_shot("sender", width=360)
+
+
+async def test_a_failed_event_is_redelivered_from_the_events_page(
+    world: World,
+    console_url: str,
+    signed_in: Page,
+    page_shot: PageShot,
+    session_factory: SessionFactory,
+) -> None:
+    async with session_factory.begin() as session:
+        endpoint = WebhookEndpoint(
+            id=uuid.uuid4(), client_id=world.client_id, url="https://hooks.example.test/orders"
+        )
+        session.add(endpoint)
+        await session.flush()
+        event = WebhookEvent(
+            id=uuid.uuid4(),
+            type="message.delivered",
+            client_id=world.client_id,
+            endpoint_id=endpoint.id,
+            payload={},
+            status="failed",
+            attempts=12,
+            last_error="HTTP 503 Service Unavailable",
+            created_at=datetime.now(UTC),
+        )
+        session.add(event)
+    page = signed_in
+    await page.get_by_role("link", name="Events", exact=True).click()
+    await expect(page.locator("#endpoints")).to_contain_text("https://hooks.example.test/orders")
+    await page_shot("events")
+    await page_shot("events", width=360)
+
+    await page.get_by_role("button", name=f"Redeliver event {event.id}").click()
+
+    await expect(page.locator("#redelivered")).to_contain_text(str(event.id))
+    await expect(page.locator(f'#failed-events tr[data-event="{event.id}"]')).to_have_count(0)
+    async with session_factory() as session:
+        status = await session.get(WebhookEvent, event.seq)
+    assert status is not None and status.status == "pending"

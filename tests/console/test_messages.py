@@ -1,0 +1,227 @@
+"""The console's Messages section over plain HTTP: search (a national-format number finds its
+E.164 message, through an index), cursor pages, a message's timeline, and the body shown only
+on a CSRF-checked request, which is logged."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import select, text
+
+from app.console.messages import PAGE_SIZE, read_search, search_messages, search_statement
+from app.db.models import Message, WebhookAttempt, WebhookEndpoint, WebhookEvent
+from app.db.session import SessionFactory
+from tests.conftest import World
+from tests.console.test_sessions import csrf_of, sign_in
+from tests.test_end_to_end import post_message, run_worker
+
+BODY = "Your order #1042 has shipped."
+
+
+@pytest.fixture
+async def console(api: httpx.AsyncClient, world: World) -> httpx.AsyncClient:
+    """The API client, signed in to the console with the admin key."""
+    assert (await sign_in(api, world.admin_key)).status_code == 303
+    return api
+
+
+async def delivered(api: httpx.AsyncClient, world: World, to: str = "+14155550123") -> str:
+    """A message sent through the fake provider and delivered: its id."""
+    accepted = await post_message(api, world, to=to, **{"from": "+14155550199"})
+    await run_worker()
+    return str(accepted["id"])
+
+
+def result_ids(page: httpx.Response) -> list[str]:
+    return re.findall(r'href="/console/messages/([0-9a-f-]{36})"', page.text)
+
+
+async def test_a_national_format_number_finds_the_message(
+    console: httpx.AsyncClient, world: World
+) -> None:
+    wanted = await delivered(console, world)
+    other = await delivered(console, world, to="+14155550124")
+
+    page = await console.get("/console/messages", params={"number": "(415) 555-0123"})
+
+    assert page.status_code == 200
+    assert result_ids(page) == [wanted]
+    assert BODY not in page.text  # no body in the results
+    everything = await console.get("/console/messages")
+    assert set(result_ids(everything)) == {wanted, other}
+    by_status = await console.get("/console/messages", params={"status": "queued"})
+    assert result_ids(by_status) == []
+
+
+async def test_filters_by_client_sender_and_time(console: httpx.AsyncClient, world: World) -> None:
+    wanted = await delivered(console, world)
+    for params, expected in (
+        ({"client": str(world.client_id)}, [wanted]),
+        ({"client": str(uuid.uuid4())}, []),
+        ({"sender": str(world.fake_sender.id)}, [wanted]),
+        ({"sender": str(world.twilio_sender.id)}, []),
+        ({"from": "2000-01-01T00:00", "to": "2999-01-01T00:00"}, [wanted]),
+        ({"from": "2999-01-01T00:00"}, []),
+    ):
+        page = await console.get("/console/messages", params=params)
+        assert (page.status_code, result_ids(page)) == (200, expected), params
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("number", "call me", "not a phone number"),
+        ("status", "lost", "not a message status"),
+        ("client", "acme", "not one of the choices"),
+        ("from", "yesterday", "not a date and time"),
+        ("cursor", "xyz", "not a cursor of this search"),
+    ],
+)
+async def test_bad_search_input_names_the_field(
+    console: httpx.AsyncClient, field: str, value: str, reason: str
+) -> None:
+    page = await console.get("/console/messages", params={field: value})
+    assert page.status_code == 422
+    assert f"{field}: {reason}" in page.text
+    if field != "cursor":  # a field of the form: marked invalid, with its reason beside it
+        assert f'id="{field}-error"' in page.text and 'aria-invalid="true"' in page.text
+
+
+async def test_results_come_in_cursor_pages(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    for n in range(PAGE_SIZE + 3):
+        await post_message(console, world, to=f"+1415555{n:04d}")
+    seen: list[str] = []
+    page = await console.get("/console/messages")
+    while True:
+        seen += result_ids(page)
+        older = re.search(r'href="(/console/messages\?[^"]*cursor=[^"]+)"', page.text)
+        if older is None:
+            break
+        page = await console.get(older.group(1).replace("&amp;", "&"))
+    async with session_factory() as session:
+        newest_first = [
+            str(row)
+            for row in await session.scalars(
+                select(Message.id).order_by(Message.created_at.desc(), Message.id.desc())
+            )
+        ]
+    assert seen == newest_first and len(seen) == PAGE_SIZE + 3
+
+
+@pytest.mark.parametrize("client", [False, True])
+async def test_a_search_by_number_is_served_by_an_index(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory, client: bool
+) -> None:
+    await delivered(console, world)
+    async with session_factory.begin() as session:
+        raw = {"number": "(415) 555-0123"} | ({"client": str(world.client_id)} if client else {})
+        form = await read_search(session, raw, "US")
+        assert len((await search_messages(session, form)).rows) == 1
+        statement = search_statement(form)
+        connection = await session.connection()
+        compiled = statement.compile(dialect=connection.dialect)
+        await session.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table otherwise
+        result = await connection.exec_driver_sql(
+            f"EXPLAIN {compiled.string}",
+            tuple(compiled.params[name] for name in compiled.positiontup or ()),
+        )
+        plan = "\n".join(row[0] for row in result)
+    assert "ix_messages_client_to_created" in plan, plan
+    assert "Seq Scan on messages" not in plan, plan
+
+
+async def test_the_timeline_shows_history_parts_and_events_in_time_order(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    message_id = await delivered(console, world)
+    async with session_factory.begin() as session:
+        endpoint = WebhookEndpoint(client_id=world.client_id, url="https://hooks.example.test/x")
+        session.add(endpoint)
+        await session.flush()
+        event = WebhookEvent(
+            type="message.delivered", client_id=world.client_id, endpoint_id=endpoint.id,
+            message_id=uuid.UUID(message_id), status="delivered", attempts=1,
+            payload={"type": "message.delivered", "data": {"id": message_id, "body": BODY}},
+        )  # fmt: skip
+        session.add(event)
+        await session.flush()
+        session.add(
+            WebhookAttempt(
+                event_id=event.id, number=1, url=endpoint.url, status="succeeded",
+                response_status=204, latency_ms=12,
+            )
+        )  # fmt: skip
+
+    page = await console.get(f"/console/messages/{message_id}")
+
+    assert page.status_code == 200
+    titles = re.findall(r"<strong>([^<]+)</strong>", page.text.split("<h2>Timeline</h2>")[1])
+    assert titles == [
+        "Status: queued",
+        "Status: sending",
+        "Status: sent",
+        "Status: delivered",
+        "Event to the client: message.delivered (delivered)",
+        "Delivery attempt 1 of message.delivered: succeeded 204",
+    ]
+    assert "source</dt><dd>fake" in page.text
+    # Hidden everywhere until asked for, payloads included.
+    assert BODY not in page.text and "[body hidden]" in page.text
+
+
+async def test_show_body_needs_the_csrf_token_and_is_logged(
+    console: httpx.AsyncClient, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    message_id = await delivered(console, world)
+    page = await console.get(f"/console/messages/{message_id}")
+    caplog.set_level(logging.INFO, logger="app.console")
+
+    for data in ({}, {"csrf_token": "forged"}):
+        refused = await console.post(f"/console/messages/{message_id}/body", data=data)
+        assert refused.status_code == 403 and BODY not in refused.text
+    assert not [r for r in caplog.records if r.getMessage() == "message body shown"]
+
+    shown = await console.post(
+        f"/console/messages/{message_id}/body", data={"csrf_token": csrf_of(page)}
+    )
+
+    assert shown.status_code == 200 and BODY in shown.text
+    [line] = [r for r in caplog.records if r.getMessage() == "message body shown"]
+    # The key has no name: its prefix names it.
+    assert (line.operator, line.message_id) == (world.admin_key[:10], message_id)  # type: ignore[attr-defined]
+    assert BODY not in str(line.__dict__)
+
+
+async def test_a_redacted_body_cannot_be_shown(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    message_id = await delivered(console, world)
+    async with session_factory.begin() as session:
+        await session.execute(
+            text("UPDATE messages SET body = '', body_redacted_at = now() WHERE id = :id"),
+            {"id": message_id},
+        )
+    page = await console.get(f"/console/messages/{message_id}")
+    assert "deleted by retention" in page.text and "Show body" not in page.text
+
+
+async def test_an_unknown_message_is_a_404_page(console: httpx.AsyncClient) -> None:
+    for path in (f"/console/messages/{uuid.uuid4()}", "/console/messages/not-an-id"):
+        page = await console.get(path)
+        assert page.status_code == 404 and "No message with id" in page.text
+
+
+async def test_search_messages_reads_no_body(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    await delivered(console, world)
+    async with session_factory() as session:
+        form = await read_search(session, {}, "US")
+        results = await search_messages(session, form)
+    assert not hasattr(results.rows[0], "body")

@@ -1,0 +1,99 @@
+"""The senders view: replies per language, what each costs, what is missing; editing a reply."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.console.senders_view import reply_cost, sender_detail, sender_summaries, set_reply
+from app.db.models import Sender
+from app.db.session import SessionFactory
+from app.kernel.errors import NotFound, ValidationFailed
+from app.senders.keywords import KeywordConfig
+
+
+def test_reply_cost_counts_as_a_send_would() -> None:
+    plain = reply_cost("a" * 160)
+    assert (plain.encoding, plain.segments, plain.units) == ("GSM-7", 1, 160)
+    assert reply_cost("a" * 161).segments == 2
+    escaped = reply_cost("{" * 80)  # two septets each
+    assert (escaped.units, escaped.segments) == (160, 1)
+    accented = reply_cost("Répondez ARRÊT")
+    assert (accented.encoding, accented.segments) == ("UCS-2", 1)
+    assert accented.non_gsm_characters == ("Ê",)
+    assert reply_cost("").segments == 0
+
+
+async def _bare_sender(sessions: SessionFactory) -> uuid.UUID:
+    async with sessions.begin() as session:
+        sender = Sender(
+            id=uuid.uuid4(),
+            address="+14155550177",
+            kind="long_code",
+            provider="fake",
+            keywords=KeywordConfig().model_dump(mode="json"),
+        )
+        session.add(sender)
+    return sender.id
+
+
+async def test_missing_replies_shrink_as_they_are_set(session_factory: SessionFactory) -> None:
+    sender_id = await _bare_sender(session_factory)
+    async with session_factory() as session:
+        (summary,) = await sender_summaries(session, accept_defaults=False)
+        lenient = await sender_summaries(session, accept_defaults=True)
+    assert summary.missing == ["help/en", "help/fr", "opt_out/en", "opt_out/fr"]
+    assert lenient[0].missing == []
+
+    async with session_factory.begin() as session:
+        await set_reply(
+            session, sender_id, category="opt_out", language="fr", reply="Désabonné. ARRET."
+        )
+    async with session_factory() as session:
+        detail = await sender_detail(session, sender_id, accept_defaults=False)
+    assert detail.summary.missing == ["help/en", "help/fr", "opt_out/en"]
+    opt_out = next(view for view in detail.categories if view.category == "opt_out")
+    french = next(view for view in opt_out.languages if view.language == "fr")
+    assert french.reply == "Désabonné. ARRET."
+    assert "ARRET" in french.keywords
+    assert french.cost is not None and french.cost.encoding == "GSM-7"  # é is in GSM-7
+    english = next(view for view in opt_out.languages if view.language == "en")
+    assert english.reply is None and english.default_reply is not None
+    assert english.cost is not None  # of the built-in reply, which is what would go out
+
+    async with session_factory.begin() as session:
+        await set_reply(session, sender_id, category="opt_out", language="fr", reply="  ")
+    async with session_factory() as session:
+        detail = await sender_detail(session, sender_id, accept_defaults=False)
+    assert "opt_out/fr" in detail.summary.missing
+
+
+@pytest.mark.parametrize(
+    ("category", "language", "reply", "field"),
+    [
+        ("custom", "en", "hi", "category"),
+        ("opt_out", "EN", "hi", "language"),
+        ("opt_out", "english", "hi", "language"),
+        ("help", "en", "x" * 1601, "reply"),
+        ("help", "en", "nul\x00", "reply"),
+    ],
+)
+async def test_a_bad_reply_is_refused_naming_the_field(
+    session_factory: SessionFactory, category: str, language: str, reply: str, field: str
+) -> None:
+    sender_id = await _bare_sender(session_factory)
+    async with session_factory.begin() as session:
+        with pytest.raises(ValidationFailed) as raised:
+            await set_reply(session, sender_id, category=category, language=language, reply=reply)
+    assert raised.value.errors is not None
+    assert raised.value.errors[0].field == field
+    async with session_factory() as session:
+        detail = await sender_detail(session, sender_id, accept_defaults=False)
+    assert all(lang.reply is None for view in detail.categories for lang in view.languages)
+
+
+async def test_an_unknown_sender_is_not_found(session_factory: SessionFactory) -> None:
+    async with session_factory() as session:
+        with pytest.raises(NotFound):
+            await sender_detail(session, uuid.uuid4(), accept_defaults=False)
