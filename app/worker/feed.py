@@ -41,12 +41,6 @@ CHUNK_MAX: Final = 50
 # list and the next pop takes it together, so a job's fixed costs (its claim, its gate) are shared
 # by more messages the busier the worker is; when idle, a message still goes at once.
 RUNNING_MAX: Final = 4
-# A delivery starts beside those running only once the newest has run this long. A fast
-# provider's delivery is over by then, so what arrived meanwhile goes in the next pop together
-# (one job of several messages, not several jobs of one: about half the worker's CPU per message
-# at a few hundred sends a second); a slow provider's deliveries overlap after this wait, up to
-# `RUNNING_MAX`. A message waits for it at most this long.
-OVERLAP_AFTER_SECONDS: Final = 0.005
 
 
 class Room(Protocol):
@@ -54,10 +48,6 @@ class Room(Protocol):
 
     async def wait_free(self) -> int:
         """Wait until something is free; how much (nothing is taken)."""
-        ...
-
-    def free(self) -> int:
-        """How much is free now (nothing is taken)."""
         ...
 
 
@@ -77,7 +67,6 @@ class DeliveryFeed:
         pop_wait: int = POP_WAIT_SECONDS,
         chunk_max: int = CHUNK_MAX,
         running_max: int = RUNNING_MAX,
-        overlap_after: float = OVERLAP_AFTER_SECONDS,
         db_outage: Outage | None = None,
     ) -> None:
         self._redis = redis
@@ -88,8 +77,6 @@ class DeliveryFeed:
         self._pop_wait = pop_wait
         self._chunk_max = chunk_max
         self._running_max = running_max
-        self._overlap_after = overlap_after
-        self._last_started = 0.0
         self._slot_free = asyncio.Event()
         self._closed_at = 0.0
         self._stopping = asyncio.Event()
@@ -134,15 +121,11 @@ class DeliveryFeed:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            # Waits only when there is something to wait for (each wait that may have to give
-            # way to a stop costs two tasks; a pop per message at a few hundred a second).
-            if self._must_wait() and await self._unless_stopped(self._job_slot()) is None:
+            if await self._unless_stopped(self._job_slot()) is None:
                 return
-            free: int | None = self._room.free()
-            if not free:
-                free = await self._unless_stopped(self._room.wait_free())
-                if free is None:
-                    return
+            free = await self._unless_stopped(self._room.wait_free())
+            if free is None:
+                return
             try:
                 message_ids = await self._pop(min(free, self._chunk_max))
             except (RedisError, OSError) as error:
@@ -169,35 +152,15 @@ class DeliveryFeed:
         return [_text(popped[1])] if popped else []
 
     def _spawn(self, message_ids: list[str]) -> None:
-        self._last_started = asyncio.get_running_loop().time()
         task: asyncio.Task[object] = asyncio.create_task(self._deliver(message_ids))
         self._running.add(task)
         task.add_done_callback(self._finished)
 
-    def _must_wait(self) -> bool:
-        """Whether a delivery may not start now: too many run, or the newest is younger than
-        `overlap_after`."""
-        running = len(self._running)
-        if running == 0:
-            return False
-        if running >= self._running_max:
-            return True
-        return asyncio.get_running_loop().time() - self._last_started < self._overlap_after
-
     async def _job_slot(self) -> int:
-        """Wait until a delivery may start (`_must_wait`): a running one ended, or the newest
-        has run `overlap_after`; how many run."""
-        loop = asyncio.get_running_loop()
-        while self._must_wait():
+        """Wait until fewer than `running_max` deliveries run; how many do."""
+        while len(self._running) >= self._running_max:
             self._slot_free.clear()
-            wait = None
-            if len(self._running) < self._running_max:
-                wait = self._last_started + self._overlap_after - loop.time()
-            try:
-                async with asyncio.timeout(wait):
-                    await self._slot_free.wait()
-            except TimeoutError:
-                pass
+            await self._slot_free.wait()
         return len(self._running)
 
     def _finished(self, task: asyncio.Task[object]) -> None:

@@ -172,10 +172,6 @@ class InFlightLimit:
             await self._changed.wait_for(lambda: self._free > 0)
             return self._free
 
-    def free(self) -> int:
-        """How much is free now (nothing is taken)."""
-        return self._free
-
     async def give(self, count: int) -> None:
         """Return what `take` gave."""
         async with self._changed:

@@ -200,53 +200,6 @@ async def test_what_arrives_while_deliveries_run_is_popped_together(
     assert recorder.chunks == [first, later]  # one job for the five, not five jobs
 
 
-async def test_a_quick_delivery_is_not_overlapped_what_came_meanwhile_goes_together(
-    queue: Queue, redis: Redis
-) -> None:
-    """A delivery shorter than the overlap wait runs alone (4 may run at once), and the
-    messages pushed one by one meanwhile make one job when it ends."""
-    room = InFlightLimit(100)
-    recorder = Recorder(room, hold=0.2)
-    feed = DeliveryFeed(queue, recorder, room, overlap_after=0.5)  # longer than a delivery
-    feed.start()
-    try:
-        first = ids(1)
-        await push_ids(redis, first)
-        await eventually(lambda: len(recorder.chunks) == 1)
-        later = ids(5)
-        for message_id in later:
-            await push_ids(redis, [message_id])
-        await eventually(lambda: len(recorder.delivered) == 6)
-    finally:
-        await feed.stop(wait=1)
-    # The first job ended before the overlap wait: the five went in the next pop, then.
-    assert recorder.chunks == [first, later]
-    assert 0.15 < recorder.at[1] - recorder.at[0] < 0.45
-
-
-async def test_slow_deliveries_overlap_after_the_wait_up_to_the_most_at_once(
-    queue: Queue, redis: Redis
-) -> None:
-    """A provider that answers slowly: each delivery still running after the overlap wait lets
-    the next start beside it, up to `running_max` at once."""
-    room = InFlightLimit(100)
-    recorder = Recorder(room, hold=1.0)
-    feed = DeliveryFeed(queue, recorder, room, running_max=3, overlap_after=0.05)
-    feed.start()
-    try:
-        for message_id in ids(5):
-            await push_ids(redis, [message_id])
-            await asyncio.sleep(0.1)  # longer than the wait: each may start beside the others
-        await eventually(lambda: len(recorder.chunks) == 3, timeout=2)
-        await asyncio.sleep(0.2)
-        assert len(recorder.chunks) == 3  # the most at once; the rest wait for a slot
-        await eventually(lambda: len(recorder.delivered) == 5, timeout=5)
-    finally:
-        await feed.stop(wait=3)
-    starts = [at - recorder.at[0] for at in recorder.at[:3]]
-    assert starts[1] < 0.5 and starts[2] < 0.5  # overlapped, not one after the other (1 s each)
-
-
 async def test_a_closed_feed_pops_nothing_more_and_its_grace_counts_from_the_close(
     queue: Queue, redis: Redis
 ) -> None:
