@@ -41,7 +41,7 @@ from typing import Any, Final, cast
 import phonenumbers
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from app.kernel.outages import REDIS
 from app.kernel.settings import PumpingSettings
@@ -328,14 +328,17 @@ class VelocityCheck:
         flush.add_done_callback(self._flushes.discard)
 
     async def _flush(self, entries: list[_Entry]) -> None:
-        counted = await self._count(entries)
-        if counted is None:
-            return
-        for (client_id, settings, _), readings in zip(entries, counted, strict=True):
-            fresh = [reading for reading in readings.values() if reading.first]
-            if fresh:
-                alarm = PumpingAlarm(client_id, settings.action, {r.range: r for r in fresh})
-                await self._announce(alarm, fresh)
+        try:
+            counted = await self._count(entries)
+            if counted is None:
+                return
+            for (client_id, settings, _), readings in zip(entries, counted, strict=True):
+                fresh = [reading for reading in readings.values() if reading.first]
+                if fresh:
+                    alarm = PumpingAlarm(client_id, settings.action, {r.range: r for r in fresh})
+                    await self._announce(alarm, fresh)
+        except Exception:  # nothing awaits this task: a bug is logged, not lost
+            log.exception("the pumping alarm's count failed")
 
     async def _count(self, entries: list[_Entry]) -> list[dict[str, RangeReading]] | None:
         """Each entry's readings by range, in one round trip; None when Redis is unavailable
@@ -356,23 +359,27 @@ class VelocityCheck:
             return None
         REDIS.recovered()
         return [
-            {
-                name: _reading(name, reply, settings)
-                for name, reply in zip(ranges, answer, strict=True)
-            }
-            for (_, settings, ranges), answer in zip(entries, replies, strict=True)
+            _readings(client_id, settings, ranges, answer)
+            for (client_id, settings, ranges), answer in zip(entries, replies, strict=True)
         ]
 
-    async def _run(self, entries: list[_Entry]) -> list[list[list[Any]]]:
+    async def _run(self, entries: list[_Entry]) -> list[list[list[Any]] | ResponseError]:
+        """The script's answer for each entry, or the error Redis gave that entry (a script
+        error is one entry's, not an outage: the pipeline's other entries still count)."""
         if len(entries) == 1:
             client_id, settings, ranges = entries[0]
             keys, argv = _arguments(settings, client_id, ranges)
-            return [cast(list[list[Any]], await self._script(keys=keys, args=argv))]
+            try:
+                return [cast(list[list[Any]], await self._script(keys=keys, args=argv))]
+            except ResponseError as error:
+                return [error]
         async with self._redis.pipeline(transaction=False) as pipe:
             for client_id, settings, ranges in entries:
                 keys, argv = _arguments(settings, client_id, ranges)
                 await self._script(keys=keys, args=argv, client=pipe)
-            return cast(list[list[list[Any]]], await pipe.execute())
+            return cast(
+                list[list[list[Any]] | ResponseError], await pipe.execute(raise_on_error=False)
+            )
 
     async def _announce(self, alarm: PumpingAlarm, fresh: list[RangeReading]) -> None:
         """The ranges that fired for the first time in their window (once per window, not per
@@ -396,6 +403,26 @@ class VelocityCheck:
                 await self._on_alarm(alarm, fresh)
             except Exception:  # the messages are stored; an unwritten event must not fail them
                 log.exception("could not record the pumping alarm's event")
+
+
+def _readings(
+    client_id: uuid.UUID,
+    settings: PumpingSettings,
+    ranges: dict[str, set[str]],
+    answer: list[list[Any]] | ResponseError,
+) -> dict[str, RangeReading]:
+    """One entry's readings by range; none when Redis refused its script (its numbers are
+    counted as unchecked, and logged)."""
+    if isinstance(answer, ResponseError):
+        PUMPING_UNCHECKED.inc(sum(len(members) for members in ranges.values()))
+        log.warning(
+            "pumping check refused by redis; sent unjudged",
+            extra={"client_id": str(client_id), "error": repr(answer)},
+        )
+        return {}
+    return {
+        name: _reading(name, reply, settings) for name, reply in zip(ranges, answer, strict=True)
+    }
 
 
 def _reading(name: str, reply: list[Any], settings: PumpingSettings) -> RangeReading:

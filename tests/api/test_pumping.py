@@ -891,3 +891,22 @@ async def test_alert_with_redis_down_counts_the_numbers_unchecked() -> None:
     after = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
     assert after == before + 7
     assert REDIS.down
+
+
+async def test_a_script_error_for_one_client_spares_the_others_count(redis: Redis) -> None:
+    """One client's counts refused by Redis (here a key of the wrong type) are that client's
+    alone: unchecked and logged, the other client's counted, and Redis is not taken for down."""
+    REDIS.recovered()
+    before = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    check = VelocityCheck(redis, PumpingSettings(), linger=3600)
+    broken, fine = uuid.uuid4(), uuid.uuid4()
+    await redis.set(f"{KEY_PREFIX}:{broken}:+33 6123:s", "not a hash")
+    await check.judge(broken, pumping_burst(4))
+    await check.judge(fine, pumping_burst(3))
+
+    await check.flush()
+
+    after = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    assert after == before + 4
+    assert await hget(redis, f"{KEY_PREFIX}:{fine}:+33 6123:s", "count") == b"3"
+    assert not REDIS.down
