@@ -205,7 +205,9 @@ async def _region(session: AsyncSession, sender_id: uuid.UUID | None, default: s
     return region or (sender.countries or [default])[0]
 
 
-def _page_of(search: SearchForm) -> Select[Any]:
+def _page_of(
+    search: SearchForm,
+) -> Select[uuid.UUID, datetime, str, str, str, str, int, uuid.UUID | None]:
     """A page of one client's matching messages (the client compared below), newest first:
     one index range scan, bounded by the search's time range when it has no number."""
     query = select(
