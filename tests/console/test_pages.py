@@ -3,6 +3,7 @@ what each shows, the forms (CSRF-checked, refusals named), and that they agree w
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import UTC, datetime
@@ -71,9 +72,13 @@ async def test_the_conversation_shows_a_stop_and_our_reply(
     ]
     assert 'data-keyword="STOP"' in page.text and "keyword STOP (opt_out)" in page.text
     assert "where is my parcel?" not in page.text  # hidden until asked for
-    shown = await console.get(
-        "/console/conversations",
-        params={"phone": PHONE, "sender_id": str(world.twilio_sender.id), "show": "true"},
+    shown = await console.post(
+        "/console/conversations/bodies",
+        data={
+            "phone": PHONE,
+            "sender_id": str(world.twilio_sender.id),
+            "csrf_token": csrf_of(page),
+        },
     )
     assert "where is my parcel?" in shown.text
 
@@ -84,6 +89,41 @@ async def test_the_conversation_shows_a_stop_and_our_reply(
     assert (
         bad.status_code == 200 and 'role="alert"' in bad.text and "data-direction" not in bad.text
     )
+
+
+async def test_showing_a_conversations_bodies_is_a_checked_and_logged_post(
+    console: httpx.AsyncClient, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by review: bodies were shown on a plain GET (`?show=true`, no CSRF, replayable
+    from history) and logged without the number."""
+    sent = await post_message(console, world, to=PHONE, **{"from": world.twilio_sender.address})
+    assert (await twilio_inbound(console, "where is my parcel?")).status_code == 200
+    where = {"phone": NATIONAL, "sender_id": str(world.twilio_sender.id)}
+    caplog.set_level(logging.INFO, logger="app.console")
+
+    page = await console.get("/console/conversations", params=where | {"show": "true"})
+    assert page.status_code == 200 and "where is my parcel?" not in page.text
+    for data in (where, where | {"csrf_token": "forged"}):
+        refused = await console.post("/console/conversations/bodies", data=data)
+        assert refused.status_code == 403 and "where is my parcel?" not in refused.text
+    assert not [r for r in caplog.records if "bodies shown" in r.getMessage()]
+
+    shown = await console.post(
+        "/console/conversations/bodies", data=where | {"csrf_token": csrf_of(page)}
+    )
+
+    assert shown.status_code == 200 and "where is my parcel?" in shown.text
+    [line] = [r for r in caplog.records if "bodies shown" in r.getMessage()]
+    facts = line.__dict__
+    assert (facts["operator"], facts["phone"], facts["sender"]) == (
+        world.admin_key[:10], PHONE, world.twilio_sender.address,
+    )  # fmt: skip
+    assert sent["id"] in facts["message_ids"] and len(facts["message_ids"]) == 2
+    assert "where is my parcel?" not in str(facts)
+    # A reveal is for its request only: no link of the page carries it on.
+    assert "show" not in " ".join(re.findall(r'href="([^"]+)"', shown.text))
+    again = await console.get("/console/conversations", params=where)
+    assert "where is my parcel?" not in again.text
 
 
 async def _opt_out_state(api: httpx.AsyncClient, world: World, sender: Sender) -> bool:
