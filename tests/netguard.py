@@ -25,10 +25,10 @@ import contextvars
 import functools
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg.transaction
 import httpx
@@ -36,6 +36,8 @@ import pytest
 from redis.asyncio.client import Pipeline, Redis
 
 import app.events.destinations
+
+T = TypeVar("T")
 
 APP_DIR = str(Path(app.events.destinations.__file__).resolve().parent.parent)
 
@@ -48,6 +50,22 @@ def _services_frame() -> str | None:
             return f"{frame.f_code.co_filename[len(APP_DIR) - 3 :]}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+# The transactions open in this context (with where they were opened): inherited by the tasks
+# it starts. One for every guard: a transaction never outlives its test, and `_live` checks it.
+_HELD: contextvars.ContextVar[tuple[tuple[Any, str], ...]] = contextvars.ContextVar(
+    "netguard_held", default=()
+)
+
+
+def another_actor(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """`work` in a task of its own that does not inherit the caller's open transactions: for a
+    test that holds a lock in a transaction while it plays another process's part (a worker's
+    claim against a webhook's STOP), which is not the service's transaction."""
+    context = contextvars.copy_context()
+    context.run(_HELD.set, ())
+    return asyncio.create_task(work, context=context)
 
 
 def _live(transaction: Any) -> bool:
@@ -64,10 +82,7 @@ class NetworkGuard:
     calls made inside one (`violations`)."""
 
     def __init__(self) -> None:
-        # Per guard (one per test): a context of an earlier test holds nothing of this one.
-        self.held: contextvars.ContextVar[tuple[tuple[Any, str], ...]] = contextvars.ContextVar(
-            f"netguard_{id(self)}", default=()
-        )
+        self.held = _HELD
         self.violations: list[str] = []
         self.checked = 0  # network calls seen (so a test can tell the guard was in the way)
         self._paused = 0
