@@ -16,7 +16,8 @@ from sqlalchemy import event, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.console.messages import PAGE_SIZE, read_search, search_messages, search_statement
-from app.db.models import Message, WebhookAttempt, WebhookEndpoint, WebhookEvent
+from app.console.timeline import message_view
+from app.db.models import Message, MessageEvent, WebhookAttempt, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
 from tests.conftest import World
 from tests.console.test_sessions import csrf_of, sign_in
@@ -272,6 +273,30 @@ async def test_the_timeline_shows_history_parts_and_events_in_time_order(
     assert "source</dt><dd>fake" in page.text
     # Hidden everywhere until asked for, payloads included.
     assert BODY not in page.text and "[body hidden]" in page.text
+
+
+async def test_rows_of_one_transaction_keep_the_order_they_were_written_in(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """Found by review: the timeline's reads had no ORDER BY, and rows written by one
+    transaction share its `now()`: their order was the heap's."""
+    message_id = uuid.UUID(await delivered(console, world))
+    async with session_factory.begin() as session:
+        for detail in ("first", "second", "third"):
+            session.add(MessageEvent(message_id=message_id, status=None, applied=False,
+                                     source="fake", detail=detail))  # fmt: skip
+    async with session_factory.begin() as session:
+        # The first row's new version goes to the end of the heap (and of the index's ties).
+        await session.execute(
+            update(MessageEvent)
+            .where(MessageEvent.message_id == message_id, MessageEvent.detail == "first")
+            .values(detail="first")
+        )
+    async with session_factory() as session:
+        view = await message_view(session, message_id, with_body=False)
+    assert view is not None
+    details = [dict(e.facts).get("detail") for e in view.entries if e.kind == "history"]
+    assert [d for d in details if d] == ["first", "second", "third"]
 
 
 async def test_show_body_needs_the_csrf_token_and_is_logged(
