@@ -181,7 +181,9 @@ async def set_reply(
         raise ValidationFailed.for_field(
             "invalid_keywords", "language", "an ISO 639-1 code in lower case, such as en"
         )
-    sender = await get_sender(session, sender_id)
+    # Locked before it is read: a concurrent save (of another language, say) waits, then
+    # reads what this one wrote, instead of writing back the config it read before.
+    sender = await get_sender(session, sender_id, for_update=True)
     data = KeywordConfig.model_validate(sender.keywords).model_dump(mode="json")
     replies = data[category]["replies"]
     if reply is None or not reply.strip():
