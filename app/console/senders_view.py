@@ -162,6 +162,15 @@ async def sender_detail(
     )
 
 
+def saved_reply(value: str | None) -> str | None:
+    """The `category/language` of a reply just saved, as the page's notice names it; anything
+    else (a link edited to say something of its own) names nothing."""
+    category, _, language = (value or "").partition("/")
+    if category in {c.value for c in BUILTIN_CATEGORIES} and _LANGUAGE.fullmatch(language):
+        return f"{category}/{language}"
+    return None
+
+
 async def set_reply(
     session: AsyncSession,
     sender_id: uuid.UUID,

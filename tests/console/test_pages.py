@@ -291,3 +291,22 @@ async def test_the_overview_counts_a_delivered_message(
     assert 'data-status="delivered" data-count="1"' in after.text
     assert 'data-label="fake" data-rate="100.0"' in after.text
     assert "<svg" in after.text and "<table>" in after.text
+
+
+async def test_notices_name_only_known_values(console: httpx.AsyncClient, world: World) -> None:
+    """Found by review: `?redelivered=` and `?saved=` were echoed into the notices, so a link
+    could make the console say anything."""
+    said = "Call +1 900 555 0100 now"
+    events = await console.get("/console/events", params={"redelivered": said})
+    assert events.status_code == 200 and said not in events.text
+    assert 'id="redelivered"' not in events.text
+    event_id = uuid.uuid4()
+    named = await console.get("/console/events", params={"redelivered": str(event_id)})
+    assert f"Event {event_id} is queued for delivery again." in named.text
+
+    sender = f"/console/senders/{world.twilio_sender.id}"
+    for bogus in (said, "help/" + said, "fun/en", "help/EN"):
+        page = await console.get(sender, params={"saved": bogus})
+        assert page.status_code == 200 and "Saved the" not in page.text, bogus
+    saved = await console.get(sender, params={"saved": "help/es"})
+    assert "Saved the help/es reply." in saved.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import event, text
@@ -83,10 +84,12 @@ async def test_console_reads_use_indexes(world: World, session_factory: SessionF
             talk = await conversation(session, PHONE, world.twilio_sender.id, limit=20)
             await conversation(session, PHONE, world.twilio_sender.id, before=talk.older)
             window = await traffic(session)
-            failing = await failing_endpoints(session)
+            failing = (await failing_endpoints(session, limit=10)).endpoints
+            await failing_endpoints(session, after=(1, 0, failing[-1].id))
             failed = await failed_events(session, limit=10)
             await failed_events(session, after=failed.next_cursor)
-            await retrying_events(session)
+            retrying = await retrying_events(session)
+            await retrying_events(session, after=retrying.next_cursor or (datetime.now(UTC), 0))
             await consent_view(session, PHONE)
             for raw in ({"status": "failed"}, {"sender": str(world.twilio_sender.id)}):
                 form = await read_search(session, raw, "US")
