@@ -122,16 +122,19 @@ async def test_the_guard_sees_calls_of_child_tasks_inside_the_parents_transactio
     background = asyncio.create_task(earlier())
     await started.wait()
 
+    async def get(key: str) -> object:
+        return await redis.get(key)
+
     async def work(session: AsyncSession) -> None:
         await session.execute(text("SELECT 1"))
         go_on.set()
         await background
         await asyncio.wait_for(redis.get("smsgate:guard:wait_for"), timeout=5)
         await asyncio.gather(redis.get("smsgate:guard:gather"))
-        await asyncio.create_task(redis.get("smsgate:guard:task"))
+        await asyncio.create_task(get("smsgate:guard:task"))
 
     await run_transaction(session_factory, work)
-    after = asyncio.create_task(redis.get("smsgate:guard:after"))  # the transaction has ended
+    after = asyncio.create_task(get("smsgate:guard:after"))  # the transaction has ended
     await after
     await asyncio.gather(redis.get("smsgate:guard:after"))
 
