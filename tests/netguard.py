@@ -1,5 +1,11 @@
-"""A guard (tests only) that notes every network call made while the same asyncio task has a
-database transaction open: a DNS lookup, a Redis command or pipeline, an HTTP request.
+"""A guard (tests only) that notes every network call made while a database transaction is open
+in the same asyncio task or in the task that started it (or its starter, and so on): a DNS
+lookup, a Redis command or pipeline, an HTTP request.
+
+Open transactions are kept in a context variable, which a task started with `create_task`,
+`gather` or `wait_for` (a task of its own on Python 3.11) inherits from the task that started it:
+a call made by such a child while its parent holds a transaction is seen. A task started before
+the transaction opened does not inherit it (it is not that transaction's work).
 
 Transactions are seen where every one of them starts and ends, whichever road opened it
 (SQLAlchemy sessions, `raw_transaction`, the send path's asyncpg pool): asyncpg's
@@ -15,13 +21,14 @@ Nothing of this exists outside the tests: production pays nothing for it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg.transaction
 import httpx
@@ -29,6 +36,8 @@ import pytest
 from redis.asyncio.client import Pipeline, Redis
 
 import app.events.destinations
+
+T = TypeVar("T")
 
 APP_DIR = str(Path(app.events.destinations.__file__).resolve().parent.parent)
 
@@ -43,11 +52,37 @@ def _services_frame() -> str | None:
     return None
 
 
+# The transactions open in this context (with where they were opened): inherited by the tasks
+# it starts. One for every guard: a transaction never outlives its test, and `_live` checks it.
+_HELD: contextvars.ContextVar[tuple[tuple[Any, str], ...]] = contextvars.ContextVar(
+    "netguard_held", default=()
+)
+
+
+def another_actor(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """`work` in a task of its own that does not inherit the caller's open transactions: for a
+    test that holds a lock in a transaction while it plays another process's part (a worker's
+    claim against a webhook's STOP), which is not the service's transaction."""
+    context = contextvars.copy_context()
+    context.run(_HELD.set, ())
+    return asyncio.create_task(work, context=context)
+
+
+def _live(transaction: Any) -> bool:
+    """Whether an asyncpg transaction is still open on its connection."""
+    return bool(
+        transaction._state is asyncpg.transaction.TransactionState.STARTED
+        and not transaction._connection.is_closed()
+        and transaction._connection.is_in_transaction()
+    )
+
+
 class NetworkGuard:
-    """Open transactions per task, and the network calls made inside one (`violations`)."""
+    """Open transactions of the running context (inherited by child tasks), and the network
+    calls made inside one (`violations`)."""
 
     def __init__(self) -> None:
-        self.open: dict[asyncio.Task[Any], dict[int, tuple[Any, str]]] = {}
+        self.held = _HELD
         self.violations: list[str] = []
         self.checked = 0  # network calls seen (so a test can tell the guard was in the way)
         self._paused = 0
@@ -64,32 +99,23 @@ class NetworkGuard:
 
     def opened(self, transaction: Any) -> None:
         where = _services_frame()
-        task = asyncio.current_task()
-        if where is None or task is None:
+        if where is None or asyncio.current_task() is None:
             return
-        self.open.setdefault(task, {})[id(transaction)] = (transaction, where)
+        # A tuple, replaced (never changed in place): a child task keeps the transactions open
+        # when it started, and sees each of them end (`_live` reads the transaction's state).
+        still = tuple(held for held in self.held.get() if _live(held[0]))
+        self.held.set((*still, (transaction, where)))
 
     def closed(self, transaction: Any) -> None:
-        task = asyncio.current_task()
-        for held in [self.open.get(task)] if task in self.open else self.open.values():
-            if held is not None:
-                held.pop(id(transaction), None)
+        held = self.held.get()
+        if any(t is transaction for t, _ in held):
+            self.held.set(tuple((t, w) for t, w in held if t is not transaction))
 
     def check(self, kind: str, what: str) -> None:
         self.checked += 1
         if self._paused:
             return
-        task = asyncio.current_task()
-        held = self.open.get(task) if task is not None else None
-        if not held:
-            return
-        live = [
-            where
-            for transaction, where in held.values()
-            if transaction._state is asyncpg.transaction.TransactionState.STARTED
-            and not transaction._connection.is_closed()
-            and transaction._connection.is_in_transaction()
-        ]
+        live = [where for transaction, where in self.held.get() if _live(transaction)]
         if live:
             stack = "".join(traceback.format_stack(limit=12)[:-2])
             self.violations.append(

@@ -8,6 +8,7 @@ runs the whole suite under it."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from typing import Any
@@ -102,6 +103,44 @@ async def test_the_guard_sees_each_kind_of_call_on_each_road(
         ]
     assert len(network_guard.violations) == 12
     assert public_dns == ["hooks.example.test"] * 5
+    network_guard.violations.clear()  # seen: the point of this test
+
+
+async def test_the_guard_sees_calls_of_child_tasks_inside_the_parents_transaction(
+    network_guard: NetworkGuard, session_factory: SessionFactory, redis: Redis
+) -> None:
+    """Found by review: open transactions were keyed by task, and `asyncio.wait_for` (a task of
+    its own on Python 3.11), `gather` and `create_task` run the call in a child task."""
+    started = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def earlier() -> None:  # started before the transaction: not its work
+        started.set()
+        await go_on.wait()
+        await redis.get("smsgate:guard:earlier")
+
+    background = asyncio.create_task(earlier())
+    await started.wait()
+
+    async def get(key: str) -> object:
+        return await redis.get(key)
+
+    async def work(session: AsyncSession) -> None:
+        await session.execute(text("SELECT 1"))
+        go_on.set()
+        await background
+        await asyncio.wait_for(redis.get("smsgate:guard:wait_for"), timeout=5)
+        await asyncio.gather(redis.get("smsgate:guard:gather"))
+        await asyncio.create_task(get("smsgate:guard:task"))
+
+    await run_transaction(session_factory, work)
+    after = asyncio.create_task(get("smsgate:guard:after"))  # the transaction has ended
+    await after
+    await asyncio.gather(redis.get("smsgate:guard:after"))
+
+    kinds = [v.split(" while ")[0] for v in network_guard.violations]
+    assert kinds == ["Redis command GET"] * 3, network_guard.violations
+    assert all("run_transaction" in v or "transitions.py" in v for v in network_guard.violations)
     network_guard.violations.clear()  # seen: the point of this test
 
 

@@ -16,6 +16,7 @@ from app.console.numbers import read_number
 from app.console.sessions import Operator
 from app.console.templating import render, see_other
 from app.kernel.errors import NotFound, ValidationFailed
+from app.kernel.pagination import decode_cursor, encode_cursor
 from app.web.deps import SessionDep, SettingsDep
 
 router = APIRouter()
@@ -30,10 +31,15 @@ async def _page(
     *,
     error: str | None = None,
     done: str | None = None,
+    before: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
     number, number_error = read_number(phone, region)
-    view = await consent_view(session, number) if number else None
+    try:
+        older_than = decode_cursor(before, int) if before else None
+    except ValidationFailed:
+        older_than, error = None, error or "that page link is not valid any more"
+    view = await consent_view(session, number, before=older_than) if number else None
     return render(
         request,
         "consent.html",
@@ -45,6 +51,7 @@ async def _page(
         view=view,
         error=error or number_error,
         done=done,
+        older=encode_cursor(*view.older) if view and view.older else None,
     )
 
 
@@ -56,9 +63,11 @@ async def consent_page(
     settings: SettingsDep,
     phone: str | None = None,
     done: str | None = None,
+    before: str | None = None,
 ) -> HTMLResponse:
-    """A number's state per sender and service-wide, and its history."""
-    return await _page(request, session, operator, phone, settings.default_region, done=done)
+    """A number's state per sender and service-wide, and its history (a page at a time)."""
+    region = settings.default_region
+    return await _page(request, session, operator, phone, region, done=done, before=before)
 
 
 @router.post("/consent")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.consent.optouts import (
@@ -64,7 +64,7 @@ class ConsentView:
     service_wide_opted_out: bool
     senders: list[SenderConsent]
     history: list[HistoryRow]
-    history_truncated: bool  # older rows exist beyond `history`
+    older: tuple[datetime, int] | None  # the cursor of older history rows (None: no more)
 
 
 def operator_actor(key_name: str) -> str:
@@ -73,21 +73,28 @@ def operator_actor(key_name: str) -> str:
 
 
 async def consent_view(
-    session: AsyncSession, phone: str, *, history_limit: int = HISTORY_LIMIT
+    session: AsyncSession,
+    phone: str,
+    *,
+    before: tuple[datetime, int] | None = None,
+    history_limit: int = HISTORY_LIMIT,
 ) -> ConsentView:
     """The state of `phone` (E.164) for every sender (there are few: one query for all, the
-    send check's rule) and service-wide, and its newest history rows
-    (`ix_opt_outs_phone_sender_created`)."""
+    send check's rule) and service-wide, and a page of its history, newest first, before the
+    (created_at, id) cursor `before`. The number's rows are found through the phone prefix of
+    `ix_opt_outs_phone_sender_created` and sorted: one number's history (its STOPs and STARTs,
+    the imports and operators' changes naming it) is small."""
     senders = await list_senders(session)
     refused = await opted_out_pairs(session, [(phone, sender.id) for sender in senders])
+    query = select(OptOut).where(OptOut.phone == phone)
+    if before is not None:
+        query = query.where(tuple_(OptOut.created_at, OptOut.id) < tuple_(*before))
     rows = list(
         await session.scalars(
-            select(OptOut)
-            .where(OptOut.phone == phone)
-            .order_by(OptOut.created_at.desc(), OptOut.id.desc())
-            .limit(history_limit + 1)
+            query.order_by(OptOut.created_at.desc(), OptOut.id.desc()).limit(history_limit + 1)
         )
     )
+    last = rows[history_limit - 1] if len(rows) > history_limit else None
     addresses = {sender.id: sender.address for sender in senders}
     return ConsentView(
         phone=phone,
@@ -108,7 +115,7 @@ async def consent_view(
             )
             for row in rows[:history_limit]
         ],
-        history_truncated=len(rows) > history_limit,
+        older=(last.created_at, last.id) if last is not None else None,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -11,6 +13,7 @@ from app.console.deps import CsrfOperatorDep, OperatorDep
 from app.console.events_view import (
     failed_events,
     failing_endpoints,
+    read_endpoint_cursor,
     redeliver_event,
     retrying_events,
 )
@@ -23,34 +26,66 @@ from app.web.deps import SessionDep
 router = APIRouter()
 
 
+@dataclass(frozen=True, slots=True)
+class Cursors:
+    """Where each of the page's three lists starts (None: its first page)."""
+
+    failed: str | None = None
+    endpoints: str | None = None
+    retrying: str | None = None
+
+    def read(self) -> tuple[Any, Any, Any]:
+        """The three positions; `ValidationFailed` for a link that is not one of ours."""
+        return (
+            decode_cursor(self.failed, int) if self.failed else None,
+            read_endpoint_cursor(self.endpoints) if self.endpoints else None,
+            decode_cursor(self.retrying, int) if self.retrying else None,
+        )
+
+
 async def _page(
     request: Request,
     session: SessionDep,
     operator: Operator,
     *,
-    cursor: str | None = None,
+    cursors: Cursors | None = None,
     error: str | None = None,
     redelivered: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
+    cursors = cursors or Cursors()
     try:
-        after = decode_cursor(cursor, int) if cursor else None
+        after, endpoints_after, retrying_after = cursors.read()
     except ValidationFailed:
-        after, error = None, error or "that page link is not valid any more"
+        after, endpoints_after, retrying_after = None, None, None
+        error = error or "that page link is not valid any more"
     page = await failed_events(session, after=after)
+    endpoints = await failing_endpoints(session, after=endpoints_after)
+    retrying = await retrying_events(session, after=retrying_after)
     return render(
         request,
         "events.html",
         status_code=status_code,
         operator=operator,
         section="events",
-        endpoints=await failing_endpoints(session),
+        endpoints=endpoints.endpoints,
+        endpoints_cursor=endpoints.next_cursor,
         failed=page.events,
         next_cursor=encode_cursor(*page.next_cursor) if page.next_cursor else None,
-        retrying=await retrying_events(session),
+        retrying=retrying.events,
+        retrying_cursor=encode_cursor(*retrying.next_cursor) if retrying.next_cursor else None,
         error=error,
-        redelivered=redelivered,
+        redelivered=_event_id(redelivered),
     )
+
+
+def _event_id(value: str | None) -> uuid.UUID | None:
+    """The event a redelivery notice names: an event id, else none (the notice never repeats
+    what a link was edited to say)."""
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
 
 
 @router.get("/events")
@@ -59,10 +94,14 @@ async def events_page(
     operator: OperatorDep,
     session: SessionDep,
     cursor: str | None = None,
+    endpoints: str | None = None,
+    retrying: str | None = None,
     redelivered: str | None = None,
 ) -> HTMLResponse:
-    """Disabled and failing endpoints, failed events (newest first), events being retried."""
-    return await _page(request, session, operator, cursor=cursor, redelivered=redelivered)
+    """Disabled and failing endpoints, failed events (newest first), events being retried;
+    each list a page at a time."""
+    cursors = Cursors(failed=cursor, endpoints=endpoints, retrying=retrying)
+    return await _page(request, session, operator, cursors=cursors, redelivered=redelivered)
 
 
 @router.post("/events/{event_id}/redeliver")

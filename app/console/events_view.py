@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from sqlalchemy import func, select, tuple_, union
+from sqlalchemy import case, func, select, tuple_, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access.auth import Principal
 from app.db.models import ApiKey, Client, Sender, WebhookEndpoint, WebhookEvent
 from app.events.outbox import EventStatus, EventView, redeliver
-from app.kernel.errors import NotFound
+from app.kernel.errors import NotFound, ValidationFailed
 
 LIST_LIMIT: Final = 50
 MAX_LIST_LIMIT: Final = 200
@@ -68,10 +68,43 @@ def _owner(client_name: str | None, sender_address: str | None) -> str:
     return f"client {client_name}" if client_name is not None else f"sender {sender_address}"
 
 
+@dataclass(frozen=True, slots=True)
+class EndpointPage:
+    """Failing endpoints in the list's order; `next_cursor`: where the next page starts."""
+
+    endpoints: list[FailingEndpoint]
+    next_cursor: str | None
+
+
+def _endpoint_position(endpoint: FailingEndpoint) -> str:
+    """An endpoint's place in the list, as a cursor: enabled?, failures, id."""
+    return f"{int(endpoint.disabled_at is None)}.{endpoint.failed_events}.{endpoint.id}"
+
+
+def read_endpoint_cursor(cursor: str) -> tuple[int, int, uuid.UUID]:
+    """The place an endpoints cursor points at, or `ValidationFailed` naming `cursor`."""
+    try:
+        enabled, failed, endpoint_id = cursor.split(".")
+        place = (int(enabled), int(failed), uuid.UUID(endpoint_id))
+    except ValueError:
+        place = (-1, -1, uuid.UUID(int=0))
+    if place[0] not in (0, 1) or place[1] < 0:
+        raise ValidationFailed.for_field("invalid_cursor", "cursor", "not a cursor of this list")
+    return place
+
+
 async def failing_endpoints(
-    session: AsyncSession, *, now: datetime | None = None, limit: int = LIST_LIMIT
-) -> list[FailingEndpoint]:
-    """Disabled endpoints and those with failed events in the last week, most failures first."""
+    session: AsyncSession,
+    *,
+    now: datetime | None = None,
+    after: tuple[int, int, uuid.UUID] | None = None,
+    limit: int = LIST_LIMIT,
+) -> EndpointPage:
+    """Disabled endpoints and those with failed events in the last week, most failures first,
+    a page after the cursor `after` (`read_endpoint_cursor`). The order is computed (a count):
+    every page groups the week's failed events (`ix_webhook_events_failed`) and reads the
+    disabled endpoints (`ix_webhook_endpoints_disabled`), then starts after the cursor."""
+    limit = max(1, min(limit, MAX_LIST_LIMIT))
     since = (now or datetime.now(UTC)) - FAILING_WINDOW
     failures = (
         select(
@@ -88,32 +121,38 @@ async def failing_endpoints(
         select(failures.c.endpoint_id),
         select(WebhookEndpoint.id).where(WebhookEndpoint.disabled_at.is_not(None)),
     ).subquery("wanted")
-    rows = await session.execute(
+    enabled = case((WebhookEndpoint.disabled_at.is_(None), 1), else_=0)
+    failed = func.coalesce(failures.c.failed, 0)
+    query = (
         select(WebhookEndpoint, Client.name, Sender.address, failures.c.failed, failures.c.last)
         .select_from(wanted)
         .join(WebhookEndpoint, WebhookEndpoint.id == wanted.c.endpoint_id)
         .outerjoin(failures, failures.c.endpoint_id == WebhookEndpoint.id)
         .outerjoin(Client, Client.id == WebhookEndpoint.client_id)
         .outerjoin(Sender, Sender.id == WebhookEndpoint.sender_id)
-        .order_by(
-            WebhookEndpoint.disabled_at.is_(None),
-            func.coalesce(failures.c.failed, 0).desc(),
-            WebhookEndpoint.id,
-        )
-        .limit(max(1, min(limit, MAX_LIST_LIMIT)))
     )
-    return [
+    if after is not None:
+        query = query.where(
+            tuple_(enabled, -failed, WebhookEndpoint.id) > tuple_(after[0], -after[1], after[2])
+        )
+    rows = await session.execute(
+        query.order_by(enabled, failed.desc(), WebhookEndpoint.id).limit(limit + 1)
+    )
+    found = [
         FailingEndpoint(
             id=endpoint.id,
             url=endpoint.url,
             owner=_owner(client_name, sender_address),
             disabled_at=endpoint.disabled_at,
             disabled_reason=endpoint.disabled_reason,
-            failed_events=int(failed or 0),
+            failed_events=int(failed_count or 0),
             last_failure_at=last,
         )
-        for endpoint, client_name, sender_address, failed, last in rows
+        for endpoint, client_name, sender_address, failed_count, last in rows
     ]
+    more = len(found) > limit
+    page = found[:limit]
+    return EndpointPage(page, _endpoint_position(page[-1]) if more else None)
 
 
 def _failed_event(event: WebhookEvent, url: str) -> FailedEvent:
@@ -172,16 +211,30 @@ async def failed_events(
     )
 
 
-async def retrying_events(session: AsyncSession, *, limit: int = LIST_LIMIT) -> list[FailedEvent]:
-    """Pending events whose attempts so far failed, next due first (`ix_webhook_events_
-    pending_due`: the pending ones only)."""
-    rows = await session.scalars(
-        select(WebhookEvent)
-        .where(WebhookEvent.status == EventStatus.PENDING.value, WebhookEvent.attempts > 0)
-        .order_by(WebhookEvent.next_attempt_at)
-        .limit(max(1, min(limit, MAX_LIST_LIMIT)))
+async def retrying_events(
+    session: AsyncSession,
+    *,
+    after: tuple[datetime, int] | None = None,
+    limit: int = LIST_LIMIT,
+) -> FailedEventPage:
+    """Pending events whose attempts so far failed, next due first, after the (next_attempt_at,
+    seq) cursor `after` (`ix_webhook_events_pending_due`: the pending ones only, in
+    next_attempt_at order; ties, rare, sorted by seq)."""
+    limit = max(1, min(limit, MAX_LIST_LIMIT))
+    query = select(WebhookEvent).where(
+        WebhookEvent.status == EventStatus.PENDING.value, WebhookEvent.attempts > 0
     )
-    return await _with_urls(session, list(rows))
+    if after is not None:
+        query = query.where(tuple_(WebhookEvent.next_attempt_at, WebhookEvent.seq) > tuple_(*after))
+    rows = list(
+        await session.scalars(
+            query.order_by(WebhookEvent.next_attempt_at, WebhookEvent.seq).limit(limit + 1)
+        )
+    )
+    events = await _with_urls(session, rows[:limit])
+    more = len(rows) > limit
+    cursor = (rows[limit - 1].next_attempt_at, rows[limit - 1].seq) if more else None
+    return FailedEventPage(events=events, next_cursor=cursor)
 
 
 async def redeliver_event(

@@ -1,10 +1,13 @@
 """The console's Messages section: finding messages, and one message's whole timeline.
 
-A search is served by the messages' indexes whatever its filters: per client (one `LATERAL`
-subquery each, the service's own replies with no client included), `(client_id, to,
-created_at, id)` when a number is given, `(client_id, created_at, id)` otherwise, newest first,
-each stopping after a page; the pages are then merged. A number is read in any format: a
-national one in the chosen sender's country (else `DEFAULT_REGION`).
+A search is served by the messages' indexes: per client (one `LATERAL` subquery each, the
+service's own replies with no client included), `(client_id, to, created_at, id)` when a number
+is given, `(client_id, created_at, id)` otherwise, newest first, each stopping after a page; the
+pages are then merged, and only the merged page is joined to the clients' names. Status and
+sender are not in those indexes (each index on `messages` costs the accept path): they are
+checked row by row, so a search without a number is bounded by a time range — the last 24 hours
+unless given, at most `MAX_RANGE_WITHOUT_NUMBER` — which the index condition carries. A number is
+read in any format: a national one in the chosen sender's country (else `DEFAULT_REGION`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,6 +32,10 @@ from app.kernel.status import MessageStatus
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 25
+DEFAULT_RANGE = timedelta(hours=24)
+# A search without a number reads every message of the range (status and sender are filtered
+# row by row): a week of a busy client is the most one page may cost.
+MAX_RANGE_WITHOUT_NUMBER = timedelta(days=7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,17 +143,43 @@ async def read_search(
 
     sender_id = read("sender", _uuid, "not one of the choices")
     region = await _region(session, sender_id, default_region)
+    number = read("number", lambda typed: canonical_phone(typed, region), "not a phone number")
+    created_from = read("from", _when, "not a date and time")
+    created_to = read("to", _when, "not a date and time")
+    if not values["number"] and not {"from", "to"} & errors.keys():
+        created_from = _bounded_start(values, created_from, created_to, errors)
     return SearchForm(
         raw=values,
-        number=read("number", lambda typed: canonical_phone(typed, region), "not a phone number"),
+        number=number,
         status=read("status", _status, "not a message status"),
         sender_id=sender_id,
         client_id=read("client", _uuid, "not one of the choices"),
-        created_from=read("from", _when, "not a date and time"),
-        created_to=read("to", _when, "not a date and time"),
+        created_from=created_from,
+        created_to=created_to,
         cursor=read("cursor", _cursor, "not a cursor of this search"),
         errors=errors,
     )
+
+
+def _bounded_start(
+    values: dict[str, str],
+    created_from: datetime | None,
+    created_to: datetime | None,
+    errors: dict[str, str],
+) -> datetime | None:
+    """The start of a search without a number: the 24 hours before its end (or now) when not
+    given, written into the form (so that its pages keep it); a range longer than
+    `MAX_RANGE_WITHOUT_NUMBER` is refused on `from`."""
+    end = created_to or datetime.now(UTC)
+    if created_from is None:
+        created_from = (end - DEFAULT_RANGE).replace(second=0, microsecond=0)
+        values["from"] = created_from.strftime("%Y-%m-%dT%H:%M")
+    elif end - created_from > MAX_RANGE_WITHOUT_NUMBER:
+        errors["from"] = (
+            f"more than {MAX_RANGE_WITHOUT_NUMBER.days} days before the end of the search"
+            " without a number: narrow the range or give a number"
+        )
+    return created_from
 
 
 def _status(value: str) -> str | None:
@@ -172,10 +205,21 @@ async def _region(session: AsyncSession, sender_id: uuid.UUID | None, default: s
     return region or (sender.countries or [default])[0]
 
 
-def _page_of_ids(search: SearchForm) -> Select[uuid.UUID, datetime]:
-    """The ids and times of a page of one client's matching messages (the client compared
-    below), newest first: one index range scan."""
-    query = select(Message.id, Message.created_at)
+def _page_of(
+    search: SearchForm,
+) -> Select[uuid.UUID, datetime, str, str, str, str, int, uuid.UUID | None]:
+    """A page of one client's matching messages (the client compared below), newest first:
+    one index range scan, bounded by the search's time range when it has no number."""
+    query = select(
+        Message.id,
+        Message.created_at,
+        Message.to,
+        Message.from_.label("from_"),
+        Message.status,
+        Message.kind,
+        Message.segments,
+        Message.client_id,
+    )
     if search.number is not None:
         query = query.where(Message.to == search.number)
     if search.status is not None:
@@ -191,39 +235,40 @@ def _page_of_ids(search: SearchForm) -> Select[uuid.UUID, datetime]:
     return query.order_by(Message.created_at.desc(), Message.id.desc()).limit(PAGE_SIZE + 1)
 
 
-def search_statement(
-    search: SearchForm,
-) -> Select[uuid.UUID, datetime, str, str, str, str, int, str]:
+def search_statement(search: SearchForm) -> Select[Any]:
     """The statement of a page of `search`'s results (one more row than a page: is there a
     next one?)."""
     if search.client_id is not None:
-        matching = _page_of_ids(search).where(Message.client_id == search.client_id).subquery()
+        page = _page_of(search).where(Message.client_id == search.client_id).subquery()
     else:
         # Per client, through the index, then merged: no index serves "every client".
-        per_client = (
-            _page_of_ids(search).where(Message.client_id == Client.id).correlate(Client).lateral()
-        )
-        matching = union_all(
-            select(per_client.c.id, per_client.c.created_at).select_from(
-                Client.__table__.join(per_client, true())
-            ),
-            _page_of_ids(search).where(Message.client_id.is_(None)),
+        per_client = _page_of(search).where(Message.client_id == Client.id).correlate(Client)
+        lateral = per_client.lateral()
+        merged = union_all(
+            select(lateral).select_from(Client.__table__.join(lateral, true())),
+            _page_of(search).where(Message.client_id.is_(None)),
         ).subquery()
+        page = (
+            select(merged)
+            .order_by(merged.c.created_at.desc(), merged.c.id.desc())
+            .limit(PAGE_SIZE + 1)
+            .subquery()
+        )
+    # The clients' names are joined to the page only, never to the messages before the limit:
+    # the plan then cannot hinge on the estimates of `clients`.
     return (
         select(
-            Message.id,
-            Message.created_at,
-            Message.to,
-            Message.from_,
-            Message.status,
-            Message.kind,
-            Message.segments,
+            page.c.id,
+            page.c.created_at,
+            page.c.to,
+            page.c.from_,
+            page.c.status,
+            page.c.kind,
+            page.c.segments,
             Client.name,
         )
-        .join(matching, matching.c.id == Message.id)
-        .outerjoin(Client, Client.id == Message.client_id)
-        .order_by(Message.created_at.desc(), Message.id.desc())
-        .limit(PAGE_SIZE + 1)
+        .outerjoin(Client, Client.id == page.c.client_id)
+        .order_by(page.c.created_at.desc(), page.c.id.desc())
     )
 
 

@@ -14,6 +14,7 @@ from app.console.deps import CsrfOperatorDep, OperatorDep
 from app.console.senders_view import (
     MAX_REPLY_LENGTH,
     reply_cost,
+    saved_reply,
     sender_detail,
     sender_summaries,
     set_reply,
@@ -97,7 +98,7 @@ async def _detail_page(
         section="senders",
         detail=detail,
         error=error,
-        saved=saved,
+        saved=saved_reply(saved),
         max_reply=MAX_REPLY_LENGTH,
     )
 

@@ -162,6 +162,15 @@ async def sender_detail(
     )
 
 
+def saved_reply(value: str | None) -> str | None:
+    """The `category/language` of a reply just saved, as the page's notice names it; anything
+    else (a link edited to say something of its own) names nothing."""
+    category, _, language = (value or "").partition("/")
+    if category in {c.value for c in BUILTIN_CATEGORIES} and _LANGUAGE.fullmatch(language):
+        return f"{category}/{language}"
+    return None
+
+
 async def set_reply(
     session: AsyncSession,
     sender_id: uuid.UUID,
@@ -181,7 +190,9 @@ async def set_reply(
         raise ValidationFailed.for_field(
             "invalid_keywords", "language", "an ISO 639-1 code in lower case, such as en"
         )
-    sender = await get_sender(session, sender_id)
+    # Locked before it is read: a concurrent save (of another language, say) waits, then
+    # reads what this one wrote, instead of writing back the config it read before.
+    sender = await get_sender(session, sender_id, for_update=True)
     data = KeywordConfig.model_validate(sender.keywords).model_dump(mode="json")
     replies = data[category]["replies"]
     if reply is None or not reply.strip():

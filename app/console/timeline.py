@@ -181,17 +181,30 @@ async def message_view(
         return None
     message, client, sender = row
     body = message.body
+    # Each read in time order, then in the order written (rows of one transaction share its
+    # `now()`): the merge below is a stable sort, so ties keep this order.
     history = await session.scalars(
-        select(MessageEvent).where(MessageEvent.message_id == message_id)
+        select(MessageEvent)
+        .where(MessageEvent.message_id == message_id)
+        .order_by(MessageEvent.created_at, MessageEvent.id)
     )
-    parts = await session.scalars(select(MessagePart).where(MessagePart.message_id == message_id))
+    parts = await session.scalars(
+        select(MessagePart)
+        .where(MessagePart.message_id == message_id)
+        .order_by(MessagePart.created_at, MessagePart.number, MessagePart.provider_message_id)
+    )
     events = list(
-        await session.scalars(select(WebhookEvent).where(WebhookEvent.message_id == message_id))
+        await session.scalars(
+            select(WebhookEvent)
+            .where(WebhookEvent.message_id == message_id)
+            .order_by(WebhookEvent.created_at, WebhookEvent.seq)
+        )
     )
     attempts = await session.execute(
         select(WebhookAttempt, WebhookEvent.type)
         .join(WebhookEvent, WebhookEvent.id == WebhookAttempt.event_id)
         .where(WebhookEvent.message_id == message_id)
+        .order_by(WebhookAttempt.created_at, WebhookAttempt.id)
     )
     entries = [
         *(_history(event, body) for event in history),

@@ -156,9 +156,15 @@ def _check_providers(
         )
 
 
-async def get_sender(session: AsyncSession, sender_id: uuid.UUID) -> Sender:
-    """One sender, or `NotFound`."""
-    sender = await session.get(Sender, sender_id)
+async def get_sender(
+    session: AsyncSession, sender_id: uuid.UUID, *, for_update: bool = False
+) -> Sender:
+    """One sender, or `NotFound`. `for_update` locks its row until the transaction ends and
+    reads it afresh: every change to a sender reads it so (a read-modify-write of its keyword
+    config, say, without the lock loses a concurrent change)."""
+    sender = await session.get(
+        Sender, sender_id, with_for_update=for_update, populate_existing=for_update
+    )
     if sender is None:
         raise sender_not_found(sender_id)
     return sender
@@ -295,7 +301,7 @@ async def update_sender(
     (its address and kind are its identity). None leaves a field as it is, except for the
     fallback provider and the countries, where None removes it (the countries: back to the
     kind's default) and `UNCHANGED` leaves it."""
-    sender = await get_sender(session, sender_id)
+    sender = await get_sender(session, sender_id, for_update=True)
     new_fallback = (
         sender.fallback_provider if isinstance(fallback_provider, Unchanged) else fallback_provider
     )

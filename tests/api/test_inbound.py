@@ -26,6 +26,7 @@ from tests.domain.test_delivery import (
     twilio_created,
     twilio_error,
 )
+from tests.netguard import another_actor
 from tests.queueing import queued_message_ids
 from tests.test_end_to_end import run_worker
 
@@ -556,7 +557,7 @@ async def test_a_stop_waits_for_a_send_being_claimed_to_that_number(
     # The worker's claim holds the number's lock; the STOP must wait for it, not slip past.
     async with session_factory() as claim, claim.begin():
         await lock_recipients(claim, [CUSTOMER])
-        stop = asyncio.create_task(twilio_inbound(api, "STOP"))
+        stop = another_actor(twilio_inbound(api, "STOP"))  # the webhook, not the worker
         await asyncio.sleep(0.2)
         assert not stop.done()
 

@@ -3,6 +3,7 @@ what each shows, the forms (CSRF-checked, refusals named), and that they agree w
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import UTC, datetime
@@ -71,9 +72,13 @@ async def test_the_conversation_shows_a_stop_and_our_reply(
     ]
     assert 'data-keyword="STOP"' in page.text and "keyword STOP (opt_out)" in page.text
     assert "where is my parcel?" not in page.text  # hidden until asked for
-    shown = await console.get(
-        "/console/conversations",
-        params={"phone": PHONE, "sender_id": str(world.twilio_sender.id), "show": "true"},
+    shown = await console.post(
+        "/console/conversations/bodies",
+        data={
+            "phone": PHONE,
+            "sender_id": str(world.twilio_sender.id),
+            "csrf_token": csrf_of(page),
+        },
     )
     assert "where is my parcel?" in shown.text
 
@@ -84,6 +89,41 @@ async def test_the_conversation_shows_a_stop_and_our_reply(
     assert (
         bad.status_code == 200 and 'role="alert"' in bad.text and "data-direction" not in bad.text
     )
+
+
+async def test_showing_a_conversations_bodies_is_a_checked_and_logged_post(
+    console: httpx.AsyncClient, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by review: bodies were shown on a plain GET (`?show=true`, no CSRF, replayable
+    from history) and logged without the number."""
+    sent = await post_message(console, world, to=PHONE, **{"from": world.twilio_sender.address})
+    assert (await twilio_inbound(console, "where is my parcel?")).status_code == 200
+    where = {"phone": NATIONAL, "sender_id": str(world.twilio_sender.id)}
+    caplog.set_level(logging.INFO, logger="app.console")
+
+    page = await console.get("/console/conversations", params=where | {"show": "true"})
+    assert page.status_code == 200 and "where is my parcel?" not in page.text
+    for data in (where, where | {"csrf_token": "forged"}):
+        refused = await console.post("/console/conversations/bodies", data=data)
+        assert refused.status_code == 403 and "where is my parcel?" not in refused.text
+    assert not [r for r in caplog.records if "bodies shown" in r.getMessage()]
+
+    shown = await console.post(
+        "/console/conversations/bodies", data=where | {"csrf_token": csrf_of(page)}
+    )
+
+    assert shown.status_code == 200 and "where is my parcel?" in shown.text
+    [line] = [r for r in caplog.records if "bodies shown" in r.getMessage()]
+    facts = line.__dict__
+    assert (facts["operator"], facts["phone"], facts["sender"]) == (
+        world.admin_key[:10], PHONE, world.twilio_sender.address,
+    )  # fmt: skip
+    assert sent["id"] in facts["message_ids"] and len(facts["message_ids"]) == 2
+    assert "where is my parcel?" not in str(facts)
+    # A reveal is for its request only: no link of the page carries it on.
+    assert "show" not in " ".join(re.findall(r'href="([^"]+)"', shown.text))
+    again = await console.get("/console/conversations", params=where)
+    assert "where is my parcel?" not in again.text
 
 
 async def _opt_out_state(api: httpx.AsyncClient, world: World, sender: Sender) -> bool:
@@ -251,3 +291,22 @@ async def test_the_overview_counts_a_delivered_message(
     assert 'data-status="delivered" data-count="1"' in after.text
     assert 'data-label="fake" data-rate="100.0"' in after.text
     assert "<svg" in after.text and "<table>" in after.text
+
+
+async def test_notices_name_only_known_values(console: httpx.AsyncClient, world: World) -> None:
+    """Found by review: `?redelivered=` and `?saved=` were echoed into the notices, so a link
+    could make the console say anything."""
+    said = "Call +1 900 555 0100 now"
+    events = await console.get("/console/events", params={"redelivered": said})
+    assert events.status_code == 200 and said not in events.text
+    assert 'id="redelivered"' not in events.text
+    event_id = uuid.uuid4()
+    named = await console.get("/console/events", params={"redelivered": str(event_id)})
+    assert f"Event {event_id} is queued for delivery again." in named.text
+
+    sender = f"/console/senders/{world.twilio_sender.id}"
+    for bogus in (said, "help/" + said, "fun/en", "help/EN"):
+        page = await console.get(sender, params={"saved": bogus})
+        assert page.status_code == 200 and "Saved the" not in page.text, bogus
+    saved = await console.get(sender, params={"saved": "help/es"})
+    assert "Saved the help/es reply." in saved.text

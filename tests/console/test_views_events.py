@@ -6,18 +6,19 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from app.console.events_view import (
     failed_events,
     failing_endpoints,
+    read_endpoint_cursor,
     redeliver_event,
     retrying_events,
 )
 from app.db.models import ApiKey, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
 from app.events.outbox import scheduled
-from app.kernel.errors import Conflict, NotFound
+from app.kernel.errors import Conflict, NotFound, ValidationFailed
 from tests.conftest import World
 
 
@@ -83,11 +84,11 @@ async def test_failing_endpoints_and_failed_events(
     await _event(session_factory, world, healthy, "pending", attempts=0)  # not tried yet
 
     async with session_factory() as session:
-        endpoints = await failing_endpoints(session)
+        endpoints = (await failing_endpoints(session)).endpoints
         page = await failed_events(session, limit=2)
         rest = await failed_events(session, after=page.next_cursor)
         only_gone = await failed_events(session, endpoint_id=gone)
-        waiting = await retrying_events(session)
+        waiting = (await retrying_events(session)).events
 
     assert [(e.id, e.failed_events) for e in endpoints] == [(gone, 0), (flaky, 2)]
     assert endpoints[0].disabled_reason == "410 Gone"
@@ -98,6 +99,55 @@ async def test_failing_endpoints_and_failed_events(
     assert only_gone.events == []
     assert [event.id for event in waiting] == [retrying]
     assert waiting[0].next_attempt_at is not None
+
+
+async def test_failing_endpoints_and_retrying_events_come_in_cursor_pages(
+    world: World, session_factory: SessionFactory
+) -> None:
+    """Found by review: both lists stopped at 50 rows with no way to the rest."""
+    endpoints = [
+        await _endpoint(session_factory, world, f"https://hooks.example.test/{n}") for n in range(5)
+    ]
+    for n, endpoint in enumerate(endpoints):  # endpoint n: n + 1 failures, and one retrying
+        for _ in range(n + 1):
+            await _event(session_factory, world, endpoint, "failed")
+        await _event(session_factory, world, endpoint, "pending", attempts=1)
+    async with session_factory.begin() as session:  # two retries due at the same time
+        await session.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.status == "pending")
+            .values(next_attempt_at=func.now() + (WebhookEvent.seq % 3) * timedelta(minutes=1))
+        )
+
+    seen: list[uuid.UUID] = []
+    retried: list[uuid.UUID] = []
+    async with session_factory() as session:
+        after = None
+        while True:
+            page = await failing_endpoints(session, limit=2, after=after)
+            seen += [e.id for e in page.endpoints]
+            if page.next_cursor is None:
+                break
+            after = read_endpoint_cursor(page.next_cursor)
+        retry_after = None
+        while True:
+            retrying = await retrying_events(session, limit=2, after=retry_after)
+            retried += [e.id for e in retrying.events]
+            if retrying.next_cursor is None:
+                break
+            retry_after = retrying.next_cursor
+        due = list(
+            await session.scalars(
+                select(WebhookEvent.id)
+                .where(WebhookEvent.status == "pending")
+                .order_by(WebhookEvent.next_attempt_at, WebhookEvent.seq)
+            )
+        )
+    assert seen == endpoints[::-1]  # most failures first, each once
+    assert retried == due and len(due) == 5
+    for bad in ("x", "2.1." + str(uuid.uuid4()), "1.-1." + str(uuid.uuid4()), "1.1.nope"):
+        with pytest.raises(ValidationFailed):
+            read_endpoint_cursor(bad)
 
 
 async def test_redeliver_queues_the_event_after_the_commit(

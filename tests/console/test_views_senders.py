@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -11,6 +12,8 @@ from app.db.models import Sender
 from app.db.session import SessionFactory
 from app.kernel.errors import NotFound, ValidationFailed
 from app.senders.keywords import KeywordConfig
+from app.senders.service import update_sender
+from tests.conftest import World
 
 
 def test_reply_cost_counts_as_a_send_would() -> None:
@@ -97,3 +100,56 @@ async def test_an_unknown_sender_is_not_found(session_factory: SessionFactory) -
     async with session_factory() as session:
         with pytest.raises(NotFound):
             await sender_detail(session, uuid.uuid4(), accept_defaults=False)
+
+
+async def test_two_operators_saving_replies_in_two_languages_keep_both(
+    world: World, session_factory: SessionFactory
+) -> None:
+    """Found by review: `set_reply` read the whole keyword config, changed one reply and wrote
+    it back without locking the row, so a concurrent save of another language was lost."""
+    sender_id = world.fake_sender.id
+    first = session_factory()
+    await first.begin()
+    await set_reply(first, sender_id, category="help", language="es", reply="Ayuda: responda STOP")
+
+    async def second() -> None:
+        async with session_factory.begin() as session:
+            await set_reply(session, sender_id, category="help", language="fr", reply="Aide: STOP")
+
+    other = asyncio.create_task(second())
+    await asyncio.sleep(0.3)
+    assert not other.done()  # waiting on the row the first save holds
+    await first.commit()
+    await first.close()
+    await other
+    async with session_factory() as session:
+        sender = await session.get(Sender, sender_id)
+        assert sender is not None
+        replies = sender.keywords["help"]["replies"]
+    assert (replies.get("es"), replies.get("fr")) == ("Ayuda: responda STOP", "Aide: STOP")
+
+
+async def test_the_apis_sender_update_takes_the_same_row_lock(
+    world: World, session_factory: SessionFactory
+) -> None:
+    """One rule for every change of a sender: its row is locked before it is read."""
+    sender_id = world.fake_sender.id
+    first = session_factory()
+    await first.begin()
+    await set_reply(first, sender_id, category="help", language="es", reply="Ayuda: responda STOP")
+
+    async def describe() -> None:
+        async with session_factory.begin() as session:
+            await update_sender(session, sender_id, provider=None, description="renamed")
+
+    other = asyncio.create_task(describe())
+    await asyncio.sleep(0.3)
+    assert not other.done()
+    await first.commit()
+    await first.close()
+    await other
+    async with session_factory() as session:
+        sender = await session.get(Sender, sender_id)
+        assert sender is not None
+    assert sender.description == "renamed"
+    assert sender.keywords["help"]["replies"]["es"] == "Ayuda: responda STOP"
