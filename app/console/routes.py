@@ -158,9 +158,11 @@ async def _csrf_rejected(request: Request, _: Exception) -> Response:
 
 
 def install(app: FastAPI) -> None:
-    """Mount the console on `app`."""
-    for page in _PAGES:
-        router.include_router(page)
+    """Mount the console on `app`. The module's routers are only read here, never changed: an
+    app built again in the same process (the tests build hundreds) gets the same routes, not
+    its predecessors' twice over."""
     app.include_router(router)
+    for page in _PAGES:
+        app.include_router(page, prefix="/console", include_in_schema=False)
     app.add_exception_handler(SignInRequired, _to_sign_in)
     app.add_exception_handler(CsrfRejected, _csrf_rejected)

@@ -12,8 +12,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from app.console import routes as console_routes
 from app.db.models import Sender, WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
+from app.main import create_app
 from app.senders.keywords import KeywordConfig
 from tests.api.test_inbound import twilio_inbound
 from tests.conftest import World
@@ -310,3 +312,15 @@ async def test_notices_name_only_known_values(console: httpx.AsyncClient, world:
         assert page.status_code == 200 and "Saved the" not in page.text, bogus
     saved = await console.get(sender, params={"saved": "help/es"})
     assert "Saved the help/es reply." in saved.text
+
+
+def test_building_the_app_again_leaves_the_console_routers_as_they_were() -> None:
+    """`install` reads the console's module-level routers and never changes them: an app built
+    again in the same process (the tests build hundreds) must not carry its predecessors'
+    routes, which once grew with each app until FastAPI's lifespan merging overflowed the
+    stack."""
+    routers = [console_routes.router, *console_routes._PAGES]
+    before = [len(router.routes) for router in routers]
+    for _ in range(3):
+        create_app()
+    assert [len(router.routes) for router in routers] == before
