@@ -161,9 +161,14 @@ async def get_sender(
 ) -> Sender:
     """One sender, or `NotFound`. `for_update` locks its row until the transaction ends and
     reads it afresh: every change to a sender reads it so (a read-modify-write of its keyword
-    config, say, without the lock loses a concurrent change)."""
+    config, say, without the lock loses a concurrent change). The lock is `FOR NO KEY UPDATE`:
+    it never touches the key, so messages being stored meanwhile (whose foreign key takes a
+    key-share lock on the sender) do not wait for it."""
     sender = await session.get(
-        Sender, sender_id, with_for_update=for_update, populate_existing=for_update
+        Sender,
+        sender_id,
+        with_for_update={"key_share": True} if for_update else None,
+        populate_existing=for_update,
     )
     if sender is None:
         raise sender_not_found(sender_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import httpx
 import pytest
 
 from app.console.senders_view import reply_cost, sender_detail, sender_summaries, set_reply
@@ -153,3 +154,23 @@ async def test_the_apis_sender_update_takes_the_same_row_lock(
         assert sender is not None
     assert sender.description == "renamed"
     assert sender.keywords["help"]["replies"]["es"] == "Ayuda: responda STOP"
+
+
+async def test_a_senders_row_lock_does_not_hold_up_its_sends(
+    world: World, session_factory: SessionFactory, api: httpx.AsyncClient
+) -> None:
+    """The lock a change of a sender takes is `FOR NO KEY UPDATE`: a message being stored
+    from that sender meanwhile (its foreign key takes a key-share lock) does not wait for it."""
+    sender_id = world.fake_sender.id
+    editing = session_factory()
+    await editing.begin()
+    try:
+        await set_reply(editing, sender_id, category="help", language="es", reply="Ayuda")
+        message = {"to": "+14155550123", "from": world.fake_sender.address, "body": "Hi"}
+        response = await asyncio.wait_for(
+            api.post("/v1/messages", json=message, headers=world.auth()), 5
+        )
+        assert response.status_code == 202, response.text
+    finally:
+        await editing.rollback()
+        await editing.close()
