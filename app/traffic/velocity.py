@@ -41,7 +41,13 @@ from typing import Any, Final, cast
 import phonenumbers
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from app.kernel.outages import REDIS
 from app.kernel.settings import PumpingSettings
@@ -216,6 +222,12 @@ def _arguments(
 # before the messages are stored, so it counts each request's numbers on the request.
 ALERT_LINGER_SECONDS: Final = 0.2
 ALERT_BUFFER_LIMIT: Final = 10_000
+# What the count off the request waits at most: nothing waits for it, and one that timed out
+# after Redis ran it would leave its alarms unannounced for the window (and count as an outage).
+BACKGROUND_TIMEOUT_SECONDS: Final = 5.0
+# Errors Redis gives one script call that are Redis's state, not the entry's (a replica after a
+# failover, memory full, a busy script): an outage, like a refused connection.
+_REDIS_WIDE: Final = (ReadOnlyError, OutOfMemoryError, MasterDownError)
 
 # One count: a client, its settings, its numbers by range.
 _Entry = tuple[uuid.UUID, PumpingSettings, dict[str, set[str]]]
@@ -269,7 +281,7 @@ class VelocityCheck:
         if settings.action == "alert":
             self._wait(client_id, settings, by_range)
             return None
-        counted = await self._count([(client_id, settings, by_range)])
+        counted = await self._count([(client_id, settings, by_range)], settings.timeout_seconds)
         if counted is None:
             return None
         suspicious = {
@@ -329,7 +341,8 @@ class VelocityCheck:
 
     async def _flush(self, entries: list[_Entry]) -> None:
         try:
-            counted = await self._count(entries)
+            timeout = max(self.settings.timeout_seconds, BACKGROUND_TIMEOUT_SECONDS)
+            counted = await self._count(entries, timeout)
             if counted is None:
                 return
             for (client_id, settings, _), readings in zip(entries, counted, strict=True):
@@ -340,9 +353,11 @@ class VelocityCheck:
         except Exception:  # nothing awaits this task: a bug is logged, not lost
             log.exception("the pumping alarm's count failed")
 
-    async def _count(self, entries: list[_Entry]) -> list[dict[str, RangeReading]] | None:
-        """Each entry's readings by range, in one round trip; None when Redis is unavailable
-        (the numbers are counted as unchecked)."""
+    async def _count(
+        self, entries: list[_Entry], timeout: float
+    ) -> list[dict[str, RangeReading]] | None:
+        """Each entry's readings by range, in one round trip within `timeout`; None when Redis
+        is unavailable (the numbers are counted as unchecked)."""
         numbers = sum(len(members) for _, _, ranges in entries for members in ranges.values())
         if REDIS.down:  # known down: do not wait for a timeout on every request
             PUMPING_UNCHECKED.inc(numbers)
@@ -351,8 +366,10 @@ class VelocityCheck:
             # A timeout of its own: a Redis that hangs (rather than refuses) would otherwise
             # cost every send the client's socket timeout. (asyncio.timeout, not wait_for: on
             # Python 3.11 wait_for runs the call in a task of its own.)
-            async with asyncio.timeout(self.settings.timeout_seconds):
+            async with asyncio.timeout(timeout):
                 replies = await self._run(entries)
+            if wide := [a for a in replies if isinstance(a, ResponseError) and _redis_wide(a)]:
+                raise wide[0]
         except (RedisError, OSError, TimeoutError) as error:
             REDIS.failed(error, action="pumping check; sent unjudged")
             PUMPING_UNCHECKED.inc(numbers)
@@ -403,6 +420,11 @@ class VelocityCheck:
                 await self._on_alarm(alarm, fresh)
             except Exception:  # the messages are stored; an unwritten event must not fail them
                 log.exception("could not record the pumping alarm's event")
+
+
+def _redis_wide(error: ResponseError) -> bool:
+    """Whether a script's error is Redis's state rather than its entry's (`_REDIS_WIDE`)."""
+    return isinstance(error, _REDIS_WIDE) or str(error).startswith("BUSY")
 
 
 def _readings(

@@ -21,6 +21,7 @@ from arq import create_pool
 from arq.connections import RedisSettings
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from redis.exceptions import ReadOnlyError, ResponseError
 from sqlalchemy import func, select, update
 
 from app.db.models import Message, WebhookEndpoint
@@ -839,9 +840,9 @@ async def test_alert_counts_the_requests_of_one_linger_in_one_round_trip(
     counts: list[int] = []  # each count's number of clients
     count = check._count
 
-    async def counting(entries: Any) -> Any:
+    async def counting(entries: Any, timeout: float) -> Any:
         counts.append(len(entries))
-        return await count(entries)
+        return await count(entries, timeout)
 
     check._count = counting  # type: ignore[method-assign]
     for start in range(0, len(burst), 20):
@@ -870,11 +871,40 @@ async def test_alert_counts_on_its_own_after_the_linger_and_at_once_when_full(
         await asyncio.sleep(0.02)
 
     patient = VelocityCheck(redis, PumpingSettings(), linger=3600)
+    other = uuid.uuid4()
     many = [f"+3361{index:07d}" for index in range(ALERT_BUFFER_LIMIT)]
-    await patient.judge(client, many)
-    await asyncio.sleep(0)  # the count started on the request that filled the buffer
-    await patient.flush()
-    assert len(await redis.keys(f"{KEY_PREFIX}:{client}:*:s")) > 1
+    await patient.judge(other, many)  # fills the buffer: counted now, not in an hour
+    deadline = time.monotonic() + 10
+    while not await redis.keys(f"{KEY_PREFIX}:{other}:*:s"):
+        assert time.monotonic() < deadline, "a full buffer was not counted at once"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_redis_wide_script_error_is_an_outage_not_one_clients(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READONLY (a replica after a failover), OOM and the like are Redis's state: the count
+    is an outage (Redis known down, every number unchecked), not a per-client refusal."""
+    REDIS.recovered()
+    before = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    check = VelocityCheck(redis, PumpingSettings(), linger=3600)
+
+    async def read_only(entries: list[Any]) -> list[Any]:
+        return [
+            ResponseError("fine"),
+            ReadOnlyError("You can't write against a read only replica."),
+        ]
+
+    monkeypatch.setattr(check, "_run", read_only)
+    await check.judge(uuid.uuid4(), pumping_burst(2))
+    await check.judge(uuid.uuid4(), pumping_burst(3))
+    try:
+        await check.flush()
+        assert REDIS.down
+    finally:
+        REDIS.recovered()
+    after = REGISTRY.get_sample_value("smsgate_pumping_unchecked_messages_total") or 0.0
+    assert after == before + 5
 
 
 async def test_alert_with_redis_down_counts_the_numbers_unchecked() -> None:
