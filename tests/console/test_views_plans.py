@@ -10,7 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.console.consent_view import consent_view
 from app.console.conversations import conversation
-from app.console.events_view import failed_events, failing_endpoints, retrying_events
+from app.console.events_view import (
+    FAILING_WINDOW,
+    EndpointCursor,
+    failed_events,
+    failing_endpoints,
+    retrying_events,
+)
 from app.console.messages import read_search, search_messages
 from app.console.overview import traffic
 from app.db.session import SessionFactory
@@ -85,7 +91,10 @@ async def test_console_reads_use_indexes(world: World, session_factory: SessionF
             await conversation(session, PHONE, world.twilio_sender.id, before=talk.older)
             window = await traffic(session)
             failing = (await failing_endpoints(session, limit=10)).endpoints
-            await failing_endpoints(session, after=(1, 0, failing[-1].id))
+            await failing_endpoints(
+                session,
+                after=EndpointCursor(datetime.now(UTC) - FAILING_WINDOW, 1, 0, failing[-1].id),
+            )
             failed = await failed_events(session, limit=10)
             await failed_events(session, after=failed.next_cursor)
             retrying = await retrying_events(session)
