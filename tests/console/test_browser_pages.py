@@ -1,7 +1,7 @@
 """The console's conversation, consent, senders, events and overview pages in a real headless
 Chromium against a running service (real PostgreSQL and Redis): an inbound STOP posted through
 the signed Twilio webhook shows in the conversation, the number is opted back in from the
-consent page (and the API agrees), the overview's chart counts a newly delivered message, a
+consent page (and the API agrees), the overview's chart changes as a message ends undelivered, a
 reply's cost updates as it is typed, a failed event is redelivered. Every page is screenshot
 to the artifacts (tests/console/conftest.py), at 1280 and 360 px."""
 
@@ -15,7 +15,7 @@ from playwright.async_api import Page, expect
 
 from app.db.models import WebhookEndpoint, WebhookEvent
 from app.db.session import SessionFactory
-from tests.api.test_status_callbacks import twilio_signature
+from tests.api.test_status_callbacks import sent_message, twilio_callback, twilio_signature
 from tests.conftest import World
 from tests.console.conftest import PageShot
 from tests.console.test_messages import delivered
@@ -100,22 +100,40 @@ async def test_an_inbound_stop_in_the_conversation_then_opted_back_in(
     assert not await opted_out(api, world)
 
 
-async def test_the_overview_chart_counts_a_delivered_message(
-    api: httpx.AsyncClient, world: World, console_url: str, signed_in: Page, page_shot: PageShot
+async def test_the_overview_chart_changes_when_a_message_ends_undelivered(
+    api: httpx.AsyncClient,
+    world: World,
+    console_url: str,
+    signed_in: Page,
+    page_shot: PageShot,
+    session_factory: SessionFactory,
 ) -> None:
+    """Found by the second review: both states of this test were 100 % delivered, so the chart
+    itself was never seen to change. The second message ends undelivered, through Twilio's
+    signed status callback."""
     page = signed_in
     await delivered(api, world)
     await page.goto(f"{console_url}/console/overview")
     row = page.locator('#by-status tr[data-status="delivered"]')
     await expect(row).to_have_attribute("data-count", "1")
     await expect(page.locator("#by-status svg.bar")).to_have_count(1)
+    await expect(row.locator("rect.fill")).to_have_attribute("width", "100.00")
     await page_shot("overview-before")
 
-    await delivered(api, world, to="+14155550124")
+    message_id = await sent_message(session_factory, world)
+    answer = await twilio_callback(api, message_id, "undelivered", ErrorCode="30003")
+    assert answer.status_code == 204, answer.text
     await page.reload()
 
-    await expect(row).to_have_attribute("data-count", "2")
-    await expect(row.get_by_role("cell").first).to_have_text("2")
+    await expect(row).to_have_attribute("data-count", "1")
+    await expect(row.locator("rect.fill")).to_have_attribute("width", "50.00")
+    undelivered = page.locator('#by-status tr[data-status="undelivered"]')
+    await expect(undelivered.locator("rect.fill")).to_have_attribute("width", "50.00")
+    await expect(undelivered.get_by_role("cell").nth(1)).to_have_text("50.0 %")
+    await expect(page.locator("#by-status svg.bar")).to_have_count(2)
+    twilio = page.locator('#by-provider tr[data-label="twilio"]')
+    await expect(twilio).to_have_attribute("data-rate", "0.0")
+    await expect(twilio.locator("rect.fill")).to_have_attribute("width", "0.00")
     await expect(page.locator('#by-provider tr[data-label="fake"]')).to_have_attribute(
         "data-rate", "100.0"
     )
