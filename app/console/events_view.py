@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from sqlalchemy import case, func, select, tuple_, union
+from sqlalchemy import CTE, case, func, select, tuple_, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access.auth import Principal
@@ -111,6 +111,20 @@ def read_endpoint_cursor(cursor: str, *, now: datetime | None = None) -> Endpoin
     return place
 
 
+def _failures_since(since: datetime) -> CTE:
+    """Each endpoint's failed events since `since`: how many, and the newest's time."""
+    return (
+        select(
+            WebhookEvent.endpoint_id,
+            func.count().label("failed"),
+            func.max(WebhookEvent.created_at).label("last"),
+        )
+        .where(WebhookEvent.status == EventStatus.FAILED.value, WebhookEvent.created_at >= since)
+        .group_by(WebhookEvent.endpoint_id)
+        .cte("failures")
+    )
+
+
 async def failing_endpoints(
     session: AsyncSession,
     *,
@@ -126,16 +140,7 @@ async def failing_endpoints(
     (a window moving with `now` would drop failures between pages, and reorder the list)."""
     limit = max(1, min(limit, MAX_LIST_LIMIT))
     since = after.since if after is not None else (now or datetime.now(UTC)) - FAILING_WINDOW
-    failures = (
-        select(
-            WebhookEvent.endpoint_id,
-            func.count().label("failed"),
-            func.max(WebhookEvent.created_at).label("last"),
-        )
-        .where(WebhookEvent.status == EventStatus.FAILED.value, WebhookEvent.created_at >= since)
-        .group_by(WebhookEvent.endpoint_id)
-        .cte("failures")
-    )
+    failures = _failures_since(since)
     # Each part through its own index: the failed events', the disabled endpoints'.
     wanted = union(
         select(failures.c.endpoint_id),
