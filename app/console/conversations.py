@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Select, case, null, select, true, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Client, InboundMessage, Message
@@ -85,6 +85,42 @@ async def conversation(
     return Conversation(phone=phone, sender_id=sender_id, turns=page[::-1], older=older)
 
 
+def _sent(
+    phone: str, sender_id: uuid.UUID, before: tuple[datetime, uuid.UUID] | None, limit: int
+) -> Select[uuid.UUID, datetime, str, str, str | None, int]:
+    """The newest `limit` messages to `phone` from the sender of one client (compared by the
+    caller), newest first: one range scan of `ix_messages_client_to_created`, stopping after
+    `limit`. A body is read only where it may be shown without asking: our keyword replies."""
+    query = select(
+        Message.id,
+        Message.created_at,
+        Message.kind,
+        Message.status,
+        case((Message.kind != REGULAR_KIND, Message.body), else_=null()).label("body"),
+        Message.segments,
+    ).where(Message.to == phone, Message.sender_id == sender_id)
+    if before is not None:
+        query = query.where(tuple_(Message.created_at, Message.id) < tuple_(*before))
+    return query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
+
+
+def outbound_statement(
+    phone: str, sender_id: uuid.UUID, before: tuple[datetime, uuid.UUID] | None, limit: int
+) -> Select[Any]:
+    """Every client's messages to the number from the sender and our own replies (no client),
+    newest first, `limit` at most. The index leads with the client: one `LATERAL` scan per
+    client (few) and one for our replies, each stopping after `limit`, then merged, as the
+    message search does (`client_id IN (...)` would read every message of the number, then
+    sort them)."""
+    per_client = _sent(phone, sender_id, before, limit).where(Message.client_id == Client.id)
+    lateral = per_client.correlate(Client).lateral()
+    merged = union_all(
+        select(lateral).select_from(Client.__table__.join(lateral, true())),
+        _sent(phone, sender_id, before, limit).where(Message.client_id.is_(None)),
+    ).subquery()
+    return select(merged).order_by(merged.c.created_at.desc(), merged.c.id.desc()).limit(limit)
+
+
 async def _outbound(
     session: AsyncSession,
     phone: str,
@@ -93,33 +129,27 @@ async def _outbound(
     limit: int,
     show_bodies: bool,
 ) -> list[Turn]:
-    # Every client's messages and our own replies (no client): the index leads with the client,
-    # so read each part through it (there are few clients) rather than scan every message.
-    client_ids = list(await session.scalars(select(Client.id)))
-    rows: list[Message] = []
-    for owned in (Message.client_id.in_(client_ids), Message.client_id.is_(None)):
-        query = select(Message).where(owned, Message.to == phone, Message.sender_id == sender_id)
-        if before is not None:
-            query = query.where(tuple_(Message.created_at, Message.id) < tuple_(*before))
-        rows.extend(
-            await session.scalars(
-                query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
-            )
+    rows = (await session.execute(outbound_statement(phone, sender_id, before, limit))).all()
+    bodies: dict[uuid.UUID, str] = {}
+    if show_bodies and rows:  # the page's clients' bodies, asked for: read by primary key
+        found = await session.execute(
+            select(Message.id, Message.body).where(Message.id.in_([row.id for row in rows]))
         )
+        bodies = {row.id: row.body for row in found}
     return [
         Turn(
-            id=message.id,
-            at=message.created_at,
+            id=row.id,
+            at=row.created_at,
             direction=Direction.OUTBOUND,
-            kind=message.kind,
-            status=message.status,
-            body=message.body if show_bodies or message.kind != REGULAR_KIND else None,
+            kind=row.kind,
+            status=row.status,
+            body=row.body if row.kind != REGULAR_KIND else bodies.get(row.id),
             keyword=None,
             keyword_category=None,
             reply_id=None,
-            segments=message.segments,
+            segments=row.segments,
         )
-        for message in rows
+        for row in rows
     ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -42,6 +43,12 @@ class Cursors:
             decode_cursor(self.retrying, int) if self.retrying else None,
         )
 
+    def link(self, **moved: str | None) -> str:
+        """The page with one list moved on (`moved`) and the others where they are now."""
+        where = {"cursor": self.failed, "endpoints": self.endpoints, "retrying": self.retrying}
+        where |= {"cursor" if name == "failed" else name: at for name, at in moved.items()}
+        return "/console/events?" + urlencode({name: at for name, at in where.items() if at})
+
 
 async def _page(
     request: Request,
@@ -58,10 +65,13 @@ async def _page(
         after, endpoints_after, retrying_after = cursors.read()
     except ValidationFailed:
         after, endpoints_after, retrying_after = None, None, None
+        cursors = Cursors()
         error = error or "that page link is not valid any more"
     page = await failed_events(session, after=after)
     endpoints = await failing_endpoints(session, after=endpoints_after)
     retrying = await retrying_events(session, after=retrying_after)
+    failed_next = encode_cursor(*page.next_cursor) if page.next_cursor else None
+    retrying_next = encode_cursor(*retrying.next_cursor) if retrying.next_cursor else None
     return render(
         request,
         "events.html",
@@ -69,11 +79,11 @@ async def _page(
         operator=operator,
         section="events",
         endpoints=endpoints.endpoints,
-        endpoints_cursor=endpoints.next_cursor,
+        more_endpoints=endpoints.next_cursor and cursors.link(endpoints=endpoints.next_cursor),
         failed=page.events,
-        next_cursor=encode_cursor(*page.next_cursor) if page.next_cursor else None,
+        older_failed=failed_next and cursors.link(failed=failed_next),
         retrying=retrying.events,
-        retrying_cursor=encode_cursor(*retrying.next_cursor) if retrying.next_cursor else None,
+        later_retries=retrying_next and cursors.link(retrying=retrying_next),
         error=error,
         redelivered=_event_id(redelivered),
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from sqlalchemy import case, func, select, tuple_, union
+from sqlalchemy import CTE, case, func, select, tuple_, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access.auth import Principal
@@ -76,37 +76,44 @@ class EndpointPage:
     next_cursor: str | None
 
 
-def _endpoint_position(endpoint: FailingEndpoint) -> str:
-    """An endpoint's place in the list, as a cursor: enabled?, failures, id."""
-    return f"{int(endpoint.disabled_at is None)}.{endpoint.failed_events}.{endpoint.id}"
+@dataclass(frozen=True, slots=True)
+class EndpointCursor:
+    """A place in the failing endpoints' list: the window its walk counts over (from `since`),
+    and the last endpoint shown (enabled?, failures, id)."""
+
+    since: datetime
+    enabled: int
+    failed: int
+    id: uuid.UUID
 
 
-def read_endpoint_cursor(cursor: str) -> tuple[int, int, uuid.UUID]:
-    """The place an endpoints cursor points at, or `ValidationFailed` naming `cursor`."""
+def _endpoint_position(since: datetime, endpoint: FailingEndpoint) -> str:
+    """An endpoint's place in the list, as a cursor: the window's start (microseconds since the
+    epoch), enabled?, failures, id."""
+    micros = round(since.timestamp() * 1_000_000)
+    enabled = int(endpoint.disabled_at is None)
+    return f"{micros}.{enabled}.{endpoint.failed_events}.{endpoint.id}"
+
+
+def read_endpoint_cursor(cursor: str, *, now: datetime | None = None) -> EndpointCursor:
+    """The place an endpoints cursor points at, or `ValidationFailed` naming `cursor` (also for
+    a window that does not end within the last `FAILING_WINDOW`: the count stays bounded)."""
+    now = now or datetime.now(UTC)
     try:
-        enabled, failed, endpoint_id = cursor.split(".")
-        place = (int(enabled), int(failed), uuid.UUID(endpoint_id))
-    except ValueError:
-        place = (-1, -1, uuid.UUID(int=0))
-    if place[0] not in (0, 1) or place[1] < 0:
+        micros, enabled, failed, endpoint_id = cursor.split(".")
+        since = datetime.fromtimestamp(int(micros) / 1_000_000, UTC)
+        place = EndpointCursor(since, int(enabled), int(failed), uuid.UUID(endpoint_id))
+    except (ValueError, OverflowError, OSError):
+        place = EndpointCursor(now, -1, -1, uuid.UUID(int=0))
+    fresh = now - 2 * FAILING_WINDOW <= place.since <= now
+    if place.enabled not in (0, 1) or place.failed < 0 or not fresh:
         raise ValidationFailed.for_field("invalid_cursor", "cursor", "not a cursor of this list")
     return place
 
 
-async def failing_endpoints(
-    session: AsyncSession,
-    *,
-    now: datetime | None = None,
-    after: tuple[int, int, uuid.UUID] | None = None,
-    limit: int = LIST_LIMIT,
-) -> EndpointPage:
-    """Disabled endpoints and those with failed events in the last week, most failures first,
-    a page after the cursor `after` (`read_endpoint_cursor`). The order is computed (a count):
-    every page groups the week's failed events (`ix_webhook_events_failed`) and reads the
-    disabled endpoints (`ix_webhook_endpoints_disabled`), then starts after the cursor."""
-    limit = max(1, min(limit, MAX_LIST_LIMIT))
-    since = (now or datetime.now(UTC)) - FAILING_WINDOW
-    failures = (
+def _failures_since(since: datetime) -> CTE:
+    """Each endpoint's failed events since `since`: how many, and the newest's time."""
+    return (
         select(
             WebhookEvent.endpoint_id,
             func.count().label("failed"),
@@ -116,6 +123,24 @@ async def failing_endpoints(
         .group_by(WebhookEvent.endpoint_id)
         .cte("failures")
     )
+
+
+async def failing_endpoints(
+    session: AsyncSession,
+    *,
+    now: datetime | None = None,
+    after: EndpointCursor | None = None,
+    limit: int = LIST_LIMIT,
+) -> EndpointPage:
+    """Disabled endpoints and those with failed events in the last week, most failures first,
+    a page after the cursor `after` (`read_endpoint_cursor`). The order is computed (a count):
+    every page groups the window's failed events (`ix_webhook_events_failed`) and reads the
+    disabled endpoints (`ix_webhook_endpoints_disabled`), then starts after the cursor. The
+    window's start travels in the cursor: every page of one walk counts over the same window
+    (a window moving with `now` would drop failures between pages, and reorder the list)."""
+    limit = max(1, min(limit, MAX_LIST_LIMIT))
+    since = after.since if after is not None else (now or datetime.now(UTC)) - FAILING_WINDOW
+    failures = _failures_since(since)
     # Each part through its own index: the failed events', the disabled endpoints'.
     wanted = union(
         select(failures.c.endpoint_id),
@@ -133,7 +158,8 @@ async def failing_endpoints(
     )
     if after is not None:
         query = query.where(
-            tuple_(enabled, -failed, WebhookEndpoint.id) > tuple_(after[0], -after[1], after[2])
+            tuple_(enabled, -failed, WebhookEndpoint.id)
+            > tuple_(after.enabled, -after.failed, after.id)
         )
     rows = await session.execute(
         query.order_by(enabled, failed.desc(), WebhookEndpoint.id).limit(limit + 1)
@@ -152,7 +178,7 @@ async def failing_endpoints(
     ]
     more = len(found) > limit
     page = found[:limit]
-    return EndpointPage(page, _endpoint_position(page[-1]) if more else None)
+    return EndpointPage(page, _endpoint_position(since, page[-1]) if more else None)
 
 
 def _failed_event(event: WebhookEvent, url: str) -> FailedEvent:

@@ -17,13 +17,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlencode
 
-from sqlalchemy import Select, select, true, tuple_, union_all
+from sqlalchemy import Select, exc, func, select, true, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Client, Message, Sender
+from app.db.session import sqlstate_of
 from app.kernel.errors import ValidationFailed
 from app.kernel.pagination import decode_cursor, encode_cursor
 from app.kernel.phone import canonical_phone, number_facts
@@ -33,9 +34,18 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 25
 DEFAULT_RANGE = timedelta(hours=24)
-# A search without a number reads every message of the range (status and sender are filtered
-# row by row): a week of a busy client is the most one page may cost.
+# A search without a number reads every message of the range that status and sender (checked
+# row by row) turn away until a page is found: without a client either, each client's lateral
+# subquery may read its whole range, so one page may cost a week of every client's traffic.
 MAX_RANGE_WITHOUT_NUMBER = timedelta(days=7)
+# What a search's statement may take: a slower one is cancelled by PostgreSQL and the page says
+# so, rather than holding a connection (and the operator) for as long as it would run.
+SEARCH_TIMEOUT = timedelta(seconds=5)
+QUERY_CANCELED: Final = "57014"
+
+
+class SearchTooSlow(Exception):
+    """The search took longer than `SEARCH_TIMEOUT` and was cancelled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +283,23 @@ def search_statement(search: SearchForm) -> Select[Any]:
 
 
 async def search_messages(session: AsyncSession, search: SearchForm) -> Results:
-    """A page of the messages matching `search`, newest first (bodies not read)."""
-    rows = (await session.execute(search_statement(search))).all()
+    """A page of the messages matching `search`, newest first (bodies not read);
+    `SearchTooSlow` when it runs longer than `SEARCH_TIMEOUT`."""
+    timeout_ms = str(max(1, round(SEARCH_TIMEOUT.total_seconds() * 1000)))
+    # In a savepoint, always rolled back (the search writes nothing): the timeout, set for the
+    # transaction (SET LOCAL), ends with it, and a cancelled search leaves the request's
+    # transaction usable for the rest of the page.
+    savepoint = await session.begin_nested()
+    try:
+        await session.execute(select(func.set_config("statement_timeout", timeout_ms, True)))
+        rows = (await session.execute(search_statement(search))).all()
+    except exc.DBAPIError as error:
+        if sqlstate_of(error) != QUERY_CANCELED:
+            raise
+        seconds = f"{SEARCH_TIMEOUT.total_seconds():g}"
+        raise SearchTooSlow(f"The search took longer than {seconds} s and was stopped") from None
+    finally:
+        await savepoint.rollback()
     page = [MessageRow(*row) for row in rows[:PAGE_SIZE]]
     more = len(rows) > PAGE_SIZE
     return Results(page, encode_cursor(page[-1].created_at, page[-1].id) if more else None)

@@ -9,7 +9,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from app.console.deps import CsrfOperatorDep, OperatorDep
-from app.console.messages import choices, read_search, search_messages
+from app.console.messages import (
+    SearchTooSlow,
+    choices,
+    read_search,
+    search_messages,
+)
 from app.console.sessions import Operator
 from app.console.templating import render
 from app.console.timeline import message_view
@@ -26,16 +31,21 @@ async def search(
 ) -> HTMLResponse:
     """Find messages by number (any format), status, sender, client and time."""
     form = await read_search(session, request.query_params, settings.default_region)
-    results = None if form.errors else await search_messages(session, form)
+    results, too_slow = None, None
+    try:
+        results = None if form.errors else await search_messages(session, form)
+    except SearchTooSlow as slow:
+        too_slow = str(slow)
     return render(
         request,
         "messages.html",
-        status_code=422 if form.errors else 200,
+        status_code=422 if form.errors else 503 if too_slow else 200,
         operator=operator,
         section="messages",
         form=form,
         choices=await choices(session),
         results=results,
+        too_slow=too_slow,
     )
 
 

@@ -4,8 +4,10 @@ on a CSRF-checked request, which is logged."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.console import messages as console_messages
 from app.console.messages import PAGE_SIZE, read_search, search_messages, search_statement
 from app.console.timeline import message_view
 from app.db.models import Message, MessageEvent, WebhookAttempt, WebhookEndpoint, WebhookEvent
@@ -179,7 +182,8 @@ async def test_a_search_by_a_rare_status_reads_only_its_time_range(
             event.remove(engine.sync_engine, "before_cursor_execute", capture)
     assert len(results.rows) == (PAGE_SIZE if not filters else 0)
     async with engine.connect() as connection:
-        statement, parameters = statements[-1]
+        # The search's statement (then its savepoint's rollback, which is not explained).
+        statement, parameters = next(s for s in reversed(statements) if "LATERAL" in s[0])
         plan = "\n".join(
             row[0]
             for row in await connection.exec_driver_sql(
@@ -344,3 +348,33 @@ async def test_search_messages_reads_no_body(
         form = await read_search(session, {}, "US")
         results = await search_messages(session, form)
     assert not hasattr(results.rows[0], "body")
+
+
+async def test_a_slow_search_is_stopped_with_a_clear_page(
+    console: httpx.AsyncClient,
+    world: World,
+    session_factory: SessionFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by the second review: a search without a number or a client may read a week of
+    every client's traffic, holding a connection as long as it ran. Here it waits on a lock
+    (as long as a slow scan would take) and is stopped after the statement timeout."""
+    monkeypatch.setattr(console_messages, "SEARCH_TIMEOUT", timedelta(milliseconds=300))
+    engine: AsyncEngine = session_factory.kw["bind"]
+    async with engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        async with asyncio.timeout(10):  # without the timeout the search waits for the lock
+            page = await console.get("/console/messages", params={"status": "failed"})
+        took = time.monotonic() - started
+        await holder.rollback()
+
+    assert page.status_code == 503 and took < 5
+    assert 'id="search-too-slow"' in page.text
+    assert "The search took longer than 0.3 s and was stopped" in page.text
+    assert 'name="number"' in page.text  # the form is there to narrow the search
+    assert (await console.get("/console/messages")).status_code == 200
+    async with session_factory() as session:  # the timeout ends with the search
+        before = await session.scalar(text("SHOW statement_timeout"))
+        await search_messages(session, await read_search(session, {}, "US"))
+        assert await session.scalar(text("SHOW statement_timeout")) == before

@@ -3,6 +3,7 @@ what each shows, the forms (CSRF-checked, refusals named), and that they agree w
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import uuid
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from app.console import routes as console_routes
 from app.db.models import Sender, WebhookEndpoint, WebhookEvent
@@ -324,3 +325,62 @@ def test_building_the_app_again_leaves_the_console_routers_as_they_were() -> Non
     for _ in range(3):
         create_app()
     assert [len(router.routes) for router in routers] == before
+
+
+def _rows(page: httpx.Response, table: str, attribute: str) -> list[str]:
+    """The ids a table of the page lists, in order (`data-<attribute>` of its rows)."""
+    found = re.search(rf'<table id="{table}">(.*?)</table>', page.text, re.S)
+    return re.findall(rf'data-{attribute}="([^"]+)"', found.group(1)) if found else []
+
+
+def _link(page: httpx.Response, link_id: str) -> str:
+    """Where a link of the page leads."""
+    found = re.search(rf'<a href="([^"]+)" id="{link_id}">', page.text)
+    assert found, f"no {link_id} link"
+    return html.unescape(found.group(1))
+
+
+async def test_each_list_pages_on_and_the_other_lists_stay(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    """Found by the second review: the "Older history", "More failing endpoints", "Later
+    retries" and "Older failed events" links were never followed by a test, and following one
+    of the events page's links sent the other two lists back to their first page."""
+    params = {"client": world.client_id, "phone": PHONE}
+    async with session_factory.begin() as session:
+        for sql in (
+            """INSERT INTO opt_outs (phone, sender_id, action, source, actor, created_at)
+            SELECT :phone, NULL, (ARRAY['opt_out', 'opt_in'])[1 + n % 2], 'api', 'test',
+                now() - n * interval '1 minute' FROM generate_series(1, 101) AS n""",
+            """INSERT INTO webhook_endpoints (id, client_id, url)
+            SELECT gen_random_uuid(), :client, 'https://hooks.example.test/' || n
+            FROM generate_series(1, 51) AS n""",
+            """INSERT INTO webhook_events (id, type, client_id, endpoint_id, payload, status,
+                attempts, created_at, next_attempt_at)
+            SELECT gen_random_uuid(), 'message.delivered', :client, e.id, '{}', s.status, 2,
+                now() - interval '1 hour', now() + interval '1 hour'
+            FROM webhook_endpoints AS e CROSS JOIN (VALUES ('failed'), ('pending')) AS s(status)""",
+        ):
+            await session.execute(text(sql), params)
+
+    consent = await console.get("/console/consent", params={"phone": PHONE})
+    first_history = len(re.findall(r"<time datetime=", consent.text))
+    older = await console.get(_link(consent, "older-history"))
+    assert (first_history, len(re.findall(r"<time datetime=", older.text))) == (100, 1)
+    assert 'id="older-history"' not in older.text
+
+    page = await console.get("/console/events")
+    lists = ("endpoints", "endpoint"), ("failed-events", "event"), ("retrying-events", "event")
+    first = [_rows(page, table, attribute) for table, attribute in lists]
+    assert [len(rows) for rows in first] == [50, 50, 50]
+    now = list(first)
+    for position, link_id in enumerate(("more-endpoints", "older-failed", "later-retries")):
+        page = await console.get(_link(page, link_id))
+        assert page.status_code == 200 and 'id="events-error"' not in page.text
+        table, attribute = lists[position]
+        moved_on = _rows(page, table, attribute)
+        assert len(moved_on) == 1 and moved_on[0] not in first[position], link_id
+        now[position] = moved_on
+        # The list followed moved on; the others stayed on the page they were on.
+        assert [_rows(page, t, a) for t, a in lists] == now, link_id
+        assert f'id="{link_id}"' not in page.text

@@ -145,9 +145,49 @@ async def test_failing_endpoints_and_retrying_events_come_in_cursor_pages(
         )
     assert seen == endpoints[::-1]  # most failures first, each once
     assert retried == due and len(due) == 5
-    for bad in ("x", "2.1." + str(uuid.uuid4()), "1.-1." + str(uuid.uuid4()), "1.1.nope"):
+    now_us = round(datetime.now(UTC).timestamp() * 1_000_000)
+    old_us = now_us - 15 * 24 * 3600 * 1_000_000  # a window older than two weeks: refused
+    for bad in (
+        "x",
+        "1.1." + str(uuid.uuid4()),
+        f"{now_us}.2.1.{uuid.uuid4()}",
+        f"{now_us}.1.-1.{uuid.uuid4()}",
+        f"{now_us}.1.1.nope",
+        f"{old_us}.1.1.{uuid.uuid4()}",
+        f"{now_us + 3_600_000_000}.1.1.{uuid.uuid4()}",
+        f"{10**30}.1.1.{uuid.uuid4()}",
+    ):
         with pytest.raises(ValidationFailed):
             read_endpoint_cursor(bad)
+
+
+async def test_a_walk_through_failing_endpoints_counts_over_one_window(
+    world: World, session_factory: SessionFactory
+) -> None:
+    """Found by the second review: each page counted over a week ending at its own `now`, so
+    failures aging out between pages moved an endpoint from the first page onto the next."""
+    aging, steady, quiet = [
+        await _endpoint(session_factory, world, f"https://hooks.example.test/{name}")
+        for name in ("aging", "steady", "quiet")
+    ]
+    almost_a_week = timedelta(days=7) - timedelta(minutes=5)
+    for _ in range(2):  # two of its three failures leave the window in five minutes
+        await _event(session_factory, world, aging, "failed", age=almost_a_week)
+    await _event(session_factory, world, aging, "failed")
+    for _ in range(2):
+        await _event(session_factory, world, steady, "failed")
+    await _event(session_factory, world, quiet, "failed")
+
+    async with session_factory() as session:
+        first = await failing_endpoints(session, limit=2)
+        assert [e.id for e in first.endpoints] == [aging, steady] and first.next_cursor
+        later = datetime.now(UTC) + timedelta(minutes=10)  # the next page, followed later
+        after = read_endpoint_cursor(first.next_cursor, now=later)
+        second = await failing_endpoints(session, limit=2, after=after, now=later)
+        fresh = await failing_endpoints(session, limit=2, now=later)  # a new walk: a new window
+    assert [e.id for e in second.endpoints] == [quiet]  # not `aging` again
+    assert second.next_cursor is None
+    assert [e.id for e in fresh.endpoints] == [steady, min(aging, quiet)]
 
 
 async def test_redeliver_queues_the_event_after_the_commit(
