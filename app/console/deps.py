@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Form, Request
 
 from app.console.sessions import COOKIE, Operator, signed_in, tokens_match
-from app.web.deps import SessionDep
+from app.web.deps import SessionDep, SessionFactoryDep
 
 
 class SignInRequired(Exception):
@@ -22,15 +22,29 @@ class CsrfRejected(Exception):
     """A form without the session's CSRF token: a 403 page, and nothing was done."""
 
 
-async def require_operator(request: Request, session: SessionDep) -> Operator:
-    """The signed-in operator, or `SignInRequired`."""
-    operator = await signed_in(session, request.cookies.get(COOKIE))
+def _signed_in_or_away(request: Request, operator: Operator | None) -> Operator:
     if operator is None:
         raise SignInRequired(request.url.path)
     return operator
 
 
+async def require_operator(request: Request, session: SessionDep) -> Operator:
+    """The signed-in operator, or `SignInRequired`."""
+    return _signed_in_or_away(request, await signed_in(session, request.cookies.get(COOKIE)))
+
+
 OperatorDep = Annotated[Operator, Depends(require_operator)]
+
+
+async def operator_without_transaction(request: Request, sessions: SessionFactoryDep) -> Operator:
+    """The signed-in operator, looked up in a transaction of its own that ends here: for a page
+    that then reads Redis (no network call may run while a transaction is open)."""
+    async with sessions.begin() as session:
+        operator = await signed_in(session, request.cookies.get(COOKIE))
+    return _signed_in_or_away(request, operator)
+
+
+QuietOperatorDep = Annotated[Operator, Depends(operator_without_transaction)]
 
 
 async def require_csrf(

@@ -8,17 +8,17 @@ to the artifacts (tests/console/conftest.py), at 1280 and 360 px."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 
 import httpx
 from playwright.async_api import Page, expect
 
-from app.db.models import WebhookEndpoint, WebhookEvent
+from app.db.models import WebhookEvent
 from app.db.session import SessionFactory
 from tests.api.test_status_callbacks import sent_message, twilio_callback, twilio_signature
 from tests.conftest import World
 from tests.console.conftest import PageShot
 from tests.console.test_messages import delivered
+from tests.console.test_pages import failed_event
 
 FAKE_SENDER = "+14155550199"  # the fake provider's sender: its messages get delivered
 CUSTOMER = "+14155550123"
@@ -170,24 +170,13 @@ async def test_a_failed_event_is_redelivered_from_the_events_page(
     page_shot: PageShot,
     session_factory: SessionFactory,
 ) -> None:
-    async with session_factory.begin() as session:
-        endpoint = WebhookEndpoint(
-            id=uuid.uuid4(), client_id=world.client_id, url="https://hooks.example.test/orders"
-        )
-        session.add(endpoint)
-        await session.flush()
-        event = WebhookEvent(
-            id=uuid.uuid4(),
-            type="message.delivered",
-            client_id=world.client_id,
-            endpoint_id=endpoint.id,
-            payload={},
-            status="failed",
-            attempts=12,
-            last_error="HTTP 503 Service Unavailable",
-            created_at=datetime.now(UTC),
-        )
-        session.add(event)
+    event = await failed_event(
+        session_factory,
+        world.client_id,
+        "https://hooks.example.test/orders",
+        12,
+        "HTTP 503 Service Unavailable",
+    )
     page = signed_in
     await page.get_by_role("link", name="Events", exact=True).click()
     await expect(page.locator("#endpoints")).to_contain_text("https://hooks.example.test/orders")
@@ -229,27 +218,13 @@ async def test_no_page_scrolls_sideways_at_360_px(
     themselves)."""
     message_id = await delivered(api, world)
     await inbound(console_url, "STOP")
-    async with session_factory.begin() as session:
-        endpoint = WebhookEndpoint(
-            id=uuid.uuid4(),
-            client_id=world.client_id,
-            url="https://hooks.example.test/a-rather-long-path/for/order-events?team=fulfilment",
-        )
-        session.add(endpoint)
-        await session.flush()
-        session.add(
-            WebhookEvent(
-                id=uuid.uuid4(),
-                type="message.delivered",
-                client_id=world.client_id,
-                endpoint_id=endpoint.id,
-                payload={},
-                status="failed",
-                attempts=12,
-                last_error="HTTP 503 Service Unavailable from the receiver's load balancer",
-                created_at=datetime.now(UTC),
-            )
-        )
+    await failed_event(
+        session_factory,
+        world.client_id,
+        "https://hooks.example.test/a-rather-long-path/for/order-events?team=fulfilment",
+        12,
+        "HTTP 503 Service Unavailable from the receiver's load balancer",
+    )
     page = signed_in
     await page.set_viewport_size({"width": 360, "height": 800})
     sender = world.fake_sender.id

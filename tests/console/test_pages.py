@@ -245,27 +245,35 @@ async def test_senders_show_what_is_missing_and_take_a_reply(
     assert script.status_code == 200 and "reply-cost" in script.text
 
 
-async def test_a_failed_event_is_redelivered_once(
-    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
-) -> None:
+async def failed_event(
+    session_factory: SessionFactory, client_id: uuid.UUID, url: str, attempts: int, error: str
+) -> WebhookEvent:
+    """A client's endpoint at `url` and one `message.delivered` event to it that failed."""
     async with session_factory.begin() as session:
-        endpoint = WebhookEndpoint(
-            id=uuid.uuid4(), client_id=world.client_id, url="https://hooks.example.test/x"
-        )
+        endpoint = WebhookEndpoint(id=uuid.uuid4(), client_id=client_id, url=url)
         session.add(endpoint)
         await session.flush()
         event = WebhookEvent(
             id=uuid.uuid4(),
             type="message.delivered",
-            client_id=world.client_id,
+            client_id=client_id,
             endpoint_id=endpoint.id,
             payload={},
             status="failed",
-            attempts=9,
-            last_error="HTTP 503",
+            attempts=attempts,
+            last_error=error,
             created_at=datetime.now(UTC),
         )
         session.add(event)
+    return event
+
+
+async def test_a_failed_event_is_redelivered_once(
+    console: httpx.AsyncClient, world: World, session_factory: SessionFactory
+) -> None:
+    event = await failed_event(
+        session_factory, world.client_id, "https://hooks.example.test/x", 9, "HTTP 503"
+    )
     page = await console.get("/console/events")
     assert f'data-event="{event.id}"' in page.text and "HTTP 503" in page.text
     token = csrf_of(page)
