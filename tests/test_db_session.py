@@ -214,3 +214,41 @@ async def test_a_raw_transactions_connection_killed_while_pooled_is_replaced(
         await run_raw_transaction(factory, own_pid)
     fresh, _ = await run_raw_transaction(factory, own_pid)
     assert fresh != stale
+
+
+async def test_a_statement_makes_its_connection_function_once_per_connection(
+    small_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    """`raw_statement`'s `setup` (how the claim's `pg_temp` function is made): run on a
+    connection that lacks the function, not again on one that has it, and again on the
+    connection that replaced one PostgreSQL dropped."""
+    async with engine.begin() as connection:
+        await connection.execute(text("DROP SEQUENCE IF EXISTS setup_runs"))
+        await connection.execute(text("CREATE SEQUENCE setup_runs"))
+    factory = create_session_factory(small_engine)
+    sql = "SELECT pg_temp.doubled($1::int) AS value"
+    setup = (
+        "SELECT nextval('setup_runs');"
+        " CREATE FUNCTION pg_temp.doubled(int) RETURNS int LANGUAGE sql AS 'SELECT $1 * 2'"
+    )
+
+    async def runs() -> int:
+        async with engine.connect() as connection:
+            count = await connection.scalar(
+                text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM setup_runs")
+            )
+        return int(count or 0)
+
+    values = [
+        (await db_session.raw_statement(factory, sql, n, setup=setup))[0]["value"]
+        for n in (1, 2, 3)
+    ]
+    made_once = await runs()
+    first = await backend_pid(small_engine)
+    await terminate(engine, first)
+    await asyncio.sleep(IDLE * 2)  # so the checkout's ping finds it dead and replaces it
+    after = (await db_session.raw_statement(factory, sql, 4, setup=setup))[0]["value"]
+
+    assert values == [2, 4, 6] and made_once == 1
+    assert after == 8 and await runs() == 2
+    assert await backend_pid(small_engine) != first

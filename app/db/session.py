@@ -199,16 +199,29 @@ async def _abandon(connection: AsyncConnection, tx: Tx, transaction: Any, *, sou
         await connection.invalidate()
 
 
-async def raw_statement(session_factory: SessionFactory, sql: str, *args: Any) -> list[Any]:
+async def raw_statement(
+    session_factory: SessionFactory, sql: str, *args: Any, setup: str | None = None
+) -> list[Any]:
     """One statement in plain asyncpg on a connection of the engine's pool, committed on its own
-    (no BEGIN and COMMIT round trips: a single statement is atomic by itself)."""
+    (no BEGIN and COMMIT round trips: a single statement is atomic by itself).
+
+    `setup`: what makes the connection ready for `sql` (a function of its own, in `pg_temp`),
+    run on it, and `sql` once more, when PostgreSQL answers that the function is missing (as it
+    does on a new connection)."""
     engine: AsyncEngine = session_factory.kw["bind"]
     async with engine.connect() as connection:
         raw = (await connection.get_raw_connection()).driver_connection
         assert raw is not None  # a checked-out connection has its driver's
         DB_STATEMENTS.inc()
         try:
-            rows: list[Any] = await raw.fetch(sql, *args)
+            try:
+                rows: list[Any] = await raw.fetch(sql, *args)
+            except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError):
+                # (the second when the connection has no `pg_temp` schema yet)
+                if setup is None:
+                    raise
+                await raw.execute(setup)  # once per connection: not counted, as its connect
+                rows = await raw.fetch(sql, *args)
         except BaseException as error:
             DB_TRANSACTIONS.labels(outcome="rollback").inc()
             if not _connection_is_sound(raw, error) or raw.is_in_transaction():

@@ -1,8 +1,9 @@
 """Delivering queued messages: one road for a job of one message or of many.
 
-1. **Claim** (one transaction, `transitions.claim`): the recipients' locks, the opt-out check,
-   expiry and due time, then the conditional UPDATE queued -> sending. Only one run gets a
-   message, however many jobs carry it; an expired or opted-out message ends here.
+1. **Claim** (one statement, `transitions.claim_messages`): the recipients' locks, the opt-out
+   check, expiry and due time, then the conditional UPDATE queued -> sending. Only one run gets
+   a message, however many jobs carry it; an expired or opted-out message ends here (in a
+   transaction of its own).
 2. **Gate** (Redis, no transaction open: `Dispatcher.gate`): each provider's circuit and pause
    once, failover to a sender's fallback provider, each sender's slots in one step. A message
    that may not go now is put back (`transitions.release`, in one transaction for the job):
@@ -32,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.consent.optouts import record_provider_opt_out
 from app.db.models import Message
-from app.db.session import SessionFactory, Tx
+from app.db.session import SessionFactory
 from app.delivery.dispatch import Dispatcher, Go, Ticket, Verdict, Wait
 from app.delivery.transitions import (
     NOT_DUE_TOLERANCE_SECONDS,
@@ -40,14 +41,13 @@ from app.delivery.transitions import (
     Acceptance,
     Claim,
     Outcome,
-    claim,
+    claim_messages,
     fail,
     note_unknown_outcome,
     record_acceptances,
     release,
     requeue,
     reroute,
-    run_raw_transaction,
     run_transaction,
 )
 from app.events.outbox import EventJob
@@ -127,7 +127,7 @@ async def deliver(
 
     `budget`: seconds from the claim until everything is cancelled (the job timeout; the claims
     of a job that outlives it are what reconciliation takes for a dead worker's)."""
-    claimed, claim_events = await _claim(session_factory, message_ids)
+    claimed, claim_events = await claim_messages(session_factory, message_ids)
     outcomes = dict(claimed.outcomes)
     events: list[EventJob] = list(claim_events)
     if not claimed.claimed:
@@ -268,15 +268,6 @@ async def deliver_message(
     """`deliver` for a job of one message: its outcome, with every event delivery written."""
     result = await deliver([message_id], session_factory, providers, policy, dispatcher)
     return replace(result.outcomes[message_id], events=result.events)
-
-
-async def _claim(
-    session_factory: SessionFactory, message_ids: Sequence[uuid.UUID]
-) -> tuple[Claim, tuple[EventJob, ...]]:
-    async def work(tx: Tx) -> Claim:
-        return await claim(tx, message_ids)
-
-    return await run_raw_transaction(session_factory, work)
 
 
 async def _gate(

