@@ -543,11 +543,13 @@ _ATTRIBUTES: Final = {
 }
 
 
+_COLUMN_ATTRIBUTES: Final = tuple(_ATTRIBUTES.items())
+
+
 def message_fields(row: dict[str, Any]) -> dict[str, Any]:
     """A stored row as `MessageOut` reads a `Message`: the columns it was not given are null."""
-    fields = dict.fromkeys(_ATTRIBUTES.values())
-    fields.update((_ATTRIBUTES[name], value) for name, value in row.items())
-    return fields
+    value = row.get
+    return {attribute: value(name) for name, attribute in _COLUMN_ATTRIBUTES}
 
 
 Gate = Literal["opt_out", "idempotency", "none"]

@@ -100,7 +100,7 @@ async def send_message(
         (result,) = results
         if isinstance(result, ServiceError):
             raise result
-        return 202, MessageOut.model_validate(result).model_dump(mode="json", by_alias=True)
+        return 202, message_json(result)
 
     response = await accept_messages(
         acceptor,
@@ -205,8 +205,22 @@ def _batch_result(index: int, result: Result) -> dict[str, Any]:
         # As the problem+json handler renders it: absent fields are left out, not null.
         error = result.to_problem().model_dump(exclude_none=True)
         return {"index": index, "status": "rejected", "error": error}
-    message = MessageOut.model_validate(result).model_dump(mode="json", by_alias=True)
-    return {"index": index, "status": "accepted", "message": message}
+    return {"index": index, "status": "accepted", "message": message_json(result)}
+
+
+# `MessageOut`'s own validator and serializer, called directly: the same checks and the same JSON
+# as `MessageOut.model_validate(row).model_dump(mode="json", by_alias=True)` without those
+# methods' Python wrappers, which cost as much again (a batch renders up to 1,000 messages).
+_validate_message_out = MessageOut.__pydantic_validator__.validate_python
+_dump_message_out = MessageOut.__pydantic_serializer__.to_python
+
+
+def message_json(fields: dict[str, Any]) -> dict[str, Any]:
+    """An accepted message's row as the JSON object `MessageOut` documents."""
+    dumped: dict[str, Any] = _dump_message_out(
+        _validate_message_out(fields), mode="json", by_alias=True
+    )
+    return dumped
 
 
 def _idempotency(

@@ -446,3 +446,41 @@ async def test_a_transaction_left_open_is_rolled_back_when_its_connection_return
     finally:
         await pool.close()
     assert (in_transaction, exists) == (False, None)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"send_at": datetime(2026, 12, 5, 9, 30, tzinfo=UTC), "status": "scheduled"},
+        {"validity_period": 600, "callback_url": "https://hooks.example.com/sms"},
+        {"body": "Ünïcode — “quotes” 🚀", "metadata": {"nested": {"a": [1, 2.5, None]}}},
+    ],
+)
+def test_an_accepted_message_renders_as_message_out_does(extra: dict[str, Any]) -> None:
+    """The send routes render accepted rows with MessageOut's validator and serializer called
+    directly (`message_json`): the same JSON as the model's own methods, field for field."""
+    from app.sending.accept import message_fields
+    from app.sending.routes import message_json
+    from app.sending.schemas import MessageOut
+
+    row = message_row(
+        send_at=None,
+        client_id=uuid.uuid4(),
+        sender_id=uuid.uuid4(),
+        from_="+14155550199",
+        provider="twilio",
+        to="+14155550123",
+        body=str(extra.get("body", "Your order #1042 has shipped.")),
+        analysis=analyze_body(str(extra.get("body", "Your order #1042 has shipped."))),
+        callback_url=extra.get("callback_url"),
+        metadata=extra.get("metadata"),
+        validity_period=extra.get("validity_period"),
+        api="native",
+        now=datetime.now(UTC),
+    ) | {key: value for key, value in extra.items() if key in {"send_at", "status"}}
+    fields = message_fields(row)
+
+    expected = MessageOut.model_validate(fields).model_dump(mode="json", by_alias=True)
+    assert message_json(fields) == expected
+    assert expected["to"] == "+14155550123" and "from" in expected
