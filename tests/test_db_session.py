@@ -244,11 +244,19 @@ async def test_a_statement_makes_its_connection_function_once_per_connection(
         for n in (1, 2, 3)
     ]
     made_once = await runs()
+    # A second function on the same connection: its `pg_temp` exists now, so PostgreSQL
+    # answers "no such function" rather than "no such schema"; made all the same.
+    tripled = await db_session.raw_statement(
+        factory,
+        "SELECT pg_temp.tripled($1::int) AS value",
+        5,
+        setup="CREATE FUNCTION pg_temp.tripled(int) RETURNS int LANGUAGE sql AS 'SELECT $1 * 3'",
+    )
     first = await backend_pid(small_engine)
     await terminate(engine, first)
     await asyncio.sleep(IDLE * 2)  # so the checkout's ping finds it dead and replaces it
     after = (await db_session.raw_statement(factory, sql, 4, setup=setup))[0]["value"]
 
-    assert values == [2, 4, 6] and made_once == 1
+    assert values == [2, 4, 6] and made_once == 1 and tripled[0]["value"] == 15
     assert after == 8 and await runs() == 2
     assert await backend_pid(small_engine) != first

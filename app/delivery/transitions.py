@@ -15,6 +15,7 @@ pass it on to.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -261,8 +262,10 @@ async def claim_messages(
 ) -> tuple[Claim, tuple[EventJob, ...]]:
     """The claim of a job (`claim`'s rules) in one statement and one round trip in the common
     case (`_CLAIM_NOW`); the messages it leaves over, expired or opted out, go through `claim`
-    in a transaction of their own, which ends them with their events. Runs again after a
-    deadlock, as every state change does."""
+    in a transaction of their own, which ends them with their events. If that transaction
+    fails (or the job is cancelled meanwhile), the messages already claimed are put back before
+    the error goes on: nobody would send them. Runs again after a deadlock, as every state
+    change does."""
     ids = list(message_ids)
     passes = sorted(PASSES_OPT_OUT)
 
@@ -293,10 +296,12 @@ async def claim_messages(
             del outcomes[message.id]
         elif message.status != MessageStatus.QUEUED.value:
             continue  # moved on: nothing to do
-        elif refused or _expired(message, now):
+        elif _expired(message, now):
             left_over.append(message.id)
         elif (wait := _not_due_for(message, now)) is not None:
             outcomes[message.id] = Outcome(MessageStatus.QUEUED, retry_in=wait)
+        elif refused:
+            left_over.append(message.id)
         # else claimed by another job meanwhile: nothing to do
     if not left_over:
         return Claim(claimed, outcomes, senders), ()
@@ -304,11 +309,27 @@ async def claim_messages(
     async def work(tx: Tx) -> Claim:
         return await claim(tx, left_over)
 
-    rest, events = await run_raw_transaction(session_factory, work)
+    try:
+        rest, events = await run_raw_transaction(session_factory, work)
+    except BaseException:
+        if claimed:
+            await asyncio.shield(_put_back(session_factory, claimed))
+        raise
     outcomes |= rest.outcomes
     for message in rest.claimed:  # opted back in meanwhile
         outcomes.pop(message.id, None)
     return Claim(claimed + rest.claimed, outcomes, senders | rest.senders), events
+
+
+async def _put_back(session_factory: SessionFactory, messages: Sequence[Message]) -> None:
+    """Undo these claims (their provider calls never started), in one transaction."""
+
+    async def work(session: AsyncSession) -> None:
+        for message in messages:
+            reason = "cancelled before the provider call"
+            await release(session, message, reason, message.provider)
+
+    await run_transaction(session_factory, work)
 
 
 # The claim of every delivery, after the recipients' locks (so its snapshot sees every opt-out
@@ -344,36 +365,47 @@ SELECT id, NULL, NULL, true FROM refused
 
 # The common claim in one statement: a function of the connection's own (in `pg_temp`, made on
 # the connection's first claim: no schema object to migrate), whose two statements are the
-# claim's two steps, the queued recipients' locks and then `_CLAIM`: each statement of a
-# VOLATILE PL/pgSQL function takes a snapshot of its own, so the claim's follows the locks as in
-# `claim`'s transaction, and sees a STOP recorded by whoever held one. `$1`..`$3` are the
+# claim's two steps, the recipients' locks and then `_CLAIM`: each statement of a VOLATILE
+# PL/pgSQL function takes a snapshot of its own, so the claim's follows the locks as in
+# `claim`'s transaction, and sees a STOP recorded by whoever held one. It is given the messages
+# that were queued when the statement began (as `claim` claims only those its read found
+# queued, whose recipients it locked) and locks all their recipients. `$1`..`$3` are the
 # function's arguments, as they are `_CLAIM`'s. The locks are held until the statement ends.
-_QUEUED_AMONG: Final = """
-    SELECT "to" AS phone FROM messages WHERE id = ANY($1) AND status = 'queued'
-"""
-_CLAIM_FUNCTION: Final = f"""
-CREATE OR REPLACE FUNCTION pg_temp.smsgate_claim(uuid[], varchar[], float8)
+# Its name carries a digest of its text, so a connection that outlives a deploy (a pooler's)
+# never runs an older version.
+_GIVEN_RECIPIENTS: Final = """SELECT "to" AS phone FROM messages WHERE id = ANY($1)"""
+_CLAIM_FUNCTION_BODY: Final = f"""
 RETURNS TABLE (c_id uuid, c_attempts smallint, c_claimed_at timestamptz, c_refused boolean)
 LANGUAGE plpgsql VOLATILE AS $claim$
 BEGIN
-    PERFORM locked FROM {RECIPIENT_LOCKS_SQL.format(phones=_QUEUED_AMONG)} AS held;
+    PERFORM locked FROM {RECIPIENT_LOCKS_SQL.format(phones=_GIVEN_RECIPIENTS)} AS held;
     RETURN QUERY {_CLAIM};
 END
 $claim$
 """
-# The claim's statement: the messages as `claim`'s read gives them (read before the locks, as
-# there), their senders' terms and the database's now, then what the function did to each:
-# the new attempt and claim time when claimed, whether refused for an opt-out.
-_CLAIM_NOW: Final = f"""
-WITH claim AS MATERIALIZED (
-    SELECT * FROM pg_temp.smsgate_claim($1::uuid[], $2::varchar[], $3::float8)
+_CLAIM_FUNCTION_NAME: Final = (
+    "pg_temp.smsgate_claim_" + hashlib.sha256(_CLAIM_FUNCTION_BODY.encode()).hexdigest()[:12]
 )
-SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
-    s.rate_per_second, s.fallback_provider, now(),
-    claim.c_attempts, claim.c_claimed_at, claim.c_refused
-FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
-    LEFT JOIN claim ON claim.c_id = m.id
-WHERE m.id = ANY($1::uuid[])
+_CLAIM_FUNCTION: Final = (
+    f"CREATE OR REPLACE FUNCTION {_CLAIM_FUNCTION_NAME}(uuid[], varchar[], float8)"
+    + _CLAIM_FUNCTION_BODY
+)
+# The claim's statement: the messages as `claim`'s read gives them (read before the locks, as
+# there), their senders' terms and the database's now, then what the function did to each of
+# those queued: the new attempt and claim time when claimed, whether refused for an opt-out.
+_CLAIM_NOW: Final = f"""
+WITH found AS MATERIALIZED (
+    SELECT {", ".join(f'm."{name}"' for _, name in _COLUMNS)},
+        s.rate_per_second, s.fallback_provider
+    FROM messages AS m JOIN senders AS s ON s.id = m.sender_id
+    WHERE m.id = ANY($1::uuid[])
+), claim AS MATERIALIZED (
+    SELECT * FROM {_CLAIM_FUNCTION_NAME}(
+        ARRAY(SELECT id FROM found WHERE status = 'queued'), $2::varchar[], $3::float8
+    )
+)
+SELECT found.*, now(), claim.c_attempts, claim.c_claimed_at, claim.c_refused
+FROM found LEFT JOIN claim ON claim.c_id = found.id
 """
 
 

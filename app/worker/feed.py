@@ -83,7 +83,8 @@ class DeliveryFeed:
         self._stopping = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[object]] = set()
-        self._blmpop = True  # until Redis says it has no BLMPOP
+        # Whether Redis takes BLMPOP: unknown until the first pop; refused then, never asked again.
+        self._blmpop: bool | None = None
 
     def start(self) -> None:
         """Start popping in the background."""
@@ -144,19 +145,22 @@ class DeliveryFeed:
 
     async def _pop(self, count: int) -> list[str]:
         """Up to `count` ids: what is waiting, or else what arrives first (blocking up to
-        `pop_wait`). One command (BLMPOP, Redis 7); before Redis 7 (the embedded one of
-        `smsgate dev`), one while there is a backlog and two when the list ran dry."""
-        if self._blmpop:
+        `pop_wait`). One command (BLMPOP, Redis 7); where the first BLMPOP is refused (a Redis
+        before 7, such as the embedded one of `smsgate dev`; an ACL without it), one while
+        there is a backlog and two when the list ran dry."""
+        if self._blmpop is not False:
             try:
-                # (redis-py types each key name as a list; it sends them as given)
-                key = cast(list[str], self._key)
+                key = cast(list[str], self._key)  # (redis-py types each key name as a list)
                 blmpop = self._redis.blmpop(self._pop_wait, 1, key, direction="LEFT", count=count)
                 popped = await cast(Awaitable[list[Any] | None], blmpop)
             except ResponseError as error:
-                if "unknown command" not in str(error).lower():
+                if self._blmpop:  # it worked before: a real error
                     raise
-                self._blmpop = False  # an older Redis: ask it the old way from now on
+                # Refused from the first: an older Redis, an ACL or a proxy without BLMPOP.
+                log.info("delivery feed: no BLMPOP (%s); popping with LPOP and BLPOP", error)
+                self._blmpop = False
             else:
+                self._blmpop = True
                 return [_text(item) for item in popped[1]] if popped else []
         # redis-py types its commands for both its clients; this one is asyncio's.
         waiting = await cast(Awaitable[list[bytes] | None], self._redis.lpop(self._key, count))

@@ -267,6 +267,80 @@ async def test_a_stop_recorded_while_the_claim_waits_for_the_recipients_lock_is_
     assert (await load(session_factory, other_id)).status == "sent"
 
 
+async def test_a_message_queued_again_while_the_claim_waits_is_not_claimed_without_its_lock(
+    session_factory: SessionFactory, world: World, redis: Redis
+) -> None:
+    """The claim locks the recipients of the messages queued when it began, and claims only
+    those: a message another attempt held then (`sending`), put back while the claim waited
+    for another recipient's lock, is left to a later job (its recipient was never locked, so a
+    STOP being recorded for it meanwhile would not be waited for)."""
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    waiting_id = await fresh(session_factory, world, number(401))
+    held_id = await fresh(session_factory, world, number(402), status="sending", attempts=1)
+
+    async with session_factory.begin() as holder:  # e.g. a STOP for the first recipient
+        await lock_recipients(holder, [number(401)])
+        task = asyncio.create_task(
+            deliver_batch(
+                [waiting_id, held_id],
+                session_factory,
+                providers,
+                POLICY,
+                dispatcher_for(redis, providers),
+            )
+        )
+        await claim_waiting_for_a_lock(session_factory)
+        async with session_factory.begin() as other:  # the other attempt puts its claim back
+            await other.execute(
+                text("UPDATE messages SET status = 'queued', attempts = 0 WHERE id = :id"),
+                {"id": held_id},
+            )
+    result = await task
+
+    assert twilio.recipients() == [number(401)]
+    held = await load(session_factory, held_id)
+    assert (held.status, held.attempts) == ("queued", 0)
+    assert result.outcomes[held_id].status is None
+    assert (await load(session_factory, waiting_id)).status == "sent"
+
+
+async def test_claims_are_put_back_when_ending_the_left_over_messages_fails(
+    session_factory: SessionFactory,
+    world: World,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim statement commits its claims; an expired message of the same job is ended by
+    a transaction of its own. If that one fails, the claimed message is put back `queued` (a
+    later job sends it) instead of staying `sending` with nobody sending it."""
+    twilio = FakeTwilio()
+    providers = twilio.providers()
+    usual = await fresh(session_factory, world, number(411))
+    expired = await fresh(
+        session_factory,
+        world,
+        number(412),
+        validity_period=60,
+        expires_at=datetime.now(UTC) - timedelta(seconds=1),
+    )
+
+    async def failing(*_: Any) -> Any:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(transitions, "claim", failing)
+    with pytest.raises(RuntimeError):
+        await deliver_batch(
+            [usual, expired], session_factory, providers, POLICY, dispatcher_for(redis, providers)
+        )
+
+    assert twilio.requests == []
+    message = await load(session_factory, usual)
+    assert (message.status, message.attempts) == ("queued", 0)
+    assert await history(session_factory, usual) == ["sending", "queued"]
+    assert (await load(session_factory, expired)).status == "queued"  # for a later job
+
+
 async def test_unusual_messages_in_a_job_end_as_the_claim_decides(
     session_factory: SessionFactory, world: World, redis: Redis
 ) -> None:
