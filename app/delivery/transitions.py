@@ -263,9 +263,9 @@ async def claim_messages(
     """The claim of a job (`claim`'s rules) in one statement and one round trip in the common
     case (`_CLAIM_NOW`); the messages it leaves over, expired or opted out, go through `claim`
     in a transaction of their own, which ends them with their events. If that transaction
-    fails (or the job is cancelled meanwhile), the messages already claimed are put back before
-    the error goes on: nobody would send them. Runs again after a deadlock, as every state
-    change does."""
+    fails (or the job is cancelled while it runs), the messages already claimed are put back
+    before the error goes on: nobody would send them. Runs again after a deadlock, as every
+    state change does."""
     ids = list(message_ids)
     passes = sorted(PASSES_OPT_OUT)
 
@@ -279,7 +279,29 @@ async def claim_messages(
             setup=_CLAIM_FUNCTION,
         )
 
-    rows = await _retrying(once, TRANSACTION_ATTEMPTS)
+    first, left_over = _claimed_rows(ids, await _retrying(once, TRANSACTION_ATTEMPTS))
+    if not left_over:
+        return first, ()
+    claimed, outcomes, senders = first.claimed, dict(first.outcomes), first.senders
+
+    async def work(tx: Tx) -> Claim:
+        return await claim(tx, left_over)
+
+    try:
+        rest, events = await run_raw_transaction(session_factory, work)
+    except BaseException:
+        if claimed:
+            await asyncio.shield(_put_back(session_factory, claimed))
+        raise
+    outcomes |= rest.outcomes
+    for message in rest.claimed:  # opted back in meanwhile
+        outcomes.pop(message.id, None)
+    return Claim(claimed + rest.claimed, outcomes, senders | rest.senders), events
+
+
+def _claimed_rows(ids: list[uuid.UUID], rows: list[Any]) -> tuple[Claim, list[uuid.UUID]]:
+    """What `_CLAIM_NOW` did, as a `Claim`, and the ids left for `claim` to end (expired, or
+    refused for an opt-out), judged in `claim`'s order: expired, not due, refused."""
     outcomes: dict[uuid.UUID, Outcome] = dict.fromkeys(ids, Outcome(None))
     claimed: list[Message] = []
     senders: dict[uuid.UUID, SenderTerms] = {}
@@ -303,33 +325,26 @@ async def claim_messages(
         elif refused:
             left_over.append(message.id)
         # else claimed by another job meanwhile: nothing to do
-    if not left_over:
-        return Claim(claimed, outcomes, senders), ()
-
-    async def work(tx: Tx) -> Claim:
-        return await claim(tx, left_over)
-
-    try:
-        rest, events = await run_raw_transaction(session_factory, work)
-    except BaseException:
-        if claimed:
-            await asyncio.shield(_put_back(session_factory, claimed))
-        raise
-    outcomes |= rest.outcomes
-    for message in rest.claimed:  # opted back in meanwhile
-        outcomes.pop(message.id, None)
-    return Claim(claimed + rest.claimed, outcomes, senders | rest.senders), events
+    return Claim(claimed, outcomes, senders), left_over
 
 
 async def _put_back(session_factory: SessionFactory, messages: Sequence[Message]) -> None:
-    """Undo these claims (their provider calls never started), in one transaction."""
+    """Undo these claims (their provider calls never started), in one transaction, rows in id
+    order. If that fails too (the database is gone), reconciliation finds the claims; the
+    caller's error goes on, not this one."""
 
     async def work(session: AsyncSession) -> None:
-        for message in messages:
-            reason = "cancelled before the provider call"
+        for message in sorted(messages, key=lambda m: m.id):
+            reason = "the job stopped before the provider call"
             await release(session, message, reason, message.provider)
 
-    await run_transaction(session_factory, work)
+    try:
+        await run_transaction(session_factory, work)
+    except Exception:
+        log.exception(
+            "claims not put back; reconciliation will find them",
+            extra={"messages": [str(m.id) for m in messages]},
+        )
 
 
 # The claim of every delivery, after the recipients' locks (so its snapshot sees every opt-out
@@ -383,13 +398,13 @@ BEGIN
 END
 $claim$
 """
+_CLAIM_FUNCTION_TEXT: Final = (
+    "CREATE OR REPLACE FUNCTION {name}(uuid[], varchar[], float8)" + _CLAIM_FUNCTION_BODY
+)
 _CLAIM_FUNCTION_NAME: Final = (
-    "pg_temp.smsgate_claim_" + hashlib.sha256(_CLAIM_FUNCTION_BODY.encode()).hexdigest()[:12]
+    "pg_temp.smsgate_claim_" + hashlib.sha256(_CLAIM_FUNCTION_TEXT.encode()).hexdigest()[:12]
 )
-_CLAIM_FUNCTION: Final = (
-    f"CREATE OR REPLACE FUNCTION {_CLAIM_FUNCTION_NAME}(uuid[], varchar[], float8)"
-    + _CLAIM_FUNCTION_BODY
-)
+_CLAIM_FUNCTION: Final = _CLAIM_FUNCTION_TEXT.replace("{name}", _CLAIM_FUNCTION_NAME, 1)
 # The claim's statement: the messages as `claim`'s read gives them (read before the locks, as
 # there), their senders' terms and the database's now, then what the function did to each of
 # those queued: the new attempt and claim time when claimed, whether refused for an opt-out.

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Protocol, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from app.kernel.outages import REDIS, Outage, unavailable_dependency
 from app.worker.queue import READY_KEY
@@ -145,19 +145,18 @@ class DeliveryFeed:
 
     async def _pop(self, count: int) -> list[str]:
         """Up to `count` ids: what is waiting, or else what arrives first (blocking up to
-        `pop_wait`). One command (BLMPOP, Redis 7); where the first BLMPOP is refused (a Redis
-        before 7, such as the embedded one of `smsgate dev`; an ACL without it), one while
-        there is a backlog and two when the list ran dry."""
+        `pop_wait`). One command (BLMPOP, Redis 7); where the first BLMPOP is refused as a
+        command (a Redis before 7, such as the embedded one of `smsgate dev`; an ACL without
+        it), one while there is a backlog and two when the list ran dry."""
         if self._blmpop is not False:
             try:
                 key = cast(list[str], self._key)  # (redis-py types each key name as a list)
                 blmpop = self._redis.blmpop(self._pop_wait, 1, key, direction="LEFT", count=count)
                 popped = await cast(Awaitable[list[Any] | None], blmpop)
             except ResponseError as error:
-                if self._blmpop:  # it worked before: a real error
-                    raise
-                # Refused from the first: an older Redis, an ACL or a proxy without BLMPOP.
-                log.info("delivery feed: no BLMPOP (%s); popping with LPOP and BLPOP", error)
+                if self._blmpop or not _refuses_the_command(error):
+                    raise  # it worked before, or another error: a Redis error, as any other
+                log.warning("delivery feed: no BLMPOP (%s); popping with LPOP and BLPOP", error)
                 self._blmpop = False
             else:
                 self._blmpop = True
@@ -211,6 +210,15 @@ class DeliveryFeed:
             if not wanted.done():
                 wanted.cancel()
         return wanted.result() if wanted.done() and not wanted.cancelled() else None
+
+
+def _refuses_the_command(error: ResponseError) -> bool:
+    """Whether Redis refused the command itself (a Redis before 7, an ACL without it, a proxy
+    that does not pass it), not what it was asked (READONLY during a failover, say)."""
+    said = str(error).lower()
+    return isinstance(error, NoPermissionError) or any(
+        words in said for words in ("unknown command", "unsupported")
+    )
 
 
 def _text(item: bytes | str) -> str:

@@ -317,33 +317,45 @@ async def test_a_message_queued_again_while_the_claim_waits_is_not_claimed_witho
     assert (await load(session_factory, waiting_id)).status == "sent"
 
 
+@pytest.mark.parametrize("put_back_fails", [False, True])
 async def test_claims_are_put_back_when_ending_the_left_over_messages_fails(
     session_factory: SessionFactory,
     world: World,
     redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
+    put_back_fails: bool,
 ) -> None:
     """The claim statement commits its claims; an expired message of the same job is ended by
     a transaction of its own. If that one fails, the claimed message is put back `queued` (a
-    later job sends it) instead of staying `sending` with nobody sending it."""
+    later job sends it) instead of staying `sending` with nobody sending it. If putting it back
+    fails as well (the database is gone), the job fails with the first error, the one that says
+    what happened, and the claim is left to reconciliation."""
     twilio = FakeTwilio()
     providers = twilio.providers()
     usual = await fresh(session_factory, world, number(411))
     expired = await fresh_expired(session_factory, world, number(412))
 
-    async def failing(*_: Any) -> Any:
-        raise RuntimeError("the database went away")
+    async def left_over_fails(*_: Any) -> Any:
+        raise RuntimeError("ending the left-over messages failed")
 
-    monkeypatch.setattr(transitions, "claim", failing)
-    with pytest.raises(RuntimeError):
+    async def release_fails(*_: Any, **__: Any) -> Any:
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(transitions, "claim", left_over_fails)
+    if put_back_fails:
+        monkeypatch.setattr(transitions, "release", release_fails)
+    with pytest.raises(RuntimeError, match="left-over"):
         await deliver_batch(
             [usual, expired], session_factory, providers, POLICY, dispatcher_for(redis, providers)
         )
 
     assert twilio.requests == []
     message = await load(session_factory, usual)
-    assert (message.status, message.attempts) == ("queued", 0)
-    assert await history(session_factory, usual) == ["sending", "queued"]
+    if put_back_fails:
+        assert (message.status, message.attempts) == ("sending", 1)  # for reconciliation
+    else:
+        assert (message.status, message.attempts) == ("queued", 0)
+        assert await history(session_factory, usual) == ["sending", "queued"]
     assert (await load(session_factory, expired)).status == "queued"  # for a later job
 
 
@@ -626,7 +638,11 @@ async def claim_waiting_for_a_lock(session_factory: SessionFactory) -> None:
     for _ in range(500):
         async with session_factory() as session:
             waiting = await session.scalar(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND database = (SELECT oid FROM pg_database"
+                    " WHERE datname = current_database())"
+                )
             )
         if waiting:
             return

