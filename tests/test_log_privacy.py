@@ -39,7 +39,8 @@ BODY = "Your verification code is 604213, do not share it"
 NUMBER = "+14155550123"
 VONAGE_API_KEY = "vonage-api-key-7f3e"
 VONAGE_API_SECRET = "vonage-api-secret-91ac"
-INBOUND_TEXT = "Where is my parcel 7731"
+# Its parcel number has letters no hex id has: a request id or a UUID never contains it.
+INBOUND_TEXT = "Where is my parcel XK7731"
 
 
 class _RefusingTwilio(http.server.BaseHTTPRequestHandler):
@@ -77,7 +78,7 @@ def refusing_twilio() -> Iterator[str]:
 
 def forbidden_in(log: str) -> list[str]:
     """The secrets and personal data found in `log`."""
-    needles = [BODY, "604213", NUMBER, NUMBER[1:], "4155550123", INBOUND_TEXT, "7731"]
+    needles = [BODY, "604213", NUMBER, NUMBER[1:], "4155550123", INBOUND_TEXT, "XK7731"]
     needles += [VONAGE_API_KEY, VONAGE_API_SECRET, TWILIO_TOKEN]
     return [needle for needle in needles if needle in log]
 
